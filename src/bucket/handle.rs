@@ -1,0 +1,235 @@
+//! The bucket task and the handle through which everyone else uses its table.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::table::{MemoryBudget, Table};
+use super::{BucketError, BucketName};
+
+/// A number that tells one bucket from every other bucket of the same registry, including
+/// earlier buckets of the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BucketId(pub(crate) u64);
+
+/// A failure to inject into a bucket's task, for fault tests and the server's debug commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketFault {
+    /// The task panics, as a bug would make it.
+    Panic,
+    /// The task returns normally, as if told to stop.
+    Stop,
+}
+
+/// What the bucket task is told through its control slot. A `watch` slot rather than a queue:
+/// it holds one value, so telling a bucket to stop never blocks and never grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Run,
+    Fail(BucketFault),
+}
+
+struct Shared {
+    id: BucketId,
+    name: BucketName,
+    table: Table,
+    control: watch::Sender<Control>,
+}
+
+/// A reference to one bucket. Cheap to clone; every clone reaches the same table.
+///
+/// Operations run on the caller's task, directly on the table (see the module docs for why).
+/// Once the bucket has ended, every operation returns [`BucketError::Stopped`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use kv::{BucketError, BucketFault, Registry};
+///
+/// let registry = Registry::start(Default::default());
+/// let bucket = registry.create("shopping").await?;
+/// bucket.put(b"milk", b"1")?;
+/// assert_eq!(bucket.get(b"milk")?.as_deref(), Some(&b"1"[..]));
+///
+/// bucket.inject_fault(BucketFault::Panic)?;
+/// bucket.stopped().await;
+/// assert_eq!(bucket.get(b"milk"), Err(BucketError::Stopped));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct BucketHandle {
+    shared: Arc<Shared>,
+}
+
+impl BucketHandle {
+    /// This bucket's identity.
+    #[must_use]
+    pub fn id(&self) -> BucketId {
+        self.shared.id
+    }
+
+    /// The name the bucket was created under.
+    #[must_use]
+    pub fn name(&self) -> &BucketName {
+        &self.shared.name
+    }
+
+    /// Sets `key` to `value`, replacing any earlier value.
+    ///
+    /// # Errors
+    /// [`BucketError::Stopped`] if the bucket has ended; [`BucketError::OutOfMemory`] if the
+    /// memory budget has no room for the entry (the old value, if any, stays).
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), BucketError> {
+        self.shared.table.put(key, value)
+    }
+
+    /// A copy of the value of `key`, or `None` if the key is absent.
+    ///
+    /// # Errors
+    /// [`BucketError::Stopped`] if the bucket has ended.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Bytes>, BucketError> {
+        self.get_with(key, |value| value.map(Bytes::copy_from_slice))
+    }
+
+    /// Runs `read` on the value of `key` without copying it out first; the table is locked for
+    /// reading meanwhile, so `read` should be short (the server encodes a reply in it).
+    ///
+    /// # Errors
+    /// [`BucketError::Stopped`] if the bucket has ended.
+    pub fn get_with<R>(
+        &self,
+        key: &[u8],
+        read: impl FnOnce(Option<&[u8]>) -> R,
+    ) -> Result<R, BucketError> {
+        self.shared.table.get_with(key, read)
+    }
+
+    /// Removes `key`; returns whether it was there.
+    ///
+    /// # Errors
+    /// [`BucketError::Stopped`] if the bucket has ended.
+    pub fn delete(&self, key: &[u8]) -> Result<bool, BucketError> {
+        self.shared.table.delete(key)
+    }
+
+    /// How many keys the bucket holds.
+    ///
+    /// # Errors
+    /// [`BucketError::Stopped`] if the bucket has ended.
+    pub fn len(&self) -> Result<usize, BucketError> {
+        self.shared.table.len()
+    }
+
+    /// Whether the bucket holds no keys.
+    ///
+    /// # Errors
+    /// [`BucketError::Stopped`] if the bucket has ended.
+    pub fn is_empty(&self) -> Result<bool, BucketError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// One page of the bucket's keys: up to `limit` keys greater than `after`, in byte order.
+    /// Pass the last key of a page as `after` to get the next one.
+    ///
+    /// # Errors
+    /// [`BucketError::Stopped`] if the bucket has ended.
+    pub fn keys(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Bytes>, BucketError> {
+        self.shared.table.keys_after(after, limit)
+    }
+
+    /// Whether the bucket has ended. Once true, it stays true.
+    #[must_use]
+    pub fn is_stopped(&self) -> bool {
+        self.shared.table.is_closed()
+    }
+
+    /// Waits until the bucket's task has ended and its table is closed.
+    pub async fn stopped(&self) {
+        self.shared.control.closed().await;
+    }
+
+    /// Makes the bucket's task fail on purpose: the way fault tests crash a bucket.
+    ///
+    /// # Errors
+    /// [`BucketError::Stopped`] if the bucket has already ended.
+    pub fn inject_fault(&self, fault: BucketFault) -> Result<(), BucketError> {
+        self.shared
+            .control
+            .send(Control::Fail(fault))
+            .map_err(|_| BucketError::Stopped)
+    }
+
+    /// Closes the table now, before the task has been told to stop, so that no operation can
+    /// succeed once the registry has decided the bucket is gone.
+    pub(crate) fn close(&self) {
+        self.shared.table.close();
+        // The task may already have ended; then there is nobody to tell.
+        let _ = self.shared.control.send(Control::Fail(BucketFault::Stop));
+    }
+}
+
+impl std::fmt::Debug for BucketHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BucketHandle")
+            .field("id", &self.shared.id)
+            .field("name", &self.shared.name)
+            .field("stopped", &self.is_stopped())
+            .finish()
+    }
+}
+
+/// Closes the table when the task ends, however it ends. The control receiver is a field so it
+/// is dropped *after* `drop` has closed the table: `BucketHandle::stopped` (which waits for that
+/// receiver to go) therefore never returns while the table is still open.
+struct CloseOnExit {
+    shared: Arc<Shared>,
+    control: watch::Receiver<Control>,
+}
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        self.shared.table.close();
+    }
+}
+
+/// Creates a bucket and returns its handle with the future of its task, for a supervisor to
+/// spawn. Until the future is polled the bucket is already usable: the table exists.
+pub(crate) fn start(
+    id: BucketId,
+    name: BucketName,
+    budget: Arc<MemoryBudget>,
+) -> (BucketHandle, impl Future<Output = ()> + Send + 'static) {
+    let (control, receiver) = watch::channel(Control::Run);
+    let shared = Arc::new(Shared {
+        id,
+        name,
+        table: Table::new(budget),
+        control,
+    });
+    let guard = CloseOnExit {
+        shared: Arc::clone(&shared),
+        control: receiver,
+    };
+    (BucketHandle { shared }, run(guard))
+}
+
+async fn run(mut bucket: CloseOnExit) {
+    loop {
+        let control = *bucket.control.borrow_and_update();
+        match control {
+            Control::Run => {}
+            Control::Fail(BucketFault::Stop) => return,
+            Control::Fail(BucketFault::Panic) => {
+                panic!("fault injected into bucket {}", bucket.shared.name)
+            }
+        }
+        // The sender lives in `Shared`, which this task holds, so this cannot fail while the
+        // task runs; ending here if it somehow did is still the safe choice.
+        if bucket.control.changed().await.is_err() {
+            return;
+        }
+    }
+}

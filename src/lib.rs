@@ -1,0 +1,39 @@
+//! kv: a networked key-value store of named buckets, after the KV application of the Elixir
+//! "Mix and OTP" guide.
+//!
+//! # Architecture
+//!
+//! ```text
+//! server → dispatch → registry → bucket
+//!                       ↑  supervisor (starts, monitors, restarts)
+//! protocol: pure parsing and encoding, depends on nothing of ours
+//! ```
+//!
+//! - [`bucket`]: one table of keys to values, owned by a supervised task.
+//! - [`registry`]: the only writer of name → bucket; monitors every bucket it starts and
+//!   forgets a name when its bucket ends; a concurrent read view for lookups.
+//! - [`supervisor`]: the bucket supervisor (temporary children, never revived empty) and the
+//!   one-for-all restart of registry and buckets together.
+//! - [`config`]: every limit, with its default and why.
+//!
+//! Dependencies point one way, down the list above; nothing below knows of anything above.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let registry = kv::Registry::start(kv::CoreConfig::default());
+//! let shopping = registry.create("shopping").await?;
+//! shopping.put(b"milk", b"1")?;
+//! assert_eq!(shopping.get(b"milk")?.as_deref(), Some(&b"1"[..]));
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod bucket;
+pub mod config;
+pub mod registry;
+pub mod supervisor;
+
+pub use bucket::{BucketError, BucketFault, BucketHandle, BucketId, BucketName};
+pub use config::CoreConfig;
+pub use registry::{Registry, RegistryError, RegistryView};

@@ -9,7 +9,7 @@ use tokio::task::Id;
 
 use super::RegistryError;
 use super::handle::RegistryCounts;
-use super::view::ViewWriter;
+use super::view::{ViewWriter, shrink_if_sparse};
 use crate::bucket::{self, BucketHandle, BucketId, BucketName, MemoryBudget};
 use crate::config::CoreConfig;
 use crate::supervisor::{BucketSupervisor, ChildExit, ExitReason};
@@ -151,6 +151,7 @@ impl State {
             tracing::warn!(%task, %reason, "exit of an unknown task ignored");
             return;
         };
+        shrink_if_sparse(&mut self.monitors);
         bucket.close();
         let forgotten = self.view.remove(bucket.name().as_bytes(), bucket.id());
         match &reason {

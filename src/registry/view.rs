@@ -105,12 +105,7 @@ impl ViewWriter {
             return None;
         }
         let removed = names.remove(name);
-        // Give back the slots of a map that has shrunk to a quarter of its capacity, so that
-        // creating and dropping many buckets leaves memory where it started.
-        if names.capacity() > 64 && names.len() * 4 < names.capacity() {
-            let target = names.len() * 2;
-            names.shrink_to(target);
-        }
+        shrink_if_sparse(&mut names);
         removed
     }
 
@@ -120,5 +115,15 @@ impl ViewWriter {
         for bucket in names.values() {
             bucket.close();
         }
+    }
+}
+
+/// Gives back the room of a map that has fallen to a quarter of its capacity, so that creating
+/// and dropping many buckets leaves memory where it started.
+pub(super) fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
+    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
     }
 }

@@ -1,5 +1,7 @@
 //! The guide's registry tests, in Rust, and the supervision rules around them.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 use std::time::Duration;
 
 use kv::config::RestartIntensity;

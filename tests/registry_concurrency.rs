@@ -1,6 +1,8 @@
 //! Many tasks creating, looking up, dropping and crashing the same few names at once; afterwards
 //! the registry's names and its running buckets agree exactly.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 use std::time::Duration;
 
 use kv::{BucketError, BucketFault, CoreConfig, Registry};

@@ -1,6 +1,9 @@
 //! Creating and dropping a million distinct buckets leaves memory where it started: names are
 //! never interned or leaked, and the registry gives back the room it grew into.
 
+#![allow(clippy::unwrap_used)]
+// tests fail loudly on purpose
+
 // A global allocator cannot be written without `unsafe`; this file is the only exception in kv.
 #![allow(unsafe_code)]
 

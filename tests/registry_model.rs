@@ -1,6 +1,8 @@
 //! Random sequences of create / put / get / delete / drop / crash, checked step by step
 //! against a `HashMap` of `HashMap`s.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 use std::collections::HashMap;
 
 use kv::{BucketFault, CoreConfig, Registry};

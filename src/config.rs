@@ -55,3 +55,64 @@ impl Default for RestartIntensity {
         }
     }
 }
+
+/// Limits and knobs of the network server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where to listen.
+    pub bind: std::net::SocketAddr,
+    /// Most clients connected at once. One more gets an error reply and is closed: each
+    /// connection holds buffers and a task, so the count bounds memory.
+    pub max_connections: usize,
+    /// Longest line-protocol request (and RESP header line). 64 KiB, as Redis's inline limit.
+    pub max_line_len: usize,
+    /// Longest RESP bulk string, and the most bytes the bulks of one request may take
+    /// together. This bounds each connection's read buffer.
+    pub max_bulk_len: usize,
+    /// Most elements in one RESP array.
+    pub max_args: usize,
+    /// Unsent reply bytes at which a connection stops reading its client until they are
+    /// written: a client that sends without reading cannot make the server buffer for it.
+    pub max_pending_output: usize,
+    /// Close a connection that sends nothing for this long; `None` never does.
+    pub idle_timeout: Option<Duration>,
+    /// Names or keys in one page of `BUCKETS` or `KEYS`.
+    pub page_size: usize,
+    /// Whether `DEBUG CRASH` and `DEBUG STOP` are allowed (off by default, like Redis's
+    /// `enable-debug-command`).
+    pub enable_debug_commands: bool,
+    /// How long a graceful shutdown waits for connections to finish before closing them.
+    pub shutdown_grace: Duration,
+    /// The core's limits.
+    pub core: CoreConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: std::net::SocketAddr::from(([127, 0, 0, 1], 4040)),
+            max_connections: 10_000,
+            max_line_len: 64 * 1024,
+            max_bulk_len: 8 * 1024 * 1024,
+            max_args: 1024,
+            max_pending_output: 1024 * 1024,
+            idle_timeout: None,
+            page_size: 100,
+            enable_debug_commands: false,
+            shutdown_grace: Duration::from_secs(5),
+            core: CoreConfig::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The bounds the protocol parsers enforce.
+    #[must_use]
+    pub fn parse_limits(&self) -> crate::protocol::ParseLimits {
+        crate::protocol::ParseLimits {
+            max_line_len: self.max_line_len,
+            max_bulk_len: self.max_bulk_len,
+            max_args: self.max_args,
+        }
+    }
+}

@@ -1,6 +1,16 @@
-//! The `kv` binary: `kv serve` (and, later, `kv cli` and `kv bench`).
+//! The `kv` binary: `kv serve` runs the server, `kv cli` talks to one.
 
-use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use kv::client::{Client, render};
+use kv::config::{CoreConfig, ServerConfig};
+use kv::protocol::ReplyValue;
+use kv::server::Server;
+use tokio_util::sync::CancellationToken;
 
 /// kv: a key-value store of named buckets.
 #[derive(Parser)]
@@ -13,15 +23,199 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve,
+    Serve(ServeArgs),
+    /// Talk to a server: one command from the arguments, or interactively.
+    Cli(CliArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "PORT", default_value_t = 4040)]
+    port: u16,
+    /// Most clients connected at once.
+    #[arg(long, default_value_t = ServerConfig::default().max_connections)]
+    max_connections: usize,
+    /// Longest line-protocol request, in bytes.
+    #[arg(long, default_value_t = ServerConfig::default().max_line_len)]
+    max_line_len: usize,
+    /// Longest RESP bulk string (and all bulks of one request together), in bytes.
+    #[arg(long, default_value_t = ServerConfig::default().max_bulk_len)]
+    max_bulk_len: usize,
+    /// Unsent reply bytes at which a client stops being read until it reads them.
+    #[arg(long, default_value_t = ServerConfig::default().max_pending_output)]
+    max_pending_output: usize,
+    /// Most buckets alive at once.
+    #[arg(long, default_value_t = CoreConfig::default().max_buckets)]
+    max_buckets: usize,
+    /// Most bytes all keys and values may take.
+    #[arg(long, default_value_t = CoreConfig::default().max_memory)]
+    max_memory: usize,
+    /// Close clients idle this many seconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    idle_timeout: u64,
+    /// Allow DEBUG CRASH and DEBUG STOP, for fault tests.
+    #[arg(long)]
+    enable_debug_commands: bool,
+}
+
+#[derive(Args)]
+struct CliArgs {
+    /// Server host.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Server port.
+    #[arg(long, env = "PORT", default_value_t = 4040)]
+    port: u16,
+    /// A command to send; without one, an interactive prompt starts.
+    command: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     match cli.command {
-        Command::Serve => {
-            println!("kv: the core is built; the network server arrives with the server issue.");
-            Ok(())
+        Command::Serve(arguments) => runtime.block_on(serve(arguments)),
+        Command::Cli(arguments) => {
+            let code = runtime.block_on(talk(arguments))?;
+            std::process::exit(code);
         }
+    }
+}
+
+async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let config = ServerConfig {
+        bind: SocketAddr::new(arguments.bind, arguments.port),
+        max_connections: arguments.max_connections,
+        max_line_len: arguments.max_line_len,
+        max_bulk_len: arguments.max_bulk_len,
+        max_pending_output: arguments.max_pending_output,
+        idle_timeout: (arguments.idle_timeout > 0)
+            .then(|| Duration::from_secs(arguments.idle_timeout)),
+        enable_debug_commands: arguments.enable_debug_commands,
+        core: CoreConfig {
+            max_buckets: arguments.max_buckets,
+            max_memory: arguments.max_memory,
+            ..CoreConfig::default()
+        },
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(config.clone())
+        .await
+        .with_context(|| format!("binding {}", config.bind))?;
+    tracing::info!(
+        max_connections = config.max_connections,
+        max_line_len = config.max_line_len,
+        max_bulk_len = config.max_bulk_len,
+        max_pending_output = config.max_pending_output,
+        max_buckets = config.core.max_buckets,
+        max_memory = config.core.max_memory,
+        idle_timeout = ?config.idle_timeout,
+        debug_commands = config.enable_debug_commands,
+        "kv listening on {}",
+        server.local_addr()
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    server.run(shutdown).await;
+    tracing::info!("kv stopped");
+    Ok(())
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+    shutdown.cancel();
+}
+
+/// Runs `kv cli`; returns the exit code: 0, or 1 if the one command got an error reply.
+async fn talk(arguments: CliArgs) -> anyhow::Result<i32> {
+    let address = format!("{}:{}", arguments.host, arguments.port);
+    let mut client = Client::connect(&address)
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
+    if !arguments.command.is_empty() {
+        let words: Vec<&[u8]> = arguments.command.iter().map(String::as_bytes).collect();
+        let reply = client.call(&words).await?;
+        return Ok(show(&reply));
+    }
+    let mut editor = rustyline::DefaultEditor::new()?;
+    let history =
+        std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".kv_cli_history"));
+    if let Some(history) = &history {
+        let _ = editor.load_history(history);
+    }
+    let prompt = format!("{address}> ");
+    loop {
+        let line = match editor.readline(&prompt) {
+            Ok(line) => line,
+            Err(
+                rustyline::error::ReadlineError::Interrupted | rustyline::error::ReadlineError::Eof,
+            ) => break,
+            Err(error) => return Err(error.into()),
+        };
+        let Some(words) = shlex::split(&line) else {
+            eprintln!("(error) unbalanced quotes");
+            continue;
+        };
+        if words.is_empty() {
+            continue;
+        }
+        let _ = editor.add_history_entry(line.as_str());
+        if words[0].eq_ignore_ascii_case("exit") {
+            break;
+        }
+        let words: Vec<&[u8]> = words.iter().map(String::as_bytes).collect();
+        match client.call(&words).await {
+            Ok(reply) => {
+                show(&reply);
+            }
+            Err(error) => {
+                eprintln!("(error) {error}");
+                break;
+            }
+        }
+        if words[0].eq_ignore_ascii_case(b"quit") {
+            break;
+        }
+    }
+    if let Some(history) = &history {
+        let _ = editor.save_history(history);
+    }
+    Ok(0)
+}
+
+/// Prints a reply (errors to stderr); returns 1 for an error reply, else 0.
+fn show(reply: &ReplyValue) -> i32 {
+    if matches!(reply, ReplyValue::Error(_)) {
+        eprintln!("{}", render(reply));
+        1
+    } else {
+        println!("{}", render(reply));
+        0
     }
 }

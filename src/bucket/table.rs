@@ -25,6 +25,7 @@ const ENTRY_OVERHEAD: usize = 32;
 #[derive(Debug)]
 pub struct MemoryBudget {
     used: AtomicUsize,
+    keys: AtomicUsize,
     limit: usize,
 }
 
@@ -34,6 +35,7 @@ impl MemoryBudget {
     pub fn new(limit: usize) -> Self {
         Self {
             used: AtomicUsize::new(0),
+            keys: AtomicUsize::new(0),
             limit,
         }
     }
@@ -42,6 +44,12 @@ impl MemoryBudget {
     #[must_use]
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Keys held by all tables together.
+    #[must_use]
+    pub fn keys(&self) -> usize {
+        self.keys.load(Ordering::Relaxed)
     }
 
     /// The most bytes that may be reserved.
@@ -166,6 +174,9 @@ impl Table {
         self.closed.store(true, Ordering::Release);
         if let Some(entries) = freed {
             self.budget.release(entries.charged);
+            self.budget
+                .keys
+                .fetch_sub(entries.map.len(), Ordering::Relaxed);
         }
     }
 
@@ -196,6 +207,7 @@ impl Table {
                 self.budget.reserve(charge)?;
                 vacant.insert(entry);
                 entries.charged += charge;
+                self.budget.keys.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -227,6 +239,7 @@ impl Table {
         let charge = removed.charge();
         entries.charged -= charge;
         self.budget.release(charge);
+        self.budget.keys.fetch_sub(1, Ordering::Relaxed);
         // A table that shrank to a quarter of its capacity gives the rest back, so a bucket
         // that once held many keys does not keep their slots for ever.
         if entries.map.capacity() > 64 && entries.map.len() * 4 < entries.map.capacity() {
@@ -332,8 +345,10 @@ mod tests {
         let table = Table::new(Arc::clone(&budget));
         table.put(b"a", b"b").unwrap();
         assert!(budget.used() > 0);
+        assert_eq!(budget.keys(), 1);
         table.close();
         assert_eq!(budget.used(), 0);
+        assert_eq!(budget.keys(), 0);
         assert!(table.is_closed());
         assert_eq!(table.put(b"a", b"b"), Err(BucketError::Stopped));
         assert_eq!(table.len(), Err(BucketError::Stopped));

@@ -1,0 +1,222 @@
+//! A RESP client for kv, used by `kv cli`, `kv bench` and the tests.
+//!
+//! It speaks RESP so that keys and values are binary-safe, and it can pipeline: queue several
+//! requests, send them in one write, then read their replies in order.
+
+mod render;
+
+use std::io;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, ToSocketAddrs};
+
+pub use render::render;
+
+use crate::protocol::{ProtocolError, ReplyValue, parse_reply};
+
+/// The largest reply the client accepts: a bound against a misbehaving server.
+const MAX_REPLY_LEN: usize = 512 * 1024 * 1024;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The connection failed.
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    /// The server closed the connection.
+    #[error("server closed the connection")]
+    Closed,
+    /// The server's bytes were not RESP.
+    #[error("bad reply: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The bucket does not exist.
+    #[error("bucket not found")]
+    NotFound,
+    /// The server answered with an error.
+    #[error("{0}")]
+    Server(String),
+    /// A reply of a kind the command never gives.
+    #[error("unexpected reply {0:?}")]
+    Unexpected(ReplyValue),
+}
+
+/// A connection to a kv server.
+///
+/// ```no_run
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), kv::client::ClientError> {
+/// let mut client = kv::client::Client::connect("127.0.0.1:4040").await?;
+/// client.create(b"shopping").await?;
+/// client.put(b"shopping", b"milk", b"1").await?;
+/// assert_eq!(client.get(b"shopping", b"milk").await?.as_deref(), Some(&b"1"[..]));
+/// # Ok(())
+/// # }
+/// ```
+pub struct Client {
+    stream: TcpStream,
+    input: BytesMut,
+    output: BytesMut,
+    queued: usize,
+}
+
+impl Client {
+    /// Connects to `address`.
+    ///
+    /// # Errors
+    /// If the connection cannot be made.
+    pub async fn connect(address: impl ToSocketAddrs) -> Result<Self, ClientError> {
+        let stream = TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            input: BytesMut::with_capacity(16 * 1024),
+            output: BytesMut::with_capacity(16 * 1024),
+            queued: 0,
+        })
+    }
+
+    /// Queues a request (an array of bulk strings) without sending it.
+    pub fn queue(&mut self, arguments: &[&[u8]]) {
+        encode_request(arguments, &mut self.output);
+        self.queued += 1;
+    }
+
+    /// Sends every queued request in one write and reads their replies, in order.
+    ///
+    /// # Errors
+    /// If the connection fails or a reply is not RESP. Error replies are returned as
+    /// [`ReplyValue::Error`], not as errors.
+    pub async fn flush(&mut self) -> Result<Vec<ReplyValue>, ClientError> {
+        self.stream.write_all(&self.output).await?;
+        self.output.clear();
+        let count = std::mem::take(&mut self.queued);
+        let mut replies = Vec::with_capacity(count);
+        while replies.len() < count {
+            replies.push(self.read_reply().await?);
+        }
+        Ok(replies)
+    }
+
+    /// Sends one request and returns its reply as it came.
+    ///
+    /// # Errors
+    /// If the connection fails or the reply is not RESP.
+    pub async fn call(&mut self, arguments: &[&[u8]]) -> Result<ReplyValue, ClientError> {
+        self.queue(arguments);
+        let mut replies = self.flush().await?;
+        replies.pop().ok_or(ClientError::Closed)
+    }
+
+    async fn read_reply(&mut self) -> Result<ReplyValue, ClientError> {
+        loop {
+            if let Some((reply, consumed)) = parse_reply(&self.input, MAX_REPLY_LEN)? {
+                self.input.advance(consumed);
+                return Ok(reply);
+            }
+            if self.stream.read_buf(&mut self.input).await? == 0 {
+                return Err(ClientError::Closed);
+            }
+        }
+    }
+
+    /// `CREATE bucket`.
+    ///
+    /// # Errors
+    /// [`ClientError::Server`] if the server refuses (bucket limit, name too long).
+    pub async fn create(&mut self, bucket: &[u8]) -> Result<(), ClientError> {
+        expect_ok(self.call(&[b"CREATE", bucket]).await?)
+    }
+
+    /// `PUT bucket key value`.
+    ///
+    /// # Errors
+    /// [`ClientError::NotFound`] if the bucket does not exist.
+    pub async fn put(
+        &mut self,
+        bucket: &[u8],
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), ClientError> {
+        expect_ok(self.call(&[b"PUT", bucket, key, value]).await?)
+    }
+
+    /// `GET bucket key`: the value, or `None` if the key is absent.
+    ///
+    /// # Errors
+    /// [`ClientError::NotFound`] if the bucket does not exist.
+    pub async fn get(&mut self, bucket: &[u8], key: &[u8]) -> Result<Option<Bytes>, ClientError> {
+        match check(self.call(&[b"GET", bucket, key]).await?)? {
+            ReplyValue::Bulk(value) => Ok(value),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// `DELETE bucket key`.
+    ///
+    /// # Errors
+    /// [`ClientError::NotFound`] if the bucket does not exist.
+    pub async fn delete(&mut self, bucket: &[u8], key: &[u8]) -> Result<(), ClientError> {
+        expect_ok(self.call(&[b"DELETE", bucket, key]).await?)
+    }
+
+    /// `DROP bucket`.
+    ///
+    /// # Errors
+    /// [`ClientError::NotFound`] if the bucket does not exist.
+    pub async fn drop_bucket(&mut self, bucket: &[u8]) -> Result<(), ClientError> {
+        expect_ok(self.call(&[b"DROP", bucket]).await?)
+    }
+
+    /// `INFO`: the server's counters as `name:value` lines.
+    ///
+    /// # Errors
+    /// If the connection fails.
+    pub async fn info(&mut self) -> Result<String, ClientError> {
+        match check(self.call(&[b"INFO"]).await?)? {
+            ReplyValue::Bulk(Some(text)) => Ok(String::from_utf8_lossy(&text).into_owned()),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// One counter from `INFO`.
+    ///
+    /// # Errors
+    /// If the connection fails or the server has no such counter.
+    pub async fn info_field(&mut self, name: &str) -> Result<u64, ClientError> {
+        let info = self.info().await?;
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':')?.parse().ok())
+            .ok_or_else(|| ClientError::Server(format!("no counter {name} in INFO")))
+    }
+}
+
+fn encode_request(arguments: &[&[u8]], out: &mut BytesMut) {
+    let mut digits = itoa::Buffer::new();
+    out.extend_from_slice(b"*");
+    out.extend_from_slice(digits.format(arguments.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for argument in arguments {
+        out.extend_from_slice(b"$");
+        out.extend_from_slice(digits.format(argument.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(argument);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Turns error replies into errors.
+fn check(reply: ReplyValue) -> Result<ReplyValue, ClientError> {
+    match reply {
+        ReplyValue::Error(message) if message.starts_with("NOTFOUND") => Err(ClientError::NotFound),
+        ReplyValue::Error(message) => Err(ClientError::Server(message)),
+        other => Ok(other),
+    }
+}
+
+fn expect_ok(reply: ReplyValue) -> Result<(), ClientError> {
+    match check(reply)? {
+        ReplyValue::Simple(text) if text == "OK" => Ok(()),
+        other => Err(ClientError::Unexpected(other)),
+    }
+}

@@ -1,0 +1,260 @@
+//! The one bridge between the network and the core: a parsed request goes to the registry or
+//! a bucket, and its reply is encoded into the connection's output buffer.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use bytes::BytesMut;
+
+use crate::bucket::{BucketError, BucketFault, BucketName};
+use crate::protocol::{
+    DebugAction, Dialect, ErrorReply, ProtocolError, Reply, Request, encode, encode_value,
+};
+use crate::registry::{Registry, RegistryError};
+
+/// Counters a user reads with `INFO`. Connections add their command counts once per batch,
+/// not per command, so the counters cost no shared write on the hot path.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections open now.
+    pub connections_open: AtomicUsize,
+    /// Connections accepted since start.
+    pub connections_accepted: AtomicU64,
+    /// Connections refused at the connection limit.
+    pub connections_refused: AtomicU64,
+    /// Requests answered.
+    pub commands: AtomicU64,
+    /// Requests answered with an error (bad input, limits).
+    pub errors: AtomicU64,
+    /// Bytes held in connections' read buffers now.
+    pub input_buffer_bytes: AtomicUsize,
+}
+
+/// What the connection does after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Go on reading requests.
+    Continue,
+    /// Flush the replies and close (`QUIT`).
+    Close,
+}
+
+/// Executes requests against a registry.
+#[derive(Clone)]
+pub struct Dispatcher {
+    registry: Registry,
+    stats: Arc<Stats>,
+    page_size: usize,
+    enable_debug_commands: bool,
+}
+
+impl Dispatcher {
+    /// A dispatcher over `registry` that counts into `stats`.
+    #[must_use]
+    pub fn new(
+        registry: Registry,
+        stats: Arc<Stats>,
+        page_size: usize,
+        enable_debug_commands: bool,
+    ) -> Self {
+        Self {
+            registry,
+            stats,
+            page_size,
+            enable_debug_commands,
+        }
+    }
+
+    /// The counters this dispatcher reports.
+    #[must_use]
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// The registry requests go to.
+    #[must_use]
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Executes `request` and appends its reply to `out`. Only `CREATE`, `DROP` and `DEBUG`
+    /// wait (for the registry); reads and writes of keys never do.
+    pub async fn execute(
+        &self,
+        request: Request<'_>,
+        dialect: Dialect,
+        out: &mut BytesMut,
+    ) -> Next {
+        let reply = match request {
+            Request::Get { bucket, key } => {
+                let found = self
+                    .registry
+                    .lookup(bucket)
+                    .map(|handle| handle.get_with(key, |value| encode_value(value, dialect, out)));
+                match found {
+                    Some(Ok(())) => return Next::Continue,
+                    None | Some(Err(BucketError::Stopped)) => Reply::NotFound,
+                    Some(Err(error)) => Reply::Error(bucket_error(error)),
+                }
+            }
+            Request::Put { bucket, key, value } => {
+                self.on_bucket(bucket, |handle| handle.put(key, value))
+            }
+            Request::Delete { bucket, key } => {
+                self.on_bucket(bucket, |handle| handle.delete(key).map(drop))
+            }
+            Request::Create { bucket } => match self.registry.create(bucket).await {
+                Ok(_) => Reply::Ok,
+                Err(error) => Reply::Error(registry_error(&error)),
+            },
+            Request::Drop { bucket } => match self.registry.drop_bucket(bucket).await {
+                Ok(true) => Reply::Ok,
+                Ok(false) => Reply::NotFound,
+                Err(error) => Reply::Error(registry_error(&error)),
+            },
+            Request::Ping { message } => Reply::Pong(message),
+            Request::Quit => {
+                encode(&Reply::Ok, dialect, out);
+                return Next::Close;
+            }
+            Request::Info => {
+                let text = self.info();
+                encode(&Reply::Text(&text), dialect, out);
+                return Next::Continue;
+            }
+            Request::Buckets { after } => {
+                let names = self.registry.view().names(after, self.page_size);
+                let names: Vec<&[u8]> = names.iter().map(BucketName::as_bytes).collect();
+                encode(&Reply::List(&names), dialect, out);
+                return Next::Continue;
+            }
+            Request::Keys { bucket, after } => {
+                let page = self
+                    .registry
+                    .lookup(bucket)
+                    .map(|handle| handle.keys(after, self.page_size));
+                match page {
+                    Some(Ok(keys)) => {
+                        let keys: Vec<&[u8]> = keys.iter().map(|key| &key[..]).collect();
+                        encode(&Reply::List(&keys), dialect, out);
+                        return Next::Continue;
+                    }
+                    None | Some(Err(BucketError::Stopped)) => Reply::NotFound,
+                    Some(Err(error)) => Reply::Error(bucket_error(error)),
+                }
+            }
+            Request::Debug { action, bucket } => self.debug(action, bucket).await,
+        };
+        if matches!(reply, Reply::Error(_)) {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        encode(&reply, dialect, out);
+        Next::Continue
+    }
+
+    /// Appends the reply to a request that could not be parsed.
+    pub fn reject(&self, error: &ProtocolError, dialect: Dialect, out: &mut BytesMut) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let reply = match error {
+            ProtocolError::UnknownCommand => Reply::UnknownCommand,
+            other => Reply::Error(ErrorReply::from(other)),
+        };
+        encode(&reply, dialect, out);
+    }
+
+    fn on_bucket(
+        &self,
+        bucket: &[u8],
+        operation: impl FnOnce(&crate::BucketHandle) -> Result<(), BucketError>,
+    ) -> Reply<'static> {
+        match self
+            .registry
+            .lookup(bucket)
+            .map(|handle| operation(&handle))
+        {
+            Some(Ok(())) => Reply::Ok,
+            None | Some(Err(BucketError::Stopped)) => Reply::NotFound,
+            Some(Err(error)) => Reply::Error(bucket_error(error)),
+        }
+    }
+
+    async fn debug(&self, action: DebugAction, bucket: &[u8]) -> Reply<'static> {
+        if !self.enable_debug_commands {
+            return Reply::Error(ErrorReply::new(
+                "debug commands are disabled; start the server with --enable-debug-commands",
+            ));
+        }
+        let Some(handle) = self.registry.lookup(bucket) else {
+            return Reply::NotFound;
+        };
+        let fault = match action {
+            DebugAction::Crash => BucketFault::Panic,
+            DebugAction::Stop => BucketFault::Stop,
+        };
+        if handle.inject_fault(fault).is_err() {
+            return Reply::NotFound;
+        }
+        // Answer once the bucket has ended, so the next request sees it gone.
+        handle.stopped().await;
+        Reply::Ok
+    }
+
+    fn info(&self) -> String {
+        let stats = &self.stats;
+        let view = self.registry.view();
+        let memory = self.registry.memory();
+        let status = *self.registry.status().borrow();
+        let mut text = String::with_capacity(512);
+        let mut line = |name: &str, value: &dyn std::fmt::Display| {
+            let _ = writeln!(text, "{name}:{value}");
+        };
+        line("version", &env!("CARGO_PKG_VERSION"));
+        line(
+            "connections_open",
+            &stats.connections_open.load(Ordering::Relaxed),
+        );
+        line(
+            "connections_accepted",
+            &stats.connections_accepted.load(Ordering::Relaxed),
+        );
+        line(
+            "connections_refused",
+            &stats.connections_refused.load(Ordering::Relaxed),
+        );
+        line("commands", &stats.commands.load(Ordering::Relaxed));
+        line("errors", &stats.errors.load(Ordering::Relaxed));
+        line("buckets", &view.len());
+        line("keys", &memory.keys());
+        line("memory_used_bytes", &memory.used());
+        line("memory_limit_bytes", &memory.limit());
+        line(
+            "input_buffer_bytes",
+            &stats.input_buffer_bytes.load(Ordering::Relaxed),
+        );
+        line("resident_bytes", &resident_bytes().unwrap_or(0));
+        line("registry_starts", &status.starts);
+        text
+    }
+}
+
+fn bucket_error(error: BucketError) -> ErrorReply {
+    match error {
+        BucketError::OutOfMemory { .. } => ErrorReply {
+            code: "OOM",
+            message: error.to_string(),
+        },
+        BucketError::Stopped => ErrorReply::new(error),
+    }
+}
+
+fn registry_error(error: &RegistryError) -> ErrorReply {
+    ErrorReply::new(error)
+}
+
+/// The process's resident memory, from `/proc/self/statm` (Linux only).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}

@@ -1,0 +1,163 @@
+//! Requests, as both dialects give them once split into words.
+
+use super::ProtocolError;
+
+/// Most words any command takes; a request with more is an unknown command. Words are kept on
+/// the stack up to this count.
+pub(super) const MAX_WORDS: usize = 4;
+
+/// What a debug command does to a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebugAction {
+    /// Make the bucket's task panic.
+    Crash,
+    /// Make the bucket's task stop.
+    Stop,
+}
+
+/// A request, its words borrowed from the read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// `CREATE bucket`
+    Create {
+        /// The bucket.
+        bucket: &'a [u8],
+    },
+    /// `PUT bucket key value`
+    Put {
+        /// The bucket.
+        bucket: &'a [u8],
+        /// The key.
+        key: &'a [u8],
+        /// The value.
+        value: &'a [u8],
+    },
+    /// `GET bucket key`
+    Get {
+        /// The bucket.
+        bucket: &'a [u8],
+        /// The key.
+        key: &'a [u8],
+    },
+    /// `DELETE bucket key`
+    Delete {
+        /// The bucket.
+        bucket: &'a [u8],
+        /// The key.
+        key: &'a [u8],
+    },
+    /// `DROP bucket`
+    Drop {
+        /// The bucket.
+        bucket: &'a [u8],
+    },
+    /// `PING [message]`
+    Ping {
+        /// Echoed back if given.
+        message: Option<&'a [u8]>,
+    },
+    /// `QUIT`
+    Quit,
+    /// `INFO`
+    Info,
+    /// `BUCKETS [after]`: one page of bucket names greater than `after`.
+    Buckets {
+        /// The last name of the previous page.
+        after: Option<&'a [u8]>,
+    },
+    /// `KEYS bucket [after]`: one page of the bucket's keys greater than `after`.
+    Keys {
+        /// The bucket.
+        bucket: &'a [u8],
+        /// The last key of the previous page.
+        after: Option<&'a [u8]>,
+    },
+    /// `DEBUG CRASH bucket` or `DEBUG STOP bucket`, when the server allows it.
+    Debug {
+        /// What to do.
+        action: DebugAction,
+        /// The bucket.
+        bucket: &'a [u8],
+    },
+}
+
+impl<'a> Request<'a> {
+    /// Makes a request of its words. `words` holds at most [`MAX_WORDS`] words; `extra` says
+    /// whether the request had more (which no command accepts).
+    pub(super) fn from_words(words: &[&'a [u8]], extra: bool) -> Result<Self, ProtocolError> {
+        let Some((command, arguments)) = words.split_first() else {
+            return Err(ProtocolError::UnknownCommand);
+        };
+        if extra {
+            return Err(ProtocolError::UnknownCommand);
+        }
+        let is = |name: &str| command.eq_ignore_ascii_case(name.as_bytes());
+        let request = match arguments {
+            [bucket] if is("CREATE") => Self::Create { bucket },
+            [bucket, key, value] if is("PUT") => Self::Put { bucket, key, value },
+            [bucket, key] if is("GET") => Self::Get { bucket, key },
+            [bucket, key] if is("DELETE") => Self::Delete { bucket, key },
+            [bucket] if is("DROP") => Self::Drop { bucket },
+            [] if is("PING") => Self::Ping { message: None },
+            [message] if is("PING") => Self::Ping {
+                message: Some(message),
+            },
+            [] if is("QUIT") => Self::Quit,
+            [] if is("INFO") => Self::Info,
+            [] if is("BUCKETS") => Self::Buckets { after: None },
+            [after] if is("BUCKETS") => Self::Buckets { after: Some(after) },
+            [bucket] if is("KEYS") => Self::Keys {
+                bucket,
+                after: None,
+            },
+            [bucket, after] if is("KEYS") => Self::Keys {
+                bucket,
+                after: Some(after),
+            },
+            [action, bucket] if is("DEBUG") => {
+                let action = if action.eq_ignore_ascii_case(b"CRASH") {
+                    DebugAction::Crash
+                } else if action.eq_ignore_ascii_case(b"STOP") {
+                    DebugAction::Stop
+                } else {
+                    return Err(ProtocolError::UnknownCommand);
+                };
+                Self::Debug { action, bucket }
+            }
+            _ => return Err(ProtocolError::UnknownCommand),
+        };
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_case_insensitive_and_arity_is_checked() {
+        assert_eq!(
+            Request::from_words(&[b"get", b"shopping", b"milk"], false),
+            Ok(Request::Get {
+                bucket: b"shopping",
+                key: b"milk"
+            })
+        );
+        assert_eq!(
+            Request::from_words(&[b"GET", b"shopping"], false),
+            Err(ProtocolError::UnknownCommand)
+        );
+        assert_eq!(
+            Request::from_words(&[b"PUT", b"a", b"b", b"c"], true),
+            Err(ProtocolError::UnknownCommand)
+        );
+        assert_eq!(
+            Request::from_words(&[b"FLUSH"], false),
+            Err(ProtocolError::UnknownCommand)
+        );
+        assert_eq!(
+            Request::from_words(&[], false),
+            Err(ProtocolError::UnknownCommand)
+        );
+    }
+}

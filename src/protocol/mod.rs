@@ -1,0 +1,133 @@
+//! Parsing requests and encoding replies, for the guide's line protocol and for RESP2.
+//!
+//! Pure functions over byte slices: no I/O, nothing of ours below it, so it can be fuzzed and
+//! property-tested on its own. Requests borrow their words from the caller's buffer; nothing is
+//! copied until a value is stored.
+//!
+//! The dialect is chosen per request by its first byte, as Redis does: `*` starts a RESP array
+//! of bulk strings; anything else is a line.
+
+mod command;
+mod line;
+mod reply;
+mod resp;
+
+pub use command::{DebugAction, Request};
+pub use reply::{ErrorReply, Reply, encode, encode_value};
+pub use resp::{ReplyValue, parse_reply};
+
+/// Which protocol a request came in, and so which one its reply goes out in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// The guide's line protocol: words separated by blanks, one request per line.
+    Line,
+    /// RESP2: an array of bulk strings, as Redis clients send.
+    Resp,
+}
+
+/// The bounds a parser enforces on what a client sends.
+#[derive(Debug, Clone, Copy)]
+pub struct ParseLimits {
+    /// Longest line: a line-protocol request, or a RESP header line.
+    pub max_line_len: usize,
+    /// Longest single RESP bulk string.
+    pub max_bulk_len: usize,
+    /// Most elements in one RESP array.
+    pub max_args: usize,
+}
+
+impl Default for ParseLimits {
+    fn default() -> Self {
+        Self {
+            max_line_len: 64 * 1024,
+            max_bulk_len: 8 * 1024 * 1024,
+            max_args: 1024,
+        }
+    }
+}
+
+/// What a parser made of the start of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed<'a> {
+    /// The buffer holds no complete request yet; read more and parse again.
+    Incomplete,
+    /// A request, taking the first `consumed` bytes.
+    Request {
+        /// The request.
+        request: Request<'a>,
+        /// The dialect to reply in.
+        dialect: Dialect,
+        /// Bytes of the buffer it took.
+        consumed: usize,
+    },
+    /// A bad request, taking the first `consumed` bytes: reply with the error and go on with
+    /// the rest of the stream.
+    Invalid {
+        /// What was wrong.
+        error: ProtocolError,
+        /// The dialect to reply in.
+        dialect: Dialect,
+        /// Bytes of the buffer it took.
+        consumed: usize,
+    },
+    /// A line longer than the limit with no end in sight: reply with the error, then discard
+    /// everything up to and including the next newline, so no piece of it ever runs as a
+    /// request of its own.
+    Overlong {
+        /// The error to reply with.
+        error: ProtocolError,
+    },
+    /// The stream cannot be resynchronised: reply with the error and close the connection.
+    Fatal {
+        /// What was wrong.
+        error: ProtocolError,
+        /// The dialect to reply in.
+        dialect: Dialect,
+    },
+}
+
+/// Something wrong with what a client sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// No such command, or a known command with the wrong number of words.
+    #[error("unknown command")]
+    UnknownCommand,
+    /// A line longer than the limit.
+    #[error("line too long (limit {limit} bytes)")]
+    LineTooLong {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// A line-protocol request that is not UTF-8.
+    #[error("request is not valid UTF-8")]
+    InvalidUtf8,
+    /// A bulk string longer than the limit.
+    #[error("bulk length {length} over the limit of {limit} bytes")]
+    BulkTooLong {
+        /// The announced length.
+        length: u64,
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// A RESP array with more elements than the limit.
+    #[error("{count} arguments over the limit of {limit}")]
+    TooManyArguments {
+        /// The announced count.
+        count: u64,
+        /// The limit.
+        limit: usize,
+    },
+    /// Anything else that is not RESP.
+    #[error("Protocol error: {0}")]
+    Malformed(&'static str),
+}
+
+/// Parses the first request in `input`.
+#[must_use]
+pub fn parse<'a>(input: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
+    match input.first() {
+        None => Parsed::Incomplete,
+        Some(b'*') => resp::parse(input, limits),
+        Some(_) => line::parse(input, limits),
+    }
+}

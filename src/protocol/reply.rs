@@ -1,0 +1,198 @@
+//! Encoding replies in the dialect their request came in.
+
+use bytes::{BufMut, BytesMut};
+
+use super::{Dialect, ProtocolError};
+
+/// An error reply: `ERROR <message>` in the line protocol, `-<code> <message>` in RESP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+    /// The RESP error code: `ERR`, or a more specific word a client can match on.
+    pub code: &'static str,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+impl ErrorReply {
+    /// A generic `ERR` error.
+    #[must_use]
+    pub fn new(message: impl std::fmt::Display) -> Self {
+        Self {
+            code: "ERR",
+            message: message.to_string(),
+        }
+    }
+}
+
+impl From<&ProtocolError> for ErrorReply {
+    fn from(error: &ProtocolError) -> Self {
+        Self::new(error)
+    }
+}
+
+/// A reply to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply<'a> {
+    /// `OK` / `+OK`
+    Ok,
+    /// The bucket does not exist: `NOT FOUND` / `-NOTFOUND`.
+    NotFound,
+    /// No such command, or the wrong number of words: `UNKNOWN COMMAND` / `-ERR unknown command`.
+    UnknownCommand,
+    /// A `GET` result: the value then `OK` (an empty line for a missing key), or a bulk string
+    /// (null for a missing key).
+    Value(Option<&'a [u8]>),
+    /// `PONG`, or the message `PING` was given.
+    Pong(Option<&'a [u8]>),
+    /// Lines of text (`INFO`): each line then `OK`, or one bulk string.
+    Text(&'a str),
+    /// A page of names or keys: one per line then `OK`, or an array of bulk strings.
+    List(&'a [&'a [u8]]),
+    /// Anything that went wrong.
+    Error(ErrorReply),
+}
+
+/// Appends `reply` to `out` in `dialect`.
+pub fn encode(reply: &Reply<'_>, dialect: Dialect, out: &mut BytesMut) {
+    match (reply, dialect) {
+        (Reply::Ok, Dialect::Line) => out.put_slice(b"OK\r\n"),
+        (Reply::Ok, Dialect::Resp) => out.put_slice(b"+OK\r\n"),
+        (Reply::NotFound, Dialect::Line) => out.put_slice(b"NOT FOUND\r\n"),
+        (Reply::NotFound, Dialect::Resp) => out.put_slice(b"-NOTFOUND bucket does not exist\r\n"),
+        (Reply::UnknownCommand, Dialect::Line) => out.put_slice(b"UNKNOWN COMMAND\r\n"),
+        (Reply::UnknownCommand, Dialect::Resp) => {
+            out.put_slice(b"-ERR unknown command or wrong number of arguments\r\n");
+        }
+        (Reply::Value(value), _) => encode_value(*value, dialect, out),
+        (Reply::Pong(None), Dialect::Line) => out.put_slice(b"PONG\r\n"),
+        (Reply::Pong(None), Dialect::Resp) => out.put_slice(b"+PONG\r\n"),
+        (Reply::Pong(Some(message)), Dialect::Line) => encode_lines(&[message], out),
+        (Reply::Pong(Some(message)), Dialect::Resp) => put_bulk(message, out),
+        (Reply::Text(text), Dialect::Line) => {
+            let lines: Vec<&[u8]> = text.lines().map(str::as_bytes).collect();
+            encode_lines(&lines, out);
+        }
+        (Reply::Text(text), Dialect::Resp) => put_bulk(text.as_bytes(), out),
+        (Reply::List(items), Dialect::Line) => encode_lines(items, out),
+        (Reply::List(items), Dialect::Resp) => {
+            put_header(b'*', items.len(), out);
+            for item in *items {
+                put_bulk(item, out);
+            }
+        }
+        (Reply::Error(error), Dialect::Line) => {
+            out.put_slice(b"ERROR ");
+            put_single_line(error.message.as_bytes(), out);
+        }
+        (Reply::Error(error), Dialect::Resp) => {
+            out.put_u8(b'-');
+            out.put_slice(error.code.as_bytes());
+            out.put_u8(b' ');
+            put_single_line(error.message.as_bytes(), out);
+        }
+    }
+}
+
+/// Appends the reply to a `GET`: the hot path, so it takes the value as a borrowed slice and
+/// can run while the bucket's table is locked.
+pub fn encode_value(value: Option<&[u8]>, dialect: Dialect, out: &mut BytesMut) {
+    match (value, dialect) {
+        (Some(value), Dialect::Line) => encode_lines(&[value], out),
+        (None, Dialect::Line) => out.put_slice(b"\r\nOK\r\n"),
+        (Some(value), Dialect::Resp) => put_bulk(value, out),
+        (None, Dialect::Resp) => out.put_slice(b"$-1\r\n"),
+    }
+}
+
+/// Lines then `OK`, in the line protocol. A line containing CR or LF cannot be sent there
+/// without breaking the framing, so the whole reply becomes an error naming RESP instead.
+fn encode_lines(lines: &[&[u8]], out: &mut BytesMut) {
+    if lines
+        .iter()
+        .any(|line| line.contains(&b'\n') || line.contains(&b'\r'))
+    {
+        out.put_slice(b"ERROR reply contains a line break; read it over RESP\r\n");
+        return;
+    }
+    for line in lines {
+        out.reserve(line.len() + 2);
+        out.put_slice(line);
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"OK\r\n");
+}
+
+/// Writes `text` with any CR or LF replaced, then CRLF: error text must stay on one line.
+fn put_single_line(text: &[u8], out: &mut BytesMut) {
+    out.extend(text.iter().map(|&byte| {
+        if byte == b'\r' || byte == b'\n' {
+            b' '
+        } else {
+            byte
+        }
+    }));
+    out.put_slice(b"\r\n");
+}
+
+fn put_header(kind: u8, length: usize, out: &mut BytesMut) {
+    let mut digits = itoa::Buffer::new();
+    out.put_u8(kind);
+    out.put_slice(digits.format(length).as_bytes());
+    out.put_slice(b"\r\n");
+}
+
+fn put_bulk(bytes: &[u8], out: &mut BytesMut) {
+    out.reserve(bytes.len() + 16);
+    put_header(b'$', bytes.len(), out);
+    out.put_slice(bytes);
+    out.put_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(reply: &Reply<'_>) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        encode(reply, Dialect::Line, &mut out);
+        out.to_vec()
+    }
+
+    fn resp(reply: &Reply<'_>) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        encode(reply, Dialect::Resp, &mut out);
+        out.to_vec()
+    }
+
+    #[test]
+    fn the_guide_replies_byte_for_byte() {
+        assert_eq!(line(&Reply::Ok), b"OK\r\n");
+        assert_eq!(line(&Reply::NotFound), b"NOT FOUND\r\n");
+        assert_eq!(line(&Reply::UnknownCommand), b"UNKNOWN COMMAND\r\n");
+        assert_eq!(line(&Reply::Value(Some(b"1"))), b"1\r\nOK\r\n");
+        assert_eq!(line(&Reply::Value(None)), b"\r\nOK\r\n");
+    }
+
+    #[test]
+    fn resp_replies() {
+        assert_eq!(resp(&Reply::Ok), b"+OK\r\n");
+        assert_eq!(resp(&Reply::Value(Some(b"1"))), b"$1\r\n1\r\n");
+        assert_eq!(resp(&Reply::Value(None)), b"$-1\r\n");
+        assert_eq!(
+            resp(&Reply::List(&[b"a", b""])),
+            b"*2\r\n$1\r\na\r\n$0\r\n\r\n"
+        );
+        assert_eq!(
+            resp(&Reply::Error(ErrorReply::new("bad\r\nthing"))),
+            b"-ERR bad  thing\r\n"
+        );
+    }
+
+    #[test]
+    fn values_that_would_break_a_line_are_refused_in_the_line_protocol() {
+        assert_eq!(
+            line(&Reply::Value(Some(b"a\r\nOK"))),
+            b"ERROR reply contains a line break; read it over RESP\r\n"
+        );
+    }
+}

@@ -1,0 +1,344 @@
+//! RESP2: requests as arrays of bulk strings, and replies as a client reads them.
+
+use bytes::Bytes;
+
+use super::command::{MAX_WORDS, Request};
+use super::{Dialect, ParseLimits, Parsed, ProtocolError};
+
+/// Longest header line (`*<count>` or `$<length>`): a sign and twenty digits fit easily.
+const MAX_HEADER_LEN: usize = 32;
+
+/// Reads `<prefix><decimal>\r\n` at `input[at..]`; returns the number and the offset after it.
+fn header(input: &[u8], at: usize, prefix: u8) -> Result<Option<(i64, usize)>, ProtocolError> {
+    let rest = &input[at..];
+    match rest.first() {
+        None => return Ok(None),
+        Some(&byte) if byte != prefix => {
+            return Err(ProtocolError::Malformed(if prefix == b'$' {
+                "expected '$'"
+            } else {
+                "expected '*'"
+            }));
+        }
+        Some(_) => {}
+    }
+    let window = &rest[..rest.len().min(MAX_HEADER_LEN)];
+    let Some(end) = memchr::memchr(b'\n', window) else {
+        if rest.len() >= MAX_HEADER_LEN {
+            return Err(ProtocolError::Malformed("header line too long"));
+        }
+        return Ok(None);
+    };
+    let digits = window[1..end]
+        .strip_suffix(b"\r")
+        .ok_or(ProtocolError::Malformed("header not ended by CRLF"))?;
+    let number = std::str::from_utf8(digits)
+        .ok()
+        .and_then(|text| text.parse::<i64>().ok())
+        .ok_or(ProtocolError::Malformed("invalid length"))?;
+    Ok(Some((number, at + end + 1)))
+}
+
+pub(super) fn parse<'a>(input: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
+    match parse_array(input, limits) {
+        Ok(Some((words, count, extra, consumed))) => {
+            match Request::from_words(&words[..count], extra) {
+                Ok(request) => Parsed::Request {
+                    request,
+                    dialect: Dialect::Resp,
+                    consumed,
+                },
+                Err(error) => Parsed::Invalid {
+                    error,
+                    dialect: Dialect::Resp,
+                    consumed,
+                },
+            }
+        }
+        Ok(None) => Parsed::Incomplete,
+        Err(error) => Parsed::Fatal {
+            error,
+            dialect: Dialect::Resp,
+        },
+    }
+}
+
+type Words<'a> = ([&'a [u8]; MAX_WORDS], usize, bool, usize);
+
+/// Invariant kept while a request arrives: nothing is reserved for an announced length; the
+/// caller's buffer grows only with the bytes that really came, and the announced lengths of
+/// one request together may not pass `max_bulk_len`.
+fn parse_array<'a>(
+    input: &'a [u8],
+    limits: &ParseLimits,
+) -> Result<Option<Words<'a>>, ProtocolError> {
+    let Some((count, mut at)) = header(input, 0, b'*')? else {
+        return Ok(None);
+    };
+    let count = u64::try_from(count).map_err(|_| ProtocolError::Malformed("negative count"))?;
+    if count > limits.max_args as u64 {
+        return Err(ProtocolError::TooManyArguments {
+            count,
+            limit: limits.max_args,
+        });
+    }
+    let mut words: [&[u8]; MAX_WORDS] = [&[]; MAX_WORDS];
+    let mut announced: u64 = 0;
+    // Every element is read (the stream must stay in step), but only the first MAX_WORDS are
+    // kept: no command has more.
+    for index in 0..usize::try_from(count).unwrap_or(usize::MAX) {
+        let Some((length, data)) = header(input, at, b'$')? else {
+            return Ok(None);
+        };
+        let length =
+            u64::try_from(length).map_err(|_| ProtocolError::Malformed("negative bulk length"))?;
+        announced += length;
+        if announced > limits.max_bulk_len as u64 {
+            return Err(ProtocolError::BulkTooLong {
+                length: announced,
+                limit: limits.max_bulk_len,
+            });
+        }
+        // Fits in usize: bounded by `max_bulk_len` just above.
+        let end = data + length as usize;
+        if input.len() < end + 2 {
+            return Ok(None);
+        }
+        if &input[end..end + 2] != b"\r\n" {
+            return Err(ProtocolError::Malformed("bulk not ended by CRLF"));
+        }
+        if let Some(word) = words.get_mut(index) {
+            *word = &input[data..end];
+        }
+        at = end + 2;
+    }
+    let count = count as usize;
+    Ok(Some((words, count.min(MAX_WORDS), count > MAX_WORDS, at)))
+}
+
+/// A reply as a RESP client reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyValue {
+    /// `+text`
+    Simple(String),
+    /// `-text`
+    Error(String),
+    /// `:number`
+    Integer(i64),
+    /// `$length` and its bytes, or `$-1` (`None`).
+    Bulk(Option<Bytes>),
+    /// `*count` and its elements, or `*-1` (`None`).
+    Array(Option<Vec<ReplyValue>>),
+}
+
+/// Deepest nesting of arrays a client accepts in a reply.
+const MAX_DEPTH: usize = 8;
+
+/// Parses the first reply in `input`: `Ok(None)` if it is not all there yet, otherwise the
+/// reply and how many bytes it took. `max_bulk_len` bounds any one bulk string or array.
+///
+/// # Errors
+/// [`ProtocolError`] if the bytes are not RESP2 or pass the bound.
+pub fn parse_reply(
+    input: &[u8],
+    max_bulk_len: usize,
+) -> Result<Option<(ReplyValue, usize)>, ProtocolError> {
+    reply_at(input, 0, max_bulk_len, 0)
+}
+
+fn reply_at(
+    input: &[u8],
+    at: usize,
+    max_bulk_len: usize,
+    depth: usize,
+) -> Result<Option<(ReplyValue, usize)>, ProtocolError> {
+    let Some(&kind) = input.get(at) else {
+        return Ok(None);
+    };
+    let line_end = |from: usize| -> Result<Option<usize>, ProtocolError> {
+        let rest = &input[from..];
+        let window = &rest[..rest.len().min(max_bulk_len.saturating_add(2))];
+        match memchr::memchr(b'\n', window) {
+            Some(end) if end > 0 && rest[end - 1] == b'\r' => Ok(Some(from + end - 1)),
+            Some(_) => Err(ProtocolError::Malformed("line not ended by CRLF")),
+            None if rest.len() > max_bulk_len => {
+                Err(ProtocolError::Malformed("reply line too long"))
+            }
+            None => Ok(None),
+        }
+    };
+    let text = |from: usize, to: usize| String::from_utf8_lossy(&input[from..to]).into_owned();
+    match kind {
+        b'+' | b'-' | b':' => {
+            let Some(end) = line_end(at + 1)? else {
+                return Ok(None);
+            };
+            let value = match kind {
+                b'+' => ReplyValue::Simple(text(at + 1, end)),
+                b'-' => ReplyValue::Error(text(at + 1, end)),
+                _ => ReplyValue::Integer(
+                    text(at + 1, end)
+                        .parse()
+                        .map_err(|_| ProtocolError::Malformed("invalid integer"))?,
+                ),
+            };
+            Ok(Some((value, end + 2)))
+        }
+        b'$' | b'*' => {
+            let Some((length, data)) = header(input, at, kind)? else {
+                return Ok(None);
+            };
+            if length < 0 {
+                let none = if kind == b'$' {
+                    ReplyValue::Bulk(None)
+                } else {
+                    ReplyValue::Array(None)
+                };
+                return Ok(Some((none, data)));
+            }
+            if length as u64 > max_bulk_len as u64 {
+                return Err(ProtocolError::BulkTooLong {
+                    length: length as u64,
+                    limit: max_bulk_len,
+                });
+            }
+            let length = length as usize;
+            if kind == b'$' {
+                if input.len() < data + length + 2 {
+                    return Ok(None);
+                }
+                if &input[data + length..data + length + 2] != b"\r\n" {
+                    return Err(ProtocolError::Malformed("bulk not ended by CRLF"));
+                }
+                let bulk = Bytes::copy_from_slice(&input[data..data + length]);
+                return Ok(Some((ReplyValue::Bulk(Some(bulk)), data + length + 2)));
+            }
+            if depth == MAX_DEPTH {
+                return Err(ProtocolError::Malformed("arrays nested too deep"));
+            }
+            let mut elements = Vec::with_capacity(length.min(1024));
+            let mut next = data;
+            for _ in 0..length {
+                let Some((element, after)) = reply_at(input, next, max_bulk_len, depth + 1)? else {
+                    return Ok(None);
+                };
+                elements.push(element);
+                next = after;
+            }
+            Ok(Some((ReplyValue::Array(Some(elements)), next)))
+        }
+        _ => Err(ProtocolError::Malformed("unknown reply type")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ParseLimits {
+        ParseLimits::default()
+    }
+
+    #[test]
+    fn an_array_of_bulks_is_a_request() {
+        let input = b"*4\r\n$3\r\nPUT\r\n$8\r\nshopping\r\n$4\r\nmilk\r\n$3\r\n\x00\r\n\r\n";
+        assert_eq!(
+            parse(input, &limits()),
+            Parsed::Request {
+                request: Request::Put {
+                    bucket: b"shopping",
+                    key: b"milk",
+                    value: b"\x00\r\n"
+                },
+                dialect: Dialect::Resp,
+                consumed: input.len()
+            }
+        );
+    }
+
+    #[test]
+    fn every_prefix_of_a_request_is_incomplete() {
+        let input = b"*3\r\n$3\r\nGET\r\n$8\r\nshopping\r\n$4\r\nmilk\r\n";
+        for end in 0..input.len() {
+            assert_eq!(parse(&input[..end], &limits()), Parsed::Incomplete, "{end}");
+        }
+    }
+
+    #[test]
+    fn announced_lengths_past_the_limit_are_fatal_before_any_byte_arrives() {
+        let limits = ParseLimits {
+            max_bulk_len: 10,
+            ..limits()
+        };
+        assert!(matches!(
+            parse(b"*2\r\n$3\r\nGET\r\n$536870912\r\n", &limits),
+            Parsed::Fatal {
+                error: ProtocolError::BulkTooLong { .. },
+                ..
+            }
+        ));
+        // Several bulks together count too.
+        assert!(matches!(
+            parse(b"*3\r\n$6\r\nCREATE\r\n$6\r\n", &limits),
+            Parsed::Fatal {
+                error: ProtocolError::BulkTooLong { .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn malformed_input_is_fatal() {
+        for input in [
+            &b"*2\r\n+GET\r\n"[..],
+            b"*x\r\n",
+            b"*-5\r\n",
+            b"*1\r\n$3\r\nGETxx",
+            b"*1\r\n$3\n",
+            b"*99999999999999999999999999999999999\r\n",
+        ] {
+            assert!(
+                matches!(parse(input, &limits()), Parsed::Fatal { .. }),
+                "{input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn extra_words_are_skipped_and_make_an_unknown_command() {
+        let input = b"*5\r\n$3\r\nGET\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n$1\r\nd\r\nPING\r\n";
+        assert_eq!(
+            parse(input, &limits()),
+            Parsed::Invalid {
+                error: ProtocolError::UnknownCommand,
+                dialect: Dialect::Resp,
+                consumed: input.len() - 6
+            }
+        );
+    }
+
+    #[test]
+    fn replies_parse() {
+        let input = b"+OK\r\n-ERR no\r\n:42\r\n$-1\r\n$2\r\nhi\r\n*2\r\n$1\r\na\r\n*-1\r\n";
+        let mut at = 0;
+        let mut values = Vec::new();
+        while let Some((value, next)) = reply_at(input, at, 1024, 0).unwrap() {
+            values.push(value);
+            at = next;
+        }
+        assert_eq!(
+            values,
+            [
+                ReplyValue::Simple("OK".into()),
+                ReplyValue::Error("ERR no".into()),
+                ReplyValue::Integer(42),
+                ReplyValue::Bulk(None),
+                ReplyValue::Bulk(Some(Bytes::from("hi"))),
+                ReplyValue::Array(Some(vec![
+                    ReplyValue::Bulk(Some(Bytes::from("a"))),
+                    ReplyValue::Array(None)
+                ])),
+            ]
+        );
+    }
+}

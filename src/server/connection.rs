@@ -1,0 +1,246 @@
+//! One client's connection: read, parse every complete request, dispatch, write the replies of
+//! that read in one go.
+//!
+//! Invariants:
+//! - The read buffer holds at most one request beyond the limits (a line of `max_line_len`, or a
+//!   RESP request whose bulks total `max_bulk_len`) plus one read; nothing is reserved for a
+//!   length a client merely announces.
+//! - Unsent replies never pass `max_pending_output` plus one reply: past it, the connection
+//!   writes before it parses (or reads) anything more, so a client that does not read its
+//!   replies stops being read.
+//! - After an over-long line, bytes are discarded up to the next newline: no piece of that line
+//!   ever runs as a request.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServerConfig;
+use crate::dispatch::{Dispatcher, Next, Stats};
+use crate::protocol::{Dialect, ParseLimits, Parsed, parse};
+
+/// What a read buffer starts with, and what it returns to after growing for a large request.
+const INITIAL_BUFFER: usize = 16 * 1024;
+
+/// Signals for a connection: `finish` asks it to answer what it has read and close; `abort`
+/// closes it even while it waits to write (after the shutdown grace period).
+#[derive(Clone)]
+pub(super) struct Stop {
+    pub(super) finish: CancellationToken,
+    pub(super) abort: CancellationToken,
+}
+
+/// Keeps the open-connection gauge and the buffer gauge right however the task ends, a panic
+/// included.
+struct Gauges {
+    stats: Arc<Stats>,
+    input_capacity: usize,
+}
+
+impl Gauges {
+    fn track_input(&mut self, capacity: usize) {
+        if capacity >= self.input_capacity {
+            let grown = capacity - self.input_capacity;
+            self.stats
+                .input_buffer_bytes
+                .fetch_add(grown, Ordering::Relaxed);
+        } else {
+            let shrunk = self.input_capacity - capacity;
+            self.stats
+                .input_buffer_bytes
+                .fetch_sub(shrunk, Ordering::Relaxed);
+        }
+        self.input_capacity = capacity;
+    }
+}
+
+impl Drop for Gauges {
+    fn drop(&mut self) {
+        self.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .input_buffer_bytes
+            .fetch_sub(self.input_capacity, Ordering::Relaxed);
+    }
+}
+
+/// How processing the buffered input ended.
+enum Progress {
+    /// Everything complete was answered; read more.
+    NeedInput,
+    /// Replies reached the output bound; write them, then go on parsing.
+    OutputFull,
+    /// Write the replies, then close.
+    Close,
+}
+
+struct Connection {
+    stream: TcpStream,
+    input: BytesMut,
+    output: BytesMut,
+    /// Set after an over-long line: drop bytes until the next newline.
+    discarding: bool,
+    dispatcher: Dispatcher,
+    limits: ParseLimits,
+    max_pending_output: usize,
+    gauges: Gauges,
+}
+
+/// Serves one client until it closes, sends something that cannot be resynchronised, idles
+/// past the timeout, or the server stops.
+pub(super) async fn serve(
+    stream: TcpStream,
+    dispatcher: Dispatcher,
+    config: Arc<ServerConfig>,
+    stop: Stop,
+) {
+    // Replies of one read go out in one write; without NODELAY the second write of a
+    // pipelined client waits for its delayed ACK (about 40 ms).
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "could not set TCP_NODELAY");
+    }
+    let stats = Arc::clone(dispatcher.stats());
+    stats.connections_open.fetch_add(1, Ordering::Relaxed);
+    let mut connection = Connection {
+        stream,
+        input: BytesMut::with_capacity(INITIAL_BUFFER),
+        output: BytesMut::with_capacity(INITIAL_BUFFER),
+        discarding: false,
+        dispatcher,
+        limits: config.parse_limits(),
+        max_pending_output: config.max_pending_output,
+        gauges: Gauges {
+            stats,
+            input_capacity: 0,
+        },
+    };
+    connection.gauges.track_input(connection.input.capacity());
+    if let Err(error) = connection.run(&config, &stop).await {
+        tracing::debug!(%error, "connection closed by an I/O error");
+    }
+}
+
+impl Connection {
+    async fn run(&mut self, config: &ServerConfig, stop: &Stop) -> std::io::Result<()> {
+        loop {
+            let progress = self.process().await;
+            if !self.output.is_empty() {
+                tokio::select! {
+                    biased;
+                    () = stop.abort.cancelled() => return Ok(()),
+                    written = self.stream.write_all(&self.output) => written?,
+                }
+                self.output.clear();
+                if self.output.capacity() > 4 * self.max_pending_output {
+                    self.output = BytesMut::with_capacity(INITIAL_BUFFER);
+                }
+            }
+            match progress {
+                Progress::Close => return Ok(()),
+                Progress::OutputFull => continue,
+                Progress::NeedInput => {}
+            }
+            if stop.finish.is_cancelled() {
+                return Ok(());
+            }
+            if self.input.is_empty() && self.input.capacity() > 4 * INITIAL_BUFFER {
+                // A large request has passed: give its room back.
+                self.input = BytesMut::with_capacity(INITIAL_BUFFER);
+            }
+            let read = tokio::select! {
+                biased;
+                () = stop.finish.cancelled() => return Ok(()),
+                read = read_with_timeout(&mut self.stream, &mut self.input, config.idle_timeout) => read,
+            };
+            self.gauges.track_input(self.input.capacity());
+            match read? {
+                Some(0) => return Ok(()),
+                Some(_) => {}
+                None => {
+                    tracing::debug!("idle timeout");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Answers every complete request in the buffer, until the output bound.
+    async fn process(&mut self) -> Progress {
+        let mut answered = 0u64;
+        let progress = loop {
+            if self.output.len() >= self.max_pending_output {
+                break Progress::OutputFull;
+            }
+            if self.discarding {
+                let Some(end) = memchr::memchr(b'\n', &self.input) else {
+                    self.input.clear();
+                    break Progress::NeedInput;
+                };
+                self.input.advance(end + 1);
+                self.discarding = false;
+            }
+            match parse(&self.input, &self.limits) {
+                Parsed::Incomplete => break Progress::NeedInput,
+                Parsed::Request {
+                    request,
+                    dialect,
+                    consumed,
+                } => {
+                    let next = self
+                        .dispatcher
+                        .execute(request, dialect, &mut self.output)
+                        .await;
+                    self.input.advance(consumed);
+                    answered += 1;
+                    if next == Next::Close {
+                        break Progress::Close;
+                    }
+                }
+                Parsed::Invalid {
+                    error,
+                    dialect,
+                    consumed,
+                } => {
+                    self.dispatcher.reject(&error, dialect, &mut self.output);
+                    self.input.advance(consumed);
+                    answered += 1;
+                }
+                Parsed::Overlong { error } => {
+                    self.dispatcher
+                        .reject(&error, Dialect::Line, &mut self.output);
+                    self.discarding = true;
+                    answered += 1;
+                }
+                Parsed::Fatal { error, dialect } => {
+                    tracing::debug!(%error, "unrecoverable protocol error; closing");
+                    self.dispatcher.reject(&error, dialect, &mut self.output);
+                    answered += 1;
+                    break Progress::Close;
+                }
+            }
+        };
+        if answered > 0 {
+            let stats = self.dispatcher.stats();
+            stats.commands.fetch_add(answered, Ordering::Relaxed);
+        }
+        progress
+    }
+}
+
+/// Reads once; `Ok(None)` if the idle timeout passed first.
+async fn read_with_timeout(
+    stream: &mut TcpStream,
+    input: &mut BytesMut,
+    idle_timeout: Option<std::time::Duration>,
+) -> std::io::Result<Option<usize>> {
+    match idle_timeout {
+        None => stream.read_buf(input).await.map(Some),
+        Some(limit) => match tokio::time::timeout(limit, stream.read_buf(input)).await {
+            Ok(read) => read.map(Some),
+            Err(_) => Ok(None),
+        },
+    }
+}

@@ -1,0 +1,166 @@
+//! Accepting clients within the connection limit, and stopping gracefully.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::connection::{self, Stop};
+use crate::config::ServerConfig;
+use crate::dispatch::{Dispatcher, Stats};
+use crate::registry::Registry;
+
+/// Clients being refused at once; past this, excess clients are closed without a reply so
+/// that a flood of connections cannot pile up refusal tasks either.
+const MAX_REFUSALS_IN_FLIGHT: usize = 64;
+/// How long a refused client has to send its first byte, which tells the reply's dialect.
+const REFUSAL_DIALECT_WAIT: Duration = Duration::from_millis(200);
+
+/// A bound kv server, ready to run.
+///
+/// ```no_run
+/// # #[tokio::main]
+/// # async fn main() -> std::io::Result<()> {
+/// use kv::config::ServerConfig;
+/// use kv::server::Server;
+/// use tokio_util::sync::CancellationToken;
+///
+/// let server = Server::bind(ServerConfig::default()).await?;
+/// println!("listening on {}", server.local_addr());
+/// let shutdown = CancellationToken::new();
+/// server.run(shutdown).await;
+/// # Ok(())
+/// # }
+/// ```
+pub struct Server {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    dispatcher: Dispatcher,
+    config: Arc<ServerConfig>,
+}
+
+impl Server {
+    /// Starts the registry and binds the listening socket.
+    ///
+    /// # Errors
+    /// If the address cannot be bound.
+    pub async fn bind(config: ServerConfig) -> io::Result<Self> {
+        let listener = TcpListener::bind(config.bind).await?;
+        let local_addr = listener.local_addr()?;
+        let registry = Registry::start(config.core.clone());
+        let dispatcher = Dispatcher::new(
+            registry,
+            Arc::new(Stats::default()),
+            config.page_size,
+            config.enable_debug_commands,
+        );
+        Ok(Self {
+            listener,
+            local_addr,
+            dispatcher,
+            config: Arc::new(config),
+        })
+    }
+
+    /// The address the server listens on (with the real port when bound to port 0).
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's registry, for tests and embedding.
+    #[must_use]
+    pub fn registry(&self) -> &Registry {
+        self.dispatcher.registry()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets every connection
+    /// answer what it has already read, and returns once they have closed (or after the grace
+    /// period, closing the rest).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Self {
+            listener,
+            dispatcher,
+            config,
+            ..
+        } = self;
+        let stats = Arc::clone(dispatcher.stats());
+        let tracker = TaskTracker::new();
+        let connections = Arc::new(Semaphore::new(config.max_connections));
+        let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
+        let stop = Stop {
+            finish: shutdown.child_token(),
+            abort: CancellationToken::new(),
+        };
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    // Out of descriptors and the like: back off instead of spinning; the
+                    // clients already connected keep being served.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+            if let Ok(permit) = Arc::clone(&connections).try_acquire_owned() {
+                let dispatcher = dispatcher.clone();
+                let config = Arc::clone(&config);
+                let stop = stop.clone();
+                tracker.spawn(async move {
+                    connection::serve(stream, dispatcher, config, stop).await;
+                    drop(permit);
+                });
+            } else {
+                stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+                if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
+                    tracker.spawn(refuse(stream, permit, config.max_connections));
+                }
+            }
+        }
+        drop(listener);
+        tracing::info!("shutting down: answering what was read, then closing connections");
+        tracker.close();
+        if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = stats.connections_open.load(Ordering::Relaxed),
+                "connections still open after the grace period; closing them"
+            );
+            stop.abort.cancel();
+            tracker.wait().await;
+        }
+    }
+}
+
+/// Tells a client over the limit why it is being closed, in its own dialect if it speaks
+/// first.
+async fn refuse(mut stream: TcpStream, _permit: OwnedSemaphorePermit, limit: usize) {
+    let mut first = [0u8; 1];
+    let resp = matches!(
+        tokio::time::timeout(REFUSAL_DIALECT_WAIT, stream.read(&mut first)).await,
+        Ok(Ok(1)) if first[0] == b'*'
+    );
+    let reply = if resp {
+        format!("-ERR max number of clients reached ({limit})\r\n")
+    } else {
+        format!("ERROR max number of clients reached ({limit})\r\n")
+    };
+    let _ = stream.write_all(reply.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}

@@ -1,0 +1,9 @@
+//! The network server: a listener that accepts clients within the limits, and one task per
+//! connection that reads requests, has them dispatched, and writes the replies.
+//!
+//! Both protocols share one port; each request picks its own (see [`crate::protocol`]).
+
+mod connection;
+mod listener;
+
+pub use listener::Server;

@@ -27,6 +27,8 @@ pub struct Stats {
     pub commands: AtomicU64,
     /// Requests answered with an error (bad input, limits).
     pub errors: AtomicU64,
+    /// Bytes read from clients since start.
+    pub net_input_bytes: AtomicU64,
     /// Bytes held in connections' read buffers now.
     pub input_buffer_bytes: AtomicUsize,
 }
@@ -228,6 +230,10 @@ impl Dispatcher {
         line("keys", &memory.keys());
         line("memory_used_bytes", &memory.used());
         line("memory_limit_bytes", &memory.limit());
+        line(
+            "net_input_bytes",
+            &stats.net_input_bytes.load(Ordering::Relaxed),
+        );
         line(
             "input_buffer_bytes",
             &stats.input_buffer_bytes.load(Ordering::Relaxed),

@@ -9,6 +9,11 @@
 //! protocol: pure parsing and encoding, depends on nothing of ours
 //! ```
 //!
+//! - [`server`]: the listener (accept within the limits, graceful shutdown) and one task per
+//!   connection (read, dispatch, write the replies of one read together).
+//! - [`dispatch`]: the one bridge from a parsed request to the registry or a bucket.
+//! - [`protocol`]: parsing and encoding of the line protocol and RESP; no I/O.
+//! - [`client`]: a RESP client, used by `kv cli` and the tests.
 //! - [`bucket`]: one table of keys to values, owned by a supervised task.
 //! - [`registry`]: the only writer of name → bucket; monitors every bucket it starts and
 //!   forgets a name when its bucket ends; a concurrent read view for lookups.
@@ -16,7 +21,8 @@
 //!   one-for-all restart of registry and buckets together.
 //! - [`config`]: every limit, with its default and why.
 //!
-//! Dependencies point one way, down the list above; nothing below knows of anything above.
+//! Dependencies point one way: server → dispatch → registry → bucket, each using `protocol`
+//! and `config`, which use nothing of ours; `client` uses only `protocol`.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]

@@ -158,7 +158,12 @@ impl Connection {
             self.gauges.track_input(self.input.capacity());
             match read? {
                 Some(0) => return Ok(()),
-                Some(_) => {}
+                Some(count) => {
+                    let stats = self.dispatcher.stats();
+                    stats
+                        .net_input_bytes
+                        .fetch_add(count as u64, Ordering::Relaxed);
+                }
                 None => {
                     tracing::debug!("idle timeout");
                     return Ok(());

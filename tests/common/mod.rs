@@ -1,0 +1,119 @@
+//! Shared by the server tests: a real server on 127.0.0.1:0, and a raw socket client.
+
+#![allow(dead_code, clippy::unwrap_used)] // each test file uses its own part of this
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kv::config::ServerConfig;
+use kv::server::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A bound on every wait: a hang fails the test instead of stalling the suite.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub async fn within<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .expect("waited too long: something hangs")
+}
+
+pub struct TestServer {
+    pub address: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<()>,
+    pub registry: kv::Registry,
+}
+
+impl TestServer {
+    pub async fn start(config: ServerConfig) -> Self {
+        let config = ServerConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..config
+        };
+        let server = Server::bind(config).await.unwrap();
+        let address = server.local_addr();
+        let registry = server.registry().clone();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        Self {
+            address,
+            shutdown,
+            task,
+            registry,
+        }
+    }
+
+    pub async fn default() -> Self {
+        Self::start(ServerConfig::default()).await
+    }
+
+    pub async fn connect(&self) -> Raw {
+        Raw::connect(self.address).await
+    }
+
+    pub async fn client(&self) -> kv::client::Client {
+        kv::client::Client::connect(self.address).await.unwrap()
+    }
+
+    /// Proves the server still serves: a new client gets its PING answered.
+    pub async fn still_serves(&self) {
+        let mut raw = self.connect().await;
+        raw.send(b"PING\n").await;
+        raw.expect(b"PONG\r\n").await;
+    }
+}
+
+/// A client that writes raw bytes and reads exactly what it expects.
+pub struct Raw {
+    pub stream: TcpStream,
+}
+
+impl Raw {
+    pub async fn connect(address: SocketAddr) -> Self {
+        let stream = TcpStream::connect(address).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self { stream }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads exactly `expected.len()` bytes and compares them.
+    pub async fn expect(&mut self, expected: &[u8]) {
+        let mut got = vec![0u8; expected.len()];
+        within(self.stream.read_exact(&mut got)).await.unwrap();
+        assert_eq!(
+            got.escape_ascii().to_string(),
+            expected.escape_ascii().to_string()
+        );
+    }
+
+    /// Reads one line (up to and including `\n`).
+    pub async fn line(&mut self) -> Vec<u8> {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while line.last() != Some(&b'\n') {
+            let read = within(self.stream.read(&mut byte)).await.unwrap();
+            assert_eq!(
+                read,
+                1,
+                "closed after {:?}",
+                line.escape_ascii().to_string()
+            );
+            line.push(byte[0]);
+        }
+        line
+    }
+
+    /// Waits for the server to close the connection; returns what came before.
+    pub async fn until_closed(&mut self) -> Vec<u8> {
+        let mut rest = Vec::new();
+        within(self.stream.read_to_end(&mut rest)).await.unwrap();
+        rest
+    }
+}

@@ -1,0 +1,222 @@
+//! Every limit: a clear reply when it is hit, and the server serving on afterwards.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, within};
+use kv::config::{CoreConfig, ServerConfig};
+
+#[tokio::test]
+async fn clients_over_the_connection_limit_are_told_and_closed() {
+    let server = TestServer::start(ServerConfig {
+        max_connections: 2,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut first = server.connect().await;
+    first.send(b"PING\n").await;
+    first.expect(b"PONG\r\n").await;
+    let mut second = server.connect().await;
+    second.send(b"PING\n").await;
+    second.expect(b"PONG\r\n").await;
+
+    // A line client that says nothing gets the line-protocol error.
+    let mut silent = server.connect().await;
+    assert_eq!(
+        silent.until_closed().await,
+        b"ERROR max number of clients reached (2)\r\n"
+    );
+    // A RESP client gets a RESP error.
+    let mut resp = server.connect().await;
+    resp.send(b"*1\r\n$4\r\nPING\r\n").await;
+    assert_eq!(
+        resp.until_closed().await,
+        b"-ERR max number of clients reached (2)\r\n"
+    );
+
+    // When one leaves, its place is free again.
+    drop(first);
+    let mut observer = second;
+    loop {
+        observer.send(b"INFO\n").await;
+        let mut open = None;
+        loop {
+            let line = observer.line().await;
+            if line == b"OK\r\n" {
+                break;
+            }
+            if let Some(value) = line.strip_prefix(b"connections_open:") {
+                open = Some(String::from_utf8_lossy(value).trim().to_owned());
+            }
+        }
+        if open.as_deref() == Some("1") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    server.still_serves().await;
+}
+
+#[tokio::test]
+async fn an_over_long_line_is_refused_whole_and_never_runs_in_pieces() {
+    let server = TestServer::start(ServerConfig {
+        max_line_len: 1024,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut client = server.connect().await;
+    // If the line were cut at the limit, "CREATE evil" would run as a request of its own.
+    let mut line = b"PUT a k ".to_vec();
+    line.resize(1030, b'x');
+    line.extend_from_slice(b" CREATE evil");
+    // The server sees 1030 bytes without a newline first, then the rest.
+    let (head, tail) = line.split_at(1030);
+    client.send(head).await;
+    client
+        .expect(b"ERROR line too long (limit 1024 bytes)\r\n")
+        .await;
+    client.send(tail).await;
+    client.send(b"\nBUCKETS\nPING\n").await;
+    client.expect(b"OK\r\nPONG\r\n").await;
+    // A line of exactly the limit is fine.
+    let mut fits = b"CREATE ".to_vec();
+    fits.resize(1024, b'y');
+    fits.push(b'\n');
+    client.send(&fits).await;
+    client.expect(b"OK\r\n").await;
+    let mut over = fits.clone();
+    over.insert(0, b' ');
+    client.send(&over).await;
+    client
+        .expect(b"ERROR line too long (limit 1024 bytes)\r\n")
+        .await;
+    client.send(b"PING\n").await;
+    client.expect(b"PONG\r\n").await;
+}
+
+#[tokio::test]
+async fn bulks_past_the_limit_are_refused() {
+    let server = TestServer::start(ServerConfig {
+        max_bulk_len: 1000,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut client = server.client().await;
+    client.create(b"b").await.unwrap();
+    // PUT, b and k take 5 of the 1000 bytes a request's bulks may hold.
+    client.put(b"b", b"k", &[7u8; 995]).await.unwrap();
+    let error = client.put(b"b", b"k", &[7u8; 996]).await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("bulk length 1001 over the limit of 1000"),
+        "{error}"
+    );
+    server.still_serves().await;
+}
+
+#[tokio::test]
+async fn the_bucket_limit_is_a_clear_error() {
+    let server = TestServer::start(ServerConfig {
+        core: CoreConfig {
+            max_buckets: 2,
+            ..CoreConfig::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut client = server.connect().await;
+    client
+        .send(b"CREATE a\nCREATE b\nCREATE c\nCREATE a\n")
+        .await;
+    client
+        .expect(b"OK\r\nOK\r\nERROR bucket limit of 2 reached\r\nOK\r\n")
+        .await;
+}
+
+#[tokio::test]
+async fn the_memory_limit_is_a_clear_error() {
+    let server = TestServer::start(ServerConfig {
+        core: CoreConfig {
+            max_memory: 10_000,
+            ..CoreConfig::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut client = server.client().await;
+    client.create(b"b").await.unwrap();
+    let value = [1u8; 4000];
+    client.put(b"b", b"one", &value).await.unwrap();
+    client.put(b"b", b"two", &value).await.unwrap();
+    let error = client.put(b"b", b"three", &value).await.unwrap_err();
+    assert_eq!(error.to_string(), "OOM memory limit of 10000 bytes reached");
+    client.delete(b"b", b"one").await.unwrap();
+    client.put(b"b", b"three", &value).await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_clients_are_closed() {
+    let server = TestServer::start(ServerConfig {
+        idle_timeout: Some(Duration::from_millis(200)),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut idle = server.connect().await;
+    idle.send(b"PING\n").await;
+    idle.expect(b"PONG\r\n").await;
+    assert_eq!(idle.until_closed().await, b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_stops_being_read() {
+    let server = TestServer::default().await;
+    let mut setup = server.client().await;
+    setup.create(b"b").await.unwrap();
+    let value = vec![b'v'; 64 * 1024];
+    setup.put(b"b", b"k", &value).await.unwrap();
+    let commands_before = setup.info_field("commands").await.unwrap();
+
+    // 3,000 replies of 64 KiB: 196 MB if the server buffered them all.
+    const REQUESTS: u64 = 3000;
+    let mut greedy = server.connect().await;
+    greedy.send(&b"GET b k\n".repeat(REQUESTS as usize)).await;
+
+    // Wait until the server has stopped making progress on the greedy client: the command
+    // count stays the same over many of the observer's own round trips.
+    let mut last = 0;
+    let mut unchanged = 0;
+    while unchanged < 50 {
+        let now = within(setup.info_field("commands")).await.unwrap();
+        // Each INFO counts itself; subtract the observer's own.
+        let now = now - commands_before;
+        if now.abs_diff(last) <= 1 {
+            unchanged += 1;
+        } else {
+            unchanged = 0;
+        }
+        last = now;
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        last < REQUESTS / 2,
+        "the server answered {last} of {REQUESTS} requests to a client that reads nothing"
+    );
+    // Others are served meanwhile.
+    assert_eq!(
+        setup.get(b"b", b"k").await.unwrap().unwrap().len(),
+        value.len()
+    );
+    server.still_serves().await;
+
+    // When the client reads at last, every reply is there, whole and in order.
+    let mut expected = Vec::with_capacity(value.len() + 8);
+    expected.extend_from_slice(&value);
+    expected.extend_from_slice(b"\r\nOK\r\n");
+    for _ in 0..REQUESTS {
+        greedy.expect(&expected).await;
+    }
+}

@@ -1,0 +1,177 @@
+//! The guide's line protocol, byte for byte, against a real server.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+mod common;
+
+use common::TestServer;
+
+#[tokio::test]
+async fn the_guides_session() {
+    let server = TestServer::default().await;
+    let mut client = server.connect().await;
+    for (request, reply) in [
+        (&b"CREATE shopping\r\n"[..], &b"OK\r\n"[..]),
+        (b"PUT shopping milk 1\r\n", b"OK\r\n"),
+        (b"PUT shopping eggs 3\r\n", b"OK\r\n"),
+        (b"GET shopping milk\r\n", b"1\r\nOK\r\n"),
+        (b"DELETE shopping eggs\r\n", b"OK\r\n"),
+    ] {
+        client.send(request).await;
+        client.expect(reply).await;
+    }
+}
+
+#[tokio::test]
+async fn missing_keys_unknown_buckets_and_bad_commands() {
+    let server = TestServer::default().await;
+    let mut client = server.connect().await;
+    client.send(b"CREATE shopping\n").await;
+    client.expect(b"OK\r\n").await;
+    // Also when it already exists.
+    client.send(b"CREATE shopping\n").await;
+    client.expect(b"OK\r\n").await;
+    client.send(b"GET shopping bread\n").await;
+    client.expect(b"\r\nOK\r\n").await;
+    for request in [
+        &b"GET nowhere milk\n"[..],
+        b"PUT nowhere milk 1\n",
+        b"DELETE nowhere milk\n",
+        b"DROP nowhere\n",
+        b"KEYS nowhere\n",
+    ] {
+        client.send(request).await;
+        client.expect(b"NOT FOUND\r\n").await;
+    }
+    for request in [
+        &b"FLY shopping\n"[..],
+        b"GET shopping\n",
+        b"PUT shopping milk\n",
+        b"PUT shopping milk 1 2\n",
+        b"CREATE\n",
+        b"\n",
+        b"   \t \r\n",
+    ] {
+        client.send(request).await;
+        client.expect(b"UNKNOWN COMMAND\r\n").await;
+    }
+}
+
+#[tokio::test]
+async fn blanks_line_endings_and_case() {
+    let server = TestServer::default().await;
+    let mut client = server.connect().await;
+    client.send(b"  create \t shopping  \n").await;
+    client.expect(b"OK\r\n").await;
+    client.send(b"Put\tshopping\t\tmilk   1\r\n").await;
+    client.expect(b"OK\r\n").await;
+    client.send(b"gEt shopping milk\n").await;
+    client.expect(b"1\r\nOK\r\n").await;
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let server = TestServer::default().await;
+    let mut client = server.connect().await;
+    let mut requests = b"CREATE shopping\n".to_vec();
+    let mut replies = b"OK\r\n".to_vec();
+    for index in 0..1000 {
+        requests.extend_from_slice(format!("PUT shopping k{index} v{index}\n").as_bytes());
+        requests.extend_from_slice(format!("GET shopping k{index}\n").as_bytes());
+        replies.extend_from_slice(format!("OK\r\nv{index}\r\nOK\r\n").as_bytes());
+    }
+    client.send(&requests).await;
+    client.expect(&replies).await;
+}
+
+#[tokio::test]
+async fn a_request_split_into_single_bytes_works() {
+    let server = TestServer::default().await;
+    let mut client = server.connect().await;
+    for byte in b"CREATE shopping\r\nPUT shopping milk 1\r\nGET shopping milk\r\n" {
+        client.send(&[*byte]).await;
+    }
+    client.expect(b"OK\r\nOK\r\n1\r\nOK\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_on_their_own_buckets() {
+    let server = TestServer::default().await;
+    let clients: Vec<_> = (0..16)
+        .map(|index| {
+            let address = server.address;
+            tokio::spawn(async move {
+                let mut client = common::Raw::connect(address).await;
+                let bucket = format!("bucket{index}");
+                client.send(format!("CREATE {bucket}\n").as_bytes()).await;
+                client.expect(b"OK\r\n").await;
+                for round in 0..200 {
+                    let put = format!("PUT {bucket} key{round} {index}-{round}\n");
+                    client.send(put.as_bytes()).await;
+                    client.expect(b"OK\r\n").await;
+                }
+                for round in 0..200 {
+                    let get = format!("GET {bucket} key{round}\n");
+                    client.send(get.as_bytes()).await;
+                    client
+                        .expect(format!("{index}-{round}\r\nOK\r\n").as_bytes())
+                        .await;
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        common::within(client).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn drop_ping_info_lists_and_quit() {
+    let server = TestServer::default().await;
+    let mut client = server.connect().await;
+    client
+        .send(b"CREATE b\nCREATE a\nPUT a k2 v\nPUT a k1 v\nPING\nPING hello\nBUCKETS\nBUCKETS a\nKEYS a\nKEYS a k1\n")
+        .await;
+    client
+        .expect(b"OK\r\nOK\r\nOK\r\nOK\r\nPONG\r\nhello\r\nOK\r\na\r\nb\r\nOK\r\nb\r\nOK\r\nk1\r\nk2\r\nOK\r\nk2\r\nOK\r\n")
+        .await;
+    client.send(b"DROP a\nGET a k1\nINFO\n").await;
+    client.expect(b"OK\r\nNOT FOUND\r\n").await;
+    let mut info = Vec::new();
+    loop {
+        let line = client.line().await;
+        if line == b"OK\r\n" {
+            break;
+        }
+        info.extend_from_slice(&line);
+    }
+    let info = String::from_utf8(info).unwrap();
+    assert!(info.contains("buckets:1\r\n"), "{info}");
+    assert!(info.contains("connections_open:1\r\n"), "{info}");
+    client.send(b"QUIT\nPING\n").await;
+    assert_eq!(
+        client.until_closed().await,
+        b"OK\r\n",
+        "nothing after QUIT runs"
+    );
+}
+
+#[tokio::test]
+async fn listings_are_bounded_by_the_page_size() {
+    let server = TestServer::start(kv::config::ServerConfig {
+        page_size: 3,
+        ..Default::default()
+    })
+    .await;
+    let mut client = server.connect().await;
+    client.send(b"CREATE b\n").await;
+    client.expect(b"OK\r\n").await;
+    for index in 0..10 {
+        client.send(format!("PUT b k{index} v\n").as_bytes()).await;
+        client.expect(b"OK\r\n").await;
+    }
+    client.send(b"KEYS b\nKEYS b k2\nKEYS b k8\n").await;
+    client
+        .expect(b"k0\r\nk1\r\nk2\r\nOK\r\nk3\r\nk4\r\nk5\r\nOK\r\nk9\r\nOK\r\n")
+        .await;
+}

@@ -1,0 +1,178 @@
+//! RESP2 on the same port: Redis clients work unchanged, values are binary-safe, and malformed
+//! RESP closes only the connection that sent it.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+mod common;
+
+use common::TestServer;
+use kv::client::ClientError;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_crate_talks_to_kv() {
+    let server = TestServer::default().await;
+    let url = format!("redis://{}/", server.address);
+    tokio::task::spawn_blocking(move || {
+        let client = redis::Client::open(url).unwrap();
+        let mut connection = client.get_connection().unwrap();
+        let created: String = redis::cmd("CREATE")
+            .arg("shopping")
+            .query(&mut connection)
+            .unwrap();
+        assert_eq!(created, "OK");
+        let value: &[u8] = b"\x00binary\r\nvalue\xff";
+        let _: () = redis::cmd("PUT")
+            .arg("shopping")
+            .arg(b"k\x00ey")
+            .arg(value)
+            .query(&mut connection)
+            .unwrap();
+        let got: Vec<u8> = redis::cmd("GET")
+            .arg("shopping")
+            .arg(b"k\x00ey")
+            .query(&mut connection)
+            .unwrap();
+        assert_eq!(got, value);
+        let missing: Option<Vec<u8>> = redis::cmd("GET")
+            .arg("shopping")
+            .arg("nothing")
+            .query(&mut connection)
+            .unwrap();
+        assert_eq!(missing, None);
+        let error = redis::cmd("GET")
+            .arg("nowhere")
+            .arg("k")
+            .query::<Option<Vec<u8>>>(&mut connection)
+            .unwrap_err();
+        assert_eq!(error.code(), Some("NOTFOUND"));
+        let pong: String = redis::cmd("PING").query(&mut connection).unwrap();
+        assert_eq!(pong, "PONG");
+        // Pipelined through the client library.
+        let (first, second): (String, Vec<u8>) = redis::pipe()
+            .cmd("PUT")
+            .arg("shopping")
+            .arg("milk")
+            .arg("1")
+            .cmd("GET")
+            .arg("shopping")
+            .arg("milk")
+            .query(&mut connection)
+            .unwrap();
+        assert_eq!((first.as_str(), second.as_slice()), ("OK", &b"1"[..]));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn the_kv_client_round_trips_binary_data() {
+    let server = TestServer::default().await;
+    let mut client = server.client().await;
+    client.create(b"\x00bucket").await.unwrap();
+    for length in [0usize, 1, 100, 70_000, 1 << 20] {
+        let value: Vec<u8> = (0..length).map(|index| (index % 251) as u8).collect();
+        client.put(b"\x00bucket", b"key", &value).await.unwrap();
+        let got = client.get(b"\x00bucket", b"key").await.unwrap().unwrap();
+        assert_eq!(got.len(), value.len());
+        assert!(got == value);
+    }
+    assert!(matches!(
+        client.get(b"nowhere", b"key").await,
+        Err(ClientError::NotFound)
+    ));
+}
+
+#[tokio::test]
+async fn line_and_resp_requests_mix_on_one_connection() {
+    let server = TestServer::default().await;
+    let mut client = server.connect().await;
+    client
+        .send(b"CREATE s\n*4\r\n$3\r\nPUT\r\n$1\r\ns\r\n$1\r\nk\r\n$1\r\nv\r\nGET s k\n*3\r\n$3\r\nget\r\n$1\r\ns\r\n$1\r\nk\r\n")
+        .await;
+    client.expect(b"OK\r\n+OK\r\nv\r\nOK\r\n$1\r\nv\r\n").await;
+}
+
+#[tokio::test]
+async fn resp_errors_follow_redis_conventions() {
+    let server = TestServer::default().await;
+    let mut client = server.connect().await;
+    client
+        .send(b"*2\r\n$3\r\nGET\r\n$1\r\nx\r\n*3\r\n$3\r\nGET\r\n$1\r\nx\r\n$1\r\nk\r\n*1\r\n$4\r\nINFO\r\n")
+        .await;
+    client
+        .expect(b"-ERR unknown command or wrong number of arguments\r\n-NOTFOUND bucket does not exist\r\n$")
+        .await;
+}
+
+#[tokio::test]
+async fn malformed_resp_gets_an_error_and_closes_only_that_connection() {
+    let server = TestServer::default().await;
+    let mut bystander = server.client().await;
+    bystander.create(b"kept").await.unwrap();
+    bystander.put(b"kept", b"k", b"v").await.unwrap();
+    for garbage in [
+        &b"*2\r\n+GET\r\n"[..],
+        b"*x\r\n",
+        b"*1\r\n$3\r\nGETxx",
+        b"*99999999\r\n",
+        b"*1\r\n$-7\r\n",
+    ] {
+        let mut client = server.connect().await;
+        client.send(garbage).await;
+        let reply = client.until_closed().await;
+        assert!(
+            reply.starts_with(b"-ERR "),
+            "{:?}",
+            reply.escape_ascii().to_string()
+        );
+        assert!(reply.ends_with(b"\r\n"));
+    }
+    assert_eq!(
+        bystander.get(b"kept", b"k").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    server.still_serves().await;
+}
+
+#[tokio::test]
+async fn an_announced_bulk_is_not_reserved_before_it_arrives() {
+    let server = TestServer::default().await;
+    let announcement: &[u8] = b"*4\r\n$3\r\nPUT\r\n$1\r\nb\r\n$1\r\nk\r\n$8388000\r\nabc";
+    let mut announcers = Vec::new();
+    for _ in 0..4 {
+        let mut client = server.connect().await;
+        // 8 MB announced (the limit), three bytes sent.
+        client.send(announcement).await;
+        announcers.push(client);
+    }
+    let mut observer = server.client().await;
+    // Wait until the server has read every announcement: the bytes it read, less the
+    // observer's own INFO requests (14 bytes each), cover all four.
+    let info_request_len = b"*1\r\n$4\r\nINFO\r\n".len() as u64;
+    let mut asked = 0u64;
+    loop {
+        let read = observer.info_field("net_input_bytes").await.unwrap();
+        asked += 1;
+        if read >= 4 * announcement.len() as u64 + asked * info_request_len {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let buffered = observer.info_field("input_buffer_bytes").await.unwrap();
+    assert!(
+        buffered < 1024 * 1024,
+        "{buffered} bytes of read buffer for 4 announced 8 MB bulks"
+    );
+    // One byte over the limit is refused at once, before any data.
+    let mut greedy = server.connect().await;
+    greedy
+        .send(b"*4\r\n$3\r\nPUT\r\n$1\r\nb\r\n$1\r\nk\r\n$536870912\r\n")
+        .await;
+    let reply = greedy.until_closed().await;
+    assert!(
+        reply.starts_with(b"-ERR bulk length"),
+        "{:?}",
+        reply.escape_ascii().to_string()
+    );
+    server.still_serves().await;
+}

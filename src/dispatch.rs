@@ -147,6 +147,12 @@ impl Dispatcher {
                 }
             }
             Request::Debug { action, bucket } => self.debug(action, bucket).await,
+            Request::DebugPanic => {
+                if self.enable_debug_commands {
+                    panic!("DEBUG PANIC: a fault injected into a connection");
+                }
+                Reply::Error(debug_disabled())
+            }
         };
         if matches!(reply, Reply::Error(_)) {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -183,9 +189,7 @@ impl Dispatcher {
 
     async fn debug(&self, action: DebugAction, bucket: &[u8]) -> Reply<'static> {
         if !self.enable_debug_commands {
-            return Reply::Error(ErrorReply::new(
-                "debug commands are disabled; start the server with --enable-debug-commands",
-            ));
+            return Reply::Error(debug_disabled());
         }
         let Some(handle) = self.registry.lookup(bucket) else {
             return Reply::NotFound;
@@ -242,6 +246,10 @@ impl Dispatcher {
         line("registry_starts", &status.starts);
         text
     }
+}
+
+fn debug_disabled() -> ErrorReply {
+    ErrorReply::new("debug commands are disabled; start the server with --enable-debug-commands")
 }
 
 fn bucket_error(error: BucketError) -> ErrorReply {

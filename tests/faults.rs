@@ -53,8 +53,36 @@ async fn a_stopped_bucket_is_forgotten_too() {
 async fn debug_commands_are_off_by_default() {
     let server = TestServer::default().await;
     let mut client = server.connect().await;
-    client.send(b"CREATE b\nDEBUG CRASH b\nPUT b k v\n").await;
     client
-        .expect(b"OK\r\nERROR debug commands are disabled; start the server with --enable-debug-commands\r\nOK\r\n")
+        .send(b"CREATE b\nDEBUG CRASH b\nDEBUG PANIC\nPUT b k v\n")
         .await;
+    let disabled: &[u8] =
+        b"ERROR debug commands are disabled; start the server with --enable-debug-commands\r\n";
+    client
+        .expect(&[&b"OK\r\n"[..], disabled, disabled, b"OK\r\n"].concat())
+        .await;
+}
+
+#[tokio::test]
+async fn a_panic_while_serving_one_client_closes_that_client_only() {
+    let server = debug_server().await;
+    let mut bystander = server.client().await;
+    bystander.create(b"kept").await.unwrap();
+    bystander.put(b"kept", b"k", b"v").await.unwrap();
+
+    let mut victim = server.connect().await;
+    victim.send(b"PING\n").await;
+    victim.expect(b"PONG\r\n").await;
+    victim.send(b"DEBUG PANIC\nPING\n").await;
+    assert_eq!(victim.until_closed().await, b"");
+
+    assert_eq!(
+        bystander.get(b"kept", b"k").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    // The panicked connection gave back its place and its gauges.
+    while bystander.info_field("connections_open").await.unwrap() != 1 {
+        tokio::task::yield_now().await;
+    }
+    server.still_serves().await;
 }

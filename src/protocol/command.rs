@@ -72,6 +72,8 @@ pub enum Request<'a> {
         /// The last key of the previous page.
         after: Option<&'a [u8]>,
     },
+    /// `DEBUG PANIC`: the connection's own task panics, when the server allows it.
+    DebugPanic,
     /// `DEBUG CRASH bucket` or `DEBUG STOP bucket`, when the server allows it.
     Debug {
         /// What to do.
@@ -114,6 +116,7 @@ impl<'a> Request<'a> {
                 bucket,
                 after: Some(after),
             },
+            [action] if is("DEBUG") && action.eq_ignore_ascii_case(b"PANIC") => Self::DebugPanic,
             [action, bucket] if is("DEBUG") => {
                 let action = if action.eq_ignore_ascii_case(b"CRASH") {
                     DebugAction::Crash

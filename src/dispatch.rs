@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::BytesMut;
 
-use crate::bucket::{BucketError, BucketFault, BucketName};
+use crate::bucket::{BucketError, BucketFault, BucketHandle, BucketName};
 use crate::protocol::{
     DebugAction, Dialect, ErrorReply, ProtocolError, Reply, Request, encode, encode_value,
 };
@@ -42,13 +42,18 @@ pub enum Next {
     Close,
 }
 
-/// Executes requests against a registry.
+/// Executes requests against a registry. Each connection holds its own clone.
 #[derive(Clone)]
 pub struct Dispatcher {
     registry: Registry,
     stats: Arc<Stats>,
     page_size: usize,
     enable_debug_commands: bool,
+    /// The bucket this connection used last. Clients mostly talk to one bucket at a time, and
+    /// reusing its handle skips the view's lock, the name's hash and a reference count on
+    /// every request. It is used only while it has not stopped, so it is never stale: a
+    /// dropped or crashed bucket's handle is stopped, and the next request looks the name up.
+    last_bucket: Option<BucketHandle>,
 }
 
 impl Dispatcher {
@@ -65,7 +70,20 @@ impl Dispatcher {
             stats,
             page_size,
             enable_debug_commands,
+            last_bucket: None,
         }
+    }
+
+    /// The live bucket `name`, from this connection's cache or the registry.
+    fn bucket(&mut self, name: &[u8]) -> Option<&BucketHandle> {
+        let cached = self
+            .last_bucket
+            .as_ref()
+            .is_some_and(|bucket| bucket.name().as_bytes() == name && !bucket.is_stopped());
+        if !cached {
+            self.last_bucket = self.registry.lookup(name);
+        }
+        self.last_bucket.as_ref()
     }
 
     /// The counters this dispatcher reports.
@@ -83,7 +101,7 @@ impl Dispatcher {
     /// Executes `request` and appends its reply to `out`. Only `CREATE`, `DROP` and `DEBUG`
     /// wait (for the registry); reads and writes of keys never do.
     pub async fn execute(
-        &self,
+        &mut self,
         request: Request<'_>,
         dialect: Dialect,
         out: &mut BytesMut,
@@ -91,8 +109,7 @@ impl Dispatcher {
         let reply = match request {
             Request::Get { bucket, key } => {
                 let found = self
-                    .registry
-                    .lookup(bucket)
+                    .bucket(bucket)
                     .map(|handle| handle.get_with(key, |value| encode_value(value, dialect, out)));
                 match found {
                     Some(Ok(())) => return Next::Continue,
@@ -172,15 +189,11 @@ impl Dispatcher {
     }
 
     fn on_bucket(
-        &self,
+        &mut self,
         bucket: &[u8],
-        operation: impl FnOnce(&crate::BucketHandle) -> Result<(), BucketError>,
+        operation: impl FnOnce(&BucketHandle) -> Result<(), BucketError>,
     ) -> Reply<'static> {
-        match self
-            .registry
-            .lookup(bucket)
-            .map(|handle| operation(&handle))
-        {
+        match self.bucket(bucket).map(operation) {
             Some(Ok(())) => Reply::Ok,
             None | Some(Err(BucketError::Stopped)) => Reply::NotFound,
             Some(Err(error)) => Reply::Error(bucket_error(error)),

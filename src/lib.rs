@@ -43,6 +43,7 @@ pub mod supervisor;
 pub use bucket::{BucketError, BucketFault, BucketHandle, BucketId, BucketName};
 pub use config::CoreConfig;
 pub use registry::{Registry, RegistryError, RegistryView};
+pub mod bench;
 pub mod client;
 pub mod dispatch;
 pub mod protocol;

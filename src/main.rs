@@ -26,6 +26,51 @@ enum Command {
     Serve(ServeArgs),
     /// Talk to a server: one command from the arguments, or interactively.
     Cli(CliArgs),
+    /// Load a server and measure throughput and latency.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Server host.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Server port.
+    #[arg(long, env = "PORT", default_value_t = 4040)]
+    port: u16,
+    /// Connections.
+    #[arg(long, short = 'c', default_value_t = 50)]
+    connections: usize,
+    /// Requests per batch (pipeline depth).
+    #[arg(long, short = 'P', default_value_t = 1)]
+    pipeline: usize,
+    /// Requests in all (unless --duration is given).
+    #[arg(long, short = 'n', default_value_t = 1_000_000)]
+    requests: u64,
+    /// Run for this many seconds instead of a request count.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 32)]
+    value_size: usize,
+    /// Buckets the keys are spread over.
+    #[arg(long, default_value_t = 1)]
+    buckets: u64,
+    /// Operation mix, e.g. get=0.9,put=0.1.
+    #[arg(long, default_value = "get=0.9,put=0.1")]
+    mix: kv::bench::Mix,
+    /// Protocol: line or resp.
+    #[arg(long, default_value = "resp", value_parser = ["line", "resp"])]
+    protocol: String,
+    /// Create the buckets and put every key before measuring.
+    #[arg(long)]
+    preload: bool,
+    /// Client threads (the server shares the machine; redis-benchmark uses one).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -57,9 +102,13 @@ struct ServeArgs {
     /// Close clients idle this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
     idle_timeout: u64,
-    /// Allow DEBUG CRASH and DEBUG STOP, for fault tests.
+    /// Allow DEBUG CRASH, DEBUG STOP and DEBUG PANIC, for fault tests.
     #[arg(long)]
     enable_debug_commands: bool,
+    /// Worker threads (default: one per core). A load generator on the same machine needs a
+    /// core too: more busy threads than cores only adds switching.
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -76,14 +125,22 @@ struct CliArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     match cli.command {
-        Command::Serve(arguments) => runtime.block_on(serve(arguments)),
+        Command::Serve(arguments) => runtime(arguments.threads)?.block_on(serve(arguments)),
         Command::Cli(arguments) => {
-            let code = runtime.block_on(talk(arguments))?;
+            let code = runtime(Some(1))?.block_on(talk(arguments))?;
             std::process::exit(code);
         }
+        Command::Bench(arguments) => runtime(Some(arguments.threads))?.block_on(bench(arguments)),
     }
+}
+
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads.max(1));
+    }
+    builder.enable_all().build().context("starting the runtime")
 }
 
 async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
@@ -121,6 +178,7 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
         max_pending_output = config.max_pending_output,
         max_buckets = config.core.max_buckets,
         max_memory = config.core.max_memory,
+        threads = arguments.threads.map_or_else(|| "one per core".to_owned(), |n| n.to_string()),
         idle_timeout = ?config.idle_timeout,
         debug_commands = config.enable_debug_commands,
         "kv listening on {}",
@@ -150,6 +208,51 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         () = terminate => tracing::info!("SIGTERM received"),
     }
     shutdown.cancel();
+}
+
+async fn bench(arguments: BenchArgs) -> anyhow::Result<()> {
+    let config = kv::bench::BenchConfig {
+        address: format!("{}:{}", arguments.host, arguments.port),
+        connections: arguments.connections,
+        pipeline: arguments.pipeline,
+        requests: arguments.requests,
+        duration: arguments.duration.map(Duration::from_secs_f64),
+        keys: arguments.keys,
+        value_size: arguments.value_size,
+        buckets: arguments.buckets,
+        mix: arguments.mix,
+        dialect: if arguments.protocol == "line" {
+            kv::protocol::Dialect::Line
+        } else {
+            kv::protocol::Dialect::Resp
+        },
+        preload: arguments.preload,
+        progress: true,
+    };
+    let report = kv::bench::run(config.clone()).await?;
+    println!(
+        "{} requests in {:.2} s: {:.0} requests/s, {} errors",
+        report.requests, report.seconds, report.ops_per_second, report.errors
+    );
+    println!(
+        "latency (µs): p50 {}  p99 {}  p99.9 {}  max {}",
+        report.p50_us, report.p99_us, report.p999_us, report.max_us
+    );
+    if let Some(error) = &report.first_error {
+        println!("first wrong reply: {error}");
+    }
+    let mut json = serde_json::to_value(&report)?;
+    json["connections"] = config.connections.into();
+    json["pipeline"] = config.pipeline.into();
+    json["buckets"] = config.buckets.into();
+    json["keys"] = config.keys.into();
+    json["value_size"] = config.value_size.into();
+    json["protocol"] = arguments.protocol.into();
+    println!("{json}");
+    if report.errors > 0 {
+        anyhow::bail!("{} wrong replies", report.errors);
+    }
+    Ok(())
 }
 
 /// Runs `kv cli`; returns the exit code: 0, or 1 if the one command got an error reply.

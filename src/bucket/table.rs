@@ -194,9 +194,11 @@ impl Table {
             hashbrown::hash_table::Entry::Occupied(mut occupied) => {
                 let old_charge = occupied.get().charge();
                 let new_charge = entry.charge();
+                // Overwriting with a value of the same size (the common case) touches no
+                // shared counter.
                 if new_charge > old_charge {
                     self.budget.reserve(new_charge - old_charge)?;
-                } else {
+                } else if new_charge < old_charge {
                     self.budget.release(old_charge - new_charge);
                 }
                 *occupied.get_mut() = entry;

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Turns bench/compare.sh's measurements into a table of medians and kv/Redis ratios,
+docs/benchmarks.md, and docs/benchmarks.svg. Standard library only."""
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+
+results_path, memory_path, redis_version, command = sys.argv[1:5]
+
+runs = defaultdict(list)
+with open(results_path) as handle:
+    for row in csv.DictReader(handle):
+        runs[(row["server"], row["workload"], int(row["depth"]))].append(row)
+
+
+def median(server, workload, depth, field):
+    values = [float(row[field]) for row in runs.get((server, workload, depth), []) if row[field]]
+    return statistics.median(values) if values else None
+
+
+def fmt_ops(value):
+    return f"{value / 1e6:.3f} M/s" if value is not None else "n/a"
+
+
+def fmt(value, digits=2):
+    return f"{value:.{digits}f}" if value is not None else "n/a"
+
+
+rounds = max((len(rows) for rows in runs.values()), default=0)
+pairs = [("PUT", "SET"), ("PUT", "HSET"), ("GET", "GET"), ("GET", "HGET")]
+lines = []
+lines.append("| depth | kv | Redis | kv ops/s | Redis ops/s | ratio | kv p99 ms | Redis p99 ms "
+             "| kv CPU µs/req | Redis CPU µs/req |")
+lines.append("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+plot = []
+for depth in (16, 1):
+    for kv_workload, redis_workload in pairs:
+        kv_ops = median("kv", kv_workload, depth, "ops_per_second")
+        redis_ops = median("redis", redis_workload, depth, "ops_per_second")
+        ratio = kv_ops / redis_ops if kv_ops and redis_ops else None
+        plot.append((f"{kv_workload}/{redis_workload} P{depth}", ratio))
+        lines.append(
+            f"| {depth} | {kv_workload} | {redis_workload} | {fmt_ops(kv_ops)} | {fmt_ops(redis_ops)} "
+            f"| **{fmt(ratio)}** | {fmt(median('kv', kv_workload, depth, 'p99_ms'), 3)} "
+            f"| {fmt(median('redis', redis_workload, depth, 'p99_ms'), 3)} "
+            f"| {fmt(median('kv', kv_workload, depth, 'cpu_us_per_request'))} "
+            f"| {fmt(median('redis', redis_workload, depth, 'cpu_us_per_request'))} |")
+throughput_table = "\n".join(lines)
+
+lines = ["| kv bench (50 connections, depth 16, 90% GET / 10% PUT, 100,000 keys) | ops/s | p50 ms | p99 ms |",
+         "|---|---:|---:|---:|"]
+bench_ops = {}
+for protocol in ("resp", "line"):
+    for buckets in (1, 10000):
+        workload = f"kvbench-{protocol}-{buckets}b"
+        ops = median("kv", workload, 16, "ops_per_second")
+        bench_ops[(protocol, buckets)] = ops
+        lines.append(f"| {protocol}, {buckets:,} bucket{'s' if buckets > 1 else ''} | {fmt_ops(ops)} "
+                     f"| {fmt(median('kv', workload, 16, 'p50_ms'), 3)} | {fmt(median('kv', workload, 16, 'p99_ms'), 3)} |")
+for protocol in ("resp", "line"):
+    one, many = bench_ops[(protocol, 1)], bench_ops[(protocol, 10000)]
+    if one and many:
+        lines.append(f"| {protocol}: 10,000 buckets / 1 bucket | **{many / one:.2f}** | | |")
+bench_table = "\n".join(lines)
+
+lines = ["| server | keys | RSS at start | RSS loaded | RSS per key (loaded / keys) | RSS growth per key | accounted per key |",
+         "|---|---:|---:|---:|---:|---:|---:|"]
+memory_rows = {}
+with open(memory_path) as handle:
+    for row in csv.DictReader(handle):
+        keys = int(row["keys"])
+        start, loaded = int(row["rss_start"]), int(row["rss_loaded"])
+        used = int(row["used_memory"]) if row["used_memory"] else None
+        memory_rows[row["server"]] = loaded / keys
+        name = {"redis-set": "Redis, SET", "redis-hset": "Redis, HSET in one hash", "kv": "kv, one bucket"}[row["server"]]
+        accounted = f"{used / keys:.0f} B" if used else "n/a"
+        lines.append(f"| {name} | {keys:,} | {start / 2**20:.1f} MiB | {loaded / 2**20:.1f} MiB "
+                     f"| **{loaded / keys:.0f} B** | {(loaded - start) / keys:.0f} B | {accounted} |")
+memory_table = "\n".join(lines)
+if "kv" in memory_rows and "redis-set" in memory_rows:
+    plot.append(("memory/key (Redis SET ÷ kv)", memory_rows["redis-set"] / memory_rows["kv"]))
+
+
+def svg(bars):
+    width, row, left = 640, 28, 190
+    height = row * len(bars) + 60
+    scale = (width - left - 40) / max(2.0, max((value or 0) for _, value in bars) * 1.1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{left}" y="18" font-weight="bold">kv ÷ Redis (higher is better for kv)</text>']
+    for index, (label, value) in enumerate(bars):
+        y = 30 + index * row
+        length = (value or 0) * scale
+        colour = "#2a7" if (value or 0) >= 1 else "#c44"
+        parts.append(f'<text x="{left - 8}" y="{y + 15}" text-anchor="end">{label}</text>')
+        parts.append(f'<rect x="{left}" y="{y + 3}" width="{length:.1f}" height="{row - 8}" fill="{colour}"/>')
+        parts.append(f'<text x="{left + length + 4:.1f}" y="{y + 15}">{fmt(value)}</text>')
+    for mark in (1.0, 1.2):
+        x = left + mark * scale
+        parts.append(f'<line x1="{x:.1f}" y1="26" x2="{x:.1f}" y2="{height - 24}" stroke="#555" '
+                     f'stroke-dasharray="{"4,3" if mark > 1 else "none"}"/>')
+        parts.append(f'<text x="{x:.1f}" y="{height - 8}" text-anchor="middle">{mark:.1f}×</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def machine():
+    model = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({model}), {memory:.0f} GiB, Linux {platform.release()}"
+
+
+def kv_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+os.makedirs("docs", exist_ok=True)
+with open("docs/benchmarks.svg", "w") as handle:
+    handle.write(svg(plot))
+
+report = f"""# kv against Redis
+
+Measured {datetime.date.today()} by `{command}` at kv commit `{kv_commit()}`, on {machine()}.
+Load generator and server share the machine's cores over loopback. Redis {redis_version}, persistence
+off. Each figure is the median of {rounds} interleaved rounds (A B A B, the order alternating);
+ratios are kv ÷ Redis of those medians. This machine is shared and noisy (±10%): read the ratios.
+
+![kv ÷ Redis](benchmarks.svg)
+
+## redis-benchmark, same client and workload for both
+
+50 clients, `-r 100000` keyspace, 32-byte values. Redis runs `SET`/`GET key:__rand_int__` and
+`HSET`/`HGET shopping key:__rand_int__`; kv runs `PUT`/`GET shopping key:__rand_int__` over RESP.
+Server CPU per request is the server's user+system time over the run divided by its requests.
+
+{throughput_table}
+
+## kv bench against kv
+
+Every reply is checked (a wrong one fails the run). Keys are preloaded; key *i* lives in bucket
+*i* mod *buckets*.
+
+{bench_table}
+
+## Memory
+
+One million 16-byte keys (`key:000000000000` …) with 32-byte values, loaded into a fresh server.
+RSS from `/proc/PID/status`; "accounted" is Redis's `used_memory` and kv's `memory_used_bytes`
+(an estimate that the memory limit is enforced against).
+
+{memory_table}
+"""
+with open("docs/benchmarks.md", "w") as handle:
+    handle.write(report)
+print(report)

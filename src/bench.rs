@@ -1,0 +1,603 @@
+//! `kv bench`: a load generator like `redis-benchmark`, built on kv's own protocols.
+//!
+//! Every reply is checked: each key has one deterministic value, so a `GET` must return exactly
+//! that value (or nothing, when keys were not preloaded or deletes are in the mix) and a `PUT`
+//! must answer `OK`. A wrong reply counts as an error. Latency is measured per request, from
+//! the write of its batch to the arrival of its reply, into an HDR histogram.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::protocol::{Dialect, ReplyValue, parse_reply};
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The connection failed.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server closed a connection.
+    #[error("server closed the connection")]
+    Closed,
+    /// Setting up buckets or keys failed.
+    #[error("setup: {0}")]
+    Setup(String),
+    /// A reply could not be parsed at all.
+    #[error("unparseable reply: {0}")]
+    Protocol(String),
+    /// The operation mix is not `name=weight,…` with known names.
+    #[error("bad operation mix {0:?}: expected e.g. get=0.9,put=0.1")]
+    Mix(String),
+}
+
+/// The share of each operation in the load.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mix {
+    /// Share of `GET`.
+    pub get: f64,
+    /// Share of `PUT`.
+    pub put: f64,
+    /// Share of `DELETE`.
+    pub delete: f64,
+}
+
+impl std::str::FromStr for Mix {
+    type Err = BenchError;
+
+    /// Parses `get=0.9,put=0.1` (weights are normalised; absent operations weigh 0).
+    fn from_str(text: &str) -> Result<Self, BenchError> {
+        let mut mix = Mix {
+            get: 0.0,
+            put: 0.0,
+            delete: 0.0,
+        };
+        for part in text.split(',') {
+            let (name, weight) = part
+                .split_once('=')
+                .ok_or_else(|| BenchError::Mix(text.to_owned()))?;
+            let weight: f64 = weight
+                .trim()
+                .parse()
+                .map_err(|_| BenchError::Mix(text.to_owned()))?;
+            if !(weight >= 0.0 && weight.is_finite()) {
+                return Err(BenchError::Mix(text.to_owned()));
+            }
+            match name.trim().to_ascii_lowercase().as_str() {
+                "get" => mix.get = weight,
+                "put" => mix.put = weight,
+                "delete" => mix.delete = weight,
+                _ => return Err(BenchError::Mix(text.to_owned())),
+            }
+        }
+        let total = mix.get + mix.put + mix.delete;
+        if total <= 0.0 {
+            return Err(BenchError::Mix(text.to_owned()));
+        }
+        Ok(Mix {
+            get: mix.get / total,
+            put: mix.put / total,
+            delete: mix.delete / total,
+        })
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// `host:port` of the server.
+    pub address: String,
+    /// Connections, each sending batches of `pipeline` requests.
+    pub connections: usize,
+    /// Requests per batch (pipeline depth).
+    pub pipeline: usize,
+    /// Stop after this many requests (if `duration` is not set).
+    pub requests: u64,
+    /// Stop after this long instead of a request count.
+    pub duration: Option<Duration>,
+    /// Distinct keys (`key:000000000000` …, 16 bytes each).
+    pub keys: u64,
+    /// Bytes per value.
+    pub value_size: usize,
+    /// Buckets the keys are spread over (`bench-0` …); key `i` lives in bucket `i % buckets`.
+    pub buckets: u64,
+    /// The operation mix.
+    pub mix: Mix,
+    /// The protocol to speak.
+    pub dialect: Dialect,
+    /// Create the buckets and put every key before measuring.
+    pub preload: bool,
+    /// Print progress to stderr once a second.
+    pub progress: bool,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    /// Requests answered.
+    pub requests: u64,
+    /// Replies that were not what they should have been.
+    pub errors: u64,
+    /// Wall-clock time of the measured part.
+    pub seconds: f64,
+    /// Requests answered per second.
+    pub ops_per_second: f64,
+    /// Median latency, microseconds.
+    pub p50_us: u64,
+    /// 99th percentile latency, microseconds.
+    pub p99_us: u64,
+    /// 99.9th percentile latency, microseconds.
+    pub p999_us: u64,
+    /// Largest latency, microseconds.
+    pub max_us: u64,
+    /// The first wrong reply seen, to say what went wrong.
+    pub first_error: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+enum Operation {
+    Get,
+    Put,
+    Delete,
+}
+
+/// The fixed data of a run: keys, values and bucket names, made once.
+struct Keyspace {
+    keys: u64,
+    value_size: usize,
+    buckets: u64,
+    /// `bench-0` …, made once: formatting a name per request would load the client.
+    bucket_names: Vec<Vec<u8>>,
+}
+
+impl Keyspace {
+    fn key(index: u64) -> [u8; 16] {
+        let mut key = *b"key:000000000000";
+        let mut digits = itoa::Buffer::new();
+        let text = digits.format(index % 1_000_000_000_000);
+        key[16 - text.len()..].copy_from_slice(text.as_bytes());
+        key
+    }
+
+    /// The one value key `index` ever has: its digits repeated to the value size.
+    fn value(&self, index: u64, out: &mut Vec<u8>) {
+        let mut digits = itoa::Buffer::new();
+        let text = digits.format(index).as_bytes();
+        out.clear();
+        out.extend(text.iter().copied().cycle().take(self.value_size));
+    }
+
+    fn new(keys: u64, value_size: usize, buckets: u64) -> Self {
+        let buckets = buckets.max(1);
+        Self {
+            keys: keys.max(1),
+            value_size,
+            buckets,
+            bucket_names: (0..buckets)
+                .map(|index| format!("bench-{index}").into_bytes())
+                .collect(),
+        }
+    }
+
+    fn bucket(&self, index: u64) -> &[u8] {
+        &self.bucket_names[(index % self.buckets) as usize]
+    }
+}
+
+fn encode(dialect: Dialect, words: &[&[u8]], out: &mut BytesMut) {
+    match dialect {
+        Dialect::Line => {
+            for (position, word) in words.iter().enumerate() {
+                if position > 0 {
+                    out.extend_from_slice(b" ");
+                }
+                out.extend_from_slice(word);
+            }
+            out.extend_from_slice(b"\n");
+        }
+        Dialect::Resp => {
+            let mut digits = itoa::Buffer::new();
+            out.extend_from_slice(b"*");
+            out.extend_from_slice(digits.format(words.len()).as_bytes());
+            out.extend_from_slice(b"\r\n");
+            for word in words {
+                out.extend_from_slice(b"$");
+                out.extend_from_slice(digits.format(word.len()).as_bytes());
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(word);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+}
+
+/// A reply reduced to what the checks need.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Ok,
+    Value(Vec<u8>),
+    Missing,
+    Failure(String),
+}
+
+/// Reads one reply to `operation` from `input`, if it is all there.
+fn parse_outcome(
+    dialect: Dialect,
+    operation: Operation,
+    input: &[u8],
+) -> Result<Option<(Outcome, usize)>, BenchError> {
+    match dialect {
+        Dialect::Resp => {
+            let Some((reply, consumed)) = parse_reply(input, 1 << 30)
+                .map_err(|error| BenchError::Protocol(error.to_string()))?
+            else {
+                return Ok(None);
+            };
+            let outcome = match reply {
+                ReplyValue::Simple(text) if text == "OK" => Outcome::Ok,
+                ReplyValue::Bulk(Some(value)) => Outcome::Value(value.to_vec()),
+                ReplyValue::Bulk(None) => Outcome::Missing,
+                other => Outcome::Failure(format!("{other:?}")),
+            };
+            Ok(Some((outcome, consumed)))
+        }
+        Dialect::Line => {
+            let Some(first) = memchr::memchr(b'\n', input) else {
+                return Ok(None);
+            };
+            let line = input[..first]
+                .strip_suffix(b"\r")
+                .unwrap_or(&input[..first]);
+            if line == b"OK" && !matches!(operation, Operation::Get) {
+                return Ok(Some((Outcome::Ok, first + 1)));
+            }
+            if line == b"NOT FOUND" || line.starts_with(b"ERROR") || line == b"UNKNOWN COMMAND" {
+                let text = String::from_utf8_lossy(line).into_owned();
+                return Ok(Some((Outcome::Failure(text), first + 1)));
+            }
+            // A GET: the value line, then OK.
+            let rest = &input[first + 1..];
+            let Some(second) = memchr::memchr(b'\n', rest) else {
+                return Ok(None);
+            };
+            if &rest[..second] != b"OK\r" {
+                let text = String::from_utf8_lossy(&input[..first + 1 + second]).into_owned();
+                return Ok(Some((Outcome::Failure(text), first + second + 2)));
+            }
+            let outcome = if line.is_empty() {
+                Outcome::Missing
+            } else {
+                Outcome::Value(line.to_vec())
+            };
+            Ok(Some((outcome, first + second + 2)))
+        }
+    }
+}
+
+struct Shared {
+    config: BenchConfig,
+    keyspace: Keyspace,
+    /// Requests handed out to connections so far (a batch takes `pipeline` at once).
+    claimed: AtomicU64,
+    completed: AtomicU64,
+    errors: AtomicU64,
+    stop: AtomicBool,
+    first_error: parking_lot::Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn fail(&self, message: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first_error.lock();
+        if first.is_none() {
+            *first = Some(message);
+        }
+    }
+}
+
+/// Runs the benchmark: setup (and preload, if asked), then the measured load.
+///
+/// # Errors
+/// If a connection cannot be made or fails, or setup is refused.
+pub async fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
+    let keyspace = Keyspace::new(config.keys, config.value_size, config.buckets);
+    setup(&config, &keyspace).await?;
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        keyspace,
+        claimed: AtomicU64::new(0),
+        completed: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        first_error: parking_lot::Mutex::new(None),
+    });
+    let started = Instant::now();
+    let progress = config
+        .progress
+        .then(|| tokio::spawn(report_progress(Arc::clone(&shared))));
+    let workers: Vec<_> = (0..config.connections.max(1))
+        .map(|index| tokio::spawn(connection(Arc::clone(&shared), index as u64)))
+        .collect();
+    if let Some(duration) = config.duration {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            tokio::time::sleep(duration).await;
+            shared.stop.store(true, Ordering::Relaxed);
+        });
+    }
+    let mut histogram = new_histogram();
+    for worker in workers {
+        let worker_histogram = worker
+            .await
+            .map_err(|error| BenchError::Setup(format!("worker failed: {error}")))??;
+        histogram
+            .add(&worker_histogram)
+            .map_err(|error| BenchError::Setup(error.to_string()))?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    shared.stop.store(true, Ordering::Relaxed);
+    if let Some(progress) = progress {
+        progress.abort();
+    }
+    let requests = shared.completed.load(Ordering::Relaxed);
+    Ok(BenchReport {
+        requests,
+        errors: shared.errors.load(Ordering::Relaxed),
+        seconds,
+        ops_per_second: requests as f64 / seconds,
+        p50_us: histogram.value_at_quantile(0.50),
+        p99_us: histogram.value_at_quantile(0.99),
+        p999_us: histogram.value_at_quantile(0.999),
+        max_us: histogram.max(),
+        first_error: shared.first_error.lock().clone(),
+    })
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // One microsecond to one minute, three significant figures.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+async fn report_progress(shared: Arc<Shared>) {
+    let started = Instant::now();
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let done = shared.completed.load(Ordering::Relaxed);
+        eprintln!(
+            "{:>6.1}s  {done:>12} requests  {:>12.0} req/s  {} errors",
+            started.elapsed().as_secs_f64(),
+            done as f64 / started.elapsed().as_secs_f64(),
+            shared.errors.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Creates the buckets and, if asked, puts every key, pipelined on one connection.
+async fn setup(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchError> {
+    let mut stream = TcpStream::connect(&config.address).await?;
+    stream.set_nodelay(true)?;
+    let mut input = BytesMut::with_capacity(64 * 1024);
+    let mut output = BytesMut::with_capacity(64 * 1024);
+    let mut pending = Vec::new();
+    for bucket in 0..keyspace.buckets {
+        let name = keyspace.bucket(bucket);
+        encode(config.dialect, &[b"CREATE", name], &mut output);
+        pending.push(Operation::Put);
+        if pending.len() == 512 {
+            exchange(
+                config.dialect,
+                &mut stream,
+                &mut input,
+                &mut output,
+                &mut pending,
+            )
+            .await?;
+        }
+    }
+    if config.preload {
+        let mut value = Vec::with_capacity(keyspace.value_size);
+        for index in 0..keyspace.keys {
+            keyspace.value(index, &mut value);
+            let bucket = keyspace.bucket(index);
+            let key = Keyspace::key(index);
+            encode(config.dialect, &[b"PUT", bucket, &key, &value], &mut output);
+            pending.push(Operation::Put);
+            if pending.len() == 512 {
+                exchange(
+                    config.dialect,
+                    &mut stream,
+                    &mut input,
+                    &mut output,
+                    &mut pending,
+                )
+                .await?;
+            }
+        }
+    }
+    exchange(
+        config.dialect,
+        &mut stream,
+        &mut input,
+        &mut output,
+        &mut pending,
+    )
+    .await
+}
+
+/// Sends what is in `output` and expects an `OK` for each of `pending`.
+async fn exchange(
+    dialect: Dialect,
+    stream: &mut TcpStream,
+    input: &mut BytesMut,
+    output: &mut BytesMut,
+    pending: &mut Vec<Operation>,
+) -> Result<(), BenchError> {
+    stream.write_all(output).await?;
+    output.clear();
+    for operation in pending.drain(..) {
+        loop {
+            if let Some((outcome, consumed)) = parse_outcome(dialect, operation, input)? {
+                input.advance(consumed);
+                if outcome != Outcome::Ok {
+                    return Err(BenchError::Setup(format!("{outcome:?}")));
+                }
+                break;
+            }
+            if stream.read_buf(input).await? == 0 {
+                return Err(BenchError::Closed);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One connection: batches of `pipeline` requests until the budget or the time runs out.
+async fn connection(shared: Arc<Shared>, seed: u64) -> Result<Histogram<u64>, BenchError> {
+    let config = &shared.config;
+    let keyspace = &shared.keyspace;
+    let mut stream = TcpStream::connect(&config.address).await?;
+    stream.set_nodelay(true)?;
+    let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED);
+    let mut histogram = new_histogram();
+    let mut input = BytesMut::with_capacity(64 * 1024);
+    let mut output = BytesMut::with_capacity(64 * 1024);
+    let mut batch: Vec<(Operation, u64)> = Vec::with_capacity(config.pipeline);
+    let mut value = Vec::with_capacity(keyspace.value_size);
+    let may_be_missing = !config.preload || config.mix.delete > 0.0;
+    let pipeline = config.pipeline.max(1) as u64;
+    loop {
+        if shared.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let size = if config.duration.is_some() {
+            pipeline
+        } else {
+            let first = shared.claimed.fetch_add(pipeline, Ordering::Relaxed);
+            if first >= config.requests {
+                break;
+            }
+            pipeline.min(config.requests - first)
+        };
+        batch.clear();
+        for _ in 0..size {
+            let index = rng.u64(..keyspace.keys);
+            let roll = rng.f64();
+            let operation = if roll < config.mix.get {
+                Operation::Get
+            } else if roll < config.mix.get + config.mix.put {
+                Operation::Put
+            } else {
+                Operation::Delete
+            };
+            let bucket = keyspace.bucket(index);
+            let key = Keyspace::key(index);
+            match operation {
+                Operation::Get => encode(config.dialect, &[b"GET", bucket, &key], &mut output),
+                Operation::Put => {
+                    keyspace.value(index, &mut value);
+                    encode(config.dialect, &[b"PUT", bucket, &key, &value], &mut output);
+                }
+                Operation::Delete => {
+                    encode(config.dialect, &[b"DELETE", bucket, &key], &mut output);
+                }
+            }
+            batch.push((operation, index));
+        }
+        let sent = Instant::now();
+        stream.write_all(&output).await?;
+        output.clear();
+        for &(operation, index) in &batch {
+            let outcome = loop {
+                if let Some((outcome, consumed)) = parse_outcome(config.dialect, operation, &input)?
+                {
+                    input.advance(consumed);
+                    break outcome;
+                }
+                if stream.read_buf(&mut input).await? == 0 {
+                    return Err(BenchError::Closed);
+                }
+            };
+            let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+            histogram.saturating_record(micros.max(1));
+            check(
+                &shared,
+                operation,
+                index,
+                outcome,
+                may_be_missing,
+                &mut value,
+            );
+        }
+        shared.completed.fetch_add(size, Ordering::Relaxed);
+    }
+    Ok(histogram)
+}
+
+fn check(
+    shared: &Shared,
+    operation: Operation,
+    index: u64,
+    outcome: Outcome,
+    may_be_missing: bool,
+    scratch: &mut Vec<u8>,
+) {
+    match (operation, outcome) {
+        (Operation::Put | Operation::Delete, Outcome::Ok) => {}
+        (Operation::Get, Outcome::Missing) if may_be_missing => {}
+        (Operation::Get, Outcome::Value(got)) => {
+            shared.keyspace.value(index, scratch);
+            if got != *scratch {
+                shared.fail(format!(
+                    "GET key {index}: got {:?}",
+                    String::from_utf8_lossy(&got)
+                ));
+            }
+        }
+        (_, outcome) => shared.fail(format!("key {index}: {outcome:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixes_parse_and_normalise() {
+        let mix: Mix = "get=9,put=1".parse().unwrap();
+        assert!((mix.get - 0.9).abs() < 1e-9 && (mix.put - 0.1).abs() < 1e-9);
+        assert!("get=x".parse::<Mix>().is_err());
+        assert!("fly=1".parse::<Mix>().is_err());
+        assert!("get=0".parse::<Mix>().is_err());
+    }
+
+    #[test]
+    fn keys_are_sixteen_bytes_and_values_deterministic() {
+        assert_eq!(&Keyspace::key(42), b"key:000000000042");
+        let keyspace = Keyspace::new(10, 5, 1);
+        let mut value = Vec::new();
+        keyspace.value(12, &mut value);
+        assert_eq!(value, b"12121");
+    }
+
+    #[test]
+    fn line_replies_are_read_whole() {
+        let parse = |input: &[u8]| parse_outcome(Dialect::Line, Operation::Get, input).unwrap();
+        assert_eq!(
+            parse(b"12\r\nOK\r\n"),
+            Some((Outcome::Value(b"12".to_vec()), 8))
+        );
+        assert_eq!(parse(b"\r\nOK\r\n"), Some((Outcome::Missing, 6)));
+        assert_eq!(parse(b"12\r\nO"), None);
+        assert!(matches!(
+            parse(b"NOT FOUND\r\n"),
+            Some((Outcome::Failure(_), 11))
+        ));
+    }
+}

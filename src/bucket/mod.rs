@@ -35,6 +35,7 @@
 
 mod handle;
 mod name;
+mod slab;
 mod table;
 
 pub(crate) use handle::start;

@@ -1,10 +1,14 @@
 //! A bucket's table: keys to values, shared by every handle, owned in lifetime by the bucket task.
 //!
+//! A hash index of 8-byte [`EntryRef`]s over [`Slabs`] that hold the entries themselves.
+//!
 //! Invariants:
 //! - `entries` is `None` exactly when the table is closed; closing frees every entry at once and
 //!   returns its charge to the memory budget. A closed table never opens again.
 //! - `closed` mirrors `entries.is_none()` so that `is_closed` needs no lock; it is set while the
 //!   write lock is held, so a reader that saw an open table under the lock finished before it.
+//! - Every live entry has exactly one `EntryRef` in `index`, and it points at that entry's slot,
+//!   also after a removal moved the slot.
 //! - `charged` is exactly what this table has reserved from the budget.
 
 use std::hash::BuildHasher;
@@ -16,10 +20,16 @@ use hashbrown::HashTable;
 use parking_lot::RwLock;
 
 use super::BucketError;
+use super::slab::{self, EntryRef, Slabs};
 
-/// What one entry costs beyond its bytes: its slot in the hash table and allocator rounding.
-/// An estimate: the budget bounds memory, it does not measure it exactly.
-const ENTRY_OVERHEAD: usize = 32;
+/// What one entry costs beyond its slot: its place in the hash index (an 8-byte reference
+/// and a control byte, at the index's load). An estimate: the budget bounds memory, it does not
+/// measure it exactly.
+const ENTRY_OVERHEAD: usize = 16;
+
+fn charge(key: &[u8], value: &[u8]) -> usize {
+    slab::stored_size(slab::encoded_len(key, value)) + ENTRY_OVERHEAD
+}
 
 /// The bytes that all tables together may hold, shared by every bucket of a registry.
 #[derive(Debug)]
@@ -72,67 +82,9 @@ impl MemoryBudget {
     }
 }
 
-/// One key and its value in a single allocation: `varint(key length) ++ key ++ value`.
-///
-/// Keeping both in one block instead of two separately allocated strings halves the
-/// allocations per key and drops a pointer pair from every slot; the memory target of kv
-/// (under 100 bytes per small key) depends on it.
-struct Entry(Box<[u8]>);
-
-impl Entry {
-    fn new(key: &[u8], value: &[u8]) -> Self {
-        let mut block = Vec::with_capacity(varint_len(key.len()) + key.len() + value.len());
-        write_varint(&mut block, key.len());
-        block.extend_from_slice(key);
-        block.extend_from_slice(value);
-        Self(block.into_boxed_slice())
-    }
-
-    fn split(&self) -> (&[u8], &[u8]) {
-        let (key_len, header) = read_varint(&self.0);
-        self.0[header..].split_at(key_len)
-    }
-
-    fn key(&self) -> &[u8] {
-        self.split().0
-    }
-
-    fn value(&self) -> &[u8] {
-        self.split().1
-    }
-
-    fn charge(&self) -> usize {
-        self.0.len() + ENTRY_OVERHEAD
-    }
-}
-
-// LEB128 by hand: seven lines, and the only crates for it bring far more than this needs.
-fn write_varint(out: &mut Vec<u8>, mut value: usize) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-/// Returns the value and how many bytes it took. Only ever reads what `write_varint` wrote.
-fn read_varint(bytes: &[u8]) -> (usize, usize) {
-    let mut value = 0usize;
-    for (index, byte) in bytes.iter().enumerate() {
-        value |= usize::from(byte & 0x7f) << (7 * index);
-        if byte & 0x80 == 0 {
-            return (value, index + 1);
-        }
-    }
-    unreachable!("entries always start with a complete varint")
-}
-
-fn varint_len(value: usize) -> usize {
-    (usize::BITS - value.leading_zeros()).max(1).div_ceil(7) as usize
-}
-
 struct Entries {
-    map: HashTable<Entry>,
+    index: HashTable<EntryRef>,
+    slabs: Slabs,
     /// Seeded at random per table, so hostile keys cannot be chosen to collide in every server.
     hasher: foldhash::fast::RandomState,
     charged: usize,
@@ -155,7 +107,8 @@ impl Table {
     pub(crate) fn new(budget: Arc<MemoryBudget>) -> Self {
         Self {
             entries: RwLock::new(Some(Entries {
-                map: HashTable::new(),
+                index: HashTable::new(),
+                slabs: Slabs::default(),
                 hasher: foldhash::fast::RandomState::default(),
                 charged: 0,
             })),
@@ -176,42 +129,44 @@ impl Table {
             self.budget.release(entries.charged);
             self.budget
                 .keys
-                .fetch_sub(entries.map.len(), Ordering::Relaxed);
+                .fetch_sub(entries.index.len(), Ordering::Relaxed);
         }
     }
 
     pub(crate) fn put(&self, key: &[u8], value: &[u8]) -> Result<(), BucketError> {
-        let entry = Entry::new(key, value);
+        let new_charge = charge(key, value);
         let mut guard = self.entries.write();
         let entries = guard.as_mut().ok_or(BucketError::Stopped)?;
         let hash = entries.hash(key);
-        let hasher = &entries.hasher;
-        match entries.map.entry(
-            hash,
-            |existing| existing.key() == key,
-            |existing| hasher.hash_one(existing.key()),
-        ) {
-            hashbrown::hash_table::Entry::Occupied(mut occupied) => {
-                let old_charge = occupied.get().charge();
-                let new_charge = entry.charge();
-                // Overwriting with a value of the same size (the common case) touches no
-                // shared counter.
-                if new_charge > old_charge {
-                    self.budget.reserve(new_charge - old_charge)?;
-                } else if new_charge < old_charge {
-                    self.budget.release(old_charge - new_charge);
-                }
-                *occupied.get_mut() = entry;
-                entries.charged = entries.charged + new_charge - old_charge;
+        let Entries {
+            index,
+            slabs,
+            hasher,
+            charged,
+        } = entries;
+        if let Some(&existing) = index.find(hash, |&entry| slabs.key(entry) == key) {
+            let (old_key, old_value) = slabs.get(existing);
+            let old_charge = charge(old_key, old_value);
+            // Overwriting with a value of the same size (the common case) touches no shared
+            // counter and no allocator.
+            if new_charge > old_charge {
+                self.budget.reserve(new_charge - old_charge)?;
+            } else if new_charge < old_charge {
+                self.budget.release(old_charge - new_charge);
             }
-            hashbrown::hash_table::Entry::Vacant(vacant) => {
-                let charge = entry.charge();
-                self.budget.reserve(charge)?;
-                vacant.insert(entry);
-                entries.charged += charge;
-                self.budget.keys.fetch_add(1, Ordering::Relaxed);
+            *charged = *charged + new_charge - old_charge;
+            if !slabs.replace(existing, key, value) {
+                remove_entry(index, slabs, hasher, hash, existing);
+                let entry = slabs.insert(key, value);
+                index.insert_unique(hash, entry, |&entry| hasher.hash_one(slabs.key(entry)));
             }
+            return Ok(());
         }
+        self.budget.reserve(new_charge)?;
+        let entry = slabs.insert(key, value);
+        index.insert_unique(hash, entry, |&entry| hasher.hash_one(slabs.key(entry)));
+        *charged += new_charge;
+        self.budget.keys.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -225,37 +180,41 @@ impl Table {
         let guard = self.entries.read();
         let entries = guard.as_ref().ok_or(BucketError::Stopped)?;
         let found = entries
-            .map
-            .find(entries.hash(key), |entry| entry.key() == key);
-        Ok(read(found.map(Entry::value)))
+            .index
+            .find(entries.hash(key), |&entry| entries.slabs.key(entry) == key);
+        Ok(read(found.map(|&entry| entries.slabs.get(entry).1)))
     }
 
     pub(crate) fn delete(&self, key: &[u8]) -> Result<bool, BucketError> {
         let mut guard = self.entries.write();
         let entries = guard.as_mut().ok_or(BucketError::Stopped)?;
         let hash = entries.hash(key);
-        let Ok(found) = entries.map.find_entry(hash, |entry| entry.key() == key) else {
+        let Entries {
+            index,
+            slabs,
+            hasher,
+            charged,
+        } = entries;
+        let Some(&found) = index.find(hash, |&entry| slabs.key(entry) == key) else {
             return Ok(false);
         };
-        let (removed, _) = found.remove();
-        let charge = removed.charge();
-        entries.charged -= charge;
-        self.budget.release(charge);
+        let (key, value) = slabs.get(found);
+        let freed = charge(key, value);
+        remove_entry(index, slabs, hasher, hash, found);
+        *charged -= freed;
+        self.budget.release(freed);
         self.budget.keys.fetch_sub(1, Ordering::Relaxed);
-        // A table that shrank to a quarter of its capacity gives the rest back, so a bucket
+        // An index that shrank to a quarter of its capacity gives the rest back, so a bucket
         // that once held many keys does not keep their slots for ever.
-        if entries.map.capacity() > 64 && entries.map.len() * 4 < entries.map.capacity() {
-            let hasher = &entries.hasher;
-            entries
-                .map
-                .shrink_to(entries.map.len() * 2, |entry| hasher.hash_one(entry.key()));
+        if index.capacity() > 64 && index.len() * 4 < index.capacity() {
+            index.shrink_to(index.len() * 2, |&entry| hasher.hash_one(slabs.key(entry)));
         }
         Ok(true)
     }
 
     pub(crate) fn len(&self) -> Result<usize, BucketError> {
         let guard = self.entries.read();
-        Ok(guard.as_ref().ok_or(BucketError::Stopped)?.map.len())
+        Ok(guard.as_ref().ok_or(BucketError::Stopped)?.index.len())
     }
 
     /// Up to `limit` keys greater than `after`, in byte order: one page of a listing.
@@ -270,8 +229,8 @@ impl Table {
         let guard = self.entries.read();
         let entries = guard.as_ref().ok_or(BucketError::Stopped)?;
         let mut smallest: std::collections::BinaryHeap<&[u8]> =
-            std::collections::BinaryHeap::with_capacity(limit.min(entries.map.len()) + 1);
-        for key in entries.map.iter().map(Entry::key) {
+            std::collections::BinaryHeap::with_capacity(limit.min(entries.index.len()) + 1);
+        for key in entries.index.iter().map(|&entry| entries.slabs.key(entry)) {
             if after.is_some_and(|after| key <= after) {
                 continue;
             }
@@ -283,6 +242,26 @@ impl Table {
         let mut page: Vec<Bytes> = smallest.into_iter().map(Bytes::copy_from_slice).collect();
         page.sort_unstable();
         Ok(page)
+    }
+}
+
+/// Takes `entry` (found under `hash`) out of the index and its slab, and points the index at
+/// the slot the slab moved into the hole, if it moved one.
+fn remove_entry(
+    index: &mut HashTable<EntryRef>,
+    slabs: &mut Slabs,
+    hasher: &foldhash::fast::RandomState,
+    hash: u64,
+    entry: EntryRef,
+) {
+    if let Ok(found) = index.find_entry(hash, |&candidate| candidate == entry) {
+        found.remove();
+    }
+    if let Some(moved) = slabs.remove(entry) {
+        let moved_hash = hasher.hash_one(slabs.key(moved.to));
+        if let Some(reference) = index.find_mut(moved_hash, |&candidate| candidate == moved.from) {
+            *reference = moved.to;
+        }
     }
 }
 
@@ -298,35 +277,6 @@ mod tests {
         table
             .get_with(key, |value| value.map(<[u8]>::to_vec))
             .expect("table is open")
-    }
-
-    #[test]
-    fn varint_round_trips_at_every_width() {
-        for value in [
-            0,
-            1,
-            127,
-            128,
-            255,
-            16_383,
-            16_384,
-            1 << 21,
-            usize::MAX >> 1,
-        ] {
-            let mut out = Vec::new();
-            write_varint(&mut out, value);
-            assert_eq!(out.len(), varint_len(value));
-            assert_eq!(read_varint(&out), (value, out.len()));
-        }
-    }
-
-    #[test]
-    fn entries_keep_key_and_value_apart() {
-        let long_key = vec![7u8; 300];
-        for (key, value) in [(&b""[..], &b""[..]), (b"k", b"v"), (&long_key, b"value")] {
-            let entry = Entry::new(key, value);
-            assert_eq!(entry.split(), (key, value));
-        }
     }
 
     #[test]
@@ -395,7 +345,57 @@ mod tests {
         for index in 0..10_000u32 {
             table.delete(&index.to_le_bytes()).unwrap();
         }
-        let capacity = table.entries.read().as_ref().unwrap().map.capacity();
+        let capacity = table.entries.read().as_ref().unwrap().index.capacity();
         assert!(capacity <= 128, "capacity stayed at {capacity}");
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Put(u8, usize),
+        Delete(u8),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        // Sizes cross classes and reach past the largest slot, so replacing in place, moving
+        // between classes and the large path all happen.
+        let size = prop_oneof![0usize..40, 40usize..300, 4000usize..4200, 4300usize..6000];
+        prop_oneof![
+            3 => (0u8..24, size).prop_map(|(key, size)| Step::Put(key, size)),
+            1 => (0u8..24).prop_map(Step::Delete),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_table_behaves_like_a_hash_map(steps in proptest::collection::vec(step(), 1..300)) {
+            let budget = Arc::new(MemoryBudget::new(usize::MAX));
+            let table = Table::new(Arc::clone(&budget));
+            let mut model = std::collections::HashMap::new();
+            for (number, step) in steps.into_iter().enumerate() {
+                match step {
+                    Step::Put(key, size) => {
+                        let value = vec![number as u8; size];
+                        table.put(&[key], &value).unwrap();
+                        model.insert(key, value);
+                    }
+                    Step::Delete(key) => {
+                        proptest::prop_assert_eq!(
+                            table.delete(&[key]).unwrap(),
+                            model.remove(&key).is_some()
+                        );
+                    }
+                }
+                for key in 0..24u8 {
+                    proptest::prop_assert_eq!(get(&table, &[key]), model.get(&key).cloned());
+                }
+                proptest::prop_assert_eq!(table.len().unwrap(), model.len());
+                proptest::prop_assert_eq!(budget.keys(), model.len());
+            }
+            for key in 0..24u8 {
+                table.delete(&[key]).unwrap();
+            }
+            proptest::prop_assert_eq!(budget.used(), 0);
+        }
     }
 }

@@ -1,0 +1,291 @@
+//! Where a table's entries live: packed by size class into a few large byte vectors.
+//!
+//! Each entry is `varint(key length) ++ varint(value length) ++ key ++ value`, stored in a slot
+//! of the smallest size class that holds it (16 to 4096 bytes, classes at most 12.5% apart);
+//! larger entries get an allocation of their own. An [`EntryRef`] names a slot by class and
+//! index: eight bytes, where a boxed entry would cost a 16-byte fat pointer in the hash table
+//! plus an allocator header and rounding per entry. That difference is what takes a key of 16
+//! bytes with a 32-byte value under 100 bytes of resident memory.
+//!
+//! Invariant: every class is dense. Removing a slot moves the class's last slot into the hole
+//! (and reports the move, so the index can follow it); vectors shrink as classes empty, so a
+//! bucket gives memory back as its keys go.
+
+/// A slot's address: the size class in the top byte, the index in the class below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct EntryRef(u64);
+
+const INDEX_BITS: u32 = 56;
+const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+
+impl EntryRef {
+    fn new(class: usize, index: usize) -> Self {
+        Self(((class as u64) << INDEX_BITS) | index as u64)
+    }
+
+    fn class(self) -> usize {
+        (self.0 >> INDEX_BITS) as usize
+    }
+
+    fn index(self) -> usize {
+        (self.0 & INDEX_MASK) as usize
+    }
+}
+
+/// Slot sizes: steps of 8 up to 128 bytes, then eight classes per doubling up to 4096.
+const SLOT_SIZES: [usize; 55] = [
+    16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, // by 8
+    144, 160, 176, 192, 208, 224, 240, 256, // by 16
+    288, 320, 352, 384, 416, 448, 480, 512, // by 32
+    576, 640, 704, 768, 832, 896, 960, 1024, // by 64
+    1152, 1280, 1408, 1536, 1664, 1792, 1920, 2048, // by 128
+    2304, 2560, 2816, 3072, 3328, 3584, 3840, 4096, // by 256
+];
+/// The class of entries too large for any slot: one allocation each.
+const LARGE: usize = SLOT_SIZES.len();
+
+/// What an entry of this many bytes costs in its slab: its slot, or its own allocation.
+pub(super) fn stored_size(encoded_len: usize) -> usize {
+    match size_class(encoded_len) {
+        LARGE => encoded_len,
+        class => SLOT_SIZES[class],
+    }
+}
+
+fn size_class(encoded_len: usize) -> usize {
+    SLOT_SIZES.partition_point(|&size| size < encoded_len)
+}
+
+pub(super) fn encoded_len(key: &[u8], value: &[u8]) -> usize {
+    varint_len(key.len()) + varint_len(value.len()) + key.len() + value.len()
+}
+
+/// The entries of one table.
+#[derive(Default)]
+pub(super) struct Slabs {
+    /// One byte vector per size class, slots laid end to end; only as long as the largest
+    /// class used, so a bucket of small entries carries no empty vectors for large ones.
+    classes: Vec<Vec<u8>>,
+    large: Vec<Box<[u8]>>,
+}
+
+/// A slot moved by a removal: the entry at `from` is now at `to`.
+pub(super) struct Moved {
+    pub(super) from: EntryRef,
+    pub(super) to: EntryRef,
+}
+
+impl Slabs {
+    /// Stores a new entry and returns its address.
+    pub(super) fn insert(&mut self, key: &[u8], value: &[u8]) -> EntryRef {
+        let length = encoded_len(key, value);
+        let class = size_class(length);
+        if class == LARGE {
+            let mut block = Vec::with_capacity(length);
+            encode(&mut block, key, value);
+            self.large.push(block.into_boxed_slice());
+            return EntryRef::new(LARGE, self.large.len() - 1);
+        }
+        let size = SLOT_SIZES[class];
+        if self.classes.len() <= class {
+            self.classes.resize_with(class + 1, Vec::new);
+        }
+        let slab = &mut self.classes[class];
+        let index = slab.len() / size;
+        let start = slab.len();
+        encode(slab, key, value);
+        slab.resize(start + size, 0);
+        EntryRef::new(class, index)
+    }
+
+    /// Replaces the entry at `entry` in place, if the new one belongs to the same class.
+    /// Returns whether it did.
+    pub(super) fn replace(&mut self, entry: EntryRef, key: &[u8], value: &[u8]) -> bool {
+        let class = size_class(encoded_len(key, value));
+        if class != entry.class() || class == LARGE {
+            return false;
+        }
+        let size = SLOT_SIZES[class];
+        let slot = &mut self.classes[class][entry.index() * size..][..size];
+        let mut header = Vec::with_capacity(2 * MAX_VARINT_LEN);
+        write_varint(&mut header, key.len());
+        write_varint(&mut header, value.len());
+        let (head, rest) = slot.split_at_mut(header.len());
+        head.copy_from_slice(&header);
+        rest[..key.len()].copy_from_slice(key);
+        rest[key.len()..key.len() + value.len()].copy_from_slice(value);
+        true
+    }
+
+    /// The key and value at `entry`.
+    pub(super) fn get(&self, entry: EntryRef) -> (&[u8], &[u8]) {
+        decode(self.bytes(entry))
+    }
+
+    pub(super) fn key(&self, entry: EntryRef) -> &[u8] {
+        self.get(entry).0
+    }
+
+    fn bytes(&self, entry: EntryRef) -> &[u8] {
+        match entry.class() {
+            LARGE => &self.large[entry.index()],
+            class => {
+                let size = SLOT_SIZES[class];
+                &self.classes[class][entry.index() * size..][..size]
+            }
+        }
+    }
+
+    /// Removes the entry at `entry`, moving the last slot of its class into the hole.
+    pub(super) fn remove(&mut self, entry: EntryRef) -> Option<Moved> {
+        let class = entry.class();
+        let (last, moved) = if class == LARGE {
+            let last = self.large.len() - 1;
+            self.large.swap_remove(entry.index());
+            shrink(&mut self.large);
+            (last, entry.index() != last)
+        } else {
+            let size = SLOT_SIZES[class];
+            let slab = &mut self.classes[class];
+            let last = slab.len() / size - 1;
+            if entry.index() != last {
+                slab.copy_within(last * size.., entry.index() * size);
+            }
+            slab.truncate(last * size);
+            shrink(slab);
+            while self.classes.last().is_some_and(Vec::is_empty) {
+                self.classes.pop();
+            }
+            (last, entry.index() != last)
+        };
+        moved.then(|| Moved {
+            from: EntryRef::new(class, last),
+            to: entry,
+        })
+    }
+}
+
+/// Gives back the room of a vector that has fallen to a quarter of its capacity.
+fn shrink<T>(vector: &mut Vec<T>) {
+    if vector.capacity() > 64 && vector.len() * 4 < vector.capacity() {
+        vector.shrink_to(vector.len() * 2);
+    }
+}
+
+fn encode(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    write_varint(out, key.len());
+    write_varint(out, value.len());
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+}
+
+fn decode(bytes: &[u8]) -> (&[u8], &[u8]) {
+    let (key_len, first) = read_varint(bytes);
+    let (value_len, second) = read_varint(&bytes[first..]);
+    let rest = &bytes[first + second..];
+    (&rest[..key_len], &rest[key_len..key_len + value_len])
+}
+
+/// The most bytes a `usize` takes as a varint.
+const MAX_VARINT_LEN: usize = 10;
+
+// LEB128 by hand: a few lines, and the crates for it bring far more than this needs.
+fn write_varint(out: &mut Vec<u8>, mut value: usize) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Returns the value and how many bytes it took. Only ever reads what `write_varint` wrote.
+fn read_varint(bytes: &[u8]) -> (usize, usize) {
+    let mut value = 0usize;
+    for (index, byte) in bytes.iter().enumerate() {
+        value |= usize::from(byte & 0x7f) << (7 * index);
+        if byte & 0x80 == 0 {
+            return (value, index + 1);
+        }
+    }
+    unreachable!("entries always start with complete varints")
+}
+
+fn varint_len(value: usize) -> usize {
+    (usize::BITS - value.leading_zeros()).max(1).div_ceil(7) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_round_trip_at_every_width() {
+        for value in [
+            0,
+            1,
+            127,
+            128,
+            255,
+            16_383,
+            16_384,
+            1 << 21,
+            usize::MAX >> 1,
+        ] {
+            let mut out = Vec::new();
+            write_varint(&mut out, value);
+            assert_eq!(out.len(), varint_len(value));
+            assert_eq!(read_varint(&out), (value, out.len()));
+        }
+    }
+
+    #[test]
+    fn classes_fit_their_entries_closely() {
+        assert_eq!(stored_size(encoded_len(&[0; 16], &[0; 32])), 56);
+        assert_eq!(stored_size(1), 16);
+        assert_eq!(stored_size(4096), 4096);
+        assert_eq!(stored_size(4097), 4097);
+        for length in 1..=4096 {
+            let stored = stored_size(length);
+            assert!(
+                stored >= length && stored <= (length * 9 / 8 + 8).max(16),
+                "{length}"
+            );
+        }
+    }
+
+    #[test]
+    fn entries_of_every_size_round_trip_and_removal_keeps_classes_dense() {
+        let mut slabs = Slabs::default();
+        let mut live: Vec<(EntryRef, Vec<u8>, Vec<u8>)> = Vec::new();
+        for size in [0usize, 1, 13, 40, 200, 3000, 5000, 70_000] {
+            for copy in 0..3u8 {
+                let key = vec![copy; size % 50 + 1];
+                let value = vec![copy.wrapping_add(1); size];
+                live.push((slabs.insert(&key, &value), key, value));
+            }
+        }
+        while !live.is_empty() {
+            for (entry, key, value) in &live {
+                assert_eq!(slabs.get(*entry), (&key[..], &value[..]));
+            }
+            let (entry, _, _) = live.remove(live.len() / 2);
+            if let Some(moved) = slabs.remove(entry) {
+                let mover = live
+                    .iter_mut()
+                    .find(|(live_entry, _, _)| *live_entry == moved.from)
+                    .expect("the moved entry was live");
+                mover.0 = moved.to;
+            }
+        }
+        assert!(slabs.classes.iter().all(Vec::is_empty) && slabs.large.is_empty());
+    }
+
+    #[test]
+    fn same_class_values_are_replaced_in_place() {
+        let mut slabs = Slabs::default();
+        let entry = slabs.insert(b"key", b"value-1");
+        assert!(slabs.replace(entry, b"key", b"value-2"));
+        assert_eq!(slabs.get(entry), (&b"key"[..], &b"value-2"[..]));
+        assert!(!slabs.replace(entry, b"key", &[0; 100]));
+    }
+}

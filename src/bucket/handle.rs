@@ -31,10 +31,14 @@ enum Control {
     Fail(BucketFault),
 }
 
+/// What every handle of one bucket shares. `repr(C)` keeps the order: the name (compared on
+/// every registry lookup) sits beside the table's lock and header (used right after), so a
+/// lookup among many buckets touches adjacent cache lines of one block.
+#[repr(C)]
 struct Shared {
-    id: BucketId,
     name: BucketName,
     table: Table,
+    id: BucketId,
     control: watch::Sender<Control>,
 }
 

@@ -2,16 +2,19 @@
 //!
 //! Each entry is `varint(key length) ++ varint(value length) ++ key ++ value`, stored in a slot
 //! of the smallest size class that holds it (16 to 4096 bytes, classes at most 12.5% apart);
-//! larger entries get an allocation of their own. An [`EntryRef`] names a slot by class and
-//! index: eight bytes, where a boxed entry would cost a 16-byte fat pointer in the hash table
+//! larger entries get an allocation of their own. An [`EntryRef`] names a slot by its slab
+//! and index: eight bytes, where a boxed entry would cost a 16-byte fat pointer in the hash table
 //! plus an allocator header and rounding per entry. That difference is what takes a key of 16
 //! bytes with a 32-byte value under 100 bytes of resident memory.
 //!
-//! Invariant: every class is dense. Removing a slot moves the class's last slot into the hole
-//! (and reports the move, so the index can follow it); vectors shrink as classes empty, so a
-//! bucket gives memory back as its keys go.
+//! Invariant: every slab is dense. Removing a slot moves the slab's last slot into the hole
+//! (and reports the move, so the index can follow it); slabs shrink as they empty, so a bucket
+//! gives memory back as its keys go.
 
-/// A slot's address: the size class in the top byte, the index in the class below.
+use smallvec::SmallVec;
+
+/// A slot's address: the slab's position in its table's list in the top byte (or [`LARGE`]),
+/// the index in the slab below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct EntryRef(u64);
 
@@ -19,11 +22,11 @@ const INDEX_BITS: u32 = 56;
 const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
 
 impl EntryRef {
-    fn new(class: usize, index: usize) -> Self {
-        Self(((class as u64) << INDEX_BITS) | index as u64)
+    fn new(position: usize, index: usize) -> Self {
+        Self(((position as u64) << INDEX_BITS) | index as u64)
     }
 
-    fn class(self) -> usize {
+    fn position(self) -> usize {
         (self.0 >> INDEX_BITS) as usize
     }
 
@@ -41,8 +44,8 @@ const SLOT_SIZES: [usize; 55] = [
     1152, 1280, 1408, 1536, 1664, 1792, 1920, 2048, // by 128
     2304, 2560, 2816, 3072, 3328, 3584, 3840, 4096, // by 256
 ];
-/// The class of entries too large for any slot: one allocation each.
-const LARGE: usize = SLOT_SIZES.len();
+/// The position of entries too large for any slot: one allocation each.
+const LARGE: usize = 255;
 
 /// What an entry of this many bytes costs in its slab: its slot, or its own allocation.
 pub(super) fn stored_size(encoded_len: usize) -> usize {
@@ -53,19 +56,31 @@ pub(super) fn stored_size(encoded_len: usize) -> usize {
 }
 
 fn size_class(encoded_len: usize) -> usize {
-    SLOT_SIZES.partition_point(|&size| size < encoded_len)
+    match SLOT_SIZES.partition_point(|&size| size < encoded_len) {
+        class if class == SLOT_SIZES.len() => LARGE,
+        class => class,
+    }
 }
 
 pub(super) fn encoded_len(key: &[u8], value: &[u8]) -> usize {
     varint_len(key.len()) + varint_len(value.len()) + key.len() + value.len()
 }
 
+/// Slots of one size, laid end to end.
+struct Slab {
+    slot_size: usize,
+    bytes: Vec<u8>,
+}
+
 /// The entries of one table.
 #[derive(Default)]
 pub(super) struct Slabs {
-    /// One byte vector per size class, slots laid end to end; only as long as the largest
-    /// class used, so a bucket of small entries carries no empty vectors for large ones.
-    classes: Vec<Vec<u8>>,
+    /// One slab per slot size in use, in the order first needed; an [`EntryRef`] names its
+    /// slab by position, so reading an entry is one index, no search. Two slabs live inline:
+    /// most tables hold values of one or two sizes, and then reading an entry follows no
+    /// pointer but the slab's own. A slab that empties keeps its place (and gives back its
+    /// bytes), so positions never change; there are at most `SLOT_SIZES.len()` of them.
+    slabs: SmallVec<[Slab; 2]>,
     large: Vec<Box<[u8]>>,
 }
 
@@ -87,26 +102,37 @@ impl Slabs {
             return EntryRef::new(LARGE, self.large.len() - 1);
         }
         let size = SLOT_SIZES[class];
-        if self.classes.len() <= class {
-            self.classes.resize_with(class + 1, Vec::new);
-        }
-        let slab = &mut self.classes[class];
+        let position = match self.slabs.iter().position(|slab| slab.slot_size == size) {
+            Some(position) => position,
+            None => {
+                self.slabs.push(Slab {
+                    slot_size: size,
+                    bytes: Vec::new(),
+                });
+                self.slabs.len() - 1
+            }
+        };
+        let slab = &mut self.slabs[position].bytes;
         let index = slab.len() / size;
         let start = slab.len();
         encode(slab, key, value);
         slab.resize(start + size, 0);
-        EntryRef::new(class, index)
+        EntryRef::new(position, index)
     }
 
-    /// Replaces the entry at `entry` in place, if the new one belongs to the same class.
+    /// Replaces the entry at `entry` in place, if the new one needs a slot of the same size.
     /// Returns whether it did.
     pub(super) fn replace(&mut self, entry: EntryRef, key: &[u8], value: &[u8]) -> bool {
         let class = size_class(encoded_len(key, value));
-        if class != entry.class() || class == LARGE {
+        if class == LARGE || entry.position() == LARGE {
             return false;
         }
-        let size = SLOT_SIZES[class];
-        let slot = &mut self.classes[class][entry.index() * size..][..size];
+        let slab = &mut self.slabs[entry.position()];
+        let size = slab.slot_size;
+        if SLOT_SIZES[class] != size {
+            return false;
+        }
+        let slot = &mut slab.bytes[entry.index() * size..][..size];
         let mut header = Vec::with_capacity(2 * MAX_VARINT_LEN);
         write_varint(&mut header, key.len());
         write_varint(&mut header, value.len());
@@ -127,47 +153,46 @@ impl Slabs {
     }
 
     fn bytes(&self, entry: EntryRef) -> &[u8] {
-        match entry.class() {
+        match entry.position() {
             LARGE => &self.large[entry.index()],
-            class => {
-                let size = SLOT_SIZES[class];
-                &self.classes[class][entry.index() * size..][..size]
+            position => {
+                let slab = &self.slabs[position];
+                &slab.bytes[entry.index() * slab.slot_size..][..slab.slot_size]
             }
         }
     }
 
-    /// Removes the entry at `entry`, moving the last slot of its class into the hole.
+    /// Removes the entry at `entry`, moving the last slot of its slab into the hole.
     pub(super) fn remove(&mut self, entry: EntryRef) -> Option<Moved> {
-        let class = entry.class();
-        let (last, moved) = if class == LARGE {
+        let position = entry.position();
+        let (last, moved) = if position == LARGE {
             let last = self.large.len() - 1;
             self.large.swap_remove(entry.index());
             shrink(&mut self.large);
             (last, entry.index() != last)
         } else {
-            let size = SLOT_SIZES[class];
-            let slab = &mut self.classes[class];
-            let last = slab.len() / size - 1;
+            let Slab { slot_size, bytes } = &mut self.slabs[position];
+            let size = *slot_size;
+            let last = bytes.len() / size - 1;
             if entry.index() != last {
-                slab.copy_within(last * size.., entry.index() * size);
+                bytes.copy_within(last * size.., entry.index() * size);
             }
-            slab.truncate(last * size);
-            shrink(slab);
-            while self.classes.last().is_some_and(Vec::is_empty) {
-                self.classes.pop();
-            }
+            bytes.truncate(last * size);
+            shrink(bytes);
             (last, entry.index() != last)
         };
         moved.then(|| Moved {
-            from: EntryRef::new(class, last),
+            from: EntryRef::new(position, last),
             to: entry,
         })
     }
 }
 
-/// Gives back the room of a vector that has fallen to a quarter of its capacity.
+/// Gives back the room of a vector that has fallen to a quarter of its capacity, or emptied.
 fn shrink<T>(vector: &mut Vec<T>) {
-    if vector.capacity() > 64 && vector.len() * 4 < vector.capacity() {
+    if vector.is_empty() {
+        *vector = Vec::new();
+    } else if vector.capacity() > 64 && vector.len() * 4 < vector.capacity() {
         vector.shrink_to(vector.len() * 2);
     }
 }
@@ -277,7 +302,8 @@ mod tests {
                 mover.0 = moved.to;
             }
         }
-        assert!(slabs.classes.iter().all(Vec::is_empty) && slabs.large.is_empty());
+        assert!(slabs.slabs.iter().all(|slab| slab.bytes.capacity() == 0));
+        assert!(slabs.large.is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tokio::task::Id;
 
 use super::RegistryError;
 use super::handle::RegistryCounts;
-use super::view::{ViewWriter, shrink_if_sparse};
+use super::view::ViewWriter;
 use crate::bucket::{self, BucketHandle, BucketId, BucketName, MemoryBudget};
 use crate::config::CoreConfig;
 use crate::supervisor::{BucketSupervisor, ChildExit, ExitReason};
@@ -29,6 +29,16 @@ pub(super) enum Request {
     },
     /// Fault injection: the loop panics, as a bug in it would make it.
     Panic,
+}
+
+/// Gives back the room of a map that has fallen to a quarter of its capacity, so that creating
+/// and dropping many buckets leaves memory where it started.
+fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
+    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
+    }
 }
 
 /// A bucket this loop started and is watching.

@@ -1,13 +1,34 @@
 //! The concurrent read view of the registry's names: many readers, one writer (the loop).
 
-use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use hashbrown::HashTable;
 use parking_lot::RwLock;
 
 use crate::bucket::{BucketHandle, BucketId, BucketName};
 
-type Names = HashMap<BucketName, BucketHandle, foldhash::fast::RandomState>;
+/// Handles indexed by their own names: a slot is one pointer, and comparing a name reads the
+/// bucket's shared block, which the operation that follows needs anyway. With many buckets
+/// that saves a cache miss per lookup against a map that keeps a copy of each name.
+#[derive(Default)]
+struct Names {
+    handles: HashTable<BucketHandle>,
+    /// Seeded at random, so hostile names cannot be chosen to collide.
+    hasher: foldhash::fast::RandomState,
+}
+
+impl Names {
+    fn get(&self, name: &[u8]) -> Option<&BucketHandle> {
+        self.handles.find(self.hasher.hash_one(name), |bucket| {
+            bucket.name().as_bytes() == name
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.handles.len()
+    }
+}
 
 /// A read-only view of the registry's names, safe to share with every connection.
 ///
@@ -59,7 +80,9 @@ impl RegistryView {
     pub fn names(&self, after: Option<&[u8]>, limit: usize) -> Vec<BucketName> {
         let names = self.names.read();
         let mut page: Vec<&BucketName> = names
-            .keys()
+            .handles
+            .iter()
+            .map(BucketHandle::name)
             .filter(|name| after.is_none_or(|after| name.as_bytes() > after))
             .collect();
         let limit = limit.min(page.len());
@@ -94,36 +117,47 @@ impl ViewWriter {
         self.names.read().len()
     }
 
+    /// Adds `bucket`, replacing any entry of the same name.
     pub(super) fn insert(&self, bucket: BucketHandle) {
-        self.names.write().insert(bucket.name().clone(), bucket);
+        let mut names = self.names.write();
+        let Names { handles, hasher } = &mut *names;
+        let hash = hasher.hash_one(bucket.name().as_bytes());
+        let found = handles.find_entry(hash, |existing| existing.name() == bucket.name());
+        match found {
+            Ok(mut existing) => *existing.get_mut() = bucket,
+            Err(absent) => {
+                let table = absent.into_table();
+                table.insert_unique(hash, bucket, |existing| {
+                    hasher.hash_one(existing.name().as_bytes())
+                });
+            }
+        }
     }
 
     /// Removes `name` if it still belongs to bucket `id`; returns the handle removed.
     pub(super) fn remove(&self, name: &[u8], id: BucketId) -> Option<BucketHandle> {
         let mut names = self.names.write();
-        if names.get(name).is_none_or(|bucket| bucket.id() != id) {
-            return None;
+        let Names { handles, hasher } = &mut *names;
+        let found = handles
+            .find_entry(hasher.hash_one(name), |bucket| {
+                bucket.name().as_bytes() == name
+            })
+            .ok()
+            .filter(|bucket| bucket.get().id() == id)?;
+        let (removed, _) = found.remove();
+        if handles.capacity() > 64 && handles.len() * 4 < handles.capacity() {
+            handles.shrink_to(handles.len() * 2, |bucket| {
+                hasher.hash_one(bucket.name().as_bytes())
+            });
         }
-        let removed = names.remove(name);
-        shrink_if_sparse(&mut names);
-        removed
+        Some(removed)
     }
 
     /// Closes every bucket and forgets every name: the registry that owned them has died.
     pub(super) fn close_all(&self) {
         let names = std::mem::take(&mut *self.names.write());
-        for bucket in names.values() {
+        for bucket in &names.handles {
             bucket.close();
         }
-    }
-}
-
-/// Gives back the room of a map that has fallen to a quarter of its capacity, so that creating
-/// and dropping many buckets leaves memory where it started.
-pub(super) fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
-    map: &mut HashMap<K, V, S>,
-) {
-    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
-        map.shrink_to(map.len() * 2);
     }
 }

@@ -34,6 +34,7 @@
 //!   reaches the registry, other buckets or a caller.
 
 mod handle;
+mod index;
 mod name;
 mod slab;
 mod table;

@@ -22,6 +22,9 @@ const INDEX_BITS: u32 = 56;
 const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
 
 impl EntryRef {
+    /// A reference to nothing, for unused inline index slots; never handed out by `Slabs`.
+    pub(super) const NONE: Self = Self(u64::MAX);
+
     fn new(position: usize, index: usize) -> Self {
         Self(((position as u64) << INDEX_BITS) | index as u64)
     }

@@ -1,6 +1,6 @@
 //! A bucket's table: keys to values, shared by every handle, owned in lifetime by the bucket task.
 //!
-//! A hash index of 8-byte [`EntryRef`]s over [`Slabs`] that hold the entries themselves.
+//! An [`EntryIndex`] of 8-byte [`EntryRef`]s over [`Slabs`] that hold the entries themselves.
 //!
 //! Invariants:
 //! - `entries` is `None` exactly when the table is closed; closing frees every entry at once and
@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use hashbrown::HashTable;
 use parking_lot::RwLock;
 
 use super::BucketError;
+use super::index::EntryIndex;
 use super::slab::{self, EntryRef, Slabs};
 
 /// What one entry costs beyond its slot: its place in the hash index (an 8-byte reference
@@ -83,7 +83,7 @@ impl MemoryBudget {
 }
 
 struct Entries {
-    index: HashTable<EntryRef>,
+    index: EntryIndex,
     slabs: Slabs,
     /// Seeded at random per table, so hostile keys cannot be chosen to collide in every server.
     hasher: foldhash::fast::RandomState,
@@ -107,7 +107,7 @@ impl Table {
     pub(crate) fn new(budget: Arc<MemoryBudget>) -> Self {
         Self {
             entries: RwLock::new(Some(Entries {
-                index: HashTable::new(),
+                index: EntryIndex::default(),
                 slabs: Slabs::default(),
                 hasher: foldhash::fast::RandomState::default(),
                 charged: 0,
@@ -144,7 +144,7 @@ impl Table {
             hasher,
             charged,
         } = entries;
-        if let Some(&existing) = index.find(hash, |&entry| slabs.key(entry) == key) {
+        if let Some(existing) = index.find(hash, |entry| slabs.key(entry) == key) {
             let (old_key, old_value) = slabs.get(existing);
             let old_charge = charge(old_key, old_value);
             // Overwriting with a value of the same size (the common case) touches no shared
@@ -158,13 +158,13 @@ impl Table {
             if !slabs.replace(existing, key, value) {
                 remove_entry(index, slabs, hasher, hash, existing);
                 let entry = slabs.insert(key, value);
-                index.insert_unique(hash, entry, |&entry| hasher.hash_one(slabs.key(entry)));
+                index.insert(hash, entry, |entry| hasher.hash_one(slabs.key(entry)));
             }
             return Ok(());
         }
         self.budget.reserve(new_charge)?;
         let entry = slabs.insert(key, value);
-        index.insert_unique(hash, entry, |&entry| hasher.hash_one(slabs.key(entry)));
+        index.insert(hash, entry, |entry| hasher.hash_one(slabs.key(entry)));
         *charged += new_charge;
         self.budget.keys.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -181,8 +181,8 @@ impl Table {
         let entries = guard.as_ref().ok_or(BucketError::Stopped)?;
         let found = entries
             .index
-            .find(entries.hash(key), |&entry| entries.slabs.key(entry) == key);
-        Ok(read(found.map(|&entry| entries.slabs.get(entry).1)))
+            .find(entries.hash(key), |entry| entries.slabs.key(entry) == key);
+        Ok(read(found.map(|entry| entries.slabs.get(entry).1)))
     }
 
     pub(crate) fn delete(&self, key: &[u8]) -> Result<bool, BucketError> {
@@ -195,7 +195,7 @@ impl Table {
             hasher,
             charged,
         } = entries;
-        let Some(&found) = index.find(hash, |&entry| slabs.key(entry) == key) else {
+        let Some(found) = index.find(hash, |entry| slabs.key(entry) == key) else {
             return Ok(false);
         };
         let (key, value) = slabs.get(found);
@@ -204,11 +204,6 @@ impl Table {
         *charged -= freed;
         self.budget.release(freed);
         self.budget.keys.fetch_sub(1, Ordering::Relaxed);
-        // An index that shrank to a quarter of its capacity gives the rest back, so a bucket
-        // that once held many keys does not keep their slots for ever.
-        if index.capacity() > 64 && index.len() * 4 < index.capacity() {
-            index.shrink_to(index.len() * 2, |&entry| hasher.hash_one(slabs.key(entry)));
-        }
         Ok(true)
     }
 
@@ -230,7 +225,7 @@ impl Table {
         let entries = guard.as_ref().ok_or(BucketError::Stopped)?;
         let mut smallest: std::collections::BinaryHeap<&[u8]> =
             std::collections::BinaryHeap::with_capacity(limit.min(entries.index.len()) + 1);
-        for key in entries.index.iter().map(|&entry| entries.slabs.key(entry)) {
+        for key in entries.index.iter().map(|entry| entries.slabs.key(entry)) {
             if after.is_some_and(|after| key <= after) {
                 continue;
             }
@@ -248,20 +243,16 @@ impl Table {
 /// Takes `entry` (found under `hash`) out of the index and its slab, and points the index at
 /// the slot the slab moved into the hole, if it moved one.
 fn remove_entry(
-    index: &mut HashTable<EntryRef>,
+    index: &mut EntryIndex,
     slabs: &mut Slabs,
     hasher: &foldhash::fast::RandomState,
     hash: u64,
     entry: EntryRef,
 ) {
-    if let Ok(found) = index.find_entry(hash, |&candidate| candidate == entry) {
-        found.remove();
-    }
+    index.remove(hash, entry, |entry| hasher.hash_one(slabs.key(entry)));
     if let Some(moved) = slabs.remove(entry) {
         let moved_hash = hasher.hash_one(slabs.key(moved.to));
-        if let Some(reference) = index.find_mut(moved_hash, |&candidate| candidate == moved.from) {
-            *reference = moved.to;
-        }
+        index.redirect(moved_hash, moved.from, moved.to);
     }
 }
 
@@ -337,7 +328,7 @@ mod tests {
     }
 
     #[test]
-    fn a_table_emptied_after_growth_shrinks() {
+    fn a_table_emptied_after_growth_turns_small_again() {
         let table = table();
         for index in 0..10_000u32 {
             table.put(&index.to_le_bytes(), b"v").unwrap();
@@ -345,8 +336,7 @@ mod tests {
         for index in 0..10_000u32 {
             table.delete(&index.to_le_bytes()).unwrap();
         }
-        let capacity = table.entries.read().as_ref().unwrap().index.capacity();
-        assert!(capacity <= 128, "capacity stayed at {capacity}");
+        assert!(table.entries.read().as_ref().unwrap().index.is_inline());
     }
 
     #[derive(Debug, Clone)]

@@ -1,0 +1,165 @@
+//! A table's hash index: from a key's hash to the [`EntryRef`] of its entry.
+//!
+//! Most buckets are small. A small index lives inline in the table's header, up to
+//! [`INLINE_ENTRIES`] references beside a one-byte tag of each key's hash, searched by a scan
+//! of the tags: a lookup among thousands of small buckets then reads the header it needs for
+//! the lock anyway, instead of following a pointer to a separate hash table. Past that size the
+//! index is a `hashbrown` table, and it turns small again when it has shrunk well below.
+//!
+//! Invariant: in the inline form, `tags[..len]` and `references[..len]` describe exactly the
+//! live entries (no holes; removal moves the last one into the gap).
+
+use hashbrown::HashTable;
+
+use super::slab::EntryRef;
+
+/// References held inline before the index becomes a hash table.
+pub(super) const INLINE_ENTRIES: usize = 16;
+/// A hash table that falls to this many entries turns inline again (below
+/// `INLINE_ENTRIES`, so that one key in and out at the boundary does not convert each time).
+const BACK_INLINE_AT: usize = INLINE_ENTRIES / 2;
+
+pub(super) enum EntryIndex {
+    Inline {
+        len: u8,
+        tags: [u8; INLINE_ENTRIES],
+        references: [EntryRef; INLINE_ENTRIES],
+    },
+    Table(HashTable<EntryRef>),
+}
+
+impl Default for EntryIndex {
+    fn default() -> Self {
+        Self::Inline {
+            len: 0,
+            tags: [0; INLINE_ENTRIES],
+            references: [EntryRef::NONE; INLINE_ENTRIES],
+        }
+    }
+}
+
+/// The top seven bits of the hash (hashbrown uses the same ones for its control bytes).
+fn tag(hash: u64) -> u8 {
+    (hash >> 57) as u8
+}
+
+impl EntryIndex {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Self::Inline { len, .. } => usize::from(*len),
+            Self::Table(table) => table.len(),
+        }
+    }
+
+    /// The entry under `hash` for which `is_key` holds.
+    pub(super) fn find(&self, hash: u64, is_key: impl Fn(EntryRef) -> bool) -> Option<EntryRef> {
+        match self {
+            Self::Inline {
+                len,
+                tags,
+                references,
+            } => {
+                let wanted = tag(hash);
+                (0..usize::from(*len))
+                    .find(|&slot| tags[slot] == wanted && is_key(references[slot]))
+                    .map(|slot| references[slot])
+            }
+            Self::Table(table) => table.find(hash, |&entry| is_key(entry)).copied(),
+        }
+    }
+
+    /// Adds `entry` under `hash`; the caller knows its key is not in the index yet. `rehash`
+    /// gives the hash of any entry, for growing.
+    pub(super) fn insert(&mut self, hash: u64, entry: EntryRef, rehash: impl Fn(EntryRef) -> u64) {
+        match self {
+            Self::Inline {
+                len,
+                tags,
+                references,
+            } => {
+                let slot = usize::from(*len);
+                if slot < INLINE_ENTRIES {
+                    tags[slot] = tag(hash);
+                    references[slot] = entry;
+                    *len += 1;
+                    return;
+                }
+                let mut table = HashTable::with_capacity(2 * INLINE_ENTRIES);
+                for &existing in references.iter() {
+                    table.insert_unique(rehash(existing), existing, |&entry| rehash(entry));
+                }
+                table.insert_unique(hash, entry, |&entry| rehash(entry));
+                *self = Self::Table(table);
+            }
+            Self::Table(table) => {
+                table.insert_unique(hash, entry, |&entry| rehash(entry));
+            }
+        }
+    }
+
+    /// Takes `entry` (under `hash`) out of the index.
+    pub(super) fn remove(&mut self, hash: u64, entry: EntryRef, rehash: impl Fn(EntryRef) -> u64) {
+        match self {
+            Self::Inline {
+                len,
+                tags,
+                references,
+            } => {
+                let last = usize::from(*len) - 1;
+                if let Some(slot) = references[..=last].iter().position(|&found| found == entry) {
+                    tags[slot] = tags[last];
+                    references[slot] = references[last];
+                    *len -= 1;
+                }
+            }
+            Self::Table(table) => {
+                if let Ok(found) = table.find_entry(hash, |&candidate| candidate == entry) {
+                    found.remove();
+                }
+                if table.len() <= BACK_INLINE_AT {
+                    let mut inline = Self::default();
+                    for &remaining in table.iter() {
+                        inline.insert(rehash(remaining), remaining, &rehash);
+                    }
+                    *self = inline;
+                } else if table.len() * 4 < table.capacity() {
+                    // A table that shrank to a quarter of its capacity gives the rest back.
+                    table.shrink_to(table.len() * 2, |&entry| rehash(entry));
+                }
+            }
+        }
+    }
+
+    /// Points the reference `from` (under `hash`) at `to`: its entry moved.
+    pub(super) fn redirect(&mut self, hash: u64, from: EntryRef, to: EntryRef) {
+        let reference = match self {
+            Self::Inline {
+                len, references, ..
+            } => references[..usize::from(*len)]
+                .iter_mut()
+                .find(|found| **found == from),
+            Self::Table(table) => table.find_mut(hash, |&candidate| candidate == from),
+        };
+        if let Some(reference) = reference {
+            *reference = to;
+        }
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = EntryRef> + '_ {
+        let (inline, table) = match self {
+            Self::Inline {
+                len, references, ..
+            } => (&references[..usize::from(*len)], None),
+            Self::Table(table) => (&[][..], Some(table)),
+        };
+        inline
+            .iter()
+            .copied()
+            .chain(table.into_iter().flat_map(|table| table.iter().copied()))
+    }
+
+    #[cfg(test)]
+    pub(super) fn is_inline(&self) -> bool {
+        matches!(self, Self::Inline { .. })
+    }
+}

@@ -88,7 +88,7 @@ if "kv" in memory_rows and "redis-set" in memory_rows:
 
 
 def svg(bars):
-    width, row, left = 640, 28, 190
+    width, row, left = 680, 28, 230
     height = row * len(bars) + 60
     scale = (width - left - 40) / max(2.0, max((value or 0) for _, value in bars) * 1.1)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -140,7 +140,8 @@ report = f"""# kv against Redis
 
 Measured {datetime.date.today()} by `{command}` at kv commit `{kv_commit()}`, on {machine()}.
 Load generator and server share the machine's cores over loopback. Redis {redis_version}, persistence
-off. Each figure is the median of {rounds} interleaved rounds (A B A B, the order alternating);
+off; kv with the worker threads the command line shows (`KV_THREADS`: one by default here, as
+Redis serves from one thread and the load generator needs the other core). Each figure is the median of {rounds} interleaved rounds (A B A B, the order alternating);
 ratios are kv ÷ Redis of those medians. This machine is shared and noisy (±10%): read the ratios.
 
 ![kv ÷ Redis](benchmarks.svg)

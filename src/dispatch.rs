@@ -271,7 +271,7 @@ fn bucket_error(error: BucketError) -> ErrorReply {
             code: "OOM",
             message: error.to_string(),
         },
-        BucketError::Stopped => ErrorReply::new(error),
+        BucketError::Stopped | BucketError::Unwritable => ErrorReply::new(error),
     }
 }
 

@@ -48,3 +48,4 @@ pub mod client;
 pub mod dispatch;
 pub mod protocol;
 pub mod server;
+pub mod storage;

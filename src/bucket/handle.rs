@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use super::table::{MemoryBudget, Table};
 use super::{BucketError, BucketName};
+use crate::storage::Journal;
 
 /// A number that tells one bucket from every other bucket of the same registry, including
 /// earlier buckets of the same name.
@@ -87,7 +88,7 @@ impl BucketHandle {
     /// [`BucketError::Stopped`] if the bucket has ended; [`BucketError::OutOfMemory`] if the
     /// memory budget has no room for the entry (the old value, if any, stays).
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), BucketError> {
-        self.shared.table.put(key, value)
+        self.shared.table.put(self.shared.name.as_bytes(), key, value)
     }
 
     /// A copy of the value of `key`, or `None` if the key is absent.
@@ -116,7 +117,7 @@ impl BucketHandle {
     /// # Errors
     /// [`BucketError::Stopped`] if the bucket has ended.
     pub fn delete(&self, key: &[u8]) -> Result<bool, BucketError> {
-        self.shared.table.delete(key)
+        self.shared.table.delete(self.shared.name.as_bytes(), key)
     }
 
     /// How many keys the bucket holds.
@@ -142,6 +143,15 @@ impl BucketHandle {
     /// [`BucketError::Stopped`] if the bucket has ended.
     pub fn keys(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Bytes>, BucketError> {
         self.shared.table.keys_after(after, limit)
+    }
+
+    /// Appends a `Put` record of every entry to `out`: a consistent copy of the bucket, for a
+    /// snapshot.
+    ///
+    /// # Errors
+    /// [`BucketError::Stopped`] if the bucket has ended.
+    pub fn export(&self, out: &mut Vec<u8>) -> Result<(), BucketError> {
+        self.shared.table.export(self.shared.name.as_bytes(), out)
     }
 
     /// Whether the bucket has ended. Once true, it stays true.
@@ -205,12 +215,13 @@ pub(crate) fn start(
     id: BucketId,
     name: BucketName,
     budget: Arc<MemoryBudget>,
+    journal: Option<Arc<Journal>>,
 ) -> (BucketHandle, impl Future<Output = ()> + Send + 'static) {
     let (control, receiver) = watch::channel(Control::Run);
     let shared = Arc::new(Shared {
         id,
         name,
-        table: Table::new(budget),
+        table: Table::new(budget, journal),
         control,
     });
     let guard = CloseOnExit {

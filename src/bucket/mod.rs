@@ -50,6 +50,9 @@ pub enum BucketError {
     /// The bucket has ended (dropped, stopped or crashed); its data is gone.
     #[error("bucket has stopped")]
     Stopped,
+    /// The log cannot be written, so no change is accepted.
+    #[error("the log cannot be written; changes are refused")]
+    Unwritable,
     /// Storing this would pass the configured memory limit.
     #[error("memory limit of {limit} bytes reached")]
     OutOfMemory {

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 
 use super::BucketError;
+use crate::storage::{Journal, Record};
 use super::index::EntryIndex;
 use super::slab::{self, EntryRef, Slabs};
 
@@ -101,10 +102,13 @@ pub(crate) struct Table {
     entries: RwLock<Option<Entries>>,
     closed: AtomicBool,
     budget: Arc<MemoryBudget>,
+    /// Where changes are logged, when the server is durable. A change is appended while the
+    /// write lock is held, so the log's order for a key is the order the changes were made.
+    journal: Option<Arc<Journal>>,
 }
 
 impl Table {
-    pub(crate) fn new(budget: Arc<MemoryBudget>) -> Self {
+    pub(crate) fn new(budget: Arc<MemoryBudget>, journal: Option<Arc<Journal>>) -> Self {
         Self {
             entries: RwLock::new(Some(Entries {
                 index: EntryIndex::default(),
@@ -114,6 +118,7 @@ impl Table {
             })),
             closed: AtomicBool::new(false),
             budget,
+            journal,
         }
     }
 
@@ -133,7 +138,23 @@ impl Table {
         }
     }
 
-    pub(crate) fn put(&self, key: &[u8], value: &[u8]) -> Result<(), BucketError> {
+    /// Refuses changes once the log has failed: nothing may be acknowledged that the log
+    /// does not hold.
+    fn check_writable(&self) -> Result<(), BucketError> {
+        match &self.journal {
+            Some(journal) if journal.is_failed() => Err(BucketError::Unwritable),
+            _ => Ok(()),
+        }
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if let Some(journal) = &self.journal {
+            journal.append(record);
+        }
+    }
+
+    pub(crate) fn put(&self, bucket: &[u8], key: &[u8], value: &[u8]) -> Result<(), BucketError> {
+        self.check_writable()?;
         let new_charge = charge(key, value);
         let mut guard = self.entries.write();
         let entries = guard.as_mut().ok_or(BucketError::Stopped)?;
@@ -160,13 +181,14 @@ impl Table {
                 let entry = slabs.insert(key, value);
                 index.insert(hash, entry, |entry| hasher.hash_one(slabs.key(entry)));
             }
-            return Ok(());
+        } else {
+            self.budget.reserve(new_charge)?;
+            let entry = slabs.insert(key, value);
+            index.insert(hash, entry, |entry| hasher.hash_one(slabs.key(entry)));
+            *charged += new_charge;
+            self.budget.keys.fetch_add(1, Ordering::Relaxed);
         }
-        self.budget.reserve(new_charge)?;
-        let entry = slabs.insert(key, value);
-        index.insert(hash, entry, |entry| hasher.hash_one(slabs.key(entry)));
-        *charged += new_charge;
-        self.budget.keys.fetch_add(1, Ordering::Relaxed);
+        self.log(&Record::Put { bucket, key, value });
         Ok(())
     }
 
@@ -185,7 +207,8 @@ impl Table {
         Ok(read(found.map(|entry| entries.slabs.get(entry).1)))
     }
 
-    pub(crate) fn delete(&self, key: &[u8]) -> Result<bool, BucketError> {
+    pub(crate) fn delete(&self, bucket: &[u8], key: &[u8]) -> Result<bool, BucketError> {
+        self.check_writable()?;
         let mut guard = self.entries.write();
         let entries = guard.as_mut().ok_or(BucketError::Stopped)?;
         let hash = entries.hash(key);
@@ -198,13 +221,26 @@ impl Table {
         let Some(found) = index.find(hash, |entry| slabs.key(entry) == key) else {
             return Ok(false);
         };
-        let (key, value) = slabs.get(found);
-        let freed = charge(key, value);
+        let (stored_key, stored_value) = slabs.get(found);
+        let freed = charge(stored_key, stored_value);
         remove_entry(index, slabs, hasher, hash, found);
         *charged -= freed;
         self.budget.release(freed);
         self.budget.keys.fetch_sub(1, Ordering::Relaxed);
+        self.log(&Record::Delete { bucket, key });
         Ok(true)
+    }
+
+    /// Appends a `Put` record for every entry to `out`, under the read lock: a consistent
+    /// copy of this table for a snapshot. Writers to this bucket wait meanwhile.
+    pub(crate) fn export(&self, bucket: &[u8], out: &mut Vec<u8>) -> Result<(), BucketError> {
+        let guard = self.entries.read();
+        let entries = guard.as_ref().ok_or(BucketError::Stopped)?;
+        for entry in entries.index.iter() {
+            let (key, value) = entries.slabs.get(entry);
+            Record::Put { bucket, key, value }.encode(out);
+        }
+        Ok(())
     }
 
     pub(crate) fn len(&self) -> Result<usize, BucketError> {
@@ -261,7 +297,7 @@ mod tests {
     use super::*;
 
     fn table() -> Table {
-        Table::new(Arc::new(MemoryBudget::new(usize::MAX)))
+        Table::new(Arc::new(MemoryBudget::new(usize::MAX)), None)
     }
 
     fn get(table: &Table, key: &[u8]) -> Option<Vec<u8>> {
@@ -273,43 +309,43 @@ mod tests {
     #[test]
     fn put_get_delete_and_overwrite() {
         let table = table();
-        table.put(b"milk", b"1").unwrap();
-        table.put(b"milk", b"22").unwrap();
+        table.put(b"t", b"milk", b"1").unwrap();
+        table.put(b"t", b"milk", b"22").unwrap();
         assert_eq!(get(&table, b"milk"), Some(b"22".to_vec()));
         assert_eq!(get(&table, b"eggs"), None);
-        assert!(table.delete(b"milk").unwrap());
-        assert!(!table.delete(b"milk").unwrap());
+        assert!(table.delete(b"t", b"milk").unwrap());
+        assert!(!table.delete(b"t", b"milk").unwrap());
         assert_eq!(table.len().unwrap(), 0);
     }
 
     #[test]
     fn closing_frees_the_budget_and_refuses_everything() {
         let budget = Arc::new(MemoryBudget::new(usize::MAX));
-        let table = Table::new(Arc::clone(&budget));
-        table.put(b"a", b"b").unwrap();
+        let table = Table::new(Arc::clone(&budget), None);
+        table.put(b"t", b"a", b"b").unwrap();
         assert!(budget.used() > 0);
         assert_eq!(budget.keys(), 1);
         table.close();
         assert_eq!(budget.used(), 0);
         assert_eq!(budget.keys(), 0);
         assert!(table.is_closed());
-        assert_eq!(table.put(b"a", b"b"), Err(BucketError::Stopped));
+        assert_eq!(table.put(b"t", b"a", b"b"), Err(BucketError::Stopped));
         assert_eq!(table.len(), Err(BucketError::Stopped));
-        assert_eq!(table.delete(b"a"), Err(BucketError::Stopped));
+        assert_eq!(table.delete(b"t", b"a"), Err(BucketError::Stopped));
     }
 
     #[test]
     fn the_budget_refuses_a_put_that_would_pass_it_and_keeps_the_old_value() {
         let budget = Arc::new(MemoryBudget::new(200));
-        let table = Table::new(Arc::clone(&budget));
-        table.put(b"k", b"small").unwrap();
+        let table = Table::new(Arc::clone(&budget), None);
+        table.put(b"t", b"k", b"small").unwrap();
         let big = vec![0u8; 500];
         assert_eq!(
-            table.put(b"k", &big),
+            table.put(b"t", b"k", &big),
             Err(BucketError::OutOfMemory { limit: 200 })
         );
         assert_eq!(get(&table, b"k"), Some(b"small".to_vec()));
-        table.delete(b"k").unwrap();
+        table.delete(b"t", b"k").unwrap();
         assert_eq!(budget.used(), 0);
     }
 
@@ -317,7 +353,7 @@ mod tests {
     fn keys_are_listed_in_pages_after_a_cursor() {
         let table = table();
         for key in [b"d", b"a", b"c", b"b", b"e"] {
-            table.put(key, b"").unwrap();
+            table.put(b"t", key, b"").unwrap();
         }
         let first = table.keys_after(None, 2).unwrap();
         assert_eq!(first, vec![Bytes::from("a"), Bytes::from("b")]);
@@ -331,10 +367,10 @@ mod tests {
     fn a_table_emptied_after_growth_turns_small_again() {
         let table = table();
         for index in 0..10_000u32 {
-            table.put(&index.to_le_bytes(), b"v").unwrap();
+            table.put(b"t", &index.to_le_bytes(), b"v").unwrap();
         }
         for index in 0..10_000u32 {
-            table.delete(&index.to_le_bytes()).unwrap();
+            table.delete(b"t", &index.to_le_bytes()).unwrap();
         }
         assert!(table.entries.read().as_ref().unwrap().index.is_inline());
     }
@@ -360,18 +396,18 @@ mod tests {
         #[test]
         fn the_table_behaves_like_a_hash_map(steps in proptest::collection::vec(step(), 1..300)) {
             let budget = Arc::new(MemoryBudget::new(usize::MAX));
-            let table = Table::new(Arc::clone(&budget));
+            let table = Table::new(Arc::clone(&budget), None);
             let mut model = std::collections::HashMap::new();
             for (number, step) in steps.into_iter().enumerate() {
                 match step {
                     Step::Put(key, size) => {
                         let value = vec![number as u8; size];
-                        table.put(&[key], &value).unwrap();
+                        table.put(b"t", &[key], &value).unwrap();
                         model.insert(key, value);
                     }
                     Step::Delete(key) => {
                         proptest::prop_assert_eq!(
-                            table.delete(&[key]).unwrap(),
+                            table.delete(b"t", &[key]).unwrap(),
                             model.remove(&key).is_some()
                         );
                     }
@@ -383,7 +419,7 @@ mod tests {
                 proptest::prop_assert_eq!(budget.keys(), model.len());
             }
             for key in 0..24u8 {
-                table.delete(&[key]).unwrap();
+                table.delete(b"t", &[key]).unwrap();
             }
             proptest::prop_assert_eq!(budget.used(), 0);
         }

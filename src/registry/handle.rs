@@ -11,6 +11,7 @@ use super::server::{self, Request, State};
 use super::view::RegistryView;
 use crate::bucket::{BucketHandle, BucketName, MemoryBudget};
 use crate::config::CoreConfig;
+use crate::storage::Journal;
 use crate::supervisor::{self, ChildGroup, ExitReason};
 
 /// Whether the registry loop is up, and how many times it has been started.
@@ -39,6 +40,7 @@ struct Shared {
     view: RegistryView,
     budget: Arc<MemoryBudget>,
     next_bucket_id: Arc<AtomicU64>,
+    journal: Option<Arc<Journal>>,
     /// The current loop's mailbox; `None` while it restarts or after it stopped for good.
     mailbox: RwLock<Option<mpsc::Sender<Request>>>,
     status: watch::Sender<RegistryStatus>,
@@ -78,6 +80,16 @@ impl Registry {
     /// If called outside a tokio runtime.
     #[must_use]
     pub fn start(config: CoreConfig) -> Self {
+        Self::start_durable(config, None)
+    }
+
+    /// Starts a registry whose creates and drops, and whose buckets' changes, are logged to
+    /// `journal` (when there is one).
+    ///
+    /// # Panics
+    /// If called outside a tokio runtime.
+    #[must_use]
+    pub fn start_durable(config: CoreConfig, journal: Option<Arc<Journal>>) -> Self {
         let intensity = config.restart_intensity;
         let (status, _) = watch::channel(RegistryStatus {
             starts: 0,
@@ -88,6 +100,7 @@ impl Registry {
             config,
             view: RegistryView::default(),
             next_bucket_id: Arc::new(AtomicU64::new(0)),
+            journal,
             mailbox: RwLock::new(None),
             status,
         });
@@ -138,6 +151,12 @@ impl Registry {
     #[must_use]
     pub fn memory(&self) -> &MemoryBudget {
         &self.shared.budget
+    }
+
+    /// The journal changes are logged to, when the registry is durable.
+    #[must_use]
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.shared.journal.as_ref()
     }
 
     /// The limits this registry was started with.
@@ -222,6 +241,7 @@ impl ChildGroup for RegistryGroup {
             shared.view.writer(),
             Arc::clone(&shared.budget),
             Arc::clone(&shared.next_bucket_id),
+            shared.journal.clone(),
         );
         let main_task = tokio::spawn(server::run(mailbox, state));
         *shared.mailbox.write() = Some(sender);

@@ -33,6 +33,9 @@ pub enum RegistryError {
         /// The configured limit.
         limit: usize,
     },
+    /// The log cannot be written, so no bucket can be created.
+    #[error("the log cannot be written; changes are refused")]
+    Unwritable,
     /// The bucket name is longer than the configured limit.
     #[error("bucket name is {length} bytes; the limit is {limit}")]
     NameTooLong {

@@ -12,6 +12,7 @@ use super::handle::RegistryCounts;
 use super::view::ViewWriter;
 use crate::bucket::{self, BucketHandle, BucketId, BucketName, MemoryBudget};
 use crate::config::CoreConfig;
+use crate::storage::{Journal, Record};
 use crate::supervisor::{BucketSupervisor, ChildExit, ExitReason};
 
 /// What callers ask of the loop. Every request carries its reply slot: these are calls.
@@ -53,6 +54,8 @@ pub(super) struct State {
     pub(super) budget: Arc<MemoryBudget>,
     /// Shared across restarts so a bucket id is never reused within one registry.
     pub(super) next_bucket_id: Arc<AtomicU64>,
+    /// Where creates and drops are logged, when the server is durable.
+    pub(super) journal: Option<Arc<Journal>>,
     pub(super) buckets: BucketSupervisor,
     monitors: HashMap<Id, Monitored>,
 }
@@ -63,12 +66,14 @@ impl State {
         view: ViewWriter,
         budget: Arc<MemoryBudget>,
         next_bucket_id: Arc<AtomicU64>,
+        journal: Option<Arc<Journal>>,
     ) -> Self {
         Self {
             config,
             view,
             budget,
             next_bucket_id,
+            journal,
             buckets: BucketSupervisor::default(),
             monitors: HashMap::new(),
         }
@@ -129,8 +134,17 @@ impl State {
                 limit: self.config.max_buckets,
             });
         }
+        if self.journal.as_ref().is_some_and(|journal| journal.is_failed()) {
+            return Err(RegistryError::Unwritable);
+        }
         let id = BucketId(self.next_bucket_id.fetch_add(1, Ordering::Relaxed));
-        let (bucket, task) = bucket::start(id, name, Arc::clone(&self.budget));
+        // Logged before the bucket is visible, so every change to it comes after in the log.
+        if let Some(journal) = &self.journal {
+            journal.append(&Record::Create {
+                bucket: name.as_bytes(),
+            });
+        }
+        let (bucket, task) = bucket::start(id, name, Arc::clone(&self.budget), self.journal.clone());
         let task_id = self.buckets.start_child(task);
         self.monitors.insert(
             task_id,
@@ -150,7 +164,13 @@ impl State {
         };
         self.view.remove(name.as_bytes(), bucket.id());
         let was_live = !bucket.is_stopped();
+        // Logged after the table is closed: every change the table accepted is before it.
         bucket.close();
+        if let Some(journal) = &self.journal {
+            journal.append(&Record::Drop {
+                bucket: name.as_bytes(),
+            });
+        }
         was_live
     }
 

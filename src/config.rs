@@ -85,6 +85,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// The core's limits.
     pub core: CoreConfig,
+    /// Where and how to keep data on disk; `None` keeps it in memory only.
+    pub durability: Option<crate::durability::DurabilityConfig>,
 }
 
 impl Default for ServerConfig {
@@ -101,6 +103,7 @@ impl Default for ServerConfig {
             enable_debug_commands: false,
             shutdown_grace: Duration::from_secs(5),
             core: CoreConfig::default(),
+            durability: None,
         }
     }
 }

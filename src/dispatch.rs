@@ -54,6 +54,9 @@ pub struct Dispatcher {
     /// every request. It is used only while it has not stopped, so it is never stale: a
     /// dropped or crashed bucket's handle is stopped, and the next request looks the name up.
     last_bucket: Option<BucketHandle>,
+    /// Whether a request since the last [`take_changed`](Self::take_changed) may have changed
+    /// the store: then its replies must wait for the journal.
+    changed: bool,
 }
 
 impl Dispatcher {
@@ -71,7 +74,13 @@ impl Dispatcher {
             page_size,
             enable_debug_commands,
             last_bucket: None,
+            changed: false,
         }
+    }
+
+    /// Whether requests since the last call may have changed the store, resetting it.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     /// The live bucket `name`, from this connection's cache or the registry.
@@ -106,6 +115,14 @@ impl Dispatcher {
         dialect: Dialect,
         out: &mut BytesMut,
     ) -> Next {
+        self.changed |= matches!(
+            request,
+            Request::Put { .. }
+                | Request::Delete { .. }
+                | Request::Create { .. }
+                | Request::Drop { .. }
+                | Request::Debug { .. }
+        );
         let reply = match request {
             Request::Get { bucket, key } => {
                 let found = self
@@ -257,6 +274,11 @@ impl Dispatcher {
         );
         line("resident_bytes", &resident_bytes().unwrap_or(0));
         line("registry_starts", &status.starts);
+        if let Some(journal) = self.registry.journal() {
+            line("fsync", &format!("{:?}", journal.policy()));
+            line("log_bytes", &journal.log_bytes());
+            line("log_failed", &u8::from(journal.is_failed()));
+        }
         text
     }
 }

@@ -46,6 +46,7 @@ pub use registry::{Registry, RegistryError, RegistryView};
 pub mod bench;
 pub mod client;
 pub mod dispatch;
+pub mod durability;
 pub mod protocol;
 pub mod server;
 pub mod storage;

@@ -8,8 +8,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kv::client::{Client, render};
 use kv::config::{CoreConfig, ServerConfig};
+use kv::durability::DurabilityConfig;
 use kv::protocol::ReplyValue;
 use kv::server::Server;
+use kv::storage::FsyncPolicy;
 use tokio_util::sync::CancellationToken;
 
 /// kv: a key-value store of named buckets.
@@ -105,6 +107,19 @@ struct ServeArgs {
     /// Allow DEBUG CRASH, DEBUG STOP and DEBUG PANIC, for fault tests.
     #[arg(long)]
     enable_debug_commands: bool,
+    /// Keep data in this directory: every acknowledged change is logged and replayed at start.
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
+    /// When the log is synced to disk: always (before replying), everysec, or no (by the OS).
+    #[arg(long, default_value = "everysec", value_parser = ["always", "everysec", "no"])]
+    fsync: String,
+    /// Start even if the log is corrupt, cutting it at the first bad record (what follows is
+    /// lost). Without it, corruption stops the start with the file and offset.
+    #[arg(long)]
+    truncate_corrupt_log: bool,
+    /// Compact the log once it passes this many bytes and twice the live data.
+    #[arg(long, default_value_t = 64 << 20)]
+    compact_min_bytes: u64,
     /// Worker threads (default: one per core). A load generator on the same machine needs a
     /// core too: more busy threads than cores only adds switching.
     #[arg(long)]
@@ -123,8 +138,18 @@ struct CliArgs {
     command: Vec<String>,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The error and its causes, one line, for a person: not a debug dump.
+            eprintln!("kv: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(arguments) => runtime(arguments.threads)?.block_on(serve(arguments)),
         Command::Cli(arguments) => {
@@ -166,11 +191,15 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
             max_memory: arguments.max_memory,
             ..CoreConfig::default()
         },
+        durability: arguments.data_dir.clone().map(|data_dir| DurabilityConfig {
+            fsync: arguments.fsync.parse().unwrap_or(FsyncPolicy::EverySecond),
+            truncate_corrupt_log: arguments.truncate_corrupt_log,
+            compact_min_bytes: arguments.compact_min_bytes,
+            ..DurabilityConfig::new(data_dir)
+        }),
         ..ServerConfig::default()
     };
-    let server = Server::bind(config.clone())
-        .await
-        .with_context(|| format!("binding {}", config.bind))?;
+    let server = Server::bind(config.clone()).await?;
     tracing::info!(
         max_connections = config.max_connections,
         max_line_len = config.max_line_len,
@@ -181,6 +210,7 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
         threads = arguments.threads.map_or_else(|| "one per core".to_owned(), |n| n.to_string()),
         idle_timeout = ?config.idle_timeout,
         debug_commands = config.enable_debug_commands,
+        data_dir = ?config.durability.as_ref().map(|durability| &durability.data_dir),
         "kv listening on {}",
         server.local_addr()
     );

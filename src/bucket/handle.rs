@@ -88,7 +88,9 @@ impl BucketHandle {
     /// [`BucketError::Stopped`] if the bucket has ended; [`BucketError::OutOfMemory`] if the
     /// memory budget has no room for the entry (the old value, if any, stays).
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), BucketError> {
-        self.shared.table.put(self.shared.name.as_bytes(), key, value)
+        self.shared
+            .table
+            .put(self.shared.name.as_bytes(), key, value)
     }
 
     /// A copy of the value of `key`, or `None` if the key is absent.

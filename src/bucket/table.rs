@@ -19,9 +19,9 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 
 use super::BucketError;
-use crate::storage::{Journal, Record};
 use super::index::EntryIndex;
 use super::slab::{self, EntryRef, Slabs};
+use crate::storage::{Journal, Record};
 
 /// What one entry costs beyond its slot: its place in the hash index (an 8-byte reference
 /// and a control byte, at the index's load). An estimate: the budget bounds memory, it does not

@@ -134,7 +134,11 @@ impl State {
                 limit: self.config.max_buckets,
             });
         }
-        if self.journal.as_ref().is_some_and(|journal| journal.is_failed()) {
+        if self
+            .journal
+            .as_ref()
+            .is_some_and(|journal| journal.is_failed())
+        {
             return Err(RegistryError::Unwritable);
         }
         let id = BucketId(self.next_bucket_id.fetch_add(1, Ordering::Relaxed));
@@ -144,7 +148,8 @@ impl State {
                 bucket: name.as_bytes(),
             });
         }
-        let (bucket, task) = bucket::start(id, name, Arc::clone(&self.budget), self.journal.clone());
+        let (bucket, task) =
+            bucket::start(id, name, Arc::clone(&self.budget), self.journal.clone());
         let task_id = self.buckets.start_child(task);
         self.monitors.insert(
             task_id,

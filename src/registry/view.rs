@@ -94,6 +94,18 @@ impl RegistryView {
         page.into_iter().cloned().collect()
     }
 
+    /// Every live bucket (a copy of the list, for walking all of them, as a snapshot does).
+    #[must_use]
+    pub fn buckets(&self) -> Vec<BucketHandle> {
+        self.names
+            .read()
+            .handles
+            .iter()
+            .filter(|bucket| !bucket.is_stopped())
+            .cloned()
+            .collect()
+    }
+
     /// The writing half, for the registry loop only.
     pub(super) fn writer(&self) -> ViewWriter {
         ViewWriter {

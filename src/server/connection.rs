@@ -127,6 +127,17 @@ impl Connection {
     async fn run(&mut self, config: &ServerConfig, stop: &Stop) -> std::io::Result<()> {
         loop {
             let progress = self.process().await;
+            if self.dispatcher.take_changed()
+                && let Some(journal) = self.dispatcher.registry().journal()
+            {
+                // No reply to a change leaves before the change is in the log (and on disk,
+                // under `always`). If the log fails, the replies are never sent: the client
+                // sees the connection close, not an acknowledgement.
+                if let Err(error) = journal.commit().await {
+                    tracing::error!(%error, "closing a connection whose changes were not logged");
+                    return Ok(());
+                }
+            }
             if !self.output.is_empty() {
                 tokio::select! {
                     biased;

@@ -15,7 +15,9 @@ use tokio_util::task::TaskTracker;
 use super::connection::{self, Stop};
 use crate::config::ServerConfig;
 use crate::dispatch::{Dispatcher, Stats};
+use crate::durability::Durable;
 use crate::registry::Registry;
+use crate::storage::StorageError;
 
 /// Clients being refused at once; past this, excess clients are closed without a reply so
 /// that a flood of connections cannot pile up refusal tasks either.
@@ -44,17 +46,56 @@ pub struct Server {
     local_addr: SocketAddr,
     dispatcher: Dispatcher,
     config: Arc<ServerConfig>,
+    durable: Option<Arc<Durable>>,
+}
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The address could not be bound.
+    #[error("binding {address}: {source}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The data directory could not be used.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 impl Server {
-    /// Starts the registry and binds the listening socket.
+    /// Binds the listening socket and starts the registry: recovered from the data directory
+    /// when the server is durable, empty otherwise.
     ///
     /// # Errors
-    /// If the address cannot be bound.
-    pub async fn bind(config: ServerConfig) -> io::Result<Self> {
-        let listener = TcpListener::bind(config.bind).await?;
-        let local_addr = listener.local_addr()?;
-        let registry = Registry::start(config.core.clone());
+    /// If the address cannot be bound, or the data directory is locked, damaged or does not
+    /// fit the limits.
+    pub async fn bind(config: ServerConfig) -> Result<Self, StartError> {
+        let bind_error = |source| StartError::Bind {
+            address: config.bind,
+            source,
+        };
+        let listener = TcpListener::bind(config.bind).await.map_err(bind_error)?;
+        let local_addr = listener.local_addr().map_err(bind_error)?;
+        let (registry, durable) = match &config.durability {
+            None => (Registry::start(config.core.clone()), None),
+            Some(durability) => {
+                let (durable, report) =
+                    Durable::open(durability.clone(), config.core.clone()).await?;
+                tracing::info!(
+                    data_dir = %durability.data_dir.display(),
+                    fsync = ?durability.fsync,
+                    records = report.records,
+                    buckets = report.buckets,
+                    keys = report.keys,
+                    elapsed_ms = report.elapsed.as_millis() as u64,
+                    "recovered the data directory"
+                );
+                (durable.registry().clone(), Some(durable))
+            }
+        };
         let dispatcher = Dispatcher::new(
             registry,
             Arc::new(Stats::default()),
@@ -66,6 +107,7 @@ impl Server {
             local_addr,
             dispatcher,
             config: Arc::new(config),
+            durable,
         })
     }
 
@@ -73,6 +115,12 @@ impl Server {
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The durable store, when the server has a data directory.
+    #[must_use]
+    pub fn durable(&self) -> Option<&Arc<Durable>> {
+        self.durable.as_ref()
     }
 
     /// The server's registry, for tests and embedding.
@@ -89,8 +137,12 @@ impl Server {
             listener,
             dispatcher,
             config,
+            durable,
             ..
         } = self;
+        if let Some(durable) = &durable {
+            tokio::spawn(Arc::clone(durable).compact_when_needed(shutdown.child_token()));
+        }
         let stats = Arc::clone(dispatcher.stats());
         let tracker = TaskTracker::new();
         let connections = Arc::new(Semaphore::new(config.max_connections));
@@ -144,6 +196,12 @@ impl Server {
             );
             stop.abort.cancel();
             tracker.wait().await;
+        }
+        if let Some(durable) = durable {
+            match durable.close() {
+                Ok(()) => tracing::info!("the log is written and synced"),
+                Err(error) => tracing::error!(%error, "the log could not be synced at shutdown"),
+            }
         }
     }
 }

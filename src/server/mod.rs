@@ -6,4 +6,4 @@
 mod connection;
 mod listener;
 
-pub use listener::Server;
+pub use listener::{Server, StartError};

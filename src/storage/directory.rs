@@ -185,12 +185,12 @@ impl DataDir {
         }
         let mut replay: Vec<(Kind, u64)> = files
             .into_iter()
-            .filter(|&(kind, generation)| generation >= base && (kind == Kind::Log || Some(generation) == snapshot))
+            .filter(|&(kind, generation)| {
+                generation >= base && (kind == Kind::Log || Some(generation) == snapshot)
+            })
             .collect();
         replay.sort_by_key(|&(kind, generation)| (generation, kind));
-        let last_log = replay
-            .iter()
-            .rposition(|&(kind, _)| kind == Kind::Log);
+        let last_log = replay.iter().rposition(|&(kind, _)| kind == Kind::Log);
         let mut records = 0u64;
         let mut stop_after = None;
         for (position, &(kind, generation)) in replay.iter().enumerate() {

@@ -13,8 +13,8 @@
 
 use std::fs::File;
 use std::io::Write as _;
-use std::sync::{Arc, Weak};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
@@ -59,10 +59,12 @@ struct Pending {
     last: u64,
 }
 
+/// The log file being appended to; `None` until recovery has settled which file that is.
+#[derive(Default)]
 struct Writer {
-    file: File,
+    file: Option<File>,
     /// A second handle on the same file, for syncing without holding the writer.
-    sync_handle: Arc<File>,
+    sync_handle: Option<Arc<File>>,
 }
 
 /// The append-only log of every change, shared by the registry and every table.
@@ -106,13 +108,13 @@ impl SyncSignal {
 }
 
 impl Journal {
-    /// A journal appending to `file` (already positioned at its end, `length` bytes long).
-    /// Starts the sync thread. Records are not kept until [`start_recording`](Self::start_recording).
+    /// A journal with no log file yet, and its sync thread. Records are not kept until
+    /// [`attach`](Self::attach) has given it a file and [`start_recording`](Self::start_recording)
+    /// has been called: replaying the log at start must not log again.
     ///
     /// # Errors
-    /// If the file cannot be duplicated for syncing or the thread cannot start.
-    pub fn open(file: File, length: u64, policy: FsyncPolicy) -> std::io::Result<Arc<Self>> {
-        let sync_handle = Arc::new(file.try_clone()?);
+    /// If the sync thread cannot start.
+    pub fn new(policy: FsyncPolicy) -> std::io::Result<Arc<Self>> {
         let (synced, _) = watch::channel(0);
         let journal = Arc::new(Self {
             pending: Mutex::new(Pending {
@@ -120,7 +122,7 @@ impl Journal {
                 last: 0,
             }),
             appended: AtomicU64::new(0),
-            writer: Mutex::new(Writer { file, sync_handle }),
+            writer: Mutex::new(Writer::default()),
             written: AtomicU64::new(0),
             synced,
             signal: Arc::new(SyncSignal::default()),
@@ -128,7 +130,7 @@ impl Journal {
             recording: AtomicBool::new(false),
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
-            log_bytes: AtomicU64::new(length),
+            log_bytes: AtomicU64::new(0),
         });
         let signal = Arc::clone(&journal.signal);
         let weak = Arc::downgrade(&journal);
@@ -136,6 +138,20 @@ impl Journal {
             .name("kv-log-sync".into())
             .spawn(move || sync_loop(&signal, &weak, policy))?;
         Ok(journal)
+    }
+
+    /// Appends from now on go to `file` (open for appending, `length` bytes long).
+    ///
+    /// # Errors
+    /// If the file cannot be duplicated for syncing.
+    pub fn attach(&self, file: File, length: u64) -> std::io::Result<()> {
+        let sync_handle = Arc::new(file.try_clone()?);
+        *self.writer.lock() = Writer {
+            file: Some(file),
+            sync_handle: Some(sync_handle),
+        };
+        self.log_bytes.store(length, Ordering::Relaxed);
+        Ok(())
     }
 
     /// From now on, appended records are kept.
@@ -190,6 +206,15 @@ impl Journal {
         Ok(())
     }
 
+    /// Hands every record appended so far to the kernel, without waiting for a sync: what
+    /// is then read back from the files includes them.
+    ///
+    /// # Errors
+    /// If the log cannot be written.
+    pub fn flush(&self) -> Result<(), JournalError> {
+        self.write_through(self.appended.load(Ordering::Acquire))
+    }
+
     /// Hands every pending record up to at least `target` to the kernel. Whoever holds the
     /// writer writes for everyone waiting: concurrent committers share one `write`.
     fn write_through(&self, target: u64) -> Result<(), JournalError> {
@@ -208,7 +233,10 @@ impl Journal {
             let buffer = std::mem::replace(&mut pending.buffer, Vec::with_capacity(64 * 1024));
             (buffer, pending.last)
         };
-        if let Err(error) = writer.file.write_all(&buffer) {
+        let Some(file) = writer.file.as_mut() else {
+            return Err(self.fail(&std::io::Error::other("no log file attached")));
+        };
+        if let Err(error) = file.write_all(&buffer) {
             return Err(self.fail(&error));
         }
         self.log_bytes
@@ -245,10 +273,13 @@ impl Journal {
         if target <= *self.synced.borrow() {
             return;
         }
-        let handle = Arc::clone(&self.writer.lock().sync_handle);
+        let Some(handle) = self.writer.lock().sync_handle.clone() else {
+            return;
+        };
         match handle.sync_data() {
             Ok(()) => {
-                self.synced.send_modify(|synced| *synced = (*synced).max(target));
+                self.synced
+                    .send_modify(|synced| *synced = (*synced).max(target));
             }
             Err(error) => {
                 self.fail(&error);
@@ -268,14 +299,18 @@ impl Journal {
             let mut pending = self.pending.lock();
             (std::mem::take(&mut pending.buffer), pending.last)
         };
-        writer
-            .file
-            .write_all(&buffer)
-            .and_then(|()| writer.file.sync_data())
-            .map_err(|error| self.fail(&error))?;
+        if let Some(old) = writer.file.as_mut() {
+            old.write_all(&buffer)
+                .and_then(|()| old.sync_data())
+                .map_err(|error| self.fail(&error))?;
+        }
         self.written.store(last, Ordering::Release);
-        self.synced.send_modify(|synced| *synced = (*synced).max(last));
-        *writer = Writer { file, sync_handle };
+        self.synced
+            .send_modify(|synced| *synced = (*synced).max(last));
+        *writer = Writer {
+            file: Some(file),
+            sync_handle: Some(sync_handle),
+        };
         self.log_bytes.store(0, Ordering::Relaxed);
         Ok(())
     }
@@ -287,8 +322,10 @@ impl Journal {
     pub fn close(&self) -> Result<(), JournalError> {
         let target = self.appended.load(Ordering::Acquire);
         let result = self.write_through(target).and_then(|()| {
-            let handle = Arc::clone(&self.writer.lock().sync_handle);
-            handle.sync_data().map_err(|error| self.fail(&error))
+            match self.writer.lock().sync_handle.clone() {
+                Some(handle) => handle.sync_data().map_err(|error| self.fail(&error)),
+                None => Ok(()),
+            }
         });
         self.signal.stop();
         result

@@ -244,7 +244,9 @@ mod tests {
 
     fn sample() -> Vec<Record<'static>> {
         vec![
-            Record::Create { bucket: b"shopping" },
+            Record::Create {
+                bucket: b"shopping",
+            },
             Record::Put {
                 bucket: b"shopping",
                 key: b"milk",
@@ -259,7 +261,9 @@ mod tests {
                 bucket: b"shopping",
                 key: b"milk",
             },
-            Record::Drop { bucket: b"shopping" },
+            Record::Drop {
+                bucket: b"shopping",
+            },
         ]
     }
 
@@ -297,7 +301,11 @@ mod tests {
         for cut in 0..bytes.len() {
             let (read, end) = read_all(&bytes[..cut]);
             let whole = starts.iter().filter(|&&start| start < cut).count() - 1;
-            let whole = if starts.contains(&cut) { whole + 1 } else { whole };
+            let whole = if starts.contains(&cut) {
+                whole + 1
+            } else {
+                whole
+            };
             assert_eq!(read, records[..whole], "cut at {cut}");
             let expected = if starts.contains(&cut) || cut == 0 {
                 ScanEnd::Clean

@@ -163,10 +163,10 @@ impl Durable {
                 .config
                 .compact_min_bytes
                 .max(live.saturating_mul(self.config.compact_ratio));
-            if self.journal.log_bytes() > threshold {
-                if let Err(error) = self.compact().await {
-                    tracing::error!(%error, "compaction failed; the old files stay in use");
-                }
+            if self.journal.log_bytes() > threshold
+                && let Err(error) = self.compact().await
+            {
+                tracing::error!(%error, "compaction failed; the old files stay in use");
             }
         }
     }

@@ -117,3 +117,55 @@ impl Raw {
         rest
     }
 }
+
+/// A `kv serve` process, started with `PORT=0`; its address is read from its startup line.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub address: SocketAddr,
+}
+
+impl Binary {
+    pub fn start(arguments: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kv"))
+            .arg("serve")
+            .args(arguments)
+            .env("PORT", "0")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let address = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
+            if let Some(rest) = line.split("kv listening on ").nth(1) {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        // Keep draining the logs so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, address }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its status.
+    pub async fn wait(self) -> std::process::ExitStatus {
+        let mut child = self.child;
+        within(tokio::task::spawn_blocking(move || child.wait()))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}

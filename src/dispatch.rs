@@ -277,6 +277,7 @@ impl Dispatcher {
         if let Some(journal) = self.registry.journal() {
             line("fsync", &format!("{:?}", journal.policy()));
             line("log_bytes", &journal.log_bytes());
+            line("log_syncs", &journal.syncs());
             line("log_failed", &u8::from(journal.is_failed()));
         }
         text

@@ -298,16 +298,12 @@ mod tests {
     fn a_log_cut_at_any_byte_keeps_every_whole_record_and_reports_the_tear() {
         let records = sample();
         let (bytes, starts) = encode_all(&records);
+        let ends: Vec<usize> = starts[1..].iter().copied().chain([bytes.len()]).collect();
         for cut in 0..bytes.len() {
             let (read, end) = read_all(&bytes[..cut]);
-            let whole = starts.iter().filter(|&&start| start < cut).count() - 1;
-            let whole = if starts.contains(&cut) {
-                whole + 1
-            } else {
-                whole
-            };
+            let whole = ends.iter().filter(|&&end| end <= cut).count();
             assert_eq!(read, records[..whole], "cut at {cut}");
-            let expected = if starts.contains(&cut) || cut == 0 {
+            let expected = if cut == 0 || ends.contains(&cut) {
                 ScanEnd::Clean
             } else {
                 ScanEnd::Torn {

@@ -29,7 +29,7 @@ const REFUSAL_DIALECT_WAIT: Duration = Duration::from_millis(200);
 ///
 /// ```no_run
 /// # #[tokio::main]
-/// # async fn main() -> std::io::Result<()> {
+/// # async fn main() -> Result<(), kv::server::StartError> {
 /// use kv::config::ServerConfig;
 /// use kv::server::Server;
 /// use tokio_util::sync::CancellationToken;

@@ -130,7 +130,7 @@ impl Dispatcher {
                     .map(|handle| handle.get_with(key, |value| encode_value(value, dialect, out)));
                 match found {
                     Some(Ok(())) => return Next::Continue,
-                    None | Some(Err(BucketError::Stopped)) => Reply::NotFound,
+                    None | Some(Err(BucketError::Stopped)) => self.missing(bucket),
                     Some(Err(error)) => Reply::Error(bucket_error(error)),
                 }
             }
@@ -176,7 +176,7 @@ impl Dispatcher {
                         encode(&Reply::List(&keys), dialect, out);
                         return Next::Continue;
                     }
-                    None | Some(Err(BucketError::Stopped)) => Reply::NotFound,
+                    None | Some(Err(BucketError::Stopped)) => self.missing(bucket),
                     Some(Err(error)) => Reply::Error(bucket_error(error)),
                 }
             }
@@ -212,8 +212,20 @@ impl Dispatcher {
     ) -> Reply<'static> {
         match self.bucket(bucket).map(operation) {
             Some(Ok(())) => Reply::Ok,
-            None | Some(Err(BucketError::Stopped)) => Reply::NotFound,
+            None | Some(Err(BucketError::Stopped)) => self.missing(bucket),
             Some(Err(error)) => Reply::Error(bucket_error(error)),
+        }
+    }
+
+    /// The reply for a bucket that is not there: `NOT FOUND`, or an error for a durable
+    /// bucket that failed too often and stays down (its data is on disk, not gone).
+    fn missing(&self, bucket: &[u8]) -> Reply<'static> {
+        if self.registry.view().is_failed(bucket) {
+            Reply::Error(registry_error(&RegistryError::BucketFailed(
+                BucketName::from(bucket),
+            )))
+        } else {
+            Reply::NotFound
         }
     }
 
@@ -231,9 +243,13 @@ impl Dispatcher {
         if handle.inject_fault(fault).is_err() {
             return Reply::NotFound;
         }
-        // Answer once the bucket has ended, so the next request sees it gone.
+        // Answer once the bucket has ended and the registry has taken its exit in (and, with
+        // durability on, restarted it from disk), so the next request sees the outcome.
         handle.stopped().await;
-        Reply::Ok
+        match self.registry.settle().await {
+            Ok(_) => Reply::Ok,
+            Err(error) => Reply::Error(registry_error(&error)),
+        }
     }
 
     fn info(&self) -> String {

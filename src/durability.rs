@@ -6,16 +6,17 @@
 //! follows the order that [`DataDir`] documents: new log first, then the snapshot, then removal
 //! of the old generation, so that no crash between steps loses an acknowledged write.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::bucket::{BucketHandle, BucketName};
 use crate::config::CoreConfig;
-use crate::registry::Registry;
+use crate::registry::{DurableState, Entries, Registry};
 use crate::storage::{DataDir, FsyncPolicy, Journal, Record, StorageError};
 
 /// How a durable server keeps its data.
@@ -54,9 +55,77 @@ pub struct Durable {
     journal: Arc<Journal>,
     registry: Registry,
     generation: AtomicU64,
-    /// One compaction at a time.
-    compacting: tokio::sync::Mutex<()>,
+    /// One compaction at a time; also held while a bucket is read back, so that no file it
+    /// reads is removed under it.
+    compacting: Arc<tokio::sync::Mutex<()>>,
     config: DurabilityConfig,
+}
+
+/// What the registry restarts failed buckets from: the files, read under the compaction lock
+/// after everything appended has been written.
+struct DiskState {
+    /// Weak: the directory's lock belongs to the [`Durable`], and goes when it does, not when
+    /// the registry loop (which holds this) finally ends.
+    directory: Weak<DataDir>,
+    journal: Arc<Journal>,
+    compacting: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl DiskState {
+    /// The buckets on disk (only `only`, if given) with their contents. Called on a
+    /// blocking thread.
+    fn read(&self, only: Option<&[u8]>) -> Result<Vec<(BucketName, Entries)>, String> {
+        let directory = self
+            .directory
+            .upgrade()
+            .ok_or_else(|| "the data directory is closed".to_owned())?;
+        let _files_stay = self.compacting.blocking_lock();
+        self.journal.flush().map_err(|error| error.to_string())?;
+        let mut buckets: BTreeMap<Vec<u8>, HashMap<Vec<u8>, Vec<u8>>> = BTreeMap::new();
+        directory
+            .read_state(&mut |record| {
+                if only.is_some_and(|only| only != record.bucket()) {
+                    return;
+                }
+                match record {
+                    Record::Create { bucket } => {
+                        buckets.entry(bucket.to_vec()).or_default();
+                    }
+                    Record::Drop { bucket } => {
+                        buckets.remove(bucket);
+                    }
+                    Record::Put { bucket, key, value } => {
+                        if let Some(table) = buckets.get_mut(bucket) {
+                            table.insert(key.to_vec(), value.to_vec());
+                        }
+                    }
+                    Record::Delete { bucket, key } => {
+                        if let Some(table) = buckets.get_mut(bucket) {
+                            table.remove(key);
+                        }
+                    }
+                }
+            })
+            .map_err(|error| error.to_string())?;
+        Ok(buckets
+            .into_iter()
+            .map(|(name, table)| (BucketName::from(name), table.into_iter().collect()))
+            .collect())
+    }
+}
+
+impl DurableState for DiskState {
+    fn bucket(&self, name: &[u8]) -> Result<Option<Entries>, String> {
+        Ok(self
+            .read(Some(name))?
+            .into_iter()
+            .next()
+            .map(|(_, entries)| entries))
+    }
+
+    fn buckets(&self) -> Result<Vec<(BucketName, Entries)>, String> {
+        self.read(None)
+    }
 }
 
 /// What start-up recovered.
@@ -115,6 +184,12 @@ impl Durable {
                 source,
             })?;
         journal.start_recording();
+        let compacting = Arc::new(tokio::sync::Mutex::new(()));
+        registry.set_durable_state(Arc::new(DiskState {
+            directory: Arc::downgrade(&directory),
+            journal: Arc::clone(&journal),
+            compacting: Arc::clone(&compacting),
+        }));
         let report = RecoveryReport {
             records: recovered.records,
             buckets: registry.view().len(),
@@ -126,7 +201,7 @@ impl Durable {
             journal,
             registry,
             generation: AtomicU64::new(recovered.generation),
-            compacting: tokio::sync::Mutex::new(()),
+            compacting,
             config,
         });
         Ok((durable, report))

@@ -93,6 +93,11 @@ impl BucketHandle {
             .put(self.shared.name.as_bytes(), key, value)
     }
 
+    /// Sets `key` to `value` without logging it: for restoring a bucket from disk.
+    pub(crate) fn restore(&self, key: &[u8], value: &[u8]) -> Result<(), BucketError> {
+        self.shared.table.restore(key, value)
+    }
+
     /// A copy of the value of `key`, or `None` if the key is absent.
     ///
     /// # Errors

@@ -155,6 +155,18 @@ impl Table {
 
     pub(crate) fn put(&self, bucket: &[u8], key: &[u8], value: &[u8]) -> Result<(), BucketError> {
         self.check_writable()?;
+        self.store(key, value)?;
+        self.log(&Record::Put { bucket, key, value });
+        Ok(())
+    }
+
+    /// Puts without logging: for restoring what is already on disk.
+    pub(crate) fn restore(&self, key: &[u8], value: &[u8]) -> Result<(), BucketError> {
+        self.store(key, value)
+    }
+
+    /// Sets `key` to `value` in memory. The caller logs the change, if it is one.
+    fn store(&self, key: &[u8], value: &[u8]) -> Result<(), BucketError> {
         let new_charge = charge(key, value);
         let mut guard = self.entries.write();
         let entries = guard.as_mut().ok_or(BucketError::Stopped)?;
@@ -188,7 +200,6 @@ impl Table {
             *charged += new_charge;
             self.budget.keys.fetch_add(1, Ordering::Relaxed);
         }
-        self.log(&Record::Put { bucket, key, value });
         Ok(())
     }
 

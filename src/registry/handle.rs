@@ -1,14 +1,14 @@
 //! `Registry`: the handle callers hold, and the one-for-all group that (re)starts the loop.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::RegistryError;
 use super::server::{self, Request, State};
 use super::view::RegistryView;
+use super::{DurableState, RegistryError};
 use crate::bucket::{BucketHandle, BucketName, MemoryBudget};
 use crate::config::CoreConfig;
 use crate::storage::Journal;
@@ -41,6 +41,8 @@ struct Shared {
     budget: Arc<MemoryBudget>,
     next_bucket_id: Arc<AtomicU64>,
     journal: Option<Arc<Journal>>,
+    /// Set once by the durability layer, after recovery.
+    durable_state: Arc<OnceLock<Arc<dyn DurableState>>>,
     /// The current loop's mailbox; `None` while it restarts or after it stopped for good.
     mailbox: RwLock<Option<mpsc::Sender<Request>>>,
     status: watch::Sender<RegistryStatus>,
@@ -101,6 +103,7 @@ impl Registry {
             view: RegistryView::default(),
             next_bucket_id: Arc::new(AtomicU64::new(0)),
             journal,
+            durable_state: Arc::new(OnceLock::new()),
             mailbox: RwLock::new(None),
             status,
         });
@@ -151,6 +154,12 @@ impl Registry {
     #[must_use]
     pub fn memory(&self) -> &MemoryBudget {
         &self.shared.budget
+    }
+
+    /// Gives a durable registry what it restarts failed buckets (and, after its own failure,
+    /// every bucket) from. Set once, after recovery; later calls are ignored.
+    pub fn set_durable_state(&self, state: Arc<dyn DurableState>) {
+        let _ = self.shared.durable_state.set(state);
     }
 
     /// The journal changes are logged to, when the registry is durable.
@@ -242,6 +251,8 @@ impl ChildGroup for RegistryGroup {
             Arc::clone(&shared.budget),
             Arc::clone(&shared.next_bucket_id),
             shared.journal.clone(),
+            Arc::clone(&shared.durable_state),
+            shared.status.borrow().starts > 0,
         );
         let main_task = tokio::spawn(server::run(mailbox, state));
         *shared.mailbox.write() = Some(sender);

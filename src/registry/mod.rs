@@ -13,6 +13,10 @@
 //!   the late exit of an old bucket never removes a newer one of the same name.
 //! - If the loop itself fails, its buckets end with it and the top supervisor starts a fresh
 //!   loop with none (`:one_for_all`); meanwhile calls return [`RegistryError::Unavailable`].
+//! - Without durability a crashed bucket is gone with its data (the guide's `:temporary`).
+//!   With durability its data is on disk, so the loop restarts it from its [`DurableState`]
+//!   (at most [`BUCKET_RESTARTS`] times in a short period; then the name stays down with an
+//!   error until dropped), and a restarted loop reloads every bucket from disk.
 
 mod handle;
 mod server;
@@ -20,6 +24,30 @@ mod view;
 
 pub use handle::{Registry, RegistryCounts, RegistryStatus};
 pub use view::RegistryView;
+
+use crate::bucket::BucketName;
+
+/// How often a durable bucket may crash within a minute and still be restarted.
+pub const BUCKET_RESTARTS: usize = 3;
+
+/// A bucket's contents as read back from disk: its keys and values.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// What a durable registry reads back from disk to restart what failed: a crashed bucket, or
+/// (after the registry loop itself failed) every bucket. Implemented by the durability layer.
+pub trait DurableState: Send + Sync + 'static {
+    /// The durable contents of bucket `name`; `None` if no such bucket is on disk.
+    ///
+    /// # Errors
+    /// If the files cannot be read.
+    fn bucket(&self, name: &[u8]) -> Result<Option<Entries>, String>;
+
+    /// Every bucket on disk, with its contents.
+    ///
+    /// # Errors
+    /// If the files cannot be read.
+    fn buckets(&self) -> Result<Vec<(BucketName, Entries)>, String>;
+}
 
 /// Why a registry call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,6 +64,9 @@ pub enum RegistryError {
     /// The log cannot be written, so no bucket can be created.
     #[error("the log cannot be written; changes are refused")]
     Unwritable,
+    /// The bucket failed too often in a short time and stays down until it is dropped.
+    #[error("bucket {0} failed repeatedly and stays down; DROP it to discard its data")]
+    BucketFailed(BucketName),
     /// The bucket name is longer than the configured limit.
     #[error("bucket name is {length} bytes; the limit is {limit}")]
     NameTooLong {

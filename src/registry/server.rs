@@ -1,19 +1,20 @@
 //! The registry loop: its messages, its state, and how it handles each.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::Id;
 
-use super::RegistryError;
 use super::handle::RegistryCounts;
 use super::view::ViewWriter;
+use super::{BUCKET_RESTARTS, DurableState, Entries, RegistryError};
 use crate::bucket::{self, BucketHandle, BucketId, BucketName, MemoryBudget};
-use crate::config::CoreConfig;
+use crate::config::{CoreConfig, RestartIntensity};
 use crate::storage::{Journal, Record};
-use crate::supervisor::{BucketSupervisor, ChildExit, ExitReason};
+use crate::supervisor::{BucketSupervisor, ChildExit, ExitReason, RestartWindow};
 
 /// What callers ask of the loop. Every request carries its reply slot: these are calls.
 pub(super) enum Request {
@@ -56,6 +57,13 @@ pub(super) struct State {
     pub(super) next_bucket_id: Arc<AtomicU64>,
     /// Where creates and drops are logged, when the server is durable.
     pub(super) journal: Option<Arc<Journal>>,
+    /// What buckets that end on their own are restarted from, once the durability layer has
+    /// set it.
+    durable_state: Arc<OnceLock<Arc<dyn DurableState>>>,
+    /// Recent restarts of each durable bucket that ended on its own.
+    restarts: HashMap<BucketName, RestartWindow>,
+    /// This loop replaces one that failed: reload every bucket from disk before serving.
+    reload_on_start: bool,
     pub(super) buckets: BucketSupervisor,
     monitors: HashMap<Id, Monitored>,
 }
@@ -67,6 +75,8 @@ impl State {
         budget: Arc<MemoryBudget>,
         next_bucket_id: Arc<AtomicU64>,
         journal: Option<Arc<Journal>>,
+        durable_state: Arc<OnceLock<Arc<dyn DurableState>>>,
+        reload_on_start: bool,
     ) -> Self {
         Self {
             config,
@@ -74,6 +84,9 @@ impl State {
             budget,
             next_bucket_id,
             journal,
+            durable_state,
+            restarts: HashMap::new(),
+            reload_on_start,
             buckets: BucketSupervisor::default(),
             monitors: HashMap::new(),
         }
@@ -83,10 +96,13 @@ impl State {
 /// Runs until every sender of `mailbox` is gone. Bucket exits are taken before requests, so a
 /// request never sees an entry whose exit is already waiting.
 pub(super) async fn run(mut mailbox: mpsc::Receiver<Request>, mut state: State) {
+    if state.reload_on_start {
+        state.reload_all().await;
+    }
     loop {
         tokio::select! {
             biased;
-            Some(exit) = state.buckets.next_exit() => state.on_exit(exit),
+            Some(exit) = state.buckets.next_exit() => state.on_exit(exit).await,
             request = mailbox.recv() => match request {
                 Some(request) => state.on_request(request).await,
                 None => break,
@@ -101,7 +117,7 @@ impl State {
         // is dropped and the loop goes on.
         match request {
             Request::Create { name, reply } => {
-                let _ = reply.send(self.create(name));
+                let _ = reply.send(self.create(name).await);
             }
             Request::Drop { name, reply } => {
                 let _ = reply.send(self.drop_bucket(&name));
@@ -114,7 +130,7 @@ impl State {
         }
     }
 
-    fn create(&mut self, name: BucketName) -> Result<BucketHandle, RegistryError> {
+    async fn create(&mut self, name: BucketName) -> Result<BucketHandle, RegistryError> {
         if name.len() > self.config.max_name_len {
             return Err(RegistryError::NameTooLong {
                 length: name.len(),
@@ -125,8 +141,22 @@ impl State {
             if !existing.is_stopped() {
                 return Ok(existing);
             }
-            // Ended, its exit not yet here: forget it now; the exit will find no entry.
-            self.view.remove(name.as_bytes(), existing.id());
+            if self.durable_state.get().is_some() {
+                // Ended, its exit not yet here, its data on disk: take the exit in (which
+                // restarts it) rather than hand out an empty bucket in its place.
+                Box::pin(self.settle()).await;
+                if let Some(restarted) = self.view.get(name.as_bytes())
+                    && !restarted.is_stopped()
+                {
+                    return Ok(restarted);
+                }
+            } else {
+                // Ended, its exit not yet here: forget it now; the exit will find no entry.
+                self.view.remove(name.as_bytes(), existing.id());
+            }
+        }
+        if self.view.is_failed(name.as_bytes()) {
+            return Err(RegistryError::BucketFailed(name));
         }
         // Count every task still running, ended-but-unreported ones too: they still hold memory.
         if self.buckets.len() >= self.config.max_buckets {
@@ -141,13 +171,22 @@ impl State {
         {
             return Err(RegistryError::Unwritable);
         }
-        let id = BucketId(self.next_bucket_id.fetch_add(1, Ordering::Relaxed));
         // Logged before the bucket is visible, so every change to it comes after in the log.
         if let Some(journal) = &self.journal {
             journal.append(&Record::Create {
                 bucket: name.as_bytes(),
             });
         }
+        let bucket = self.start_bucket(name);
+        self.view.insert(bucket.clone());
+        tracing::debug!(bucket = %bucket.name(), "bucket created");
+        Ok(bucket)
+    }
+
+    /// Starts a bucket task under the bucket supervisor and monitors it; the caller makes it
+    /// visible.
+    fn start_bucket(&mut self, name: BucketName) -> BucketHandle {
+        let id = BucketId(self.next_bucket_id.fetch_add(1, Ordering::Relaxed));
         let (bucket, task) =
             bucket::start(id, name, Arc::clone(&self.budget), self.journal.clone());
         let task_id = self.buckets.start_child(task);
@@ -157,13 +196,113 @@ impl State {
                 bucket: bucket.clone(),
             },
         );
+        bucket
+    }
+
+    /// Starts `name` again with `entries`, not logged (they are on disk already), and makes it
+    /// visible.
+    fn restore_bucket(
+        &mut self,
+        name: BucketName,
+        entries: &Entries,
+    ) -> Result<BucketHandle, String> {
+        let bucket = self.start_bucket(name);
+        for (key, value) in entries {
+            if let Err(error) = bucket.restore(key, value) {
+                bucket.close();
+                return Err(error.to_string());
+            }
+        }
         self.view.insert(bucket.clone());
-        tracing::debug!(bucket = %bucket.name(), "bucket created");
         Ok(bucket)
+    }
+
+    /// After bucket `name` ended on its own with durability on: its data is on disk, so it
+    /// starts again from there, unless it has failed too often lately.
+    async fn restart(&mut self, name: BucketName, durable: Arc<dyn DurableState>) {
+        let window = self.restarts.entry(name.clone()).or_insert_with(|| {
+            RestartWindow::new(RestartIntensity {
+                max_restarts: BUCKET_RESTARTS,
+                period: Duration::from_secs(60),
+            })
+        });
+        if !window.allow(tokio::time::Instant::now()) {
+            tracing::error!(
+                bucket = %name,
+                restarts = BUCKET_RESTARTS,
+                "bucket failed too often within a minute; it stays down until dropped"
+            );
+            self.view.set_failed(&name, true);
+            return;
+        }
+        let lookup = name.clone();
+        let read = tokio::task::spawn_blocking(move || durable.bucket(lookup.as_bytes())).await;
+        match read
+            .map_err(|error| error.to_string())
+            .and_then(|read| read)
+        {
+            Ok(Some(entries)) => match self.restore_bucket(name.clone(), &entries) {
+                Ok(_) => {
+                    tracing::warn!(bucket = %name, keys = entries.len(), "bucket restarted from its durable state");
+                }
+                Err(error) => {
+                    tracing::error!(bucket = %name, %error, "could not restart the bucket; it stays down");
+                    self.view.set_failed(&name, true);
+                }
+            },
+            Ok(None) => {
+                tracing::debug!(bucket = %name, "the bucket is not on disk; not restarted");
+            }
+            Err(error) => {
+                tracing::error!(bucket = %name, %error, "could not read the bucket back; it stays down");
+                self.view.set_failed(&name, true);
+            }
+        }
+    }
+
+    /// A new loop after the old one failed, with durability on: every bucket comes back from
+    /// disk (the old loop's buckets ended with it).
+    async fn reload_all(&mut self) {
+        let Some(durable) = self.durable_state.get().cloned() else {
+            return;
+        };
+        let read = tokio::task::spawn_blocking(move || durable.buckets()).await;
+        match read
+            .map_err(|error| error.to_string())
+            .and_then(|read| read)
+        {
+            Ok(buckets) => {
+                let count = buckets.len();
+                for (name, entries) in buckets {
+                    if let Err(error) = self.restore_bucket(name.clone(), &entries) {
+                        tracing::error!(bucket = %name, %error, "could not reload the bucket; it stays down");
+                        self.view.set_failed(&name, true);
+                    }
+                }
+                tracing::warn!(
+                    buckets = count,
+                    "registry restarted; buckets reloaded from disk"
+                );
+            }
+            Err(error) => {
+                tracing::error!(%error, "registry restarted but could not reload the buckets from disk");
+            }
+        }
     }
 
     /// Forgets the name and closes the table at once; the task's exit follows.
     fn drop_bucket(&mut self, name: &BucketName) -> bool {
+        self.restarts.remove(name);
+        if self.view.is_failed(name.as_bytes()) {
+            // Down after too many failures, its data still on disk: dropping discards that.
+            self.view.set_failed(name, false);
+            if let Some(journal) = &self.journal {
+                journal.append(&Record::Drop {
+                    bucket: name.as_bytes(),
+                });
+            }
+            return true;
+        }
         let Some(bucket) = self.view.get(name.as_bytes()) else {
             return false;
         };
@@ -181,7 +320,7 @@ impl State {
 
     /// The guide's `handle_info({:DOWN, ...})`, with its catch-all: an exit of a task this loop
     /// does not monitor is logged and ignored, never a crash.
-    fn on_exit(&mut self, ChildExit { task, reason }: ChildExit) {
+    async fn on_exit(&mut self, ChildExit { task, reason }: ChildExit) {
         let Some(Monitored { bucket }) = self.monitors.remove(&task) else {
             tracing::warn!(%task, %reason, "exit of an unknown task ignored");
             return;
@@ -189,6 +328,13 @@ impl State {
         shrink_if_sparse(&mut self.monitors);
         bucket.close();
         let forgotten = self.view.remove(bucket.name().as_bytes(), bucket.id());
+        // Still named when it ended: it crashed or stopped on its own; it was not dropped.
+        let ended_on_its_own = forgotten.is_some() && reason != ExitReason::Aborted;
+        if ended_on_its_own && let Some(durable) = self.durable_state.get().cloned() {
+            tracing::warn!(bucket = %bucket.name(), %reason, "durable bucket ended; restarting it from disk");
+            Box::pin(self.restart(bucket.name().clone(), durable)).await;
+            return;
+        }
         match &reason {
             ExitReason::Panicked(message) => {
                 tracing::warn!(bucket = %bucket.name(), %message, "bucket crashed; its data is lost");
@@ -208,7 +354,7 @@ impl State {
             .any(|monitored| monitored.bucket.is_stopped())
         {
             match self.buckets.next_exit().await {
-                Some(exit) => self.on_exit(exit),
+                Some(exit) => self.on_exit(exit).await,
                 None => break,
             }
         }

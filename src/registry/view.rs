@@ -16,6 +16,8 @@ struct Names {
     handles: HashTable<BucketHandle>,
     /// Seeded at random, so hostile names cannot be chosen to collide.
     hasher: foldhash::fast::RandomState,
+    /// Durable buckets that crashed too often: down, with their data on disk, until dropped.
+    failed: std::collections::HashSet<BucketName>,
 }
 
 impl Names {
@@ -61,6 +63,13 @@ impl RegistryView {
             .get(name)
             .filter(|bucket| !bucket.is_stopped())
             .cloned()
+    }
+
+    /// Whether `name` is a durable bucket that crashed too often and stays down.
+    #[must_use]
+    pub fn is_failed(&self, name: &[u8]) -> bool {
+        let names = self.names.read();
+        !names.failed.is_empty() && names.failed.contains(name)
     }
 
     /// How many names the registry holds.
@@ -132,7 +141,9 @@ impl ViewWriter {
     /// Adds `bucket`, replacing any entry of the same name.
     pub(super) fn insert(&self, bucket: BucketHandle) {
         let mut names = self.names.write();
-        let Names { handles, hasher } = &mut *names;
+        let Names {
+            handles, hasher, ..
+        } = &mut *names;
         let hash = hasher.hash_one(bucket.name().as_bytes());
         let found = handles.find_entry(hash, |existing| existing.name() == bucket.name());
         match found {
@@ -149,7 +160,9 @@ impl ViewWriter {
     /// Removes `name` if it still belongs to bucket `id`; returns the handle removed.
     pub(super) fn remove(&self, name: &[u8], id: BucketId) -> Option<BucketHandle> {
         let mut names = self.names.write();
-        let Names { handles, hasher } = &mut *names;
+        let Names {
+            handles, hasher, ..
+        } = &mut *names;
         let found = handles
             .find_entry(hasher.hash_one(name), |bucket| {
                 bucket.name().as_bytes() == name
@@ -163,6 +176,20 @@ impl ViewWriter {
             });
         }
         Some(removed)
+    }
+
+    pub(super) fn is_failed(&self, name: &[u8]) -> bool {
+        self.names.read().failed.contains(name)
+    }
+
+    /// Marks `name` as failed, or clears the mark.
+    pub(super) fn set_failed(&self, name: &BucketName, failed: bool) {
+        let mut names = self.names.write();
+        if failed {
+            names.failed.insert(name.clone());
+        } else {
+            names.failed.remove(name);
+        }
     }
 
     /// Closes every bucket and forgets every name: the registry that owned them has died.

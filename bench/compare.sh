@@ -11,6 +11,9 @@
 #     kv: PUT/GET shopping through RESP. Server CPU per request from /proc.
 #   - kv bench against kv: RESP and line protocol, 1 bucket and 10,000 buckets.
 #   - memory: one million 16-byte keys with 32-byte values loaded into each; RSS per key.
+#   - durability: Redis with appendonly yes against kv with --data-dir, at the same fsync
+#     policy (everysec, always), same redis-benchmark workloads; and kv's start-up time
+#     with one million keys in its log.
 # Prints a table of medians and kv/Redis ratios, writes docs/benchmarks.md and
 # docs/benchmarks.svg.
 set -euo pipefail
@@ -50,17 +53,17 @@ wait_for() { # port
   for _ in $(seq 100); do redis-cli -p "$1" PING >/dev/null 2>&1 && return 0; sleep 0.05; done
   echo "server on port $1 did not start" >&2; exit 1
 }
-start_redis() {
+start_redis() { # [extra redis-server arguments]
   ensure_free "$REDIS_PORT"
-  redis-server --port "$REDIS_PORT" --save "" --appendonly no --daemonize no --logfile "" \
+  redis-server --port "$REDIS_PORT" --save "" --appendonly no --daemonize no --logfile "" "$@" \
     >"$OUT/redis.log" 2>&1 &
   REDIS_PID=$!; pids+=("$REDIS_PID"); wait_for "$REDIS_PORT"
 }
-start_kv() {
+start_kv() { # [extra kv serve arguments]
   ensure_free "$KV_PORT"
   local threads=()
   [ -n "$KV_THREADS" ] && threads=(--threads "$KV_THREADS")
-  RUST_LOG=warn "$KV" serve --port "$KV_PORT" "${threads[@]}" >"$OUT/kv.log" 2>&1 &
+  RUST_LOG=info "$KV" serve --port "$KV_PORT" "${threads[@]}" "$@" >"$OUT/kv.log" 2>&1 &
   KV_PID=$!; pids+=("$KV_PID"); wait_for "$KV_PORT"
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
@@ -181,6 +184,43 @@ used=$(redis-cli -p "$KV_PORT" INFO | awk -F: '/^memory_used_bytes:/ {print $2}'
 echo "kv,$MEMORY_KEYS,$start,$(rss_bytes "$KV_PID"),$used" >>"$MEMORY"
 tail -1 "$MEMORY"
 stop "$KV_PID"
+
+echo "== durability: Redis appendonly against kv --data-dir, $ROUNDS rounds"
+# On the project's disk, not a tmpfs: an fsync must reach the device.
+DURABLE_DIR="$OUT/durable"
+for fsync in everysec always; do
+  rm -rf "$DURABLE_DIR"; mkdir -p "$DURABLE_DIR/redis"
+  start_redis --appendonly yes --appendfsync "$fsync" --dir "$DURABLE_DIR/redis"
+  start_kv --data-dir "$DURABLE_DIR/kv" --fsync "$fsync"
+  redis-cli -p "$KV_PORT" CREATE shopping >/dev/null
+  for round in $(seq "$ROUNDS"); do
+    for depth in 16 1; do
+      requests=$REQUESTS; [ "$depth" = 1 ] && requests=$DEPTH1_REQUESTS
+      pairs=("redis" "kv"); [ $((round % 2)) = 0 ] && pairs=("kv" "redis")
+      for server in "${pairs[@]}"; do
+        if [ "$server" = redis ]; then
+          run "$round" "redis-aof-$fsync" "$REDIS_PID" "$REDIS_PORT" SET "$depth" "$requests" SET 'key:__rand_int__' "$VALUE"
+          run "$round" "redis-aof-$fsync" "$REDIS_PID" "$REDIS_PORT" HSET "$depth" "$requests" HSET shopping 'key:__rand_int__' "$VALUE"
+        else
+          run "$round" "kv-$fsync" "$KV_PID" "$KV_PORT" PUT "$depth" "$requests" PUT shopping 'key:__rand_int__' "$VALUE"
+        fi
+      done
+    done
+  done
+  stop "$KV_PID"; stop "$REDIS_PID"
+done
+
+echo "== start-up: kv recovering $MEMORY_KEYS keys from its log"
+rm -rf "$DURABLE_DIR"
+start_kv --data-dir "$DURABLE_DIR/kv"
+"$KV" bench --port "$KV_PORT" --preload --keys "$MEMORY_KEYS" --buckets 1 -n 1 -c 1 >/dev/null 2>&1
+stop "$KV_PID"
+start_kv --data-dir "$DURABLE_DIR/kv"
+STARTUP="$OUT/startup.txt"
+grep -o 'records=[0-9]* .*elapsed_ms=[0-9]*' "$OUT/kv.log" | tail -1 >"$STARTUP"
+cat "$STARTUP"
+stop "$KV_PID"
+rm -rf "$DURABLE_DIR"
 
 python3 bench/report.py "$RESULTS" "$MEMORY" "$(redis-server --version | awk '{print $3}' | cut -d= -f2)" \
   "bench/compare.sh (ROUNDS=$ROUNDS REQUESTS=$REQUESTS DEPTH1_REQUESTS=$DEPTH1_REQUESTS KV_THREADS=${KV_THREADS:-default})"

@@ -12,6 +12,7 @@ import sys
 from collections import defaultdict
 
 results_path, memory_path, redis_version, command = sys.argv[1:5]
+startup_path = os.path.join(os.path.dirname(results_path), "startup.txt")
 
 runs = defaultdict(list)
 with open(results_path) as handle:
@@ -83,6 +84,29 @@ with open(memory_path) as handle:
         lines.append(f"| {name} | {keys:,} | {start / 2**20:.1f} MiB | {loaded / 2**20:.1f} MiB "
                      f"| **{loaded / keys:.0f} B** | {(loaded - start) / keys:.0f} B | {accounted} |")
 memory_table = "\n".join(lines)
+lines = ["| fsync | depth | kv PUT ops/s | Redis SET ops/s | kv ÷ SET | Redis HSET ops/s | kv ÷ HSET "
+         "| kv p99 ms | Redis SET p99 ms | Redis SET lost to AOF |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+durable_found = False
+for fsync in ("everysec", "always"):
+    for depth in (16, 1):
+        kv_ops = median(f"kv-{fsync}", "PUT", depth, "ops_per_second")
+        redis_set = median(f"redis-aof-{fsync}", "SET", depth, "ops_per_second")
+        redis_hset = median(f"redis-aof-{fsync}", "HSET", depth, "ops_per_second")
+        plain_set = median("redis", "SET", depth, "ops_per_second")
+        if kv_ops is None or redis_set is None:
+            continue
+        durable_found = True
+        lost = f"{(1 - redis_set / plain_set) * 100:.0f}%" if plain_set else "n/a"
+        lines.append(
+            f"| {fsync} | {depth} | {fmt_ops(kv_ops)} | {fmt_ops(redis_set)} | **{kv_ops / redis_set:.2f}** "
+            f"| {fmt_ops(redis_hset)} | **{fmt(kv_ops / redis_hset if redis_hset else None)}** "
+            f"| {fmt(median(f'kv-{fsync}', 'PUT', depth, 'p99_ms'), 3)} "
+            f"| {fmt(median(f'redis-aof-{fsync}', 'SET', depth, 'p99_ms'), 3)} | {lost} |")
+        plot.append((f"PUT/SET {fsync} P{depth}", kv_ops / redis_set))
+durable_table = "\n".join(lines) if durable_found else "(not measured in this run)"
+startup = open(startup_path).read().strip() if os.path.exists(startup_path) else "(not measured in this run)"
+
 if "kv" in memory_rows and "redis-set" in memory_rows:
     plot.append(("memory/key (Redis SET ÷ kv)", memory_rows["redis-set"] / memory_rows["kv"]))
 
@@ -168,6 +192,17 @@ RSS from `/proc/PID/status`; "accounted" is Redis's `used_memory` and kv's `memo
 (an estimate that the memory limit is enforced against).
 
 {memory_table}
+
+## Durability
+
+Redis with `appendonly yes` and kv with `--data-dir`, at the same fsync policy, both writing to
+this machine's disk; the same redis-benchmark workloads as above. "Lost to AOF" compares Redis
+with itself without persistence in the same run.
+
+{durable_table}
+
+kv's start-up with one million keys (16-byte keys, 32-byte values) in its log, from its own log
+line: `{startup}`.
 """
 with open("docs/benchmarks.md", "w") as handle:
     handle.write(report)

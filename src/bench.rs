@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::protocol::{Dialect, ReplyValue, parse_reply};
+use crate::protocol::{Dialect, ReplyValue, encode_request, parse_reply};
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -200,19 +200,7 @@ fn encode(dialect: Dialect, words: &[&[u8]], out: &mut BytesMut) {
             }
             out.extend_from_slice(b"\n");
         }
-        Dialect::Resp => {
-            let mut digits = itoa::Buffer::new();
-            out.extend_from_slice(b"*");
-            out.extend_from_slice(digits.format(words.len()).as_bytes());
-            out.extend_from_slice(b"\r\n");
-            for word in words {
-                out.extend_from_slice(b"$");
-                out.extend_from_slice(digits.format(word.len()).as_bytes());
-                out.extend_from_slice(b"\r\n");
-                out.extend_from_slice(word);
-                out.extend_from_slice(b"\r\n");
-            }
-        }
+        Dialect::Resp => encode_request(words, out),
     }
 }
 

@@ -4,9 +4,10 @@
 //! # Architecture
 //!
 //! ```text
-//! server → dispatch → registry → bucket
-//!                       ↑  supervisor (starts, monitors, restarts)
+//! server → dispatch → durability → registry → bucket → storage
+//!                                     ↑ supervisor (starts, monitors, restarts)
 //! protocol: pure parsing and encoding, depends on nothing of ours
+//! client, bench: the other end of the wire, on protocol only
 //! ```
 //!
 //! - [`server`]: the listener (accept within the limits, graceful shutdown) and one task per
@@ -19,10 +20,16 @@
 //!   forgets a name when its bucket ends; a concurrent read view for lookups.
 //! - [`supervisor`]: the bucket supervisor (temporary children, never revived empty) and the
 //!   one-for-all restart of registry and buckets together.
+//! - [`durability`]: a registry recovered from a data directory, compaction, and restarting
+//!   failed buckets from disk.
+//! - [`storage`]: the append-only log: checksummed records, the journal (group commit, fsync
+//!   policy), the data directory (lock, snapshots, recovery).
 //! - [`config`]: every limit, with its default and why.
+//! - [`bench`]: the load generator behind `kv bench`.
 //!
-//! Dependencies point one way: server → dispatch → registry → bucket, each using `protocol`
-//! and `config`, which use nothing of ours; `client` uses only `protocol`.
+//! Dependencies point one way, down the picture: the registry reaches back up to the
+//! durability layer only through the [`registry::DurableState`] trait it defines. `protocol`
+//! and `config` use nothing of ours; `client` and `bench` use only `protocol`.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -35,18 +42,18 @@
 //! # }
 //! ```
 
+pub mod bench;
 pub mod bucket;
+pub mod client;
 pub mod config;
+pub mod dispatch;
+pub mod durability;
+pub mod protocol;
 pub mod registry;
+pub mod server;
+pub mod storage;
 pub mod supervisor;
 
 pub use bucket::{BucketError, BucketFault, BucketHandle, BucketId, BucketName};
 pub use config::CoreConfig;
 pub use registry::{Registry, RegistryError, RegistryView};
-pub mod bench;
-pub mod client;
-pub mod dispatch;
-pub mod durability;
-pub mod protocol;
-pub mod server;
-pub mod storage;

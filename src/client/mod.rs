@@ -13,7 +13,7 @@ use tokio::net::{TcpStream, ToSocketAddrs};
 
 pub use render::render;
 
-use crate::protocol::{ProtocolError, ReplyValue, parse_reply};
+use crate::protocol::{ProtocolError, ReplyValue, encode_request, parse_reply};
 
 /// The largest reply the client accepts: a bound against a misbehaving server.
 const MAX_REPLY_LEN: usize = 512 * 1024 * 1024;
@@ -188,20 +188,6 @@ impl Client {
         info.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(':')?.parse().ok())
             .ok_or_else(|| ClientError::Server(format!("no counter {name} in INFO")))
-    }
-}
-
-fn encode_request(arguments: &[&[u8]], out: &mut BytesMut) {
-    let mut digits = itoa::Buffer::new();
-    out.extend_from_slice(b"*");
-    out.extend_from_slice(digits.format(arguments.len()).as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for argument in arguments {
-        out.extend_from_slice(b"$");
-        out.extend_from_slice(digits.format(argument.len()).as_bytes());
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(argument);
-        out.extend_from_slice(b"\r\n");
     }
 }
 

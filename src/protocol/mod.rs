@@ -14,7 +14,7 @@ mod resp;
 
 pub use command::{DebugAction, Request};
 pub use reply::{ErrorReply, Reply, encode, encode_value};
-pub use resp::{ReplyValue, parse_reply};
+pub use resp::{ReplyValue, encode_request, parse_reply};
 
 /// Which protocol a request came in, and so which one its reply goes out in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -116,6 +116,21 @@ fn parse_array<'a>(
     Ok(Some((words, count.min(MAX_WORDS), count > MAX_WORDS, at)))
 }
 
+/// Appends a request, an array of bulk strings, as a RESP client sends it.
+pub fn encode_request(arguments: &[&[u8]], out: &mut bytes::BytesMut) {
+    let mut digits = itoa::Buffer::new();
+    out.extend_from_slice(b"*");
+    out.extend_from_slice(digits.format(arguments.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for argument in arguments {
+        out.extend_from_slice(b"$");
+        out.extend_from_slice(digits.format(argument.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(argument);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 /// A reply as a RESP client reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplyValue {

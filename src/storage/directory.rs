@@ -158,6 +158,26 @@ impl DataDir {
         Ok(files)
     }
 
+    /// The files the state is made of, in replay order (the newest snapshot, then every log
+    /// from its generation on), and the older files a finished compaction left behind.
+    fn state_files(&self) -> Result<(Vec<(Kind, u64)>, Vec<(Kind, u64)>), StorageError> {
+        let files = self.files()?;
+        let snapshot = files
+            .iter()
+            .filter(|(kind, _)| *kind == Kind::Snapshot)
+            .map(|&(_, generation)| generation)
+            .max();
+        let base = snapshot.unwrap_or(0);
+        let (mut replay, older): (Vec<_>, Vec<_>) = files
+            .into_iter()
+            .filter(|&(kind, generation)| {
+                kind == Kind::Log || Some(generation) == snapshot || generation < base
+            })
+            .partition(|&(_, generation)| generation >= base);
+        replay.sort_by_key(|&(kind, generation)| (generation, kind));
+        Ok((replay, older))
+    }
+
     /// Replays the directory's state through `apply`, cutting off a torn end of the last log
     /// (with a warning). With `truncate_corrupt`, a corrupt record is cut off too, with every
     /// later file; without it, corruption is an error naming the file and offset.
@@ -169,27 +189,13 @@ impl DataDir {
         truncate_corrupt: bool,
         apply: &mut dyn FnMut(Record<'_>) -> Result<(), String>,
     ) -> Result<Recovered, StorageError> {
-        let files = self.files()?;
-        let snapshot = files
-            .iter()
-            .filter(|(kind, _)| *kind == Kind::Snapshot)
-            .map(|&(_, generation)| generation)
-            .max();
-        let base = snapshot.unwrap_or(0);
+        let (mut replay, older) = self.state_files()?;
         // Files older than the newest snapshot belong to a compaction that finished.
-        for &(kind, generation) in &files {
-            if generation < base {
-                let path = self.file(kind, generation);
-                fs::remove_file(&path).map_err(io_error(&path))?;
-            }
+        for (kind, generation) in older {
+            let path = self.file(kind, generation);
+            fs::remove_file(&path).map_err(io_error(&path))?;
         }
-        let mut replay: Vec<(Kind, u64)> = files
-            .into_iter()
-            .filter(|&(kind, generation)| {
-                generation >= base && (kind == Kind::Log || Some(generation) == snapshot)
-            })
-            .collect();
-        replay.sort_by_key(|&(kind, generation)| (generation, kind));
+        let base = replay.first().map_or(0, |&(_, generation)| generation);
         let last_log = replay.iter().rposition(|&(kind, _)| kind == Kind::Log);
         let mut records = 0u64;
         let mut stop_after = None;
@@ -279,20 +285,7 @@ impl DataDir {
     /// # Errors
     /// [`StorageError::Corrupt`] or I/O errors.
     pub fn read_state(&self, visit: &mut dyn FnMut(Record<'_>)) -> Result<(), StorageError> {
-        let files = self.files()?;
-        let snapshot = files
-            .iter()
-            .filter(|(kind, _)| *kind == Kind::Snapshot)
-            .map(|&(_, generation)| generation)
-            .max();
-        let base = snapshot.unwrap_or(0);
-        let mut replay: Vec<(Kind, u64)> = files
-            .into_iter()
-            .filter(|&(kind, generation)| {
-                generation >= base && (kind == Kind::Log || Some(generation) == snapshot)
-            })
-            .collect();
-        replay.sort_by_key(|&(kind, generation)| (generation, kind));
+        let (replay, _) = self.state_files()?;
         let last = replay.len().saturating_sub(1);
         for (position, &(kind, generation)) in replay.iter().enumerate() {
             let path = self.file(kind, generation);

@@ -89,6 +89,9 @@ enum Kind {
     Log,
 }
 
+/// A file of the directory: its kind and generation.
+type FileId = (Kind, u64);
+
 impl DataDir {
     /// Creates `path` if needed and takes its lock.
     ///
@@ -160,7 +163,7 @@ impl DataDir {
 
     /// The files the state is made of, in replay order (the newest snapshot, then every log
     /// from its generation on), and the older files a finished compaction left behind.
-    fn state_files(&self) -> Result<(Vec<(Kind, u64)>, Vec<(Kind, u64)>), StorageError> {
+    fn state_files(&self) -> Result<(Vec<FileId>, Vec<FileId>), StorageError> {
         let files = self.files()?;
         let snapshot = files
             .iter()

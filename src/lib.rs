@@ -25,7 +25,7 @@
 //! - [`storage`]: the append-only log: checksummed records, the journal (group commit, fsync
 //!   policy), the data directory (lock, snapshots, recovery).
 //! - [`config`]: every limit, with its default and why.
-//! - [`bench`]: the load generator behind `kv bench`.
+//! - [`bench`](mod@bench): the load generator behind `kv bench`.
 //!
 //! Dependencies point one way, down the picture: the registry reaches back up to the
 //! durability layer only through the [`registry::DurableState`] trait it defines. `protocol`

@@ -291,7 +291,7 @@ impl Dispatcher {
         line("resident_bytes", &resident_bytes().unwrap_or(0));
         line("registry_starts", &status.starts);
         if let Some(journal) = self.registry.journal() {
-            line("fsync", &format!("{:?}", journal.policy()));
+            line("fsync", &journal.policy());
             line("log_bytes", &journal.log_bytes());
             line("log_syncs", &journal.syncs());
             line("log_failed", &u8::from(journal.is_failed()));

@@ -157,4 +157,7 @@ async fn through_the_server_a_crashed_durable_bucket_keeps_answering_with_its_da
     client.expect(&[down, down, down].concat()).await;
     client.send(b"DROP s\nGET s milk\n").await;
     client.expect(b"OK\r\nNOT FOUND\r\n").await;
+    let mut info = server.client().await.info().await.unwrap();
+    info.retain(|character| character != '\r');
+    assert!(info.contains("\nfsync:everysec\n"), "{info}");
 }

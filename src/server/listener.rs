@@ -86,7 +86,7 @@ impl Server {
                     Durable::open(durability.clone(), config.core.clone()).await?;
                 tracing::info!(
                     data_dir = %durability.data_dir.display(),
-                    fsync = ?durability.fsync,
+                    fsync = %durability.fsync,
                     records = report.records,
                     buckets = report.buckets,
                     keys = report.keys,

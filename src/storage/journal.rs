@@ -43,6 +43,17 @@ pub enum FsyncPolicy {
     No,
 }
 
+impl std::fmt::Display for FsyncPolicy {
+    /// The policy as `--fsync` spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Always => "always",
+            Self::EverySecond => "everysec",
+            Self::No => "no",
+        })
+    }
+}
+
 impl std::str::FromStr for FsyncPolicy {
     type Err = String;
 

@@ -6,7 +6,7 @@
 //! follows the order that [`DataDir`] documents: new log first, then the snapshot, then removal
 //! of the old generation, so that no crash between steps loses an acknowledged write.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -81,37 +81,66 @@ impl DiskState {
             .ok_or_else(|| "the data directory is closed".to_owned())?;
         let _files_stay = self.compacting.blocking_lock();
         self.journal.flush().map_err(|error| error.to_string())?;
-        let mut buckets: BTreeMap<Vec<u8>, HashMap<Vec<u8>, Vec<u8>>> = BTreeMap::new();
-        directory
-            .read_state(&mut |record| {
-                if only.is_some_and(|only| only != record.bucket()) {
-                    return;
-                }
-                match record {
-                    Record::Create { bucket } => {
-                        buckets.entry(bucket.to_vec()).or_default();
-                    }
-                    Record::Drop { bucket } => {
-                        buckets.remove(bucket);
-                    }
-                    Record::Put { bucket, key, value } => {
-                        if let Some(table) = buckets.get_mut(bucket) {
-                            table.insert(key.to_vec(), value.to_vec());
-                        }
-                    }
-                    Record::Delete { bucket, key } => {
-                        if let Some(table) = buckets.get_mut(bucket) {
-                            table.remove(key);
-                        }
-                    }
-                }
-            })
-            .map_err(|error| error.to_string())?;
+        let buckets = fold(&directory, None, &|bucket| {
+            only.is_none_or(|only| only == bucket)
+        })
+        .map_err(|error| error.to_string())?;
         Ok(buckets
             .into_iter()
             .map(|(name, table)| (BucketName::from(name), table.into_iter().collect()))
             .collect())
     }
+}
+
+type Folded = BTreeMap<Vec<u8>, HashMap<Vec<u8>, Vec<u8>>>;
+
+/// The buckets for which `wanted` holds, with their contents, as the files say (those before
+/// generation `before`, if given).
+fn fold(
+    directory: &DataDir,
+    before: Option<u64>,
+    wanted: &dyn Fn(&[u8]) -> bool,
+) -> Result<Folded, StorageError> {
+    let mut buckets = Folded::new();
+    directory.read_state(before, &mut |record| {
+        if !wanted(record.bucket()) {
+            return;
+        }
+        match record {
+            Record::Create { bucket } => {
+                buckets.entry(bucket.to_vec()).or_default();
+            }
+            Record::Drop { bucket } => {
+                buckets.remove(bucket);
+            }
+            Record::Put { bucket, key, value } => {
+                if let Some(table) = buckets.get_mut(bucket) {
+                    table.insert(key.to_vec(), value.to_vec());
+                }
+            }
+            Record::Delete { bucket, key } => {
+                if let Some(table) = buckets.get_mut(bucket) {
+                    table.remove(key);
+                }
+            }
+        }
+    })?;
+    Ok(buckets)
+}
+
+/// The names of the buckets the files hold (those before generation `before`).
+fn durable_names(directory: &DataDir, before: u64) -> Result<BTreeSet<Vec<u8>>, StorageError> {
+    let mut names = BTreeSet::new();
+    directory.read_state(Some(before), &mut |record| match record {
+        Record::Create { bucket } => {
+            names.insert(bucket.to_vec());
+        }
+        Record::Drop { bucket } => {
+            names.remove(bucket);
+        }
+        Record::Put { .. } | Record::Delete { .. } => {}
+    })?;
+    Ok(names)
 }
 
 impl DurableState for DiskState {
@@ -269,14 +298,20 @@ impl Durable {
             .await?;
         }
         self.generation.store(generation, Ordering::Relaxed);
-        // 2. The state, bucket by bucket, each copied consistently under its read lock. A
-        //    change made meanwhile is in the new log too; replaying it after the snapshot
-        //    gives the same result whether or not the snapshot saw it.
-        let buckets = self.registry.view().buckets();
+        // 2. The state as of the rotation, bucket by bucket: every bucket the old files hold,
+        //    copied from memory under its read lock where it is live, and folded from those
+        //    files where it is not (crashed and restarting, or down after too many failures):
+        //    its data must not go with the old files. A change made after the rotation is in
+        //    the new log too; replaying it after the snapshot gives the same result whether or
+        //    not the snapshot saw it.
         let directory = Arc::clone(&self.directory);
+        let registry = self.registry.clone();
         let written = blocking(&self.config.data_dir, move || {
+            let names = durable_names(&directory, generation)?;
             let mut keys = 0usize;
-            directory.write_snapshot(generation, |out| write_snapshot(out, &buckets, &mut keys))?;
+            directory.write_snapshot(generation, |out| {
+                write_snapshot(out, &directory, generation, &registry, &names, &mut keys)
+            })?;
             directory.remove_before(generation)?;
             Ok(keys)
         })
@@ -302,22 +337,44 @@ impl Durable {
 
 fn write_snapshot(
     out: &mut dyn std::io::Write,
-    buckets: &[BucketHandle],
+    directory: &DataDir,
+    generation: u64,
+    registry: &Registry,
+    names: &BTreeSet<Vec<u8>>,
     keys: &mut usize,
 ) -> std::io::Result<()> {
     let mut buffer = Vec::with_capacity(1 << 20);
-    for bucket in buckets {
+    let mut down = BTreeSet::new();
+    for name in names {
         buffer.clear();
-        Record::Create {
-            bucket: bucket.name().as_bytes(),
+        Record::Create { bucket: name }.encode(&mut buffer);
+        match registry.lookup(name) {
+            Some(bucket) if bucket.export(&mut buffer).is_ok() => {
+                *keys += bucket.len().unwrap_or(0);
+                out.write_all(&buffer)?;
+            }
+            _ => {
+                down.insert(name.as_slice());
+            }
         }
-        .encode(&mut buffer);
-        // A bucket dropped since the list was taken is simply left out: its drop is in the
-        // new log.
-        if bucket.export(&mut buffer).is_err() {
-            continue;
+    }
+    if down.is_empty() {
+        return Ok(());
+    }
+    let folded = fold(directory, Some(generation), &|bucket| down.contains(bucket))
+        .map_err(std::io::Error::other)?;
+    for (name, table) in folded {
+        buffer.clear();
+        Record::Create { bucket: &name }.encode(&mut buffer);
+        for (key, value) in &table {
+            Record::Put {
+                bucket: &name,
+                key,
+                value,
+            }
+            .encode(&mut buffer);
         }
-        *keys += bucket.len().unwrap_or(0);
+        *keys += table.len();
         out.write_all(&buffer)?;
     }
     Ok(())

@@ -161,3 +161,44 @@ async fn through_the_server_a_crashed_durable_bucket_keeps_answering_with_its_da
     info.retain(|character| character != '\r');
     assert!(info.contains("\nfsync:everysec\n"), "{info}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_keeps_the_data_of_a_bucket_that_is_down() {
+    let directory = tempfile::tempdir().unwrap();
+    let durable = open(directory.path()).await;
+    let registry = durable.registry();
+    registry
+        .create("flaky")
+        .await
+        .unwrap()
+        .put(b"k", b"kept on disk")
+        .unwrap();
+    registry
+        .create("steady")
+        .await
+        .unwrap()
+        .put(b"k", b"v")
+        .unwrap();
+    for _ in 0..=BUCKET_RESTARTS {
+        let bucket = registry.lookup(b"flaky").unwrap();
+        bucket.inject_fault(BucketFault::Panic).unwrap();
+        within(bucket.stopped()).await;
+        within(registry.settle()).await.unwrap();
+    }
+    assert!(registry.view().is_failed(b"flaky"));
+
+    // The snapshot is written while the bucket is down; the old log goes afterwards.
+    durable.compact().await.unwrap();
+    durable.journal().commit().await.unwrap();
+    drop(durable);
+
+    let durable = open(directory.path()).await;
+    assert_eq!(durable.generation(), 1);
+    let flaky = durable.registry().lookup(b"flaky").expect("still on disk");
+    assert_eq!(
+        flaky.get(b"k").unwrap().as_deref(),
+        Some(&b"kept on disk"[..])
+    );
+    let steady = durable.registry().lookup(b"steady").unwrap();
+    assert_eq!(steady.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+}

@@ -131,18 +131,14 @@ impl DataDir {
         self.path.join(format!("{prefix}-{generation:020}.kv"))
     }
 
-    /// Every snapshot and log, by kind and generation; removes leftover temporary files.
+    /// Every snapshot and log, by kind and generation. Temporary files (a snapshot being
+    /// written) are not listed.
     fn files(&self) -> Result<Vec<(Kind, u64)>, StorageError> {
         let mut files = Vec::new();
         for entry in fs::read_dir(&self.path).map_err(io_error(&self.path))? {
             let entry = entry.map_err(io_error(&self.path))?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.ends_with(".kv.tmp") {
-                // A snapshot whose writing a crash interrupted: never renamed, never used.
-                fs::remove_file(entry.path()).map_err(io_error(&entry.path()))?;
-                continue;
-            }
             let parsed = name
                 .strip_suffix(".kv")
                 .and_then(|stem| stem.split_once('-'))
@@ -159,6 +155,18 @@ impl DataDir {
             }
         }
         Ok(files)
+    }
+
+    /// Removes snapshots whose writing a crash interrupted: never renamed, never used. Only at
+    /// start, when no compaction can be writing one.
+    fn remove_temporaries(&self) -> Result<(), StorageError> {
+        for entry in fs::read_dir(&self.path).map_err(io_error(&self.path))? {
+            let path = entry.map_err(io_error(&self.path))?.path();
+            if path.to_string_lossy().ends_with(".kv.tmp") {
+                fs::remove_file(&path).map_err(io_error(&path))?;
+            }
+        }
+        Ok(())
     }
 
     /// The files the state is made of, in replay order (the newest snapshot, then every log
@@ -192,6 +200,7 @@ impl DataDir {
         truncate_corrupt: bool,
         apply: &mut dyn FnMut(Record<'_>) -> Result<(), String>,
     ) -> Result<Recovered, StorageError> {
+        self.remove_temporaries()?;
         let (mut replay, older) = self.state_files()?;
         // Files older than the newest snapshot belong to a compaction that finished.
         for (kind, generation) in older {
@@ -282,13 +291,21 @@ impl DataDir {
     }
 
     /// Calls `visit` with every record of the current state's files, in order, changing
-    /// nothing: for reading a bucket back while the server runs. A partial record at the very
-    /// end (being appended right now) ends the read.
+    /// nothing: for reading buckets back while the server runs. With `before`, only the files
+    /// of earlier generations (the state as it was when generation `before` began). A partial
+    /// record at the very end (being appended right now) ends the read.
     ///
     /// # Errors
     /// [`StorageError::Corrupt`] or I/O errors.
-    pub fn read_state(&self, visit: &mut dyn FnMut(Record<'_>)) -> Result<(), StorageError> {
-        let (replay, _) = self.state_files()?;
+    pub fn read_state(
+        &self,
+        before: Option<u64>,
+        visit: &mut dyn FnMut(Record<'_>),
+    ) -> Result<(), StorageError> {
+        let (mut replay, _) = self.state_files()?;
+        if let Some(before) = before {
+            replay.retain(|&(_, generation)| generation < before);
+        }
         let last = replay.len().saturating_sub(1);
         for (position, &(kind, generation)) in replay.iter().enumerate() {
             let path = self.file(kind, generation);

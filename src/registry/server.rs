@@ -120,7 +120,7 @@ impl State {
                 let _ = reply.send(self.create(name).await);
             }
             Request::Drop { name, reply } => {
-                let _ = reply.send(self.drop_bucket(&name));
+                let _ = reply.send(self.drop_bucket(&name).await);
             }
             Request::Settle { reply } => {
                 let counts = self.settle().await;
@@ -291,7 +291,17 @@ impl State {
     }
 
     /// Forgets the name and closes the table at once; the task's exit follows.
-    fn drop_bucket(&mut self, name: &BucketName) -> bool {
+    async fn drop_bucket(&mut self, name: &BucketName) -> bool {
+        if self.durable_state.get().is_some()
+            && self
+                .view
+                .get(name.as_bytes())
+                .is_some_and(|bucket| bucket.is_stopped())
+        {
+            // Ended, its exit not yet here, its data on disk: take the exit in (which restarts
+            // it) so that the drop below sees the bucket as it is.
+            Box::pin(self.settle()).await;
+        }
         self.restarts.remove(name);
         if self.view.is_failed(name.as_bytes()) {
             // Down after too many failures, its data still on disk: dropping discards that.

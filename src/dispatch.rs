@@ -54,8 +54,8 @@ pub struct Dispatcher {
     /// every request. It is used only while it has not stopped, so it is never stale: a
     /// dropped or crashed bucket's handle is stopped, and the next request looks the name up.
     last_bucket: Option<BucketHandle>,
-    /// Whether a request since the last [`take_changed`](Self::take_changed) may have changed
-    /// the store: then its replies must wait for the journal.
+    /// Whether a request since the last [`take_changed`](Self::take_changed) changed the
+    /// store: then the replies must wait for the journal.
     changed: bool,
 }
 
@@ -115,7 +115,7 @@ impl Dispatcher {
         dialect: Dialect,
         out: &mut BytesMut,
     ) -> Next {
-        self.changed |= matches!(
+        let may_change = matches!(
             request,
             Request::Put { .. }
                 | Request::Delete { .. }
@@ -188,8 +188,14 @@ impl Dispatcher {
                 Reply::Error(debug_disabled())
             }
         };
-        if matches!(reply, Reply::Error(_)) {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        match reply {
+            Reply::Error(_) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            // Only a change that was made must wait for the log before its reply: a refused
+            // one (log failed, limit reached, no such bucket) answers at once.
+            Reply::Ok if may_change => self.changed = true,
+            _ => {}
         }
         encode(&reply, dialect, out);
         Next::Continue

@@ -202,3 +202,44 @@ async fn compaction_keeps_the_data_of_a_bucket_that_is_down() {
     let steady = durable.registry().lookup(b"steady").unwrap();
     assert_eq!(steady.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_log_cannot_be_written_nothing_more_is_acknowledged() {
+    let directory = tempfile::tempdir().unwrap();
+    let server = TestServer::start(ServerConfig {
+        durability: Some(DurabilityConfig::new(directory.path().to_owned())),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut client = server.connect().await;
+    client.send(b"CREATE s\nPUT s milk 1\n").await;
+    client.expect(b"OK\r\nOK\r\n").await;
+
+    // The disk fills up: the change whose write fails is never acknowledged.
+    server.registry.journal().unwrap().inject_write_failure();
+    client.send(b"PUT s milk 2\n").await;
+    assert_eq!(
+        client.until_closed().await,
+        b"",
+        "no reply to an unlogged change"
+    );
+
+    // From then on changes are refused with a clear error; reads go on.
+    let mut next = server.connect().await;
+    next.send(b"PUT s eggs 3\nCREATE t\nGET s eggs\n").await;
+    next.expect(b"ERROR the log cannot be written; changes are refused\r\n")
+        .await;
+    next.expect(b"ERROR the log cannot be written; changes are refused\r\n")
+        .await;
+    next.expect(b"\r\nOK\r\n").await;
+    let mut observer = server.client().await;
+    assert_eq!(observer.info_field("log_failed").await.unwrap(), 1);
+
+    // What was acknowledged is what a restart finds.
+    server.shutdown.cancel();
+    within(server.task).await.unwrap();
+    let durable = open(directory.path()).await;
+    let bucket = durable.registry().lookup(b"s").unwrap();
+    assert_eq!(bucket.get(b"milk").unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(bucket.get(b"eggs").unwrap(), None);
+}

@@ -111,6 +111,8 @@ pub struct Journal {
     log_bytes: AtomicU64,
     /// Syncs done since start, for `INFO`.
     syncs: AtomicU64,
+    /// Fault injection: the next write fails as a full disk would make it.
+    fail_next_write: AtomicBool,
 }
 
 /// Stops the `everysec` sync thread early instead of at its next tick.
@@ -153,6 +155,7 @@ impl Journal {
             failed: AtomicBool::new(false),
             log_bytes: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
+            fail_next_write: AtomicBool::new(false),
         });
         if policy == FsyncPolicy::EverySecond {
             let signal = Arc::clone(&journal.signal);
@@ -176,6 +179,12 @@ impl Journal {
         };
         self.log_bytes.store(length, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Makes the next write of the log fail as a full disk would make it: for fault tests of
+    /// what the server does when it cannot log (the journal fails for good).
+    pub fn inject_write_failure(&self) {
+        self.fail_next_write.store(true, Ordering::Release);
     }
 
     /// From now on, appended records are kept.
@@ -304,6 +313,9 @@ impl Journal {
         let Some(file) = writer.file.as_mut() else {
             return Err(self.fail(&std::io::Error::other("no log file attached")));
         };
+        if self.fail_next_write.swap(false, Ordering::AcqRel) {
+            return Err(self.fail(&std::io::Error::from(std::io::ErrorKind::StorageFull)));
+        }
         if let Err(error) = file.write_all(&buffer) {
             return Err(self.fail(&error));
         }

@@ -106,6 +106,7 @@ for fsync in ("everysec", "always"):
         plot.append((f"PUT/SET {fsync} P{depth}", kv_ops / redis_set))
 durable_table = "\n".join(lines) if durable_found else "(not measured in this run)"
 startup = open(startup_path).read().strip() if os.path.exists(startup_path) else "(not measured in this run)"
+startup_keys = next((f"{int(field[5:]):,}" for field in startup.split() if field.startswith("keys=")), "the")
 
 if "kv" in memory_rows and "redis-set" in memory_rows:
     plot.append(("memory/key (Redis SET ÷ kv)", memory_rows["redis-set"] / memory_rows["kv"]))
@@ -201,7 +202,7 @@ with itself without persistence in the same run.
 
 {durable_table}
 
-kv's start-up with one million keys (16-byte keys, 32-byte values) in its log, from its own log
+kv's start-up with {startup_keys} keys (16-byte keys, 32-byte values) in its log, from its own log
 line: `{startup}`.
 """
 with open("docs/benchmarks.md", "w") as handle:

@@ -134,14 +134,15 @@ impl Registry {
         self.shared.view.lookup(name)
     }
 
-    /// Stops the bucket `name` and forgets it; its data is freed. Returns whether a live
-    /// bucket of that name existed. When this returns, no lookup finds it.
+    /// Stops the bucket `name` and forgets it; its data is freed (on disk too, when durable).
+    /// Returns whether a bucket of that name existed. When this returns, no lookup finds it.
     ///
     /// # Errors
-    /// [`RegistryError::Unavailable`] while the registry restarts.
+    /// [`RegistryError::Unavailable`] while the registry restarts;
+    /// [`RegistryError::Unwritable`] once the log has failed.
     pub async fn drop_bucket(&self, name: &[u8]) -> Result<bool, RegistryError> {
         let name = BucketName::from(name);
-        self.call(|reply| Request::Drop { name, reply }).await
+        self.call(|reply| Request::Drop { name, reply }).await?
     }
 
     /// A read-only view of the names, to hand to code that must not create or drop buckets.

@@ -24,7 +24,7 @@ pub(super) enum Request {
     },
     Drop {
         name: BucketName,
-        reply: oneshot::Sender<bool>,
+        reply: oneshot::Sender<Result<bool, RegistryError>>,
     },
     Settle {
         reply: oneshot::Sender<RegistryCounts>,
@@ -41,6 +41,15 @@ fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
     if map.capacity() > 64 && map.len() * 4 < map.capacity() {
         map.shrink_to(map.len() * 2);
     }
+}
+
+/// Reads durable state on a blocking thread (it reads files); a panic there is an error too.
+async fn read_back<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|error| error.to_string())?
 }
 
 /// A bucket this loop started and is watching.
@@ -137,23 +146,8 @@ impl State {
                 limit: self.config.max_name_len,
             });
         }
-        if let Some(existing) = self.view.get(name.as_bytes()) {
-            if !existing.is_stopped() {
-                return Ok(existing);
-            }
-            if self.durable_state.get().is_some() {
-                // Ended, its exit not yet here, its data on disk: take the exit in (which
-                // restarts it) rather than hand out an empty bucket in its place.
-                Box::pin(self.settle()).await;
-                if let Some(restarted) = self.view.get(name.as_bytes())
-                    && !restarted.is_stopped()
-                {
-                    return Ok(restarted);
-                }
-            } else {
-                // Ended, its exit not yet here: forget it now; the exit will find no entry.
-                self.view.remove(name.as_bytes(), existing.id());
-            }
+        if let Some(existing) = self.named(name.as_bytes()).await {
+            return Ok(existing);
         }
         if self.view.is_failed(name.as_bytes()) {
             return Err(RegistryError::BucketFailed(name));
@@ -164,13 +158,7 @@ impl State {
                 limit: self.config.max_buckets,
             });
         }
-        if self
-            .journal
-            .as_ref()
-            .is_some_and(|journal| journal.is_failed())
-        {
-            return Err(RegistryError::Unwritable);
-        }
+        self.check_writable()?;
         // Logged before the bucket is visible, so every change to it comes after in the log.
         if let Some(journal) = &self.journal {
             journal.append(&Record::Create {
@@ -181,6 +169,32 @@ impl State {
         self.view.insert(bucket.clone());
         tracing::debug!(bucket = %bucket.name(), "bucket created");
         Ok(bucket)
+    }
+
+    /// The live bucket called `name`, after taking in the exit of one that ended there and is
+    /// not yet reported: a durable one is restarted from disk by that (so it is not replaced
+    /// by an empty bucket, nor dropped unseen); any other is forgotten.
+    async fn named(&mut self, name: &[u8]) -> Option<BucketHandle> {
+        let existing = self.view.get(name)?;
+        if !existing.is_stopped() {
+            return Some(existing);
+        }
+        if self.durable_state.get().is_some() {
+            Box::pin(self.settle()).await;
+            return self.view.get(name).filter(|bucket| !bucket.is_stopped());
+        }
+        // The exit will find no entry.
+        self.view.remove(name, existing.id());
+        None
+    }
+
+    /// Refuses changes once the log has failed: nothing may be acknowledged that the log
+    /// does not hold.
+    fn check_writable(&self) -> Result<(), RegistryError> {
+        match &self.journal {
+            Some(journal) if journal.is_failed() => Err(RegistryError::Unwritable),
+            _ => Ok(()),
+        }
     }
 
     /// Starts a bucket task under the bucket supervisor and monitors it; the caller makes it
@@ -236,11 +250,7 @@ impl State {
             return;
         }
         let lookup = name.clone();
-        let read = tokio::task::spawn_blocking(move || durable.bucket(lookup.as_bytes())).await;
-        match read
-            .map_err(|error| error.to_string())
-            .and_then(|read| read)
-        {
+        match read_back(move || durable.bucket(lookup.as_bytes())).await {
             Ok(Some(entries)) => match self.restore_bucket(name.clone(), &entries) {
                 Ok(_) => {
                     tracing::warn!(bucket = %name, keys = entries.len(), "bucket restarted from its durable state");
@@ -266,11 +276,7 @@ impl State {
         let Some(durable) = self.durable_state.get().cloned() else {
             return;
         };
-        let read = tokio::task::spawn_blocking(move || durable.buckets()).await;
-        match read
-            .map_err(|error| error.to_string())
-            .and_then(|read| read)
-        {
+        match read_back(move || durable.buckets()).await {
             Ok(buckets) => {
                 let count = buckets.len();
                 for (name, entries) in buckets {
@@ -290,42 +296,29 @@ impl State {
         }
     }
 
-    /// Forgets the name and closes the table at once; the task's exit follows.
-    async fn drop_bucket(&mut self, name: &BucketName) -> bool {
-        if self.durable_state.get().is_some()
-            && self
-                .view
-                .get(name.as_bytes())
-                .is_some_and(|bucket| bucket.is_stopped())
-        {
-            // Ended, its exit not yet here, its data on disk: take the exit in (which restarts
-            // it) so that the drop below sees the bucket as it is.
-            Box::pin(self.settle()).await;
-        }
+    /// Forgets the name and closes the table at once; the task's exit follows. Returns
+    /// whether there was a bucket to drop.
+    async fn drop_bucket(&mut self, name: &BucketName) -> Result<bool, RegistryError> {
+        self.check_writable()?;
         self.restarts.remove(name);
-        if self.view.is_failed(name.as_bytes()) {
+        let dropped = if self.view.is_failed(name.as_bytes()) {
             // Down after too many failures, its data still on disk: dropping discards that.
             self.view.set_failed(name, false);
-            if let Some(journal) = &self.journal {
-                journal.append(&Record::Drop {
-                    bucket: name.as_bytes(),
-                });
-            }
-            return true;
-        }
-        let Some(bucket) = self.view.get(name.as_bytes()) else {
-            return false;
+            true
+        } else if let Some(bucket) = self.named(name.as_bytes()).await {
+            self.view.remove(name.as_bytes(), bucket.id());
+            // Closed before the drop is logged: every change the table accepted comes first.
+            bucket.close();
+            true
+        } else {
+            false
         };
-        self.view.remove(name.as_bytes(), bucket.id());
-        let was_live = !bucket.is_stopped();
-        // Logged after the table is closed: every change the table accepted is before it.
-        bucket.close();
-        if let Some(journal) = &self.journal {
+        if dropped && let Some(journal) = &self.journal {
             journal.append(&Record::Drop {
                 bucket: name.as_bytes(),
             });
         }
-        was_live
+        Ok(dropped)
     }
 
     /// The guide's `handle_info({:DOWN, ...})`, with its catch-all: an exit of a task this loop

@@ -78,7 +78,7 @@ impl Dispatcher {
         }
     }
 
-    /// Whether requests since the last call may have changed the store, resetting it.
+    /// Whether requests since the last call changed the store, resetting it.
     pub fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
     }
@@ -115,13 +115,13 @@ impl Dispatcher {
         dialect: Dialect,
         out: &mut BytesMut,
     ) -> Next {
+        // DEBUG logs nothing: a bucket restarted from disk is restored, not changed.
         let may_change = matches!(
             request,
             Request::Put { .. }
                 | Request::Delete { .. }
                 | Request::Create { .. }
                 | Request::Drop { .. }
-                | Request::Debug { .. }
         );
         let reply = match request {
             Request::Get { bucket, key } => {
@@ -166,10 +166,10 @@ impl Dispatcher {
                 return Next::Continue;
             }
             Request::Keys { bucket, after } => {
+                let page_size = self.page_size;
                 let page = self
-                    .registry
-                    .lookup(bucket)
-                    .map(|handle| handle.keys(after, self.page_size));
+                    .bucket(bucket)
+                    .map(|handle| handle.keys(after, page_size));
                 match page {
                     Some(Ok(keys)) => {
                         let keys: Vec<&[u8]> = keys.iter().map(|key| &key[..]).collect();
@@ -324,9 +324,17 @@ fn registry_error(error: &RegistryError) -> ErrorReply {
     ErrorReply::new(error)
 }
 
-/// The process's resident memory, from `/proc/self/statm` (Linux only).
+/// The process's resident memory, from `VmRSS` in `/proc/self/status` (Linux only), which
+/// states it in kB whatever the page size.
 fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kilobytes: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kilobytes * 1024)
 }

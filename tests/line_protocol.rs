@@ -148,6 +148,16 @@ async fn drop_ping_info_lists_and_quit() {
     let info = String::from_utf8(info).unwrap();
     assert!(info.contains("buckets:1\r\n"), "{info}");
     assert!(info.contains("connections_open:1\r\n"), "{info}");
+    let resident: u64 = info
+        .lines()
+        .find_map(|line| line.strip_prefix("resident_bytes:"))
+        .expect("INFO reports resident memory")
+        .parse()
+        .unwrap();
+    assert!(
+        resident > 1 << 20,
+        "a running server holds more than 1 MiB: {resident}"
+    );
     client.send(b"QUIT\nPING\n").await;
     assert_eq!(
         client.until_closed().await,

@@ -43,7 +43,11 @@ struct Gauges {
 
 impl Gauges {
     fn track_input(&mut self, capacity: usize) {
-        if capacity >= self.input_capacity {
+        // The usual case, after a read into a buffer that did not grow: no shared write.
+        if capacity == self.input_capacity {
+            return;
+        }
+        if capacity > self.input_capacity {
             let grown = capacity - self.input_capacity;
             self.stats
                 .input_buffer_bytes

@@ -87,7 +87,13 @@ struct Writer {
     file: Option<File>,
     /// A second handle on the same file, for syncing without holding the writer.
     sync_handle: Option<Arc<File>>,
+    /// The buffer last written, emptied, to become the next pending buffer: commits swap two
+    /// buffers instead of allocating one each time.
+    spare: Vec<u8>,
 }
+
+/// A spare buffer larger than this (after a burst) is dropped rather than kept.
+const MAX_SPARE: usize = 1 << 20;
 
 /// The append-only log of every change, shared by the registry and every table.
 pub struct Journal {
@@ -130,9 +136,10 @@ impl SyncSignal {
 }
 
 impl Journal {
-    /// A journal with no log file yet (and, under `everysec`, its sync thread). Records are not kept until
-    /// [`attach`](Self::attach) has given it a file and [`start_recording`](Self::start_recording)
-    /// has been called: replaying the log at start must not log again.
+    /// A journal with no log file yet (and, under `everysec`, its sync thread). Records are
+    /// not kept until [`attach`](Self::attach) has given it a file and
+    /// [`start_recording`](Self::start_recording) has been called: replaying the log at start
+    /// must not log again.
     ///
     /// # Errors
     /// If the sync thread cannot start.
@@ -173,10 +180,9 @@ impl Journal {
     /// If the file cannot be duplicated for syncing.
     pub fn attach(&self, file: File, length: u64) -> std::io::Result<()> {
         let sync_handle = Arc::new(file.try_clone()?);
-        *self.writer.lock() = Writer {
-            file: Some(file),
-            sync_handle: Some(sync_handle),
-        };
+        let mut writer = self.writer.lock();
+        writer.file = Some(file);
+        writer.sync_handle = Some(sync_handle);
         self.log_bytes.store(length, Ordering::Relaxed);
         Ok(())
     }
@@ -249,9 +255,10 @@ impl Journal {
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                let led = self.lead_round().await;
-                self.round_leader.store(false, Ordering::Release);
-                led?;
+                // Released however the round ends, dropped at a yield included: a flag left
+                // set would leave every later commit waiting for a round nobody leads.
+                let _leading = Leadership(&self.round_leader);
+                self.lead_round().await?;
             }
             // Woken by the sync that covers this round; a change appended after the round
             // closed finds the leadership free on the next pass and leads a round of its own.
@@ -305,23 +312,34 @@ impl Journal {
         if self.written.load(Ordering::Acquire) >= target {
             return Ok(());
         }
-        let (buffer, last) = {
+        self.write_pending(&mut writer)
+    }
+
+    /// Writes everything pending to the current file. The caller holds the writer.
+    fn write_pending(&self, writer: &mut Writer) -> Result<(), JournalError> {
+        let (mut buffer, last) = {
             let mut pending = self.pending.lock();
-            let buffer = std::mem::replace(&mut pending.buffer, Vec::with_capacity(64 * 1024));
-            (buffer, pending.last)
+            let spare = std::mem::take(&mut writer.spare);
+            (std::mem::replace(&mut pending.buffer, spare), pending.last)
         };
-        let Some(file) = writer.file.as_mut() else {
-            return Err(self.fail(&std::io::Error::other("no log file attached")));
-        };
-        if self.fail_next_write.swap(false, Ordering::AcqRel) {
-            return Err(self.fail(&std::io::Error::from(std::io::ErrorKind::StorageFull)));
+        if !buffer.is_empty() {
+            let Some(file) = writer.file.as_mut() else {
+                return Err(self.fail(&std::io::Error::other("no log file attached")));
+            };
+            if self.fail_next_write.swap(false, Ordering::AcqRel) {
+                return Err(self.fail(&std::io::Error::from(std::io::ErrorKind::StorageFull)));
+            }
+            if let Err(error) = file.write_all(&buffer) {
+                return Err(self.fail(&error));
+            }
+            self.log_bytes
+                .fetch_add(buffer.len() as u64, Ordering::Relaxed);
         }
-        if let Err(error) = file.write_all(&buffer) {
-            return Err(self.fail(&error));
-        }
-        self.log_bytes
-            .fetch_add(buffer.len() as u64, Ordering::Relaxed);
         self.written.store(last, Ordering::Release);
+        if buffer.capacity() <= MAX_SPARE {
+            buffer.clear();
+            writer.spare = buffer;
+        }
         Ok(())
     }
 
@@ -371,22 +389,15 @@ impl Journal {
     pub fn rotate(&self, file: File) -> Result<(), JournalError> {
         let sync_handle = Arc::new(file.try_clone().map_err(|error| self.fail(&error))?);
         let mut writer = self.writer.lock();
-        let (buffer, last) = {
-            let mut pending = self.pending.lock();
-            (std::mem::take(&mut pending.buffer), pending.last)
-        };
-        if let Some(old) = writer.file.as_mut() {
-            old.write_all(&buffer)
-                .and_then(|()| old.sync_data())
-                .map_err(|error| self.fail(&error))?;
+        self.write_pending(&mut writer)?;
+        if let Some(old) = writer.file.as_ref() {
+            old.sync_data().map_err(|error| self.fail(&error))?;
         }
-        self.written.store(last, Ordering::Release);
+        let last = self.written.load(Ordering::Acquire);
         self.synced
             .send_modify(|synced| *synced = (*synced).max(last));
-        *writer = Writer {
-            file: Some(file),
-            sync_handle: Some(sync_handle),
-        };
+        writer.file = Some(file);
+        writer.sync_handle = Some(sync_handle);
         self.log_bytes.store(0, Ordering::Relaxed);
         Ok(())
     }
@@ -414,6 +425,15 @@ impl Drop for Journal {
     }
 }
 
+/// Holds the round leadership under `always`; gives it up when dropped.
+struct Leadership<'a>(&'a AtomicBool);
+
+impl Drop for Leadership<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// The `everysec` sync thread: syncs what has been written once a second, until stopped or
 /// the journal is gone.
 fn sync_loop(signal: &SyncSignal, journal: &Weak<Journal>) {
@@ -431,5 +451,76 @@ fn sync_loop(signal: &SyncSignal, journal: &Weak<Journal>) {
             return;
         };
         journal.sync_written();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn journal(policy: FsyncPolicy) -> (Arc<Journal>, tempfile::TempDir) {
+        let directory = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(directory.path().join("log"))
+            .unwrap();
+        let journal = Journal::new(policy).unwrap();
+        journal.attach(file, 0).unwrap();
+        journal.start_recording();
+        (journal, directory)
+    }
+
+    #[tokio::test]
+    async fn a_round_leader_dropped_mid_round_leaves_no_one_waiting_for_it() {
+        let (journal, _directory) = journal(FsyncPolicy::Always);
+        journal.append(&Record::Create { bucket: b"a" });
+        // Polled once: it takes the leadership and yields to gather the round; then dropped.
+        let mut abandoned = Box::pin(journal.commit());
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(
+            std::future::Future::poll(abandoned.as_mut(), &mut context).is_pending(),
+            "the round had not closed yet"
+        );
+        assert!(
+            journal.round_leader.load(Ordering::Acquire),
+            "it was leading"
+        );
+        drop(abandoned);
+
+        journal.append(&Record::Create { bucket: b"b" });
+        tokio::time::timeout(Duration::from_secs(10), journal.commit())
+            .await
+            .expect("a later commit leads its own round")
+            .unwrap();
+        assert_eq!(*journal.synced.borrow(), 2);
+    }
+
+    #[tokio::test]
+    async fn commits_write_everything_appended_and_reuse_their_buffer() {
+        let (journal, directory) = journal(FsyncPolicy::No);
+        for round in 0..3u8 {
+            journal.append(&Record::Put {
+                bucket: b"b",
+                key: &[round],
+                value: b"v",
+            });
+            journal.commit().await.unwrap();
+        }
+        let written = std::fs::read(directory.path().join("log")).unwrap();
+        let mut records = 0;
+        super::super::record::scan(&written, |_, _| {
+            records += 1;
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(records, 3);
+        assert_eq!(journal.log_bytes(), written.len() as u64);
+        assert!(
+            journal.writer.lock().spare.capacity() > 0,
+            "the written buffer came back"
+        );
     }
 }

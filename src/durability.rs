@@ -162,7 +162,7 @@ impl DurableState for DiskState {
 pub struct RecoveryReport {
     /// Records replayed.
     pub records: u64,
-    /// Buckets and keys afterwards.
+    /// Buckets afterwards.
     pub buckets: usize,
     /// Keys afterwards.
     pub keys: usize,
@@ -191,7 +191,7 @@ impl Durable {
             let registry = registry.clone();
             let truncate = config.truncate_corrupt_log;
             let runtime = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || {
+            blocking(&config.data_dir, move || {
                 let mut replayer = Replayer {
                     registry: &registry,
                     runtime: &runtime,
@@ -199,11 +199,7 @@ impl Durable {
                 };
                 directory.recover(truncate, &mut |record| replayer.apply(record))
             })
-            .await
-            .map_err(|error| StorageError::Io {
-                path: config.data_dir.clone(),
-                source: std::io::Error::other(error),
-            })??
+            .await?
         };
         let log_path = config.data_dir.clone();
         journal

@@ -229,21 +229,21 @@ impl DataDir {
             if end.is_err() {
                 return Err(failure.expect("a failed apply leaves its error"));
             }
-            let (offset, reason) = match end.unwrap_or(ScanEnd::Clean) {
-                ScanEnd::Clean => continue,
-                ScanEnd::Torn { offset } if Some(position) == last_log => {
-                    tracing::warn!(
-                        file = %path.display(),
-                        offset,
-                        cut = bytes.len() as u64 - offset,
-                        "the log ends in a record cut short by a crash; cutting it off"
-                    );
-                    truncate(&path, offset)?;
-                    continue;
-                }
-                ScanEnd::Torn { offset } => (offset, "a file that was complete ends early"),
-                ScanEnd::Corrupt { offset, reason } => (offset, reason),
-            };
+            let (offset, reason) =
+                match judge(end.unwrap_or(ScanEnd::Clean), Some(position) == last_log) {
+                    Ok(None) => continue,
+                    Ok(Some(offset)) => {
+                        tracing::warn!(
+                            file = %path.display(),
+                            offset,
+                            cut = bytes.len() as u64 - offset,
+                            "the log ends in a record cut short by a crash; cutting it off"
+                        );
+                        truncate(&path, offset)?;
+                        continue;
+                    }
+                    Err(damage) => damage,
+                };
             if !truncate_corrupt {
                 return Err(StorageError::Corrupt {
                     file: path,
@@ -315,23 +315,14 @@ impl DataDir {
                 Ok::<(), ()>(())
             })
             .unwrap_or(ScanEnd::Clean);
-            match end {
-                ScanEnd::Clean => {}
-                ScanEnd::Torn { .. } if position == last => {}
-                ScanEnd::Torn { offset } => {
-                    return Err(StorageError::Corrupt {
-                        file: path,
-                        offset,
-                        reason: "a file that was complete ends early",
-                    });
-                }
-                ScanEnd::Corrupt { offset, reason } => {
-                    return Err(StorageError::Corrupt {
-                        file: path,
-                        offset,
-                        reason,
-                    });
-                }
+            // A torn end of the last file is a record being appended right now: the read
+            // ends there.
+            if let Err((offset, reason)) = judge(end, position == last) {
+                return Err(StorageError::Corrupt {
+                    file: path,
+                    offset,
+                    reason,
+                });
             }
         }
         Ok(())
@@ -393,6 +384,18 @@ impl DataDir {
         File::open(&self.path)
             .and_then(|directory| directory.sync_all())
             .map_err(io_error(&self.path))
+    }
+}
+
+/// Judges how a file ended: `Ok(None)` whole; `Ok(Some(offset))` torn at `offset`, which only
+/// the last log may be (a crash mid-append; every earlier file was synced whole before the
+/// next began); `Err((offset, reason))` damaged.
+fn judge(end: ScanEnd, last_log: bool) -> Result<Option<u64>, (u64, &'static str)> {
+    match end {
+        ScanEnd::Clean => Ok(None),
+        ScanEnd::Torn { offset } if last_log => Ok(Some(offset)),
+        ScanEnd::Torn { offset } => Err((offset, "a file that was complete ends early")),
+        ScanEnd::Corrupt { offset, reason } => Err((offset, reason)),
     }
 }
 

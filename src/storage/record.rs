@@ -151,7 +151,7 @@ fn decode(payload: &[u8]) -> Option<Record<'_>> {
 }
 
 /// How a scan of a log ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScanEnd {
     /// Every byte was a whole, valid record.
     Clean,

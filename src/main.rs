@@ -111,8 +111,8 @@ struct ServeArgs {
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
     /// When the log is synced to disk: always (before replying), everysec, or no (by the OS).
-    #[arg(long, default_value = "everysec", value_parser = ["always", "everysec", "no"])]
-    fsync: String,
+    #[arg(long, default_value = "everysec")]
+    fsync: FsyncPolicy,
     /// Start even if the log is corrupt, cutting it at the first bad record (what follows is
     /// lost). Without it, corruption stops the start with the file and offset.
     #[arg(long)]
@@ -192,7 +192,7 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
             ..CoreConfig::default()
         },
         durability: arguments.data_dir.clone().map(|data_dir| DurabilityConfig {
-            fsync: arguments.fsync.parse().unwrap_or(FsyncPolicy::EverySecond),
+            fsync: arguments.fsync,
             truncate_corrupt_log: arguments.truncate_corrupt_log,
             compact_min_bytes: arguments.compact_min_bytes,
             ..DurabilityConfig::new(data_dir)

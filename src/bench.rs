@@ -369,81 +369,78 @@ async fn report_progress(shared: Arc<Shared>) {
 
 /// Creates the buckets and, if asked, puts every key, pipelined on one connection.
 async fn setup(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchError> {
-    let mut stream = TcpStream::connect(&config.address).await?;
-    stream.set_nodelay(true)?;
-    let mut input = BytesMut::with_capacity(64 * 1024);
-    let mut output = BytesMut::with_capacity(64 * 1024);
-    let mut pending = Vec::new();
+    let mut setup = Setup::connect(config).await?;
     for bucket in 0..keyspace.buckets {
-        let name = keyspace.bucket(bucket);
-        encode(config.dialect, &[b"CREATE", name], &mut output);
-        pending.push(Operation::Put);
-        if pending.len() == 512 {
-            exchange(
-                config.dialect,
-                &mut stream,
-                &mut input,
-                &mut output,
-                &mut pending,
-            )
-            .await?;
-        }
+        setup.request(&[b"CREATE", keyspace.bucket(bucket)]).await?;
     }
     if config.preload {
         let mut value = Vec::with_capacity(keyspace.value_size);
         for index in 0..keyspace.keys {
             keyspace.value(index, &mut value);
-            let bucket = keyspace.bucket(index);
             let key = Keyspace::key(index);
-            encode(config.dialect, &[b"PUT", bucket, &key, &value], &mut output);
-            pending.push(Operation::Put);
-            if pending.len() == 512 {
-                exchange(
-                    config.dialect,
-                    &mut stream,
-                    &mut input,
-                    &mut output,
-                    &mut pending,
-                )
+            setup
+                .request(&[b"PUT", keyspace.bucket(index), &key, &value])
                 .await?;
-            }
         }
     }
-    exchange(
-        config.dialect,
-        &mut stream,
-        &mut input,
-        &mut output,
-        &mut pending,
-    )
-    .await
+    setup.flush().await
 }
 
-/// Sends what is in `output` and expects an `OK` for each of `pending`.
-async fn exchange(
+/// Setup requests sent in batches on one connection; every one must answer `OK`.
+struct Setup {
     dialect: Dialect,
-    stream: &mut TcpStream,
-    input: &mut BytesMut,
-    output: &mut BytesMut,
-    pending: &mut Vec<Operation>,
-) -> Result<(), BenchError> {
-    stream.write_all(output).await?;
-    output.clear();
-    for operation in pending.drain(..) {
-        loop {
-            if let Some((outcome, consumed)) = parse_outcome(dialect, operation, input)? {
-                input.advance(consumed);
-                if outcome != Outcome::Ok {
-                    return Err(BenchError::Setup(format!("{outcome:?}")));
+    stream: TcpStream,
+    input: BytesMut,
+    output: BytesMut,
+    unanswered: usize,
+}
+
+impl Setup {
+    /// Requests per batch.
+    const BATCH: usize = 512;
+
+    async fn connect(config: &BenchConfig) -> Result<Self, BenchError> {
+        let stream = TcpStream::connect(&config.address).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            dialect: config.dialect,
+            stream,
+            input: BytesMut::with_capacity(64 * 1024),
+            output: BytesMut::with_capacity(64 * 1024),
+            unanswered: 0,
+        })
+    }
+
+    async fn request(&mut self, words: &[&[u8]]) -> Result<(), BenchError> {
+        encode(self.dialect, words, &mut self.output);
+        self.unanswered += 1;
+        if self.unanswered == Self::BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is queued and checks an `OK` for each.
+    async fn flush(&mut self) -> Result<(), BenchError> {
+        self.stream.write_all(&self.output).await?;
+        self.output.clear();
+        while self.unanswered > 0 {
+            // `Put` stands for any request whose only good reply is `OK`.
+            match parse_outcome(self.dialect, Operation::Put, &self.input)? {
+                Some((Outcome::Ok, consumed)) => {
+                    self.input.advance(consumed);
+                    self.unanswered -= 1;
                 }
-                break;
-            }
-            if stream.read_buf(input).await? == 0 {
-                return Err(BenchError::Closed);
+                Some((outcome, _)) => return Err(BenchError::Setup(format!("{outcome:?}"))),
+                None => {
+                    if self.stream.read_buf(&mut self.input).await? == 0 {
+                        return Err(BenchError::Closed);
+                    }
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// One connection: batches of `pipeline` requests until the budget or the time runs out.

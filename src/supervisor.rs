@@ -8,7 +8,8 @@
 //! - [`supervise_one_for_all`] (the guide's `KV.Supervisor`, `:one_for_all`) restarts the
 //!   registry loop *together with* the buckets it owned: the buckets live inside the loop's
 //!   bucket supervisor, so when the loop dies they are aborted with it and the new loop starts
-//!   with none. There is never a registry pointing at buckets it does not own.
+//!   with none of them (a durable registry reloads them from disk as new buckets). There is
+//!   never a registry pointing at buckets it does not own.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -142,9 +143,7 @@ pub trait ChildGroup: Send + 'static {
     /// Starts the group; returns its main task, or `None` when there is nothing to start for.
     fn start(&mut self) -> Option<tokio::task::JoinHandle<()>>;
     /// Called after the main task ended, however it ended, before any restart.
-    fn clean_up(&mut self, reason: &ExitReason);
-    /// Called once, when the supervisor stops for good.
-    fn give_up(&mut self);
+    fn clean_up(&mut self);
 }
 
 /// Watches `first`, the group's running main task, and restarts the group whenever that task
@@ -162,7 +161,7 @@ pub async fn supervise_one_for_all(
             Ok(()) => ExitReason::Normal,
             Err(error) => ExitReason::from_join_error(error),
         };
-        group.clean_up(&reason);
+        group.clean_up();
         let ExitReason::Panicked(message) = reason else {
             break;
         };
@@ -175,10 +174,9 @@ pub async fn supervise_one_for_all(
             );
             break;
         }
-        tracing::error!(%message, "registry crashed; restarting it with no buckets");
+        tracing::error!(%message, "registry crashed; restarting it with its buckets");
         running = group.start();
     }
-    group.give_up();
 }
 
 #[cfg(test)]

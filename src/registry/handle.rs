@@ -12,7 +12,7 @@ use super::{DurableState, RegistryError};
 use crate::bucket::{BucketHandle, BucketName, MemoryBudget};
 use crate::config::CoreConfig;
 use crate::storage::Journal;
-use crate::supervisor::{self, ChildGroup, ExitReason};
+use crate::supervisor::{self, ChildGroup};
 
 /// Whether the registry loop is up, and how many times it has been started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +191,8 @@ impl Registry {
     }
 
     /// Makes the registry loop panic, for fault tests: its buckets end with it and its
-    /// supervisor starts a new, empty loop (within the restart intensity).
+    /// supervisor starts a new loop (within the restart intensity), empty, or reloaded from
+    /// disk when durable.
     ///
     /// # Errors
     /// [`RegistryError::Unavailable`] if no loop is running.
@@ -264,7 +265,7 @@ impl ChildGroup for RegistryGroup {
         Some(main_task)
     }
 
-    fn clean_up(&mut self, _reason: &ExitReason) {
+    fn clean_up(&mut self) {
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
@@ -273,9 +274,5 @@ impl ChildGroup for RegistryGroup {
         // makes that visible to every handle at once, before a new loop starts.
         shared.view.writer().close_all();
         shared.status.send_modify(|status| status.running = false);
-    }
-
-    fn give_up(&mut self) {
-        self.clean_up(&ExitReason::Normal);
     }
 }

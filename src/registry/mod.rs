@@ -12,7 +12,8 @@
 //!   loop removes the name once the bucket's exit reaches it, checking the bucket's id so that
 //!   the late exit of an old bucket never removes a newer one of the same name.
 //! - If the loop itself fails, its buckets end with it and the top supervisor starts a fresh
-//!   loop with none (`:one_for_all`); meanwhile calls return [`RegistryError::Unavailable`].
+//!   loop with none (`:one_for_all`; a durable one reloads them from disk); meanwhile calls
+//!   return [`RegistryError::Unavailable`].
 //! - Without durability a crashed bucket is gone with its data (the guide's `:temporary`).
 //!   With durability its data is on disk, so the loop restarts it from its [`DurableState`]
 //!   (at most [`BUCKET_RESTARTS`] times in a short period; then the name stays down with an

@@ -83,13 +83,16 @@ async fn a_thousand_clients_that_connect_and_close_at_once() {
     }
     bystander.put(b"kept", b"k", b"v").await.unwrap();
     // Every one of them is accounted for and closed; the limit's permits all came back.
-    loop {
-        let accepted = bystander.info_field("connections_accepted").await.unwrap();
-        let open = bystander.info_field("connections_open").await.unwrap();
-        if accepted >= 1001 && open == 1 {
-            break;
+    common::within(async {
+        loop {
+            let accepted = bystander.info_field("connections_accepted").await.unwrap();
+            let open = bystander.info_field("connections_open").await.unwrap();
+            if accepted >= 1001 && open == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
-        tokio::task::yield_now().await;
-    }
+    })
+    .await;
     server.still_serves().await;
 }

@@ -81,8 +81,11 @@ async fn a_panic_while_serving_one_client_closes_that_client_only() {
         Some(&b"v"[..])
     );
     // The panicked connection gave back its place and its gauges.
-    while bystander.info_field("connections_open").await.unwrap() != 1 {
-        tokio::task::yield_now().await;
-    }
+    common::within(async {
+        while bystander.info_field("connections_open").await.unwrap() != 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
     server.still_serves().await;
 }

@@ -40,23 +40,26 @@ async fn clients_over_the_connection_limit_are_told_and_closed() {
     // When one leaves, its place is free again.
     drop(first);
     let mut observer = second;
-    loop {
-        observer.send(b"INFO\n").await;
-        let mut open = None;
+    within(async {
         loop {
-            let line = observer.line().await;
-            if line == b"OK\r\n" {
+            observer.send(b"INFO\n").await;
+            let mut open = None;
+            loop {
+                let line = observer.line().await;
+                if line == b"OK\r\n" {
+                    break;
+                }
+                if let Some(value) = line.strip_prefix(b"connections_open:") {
+                    open = Some(String::from_utf8_lossy(value).trim().to_owned());
+                }
+            }
+            if open.as_deref() == Some("1") {
                 break;
             }
-            if let Some(value) = line.strip_prefix(b"connections_open:") {
-                open = Some(String::from_utf8_lossy(value).trim().to_owned());
-            }
+            tokio::task::yield_now().await;
         }
-        if open.as_deref() == Some("1") {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    })
+    .await;
     server.still_serves().await;
 }
 
@@ -187,20 +190,24 @@ async fn a_client_that_does_not_read_stops_being_read() {
 
     // Wait until the server has stopped making progress on the greedy client: the command
     // count stays the same over many of the observer's own round trips.
-    let mut last = 0;
-    let mut unchanged = 0;
-    while unchanged < 50 {
-        let now = within(setup.info_field("commands")).await.unwrap();
-        // Each INFO counts itself; subtract the observer's own.
-        let now = now - commands_before;
-        if now.abs_diff(last) <= 1 {
-            unchanged += 1;
-        } else {
-            unchanged = 0;
+    let last = within(async {
+        let mut last = 0;
+        let mut unchanged = 0;
+        while unchanged < 50 {
+            let now = setup.info_field("commands").await.unwrap();
+            // Each INFO counts itself; subtract the observer's own.
+            let now = now - commands_before;
+            if now.abs_diff(last) <= 1 {
+                unchanged += 1;
+            } else {
+                unchanged = 0;
+            }
+            last = now;
+            tokio::task::yield_now().await;
         }
-        last = now;
-        tokio::task::yield_now().await;
-    }
+        last
+    })
+    .await;
     assert!(
         last < REQUESTS / 2,
         "the server answered {last} of {REQUESTS} requests to a client that reads nothing"

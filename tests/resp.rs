@@ -149,15 +149,18 @@ async fn an_announced_bulk_is_not_reserved_before_it_arrives() {
     // Wait until the server has read every announcement: the bytes it read, less the
     // observer's own INFO requests (14 bytes each), cover all four.
     let info_request_len = b"*1\r\n$4\r\nINFO\r\n".len() as u64;
-    let mut asked = 0u64;
-    loop {
-        let read = observer.info_field("net_input_bytes").await.unwrap();
-        asked += 1;
-        if read >= 4 * announcement.len() as u64 + asked * info_request_len {
-            break;
+    common::within(async {
+        let mut asked = 0u64;
+        loop {
+            let read = observer.info_field("net_input_bytes").await.unwrap();
+            asked += 1;
+            if read >= 4 * announcement.len() as u64 + asked * info_request_len {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
-        tokio::task::yield_now().await;
-    }
+    })
+    .await;
     let buffered = observer.info_field("input_buffer_bytes").await.unwrap();
     assert!(
         buffered < 1024 * 1024,

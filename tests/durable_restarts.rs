@@ -23,6 +23,14 @@ async fn open(directory: &std::path::Path) -> Arc<Durable> {
     .0
 }
 
+/// Crashes `bucket` and waits until the registry has taken its exit in (and restarted it, if
+/// it may).
+async fn crash(registry: &kv::Registry, bucket: &kv::BucketHandle) {
+    bucket.inject_fault(BucketFault::Panic).unwrap();
+    within(bucket.stopped()).await;
+    within(registry.settle()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_durable_bucket_restarts_with_its_data() {
     let directory = tempfile::tempdir().unwrap();
@@ -36,9 +44,7 @@ async fn a_crashed_durable_bucket_restarts_with_its_data() {
     let neighbour = registry.create("neighbour").await.unwrap();
     neighbour.put(b"k", b"v").unwrap();
 
-    bucket.inject_fault(BucketFault::Panic).unwrap();
-    within(bucket.stopped()).await;
-    within(registry.settle()).await.unwrap();
+    crash(registry, &bucket).await;
 
     assert_eq!(
         bucket.get(b"milk"),
@@ -71,16 +77,14 @@ async fn a_bucket_that_crashes_too_often_stays_down_until_dropped() {
         .unwrap()
         .put(b"k", b"v")
         .unwrap();
-    for crash in 0..=BUCKET_RESTARTS {
+    for round in 0..=BUCKET_RESTARTS {
         let bucket = registry.lookup(b"flaky").expect("up before each crash");
         assert_eq!(
             bucket.get(b"k").unwrap().as_deref(),
             Some(&b"v"[..]),
-            "crash {crash}"
+            "crash {round}"
         );
-        bucket.inject_fault(BucketFault::Panic).unwrap();
-        within(bucket.stopped()).await;
-        within(registry.settle()).await.unwrap();
+        crash(registry, &bucket).await;
     }
     assert!(registry.lookup(b"flaky").is_none());
     assert!(registry.view().is_failed(b"flaky"));
@@ -181,9 +185,7 @@ async fn compaction_keeps_the_data_of_a_bucket_that_is_down() {
         .unwrap();
     for _ in 0..=BUCKET_RESTARTS {
         let bucket = registry.lookup(b"flaky").unwrap();
-        bucket.inject_fault(BucketFault::Panic).unwrap();
-        within(bucket.stopped()).await;
-        within(registry.settle()).await.unwrap();
+        crash(registry, &bucket).await;
     }
     assert!(registry.view().is_failed(b"flaky"));
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::BytesMut;
 
-use crate::bucket::{BucketError, BucketFault, BucketHandle, BucketName};
+use crate::bucket::{BucketError, BucketFault, BucketHandle, BucketId, BucketName};
 use crate::protocol::{
     DebugAction, Dialect, ErrorReply, ProtocolError, Reply, Request, encode, encode_value,
 };
@@ -49,11 +49,16 @@ pub struct Dispatcher {
     stats: Arc<Stats>,
     page_size: usize,
     enable_debug_commands: bool,
-    /// The bucket this connection used last. Clients mostly talk to one bucket at a time, and
-    /// reusing its handle skips the view's lock, the name's hash and a reference count on
-    /// every request. It is used only while it has not stopped, so it is never stale: a
-    /// dropped or crashed bucket's handle is stopped, and the next request looks the name up.
+    /// The bucket this connection used for two requests in a row. Clients mostly talk to one
+    /// bucket at a time, and reusing its handle skips the view's lock, the name's hash and
+    /// the probe on every request. It is used only while it has not stopped, so it is never
+    /// stale: a dropped or crashed bucket's handle is stopped, and the next request looks the
+    /// name up.
     last_bucket: Option<BucketHandle>,
+    /// The bucket the last lookup found. A client that spreads its requests over many buckets
+    /// looks each one up under the view's lock without taking a reference; only a bucket
+    /// found twice in a row is worth the reference count of caching it.
+    last_looked_up: Option<BucketId>,
     /// Whether a request since the last [`take_changed`](Self::take_changed) changed the
     /// store: then the replies must wait for the journal.
     changed: bool,
@@ -74,6 +79,7 @@ impl Dispatcher {
             page_size,
             enable_debug_commands,
             last_bucket: None,
+            last_looked_up: None,
             changed: false,
         }
     }
@@ -83,16 +89,47 @@ impl Dispatcher {
         std::mem::take(&mut self.changed)
     }
 
-    /// The live bucket `name`, from this connection's cache or the registry.
-    fn bucket(&mut self, name: &[u8]) -> Option<&BucketHandle> {
-        let cached = self
-            .last_bucket
-            .as_ref()
-            .is_some_and(|bucket| bucket.name().as_bytes() == name && !bucket.is_stopped());
-        if !cached {
-            self.last_bucket = self.registry.lookup(name);
+    /// Runs `operation` on the live bucket `name`, from this connection's cache or the
+    /// registry.
+    fn with_bucket<R>(
+        &mut self,
+        name: &[u8],
+        operation: impl FnOnce(&BucketHandle) -> R,
+    ) -> Option<R> {
+        if let Some(cached) = &self.last_bucket
+            && cached.name().as_bytes() == name
+            && !cached.is_stopped()
+        {
+            return Some(operation(cached));
         }
-        self.last_bucket.as_ref()
+        let Self {
+            registry,
+            last_bucket,
+            last_looked_up,
+            ..
+        } = self;
+        registry.with_bucket(name, |bucket| {
+            if *last_looked_up == Some(bucket.id()) {
+                *last_bucket = Some(bucket.clone());
+            } else {
+                *last_looked_up = Some(bucket.id());
+            }
+            operation(bucket)
+        })
+    }
+
+    /// Starts loading into cache the buckets of `requests` other than the cached one: called
+    /// with the requests a connection has parsed ahead of running them.
+    pub fn prefetch<'a, 'r: 'a>(&self, requests: impl IntoIterator<Item = &'a Request<'r>>) {
+        let cached = self.last_bucket.as_ref().map(|last| last.name().as_bytes());
+        let names = requests.into_iter().filter_map(|request| match *request {
+            Request::Get { bucket, .. }
+            | Request::Put { bucket, .. }
+            | Request::Delete { bucket, .. } => Some(bucket),
+            _ => None,
+        });
+        self.registry
+            .prefetch(names.filter(|&bucket| Some(bucket) != cached));
     }
 
     /// The counters this dispatcher reports.
@@ -125,9 +162,9 @@ impl Dispatcher {
         );
         let reply = match request {
             Request::Get { bucket, key } => {
-                let found = self
-                    .bucket(bucket)
-                    .map(|handle| handle.get_with(key, |value| encode_value(value, dialect, out)));
+                let found = self.with_bucket(bucket, |handle| {
+                    handle.get_with(key, |value| encode_value(value, dialect, out))
+                });
                 match found {
                     Some(Ok(())) => return Next::Continue,
                     None | Some(Err(BucketError::Stopped)) => self.missing(bucket),
@@ -167,8 +204,11 @@ impl Dispatcher {
             }
             Request::Keys { bucket, after } => {
                 let page_size = self.page_size;
+                // A page scans the whole bucket: run it on a handle of its own, not under the
+                // view's lock, which would hold up every lookup behind a waiting `CREATE`.
                 let page = self
-                    .bucket(bucket)
+                    .registry
+                    .lookup(bucket)
                     .map(|handle| handle.keys(after, page_size));
                 match page {
                     Some(Ok(keys)) => {
@@ -216,7 +256,7 @@ impl Dispatcher {
         bucket: &[u8],
         operation: impl FnOnce(&BucketHandle) -> Result<(), BucketError>,
     ) -> Reply<'static> {
-        match self.bucket(bucket).map(operation) {
+        match self.with_bucket(bucket, operation) {
             Some(Ok(())) => Reply::Ok,
             None | Some(Err(BucketError::Stopped)) => self.missing(bucket),
             Some(Err(error)) => Reply::Error(bucket_error(error)),

@@ -48,6 +48,7 @@ pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod durability;
+mod prefetch;
 pub mod protocol;
 pub mod registry;
 pub mod server;

@@ -185,3 +185,64 @@ async fn listings_are_bounded_by_the_page_size() {
         .expect(b"k0\r\nk1\r\nk2\r\nOK\r\nk3\r\nk4\r\nk5\r\nOK\r\nk9\r\nOK\r\n")
         .await;
 }
+
+#[tokio::test]
+async fn pipelined_requests_over_many_buckets_are_answered_in_order() {
+    // Requests are parsed ahead of running them in batches; buckets created, used and dropped
+    // within one batch must behave exactly as one request at a time.
+    let server = TestServer::default().await;
+    let mut client = server.connect().await;
+    let mut requests = Vec::new();
+    let mut replies = Vec::new();
+    let mut exchange = |request: String, reply: &str| {
+        requests.extend_from_slice(request.as_bytes());
+        replies.extend_from_slice(reply.as_bytes());
+    };
+    for bucket in 0..50 {
+        exchange(format!("GET b{bucket} k\n"), "NOT FOUND\r\n");
+        exchange(format!("CREATE b{bucket}\n"), "OK\r\n");
+        exchange(format!("PUT b{bucket} k v{bucket}\n"), "OK\r\n");
+    }
+    for bucket in (0..50).rev() {
+        exchange(
+            format!("GET b{bucket} k\n"),
+            &format!("v{bucket}\r\nOK\r\n"),
+        );
+        if bucket % 2 == 0 {
+            exchange(format!("DROP b{bucket}\n"), "OK\r\n");
+        }
+    }
+    for bucket in 0..50 {
+        let reply = if bucket % 2 == 0 {
+            "NOT FOUND\r\n".to_string()
+        } else {
+            format!("v{bucket}\r\nOK\r\n")
+        };
+        exchange(format!("GET b{bucket} k\n"), &reply);
+    }
+    client.send(&requests).await;
+    client.expect(&replies).await;
+}
+
+#[tokio::test]
+async fn a_bucket_replaced_by_another_client_is_never_served_stale() {
+    let server = TestServer::default().await;
+    let mut reader = server.connect().await;
+    let mut other = server.connect().await;
+    // `cached` is used twice in a row, so the reader's connection keeps its handle; `looked_up`
+    // once, so only its identity is remembered.
+    reader
+        .send(b"CREATE cached\nCREATE looked_up\nPUT cached k old\nGET cached k\nGET looked_up k\n")
+        .await;
+    reader
+        .expect(b"OK\r\nOK\r\nOK\r\nold\r\nOK\r\n\r\nOK\r\n")
+        .await;
+    for bucket in ["cached", "looked_up"] {
+        other
+            .send(format!("DROP {bucket}\nCREATE {bucket}\nPUT {bucket} k new\n").as_bytes())
+            .await;
+        other.expect(b"OK\r\nOK\r\nOK\r\n").await;
+    }
+    reader.send(b"GET looked_up k\nGET cached k\n").await;
+    reader.expect(b"new\r\nOK\r\nnew\r\nOK\r\n").await;
+}

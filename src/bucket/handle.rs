@@ -161,6 +161,12 @@ impl BucketHandle {
         self.shared.table.export(self.shared.name.as_bytes(), out)
     }
 
+    /// Starts loading the bucket's name and table header into cache, all lines at once,
+    /// without reading them (see [`RegistryView::prefetch`](crate::registry::RegistryView)).
+    pub(crate) fn prefetch(&self) {
+        crate::prefetch::prefetch(&*self.shared, std::mem::offset_of!(Shared, id));
+    }
+
     /// Whether the bucket has ended. Once true, it stays true.
     #[must_use]
     pub fn is_stopped(&self) -> bool {

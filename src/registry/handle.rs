@@ -134,6 +134,21 @@ impl Registry {
         self.shared.view.lookup(name)
     }
 
+    /// Runs `operation` on the live bucket called `name`, if any, without taking a reference
+    /// to it (see [`RegistryView::with_bucket`]).
+    pub(crate) fn with_bucket<R>(
+        &self,
+        name: &[u8],
+        operation: impl FnOnce(&BucketHandle) -> R,
+    ) -> Option<R> {
+        self.shared.view.with_bucket(name, operation)
+    }
+
+    /// Starts loading the buckets `names` into cache, for requests that will use them soon.
+    pub(crate) fn prefetch<'n>(&self, names: impl IntoIterator<Item = &'n [u8]>) {
+        self.shared.view.prefetch(names);
+    }
+
     /// Stops the bucket `name` and forgets it; its data is freed (on disk too, when durable).
     /// Returns whether a bucket of that name existed. When this returns, no lookup finds it.
     ///

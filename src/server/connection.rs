@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::{Buf, BytesMut};
+use smallvec::SmallVec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +23,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ServerConfig;
 use crate::dispatch::{Dispatcher, Next, Stats};
 use crate::protocol::{Dialect, ParseLimits, Parsed, parse};
+
+/// How many requests are parsed ahead of running them. Enough for a pipelining client's
+/// usual depth; more would only hold more replies back from the output bound check.
+const LOOKAHEAD: usize = 16;
 
 /// What a read buffer starts with, and what it returns to after growing for a large request.
 const INITIAL_BUFFER: usize = 16 * 1024;
@@ -78,6 +83,16 @@ enum Progress {
     /// Replies reached the output bound; write them, then go on parsing.
     OutputFull,
     /// Write the replies, then close.
+    Close,
+}
+
+/// How running a batch of requests ended.
+enum Batch {
+    /// The front of the buffer was not a complete, well-formed request; nothing ran.
+    Empty,
+    /// Some requests ran.
+    Ran,
+    /// A request asked to close the connection.
     Close,
 }
 
@@ -202,23 +217,15 @@ impl Connection {
                 self.input.advance(end + 1);
                 self.discarding = false;
             }
+            match self.run_batch(&mut answered).await {
+                Batch::Ran => continue,
+                Batch::Close => break Progress::Close,
+                Batch::Empty => {}
+            }
+            // The front of the buffer is not a complete, well-formed request.
             match parse(&self.input, &self.limits) {
                 Parsed::Incomplete => break Progress::NeedInput,
-                Parsed::Request {
-                    request,
-                    dialect,
-                    consumed,
-                } => {
-                    let next = self
-                        .dispatcher
-                        .execute(request, dialect, &mut self.output)
-                        .await;
-                    self.input.advance(consumed);
-                    answered += 1;
-                    if next == Next::Close {
-                        break Progress::Close;
-                    }
-                }
+                Parsed::Request { .. } => unreachable!("a complete request would have run"),
                 Parsed::Invalid {
                     error,
                     dialect,
@@ -247,6 +254,52 @@ impl Connection {
             stats.commands.fetch_add(answered, Ordering::Relaxed);
         }
         progress
+    }
+
+    /// Runs the well-formed requests at the front of the buffer, up to [`LOOKAHEAD`] of them
+    /// and while the output bound allows. They are all parsed first, so that the buckets they
+    /// name are being fetched into cache together before the first one runs: with many
+    /// buckets, each request would otherwise wait for its own cache miss in turn.
+    async fn run_batch(&mut self, answered: &mut u64) -> Batch {
+        let mut batch = SmallVec::<[_; LOOKAHEAD]>::new();
+        let mut parsed_bytes = 0;
+        while batch.len() < LOOKAHEAD {
+            let Parsed::Request {
+                request,
+                dialect,
+                consumed,
+            } = parse(&self.input[parsed_bytes..], &self.limits)
+            else {
+                break;
+            };
+            parsed_bytes += consumed;
+            batch.push((request, dialect, consumed));
+        }
+        if batch.is_empty() {
+            return Batch::Empty;
+        }
+        self.dispatcher
+            .prefetch(batch.iter().map(|(request, ..)| request));
+        let mut ran_bytes = 0;
+        let mut outcome = Batch::Ran;
+        for (request, dialect, consumed) in batch {
+            if self.output.len() >= self.max_pending_output {
+                // The rest stays in the buffer until the replies are written.
+                break;
+            }
+            let next = self
+                .dispatcher
+                .execute(request, dialect, &mut self.output)
+                .await;
+            ran_bytes += consumed;
+            *answered += 1;
+            if next == Next::Close {
+                outcome = Batch::Close;
+                break;
+            }
+        }
+        self.input.advance(ran_bytes);
+        outcome
     }
 }
 

@@ -83,6 +83,9 @@ pub struct ServerConfig {
     pub enable_debug_commands: bool,
     /// How long a graceful shutdown waits for connections to finish before closing them.
     pub shutdown_grace: Duration,
+    /// How long a worker keeps polling for I/O without sleeping after the last request
+    /// (see `server::busy_poll`); zero turns it off.
+    pub busy_poll: Duration,
     /// The core's limits.
     pub core: CoreConfig,
     /// Where and how to keep data on disk; `None` keeps it in memory only.
@@ -102,6 +105,7 @@ impl Default for ServerConfig {
             page_size: 100,
             enable_debug_commands: false,
             shutdown_grace: Duration::from_secs(5),
+            busy_poll: Duration::from_micros(20),
             core: CoreConfig::default(),
             durability: None,
         }

@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::busy_poll::BusyPoll;
 use crate::config::ServerConfig;
 use crate::dispatch::{Dispatcher, Next, Stats};
 use crate::protocol::{Dialect, ParseLimits, Parsed, parse};
@@ -106,6 +107,7 @@ struct Connection {
     limits: ParseLimits,
     max_pending_output: usize,
     gauges: Gauges,
+    busy_poll: Option<Arc<BusyPoll>>,
 }
 
 /// Serves one client until it closes, sends something that cannot be resynchronised, idles
@@ -115,6 +117,7 @@ pub(super) async fn serve(
     dispatcher: Dispatcher,
     config: Arc<ServerConfig>,
     stop: Stop,
+    busy_poll: Option<Arc<BusyPoll>>,
 ) {
     // Replies of one read go out in one write; without NODELAY the second write of a
     // pipelined client waits for its delayed ACK (about 40 ms).
@@ -135,6 +138,7 @@ pub(super) async fn serve(
             stats,
             input_capacity: 0,
         },
+        busy_poll,
     };
     connection.gauges.track_input(connection.input.capacity());
     if let Err(error) = connection.run(&config, &stop).await {
@@ -252,6 +256,9 @@ impl Connection {
         if answered > 0 {
             let stats = self.dispatcher.stats();
             stats.commands.fetch_add(answered, Ordering::Relaxed);
+            if let Some(busy_poll) = &self.busy_poll {
+                busy_poll.answered();
+            }
         }
         progress
     }

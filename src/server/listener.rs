@@ -12,6 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::busy_poll::BusyPoll;
 use super::connection::{self, Stop};
 use crate::config::ServerConfig;
 use crate::dispatch::{Dispatcher, Stats};
@@ -144,6 +145,11 @@ impl Server {
             tokio::spawn(Arc::clone(durable).compact_when_needed(shutdown.child_token()));
         }
         let stats = Arc::clone(dispatcher.stats());
+        let busy_poll = (!config.busy_poll.is_zero()).then(|| {
+            let busy_poll = Arc::new(BusyPoll::new(config.busy_poll));
+            tokio::spawn(Arc::clone(&busy_poll).run(shutdown.child_token()));
+            busy_poll
+        });
         let tracker = TaskTracker::new();
         let connections = Arc::new(Semaphore::new(config.max_connections));
         let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
@@ -172,8 +178,9 @@ impl Server {
                 let dispatcher = dispatcher.clone();
                 let config = Arc::clone(&config);
                 let stop = stop.clone();
+                let busy_poll = busy_poll.clone();
                 tracker.spawn(async move {
-                    connection::serve(stream, dispatcher, config, stop).await;
+                    connection::serve(stream, dispatcher, config, stop, busy_poll).await;
                     drop(permit);
                 });
             } else {

@@ -3,6 +3,7 @@
 //!
 //! Both protocols share one port; each request picks its own (see [`crate::protocol`]).
 
+mod busy_poll;
 mod connection;
 mod listener;
 

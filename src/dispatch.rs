@@ -118,18 +118,32 @@ impl Dispatcher {
         })
     }
 
-    /// Starts loading into cache the buckets of `requests` other than the cached one: called
-    /// with the requests a connection has parsed ahead of running them.
-    pub fn prefetch<'a, 'r: 'a>(&self, requests: impl IntoIterator<Item = &'a Request<'r>>) {
-        let cached = self.last_bucket.as_ref().map(|last| last.name().as_bytes());
-        let names = requests.into_iter().filter_map(|request| match *request {
-            Request::Get { bucket, .. }
-            | Request::Put { bucket, .. }
-            | Request::Delete { bucket, .. } => Some(bucket),
+    /// Starts loading into cache what `requests` will read: called with the requests a
+    /// connection has parsed ahead of running them. First the blocks of their buckets (other
+    /// than the cached one), then, once those have been asked for, the entries of their keys.
+    /// Each stage issues all its loads before waiting for any, so the cache misses of a batch
+    /// overlap instead of following one another.
+    pub fn prefetch<'a, 'r: 'a>(&self, requests: impl Iterator<Item = &'a Request<'r>> + Clone) {
+        let keyed = requests.filter_map(|request| match *request {
+            Request::Get { bucket, key }
+            | Request::Put { bucket, key, .. }
+            | Request::Delete { bucket, key } => Some((bucket, key)),
             _ => None,
         });
+        let cached = self.last_bucket.as_ref();
+        let is_cached =
+            move |bucket: &[u8]| cached.is_some_and(|last| last.name().as_bytes() == bucket);
+        let elsewhere = keyed.clone().filter(move |&(bucket, _)| !is_cached(bucket));
         self.registry
-            .prefetch(names.filter(|&bucket| Some(bucket) != cached));
+            .prefetch(elsewhere.clone().map(|(bucket, _)| bucket));
+        if let Some(cached) = cached {
+            cached.prefetch_entries(
+                keyed
+                    .filter(move |&(bucket, _)| is_cached(bucket))
+                    .map(|(_, key)| key),
+            );
+        }
+        self.registry.prefetch_entries(elsewhere);
     }
 
     /// The counters this dispatcher reports.

@@ -10,10 +10,22 @@
 /// what the program computes, only on when memory arrives.
 #[inline(always)]
 pub(crate) fn prefetch<T>(value: &T, bytes: usize) {
+    prefetch_range(
+        std::ptr::from_ref(value).cast::<u8>(),
+        bytes.min(size_of::<T>()),
+    );
+}
+
+/// Starts loading the cache lines of `bytes`.
+#[inline(always)]
+pub(crate) fn prefetch_bytes(bytes: &[u8]) {
+    prefetch_range(bytes.as_ptr(), bytes.len());
+}
+
+#[inline(always)]
+fn prefetch_range(start: *const u8, len: usize) {
     const CACHE_LINE: usize = 64;
-    let start = std::ptr::from_ref(value).cast::<u8>();
-    let len = bytes.min(size_of::<T>());
-    // Every line the range touches, including the last one when `value` starts mid-line.
+    // Every line the range touches, including the last one when it starts mid-line.
     for offset in (0..len).step_by(CACHE_LINE).chain(len.checked_sub(1)) {
         prefetch_line(start.wrapping_add(offset));
     }

@@ -167,6 +167,11 @@ impl BucketHandle {
         crate::prefetch::prefetch(&*self.shared, std::mem::offset_of!(Shared, id));
     }
 
+    /// Starts loading into cache the entries of `keys`, for requests that will read them soon.
+    pub(crate) fn prefetch_entries<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
+        self.shared.table.prefetch(keys);
+    }
+
     /// Whether the bucket has ended. Once true, it stays true.
     #[must_use]
     pub fn is_stopped(&self) -> bool {

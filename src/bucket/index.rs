@@ -68,6 +68,32 @@ impl EntryIndex {
         }
     }
 
+    /// Every entry that may be the one under `hash` (its hash shares seven bits), without
+    /// reading the entries: for prefetching them.
+    pub(super) fn candidates(&self, hash: u64) -> impl Iterator<Item = EntryRef> + '_ {
+        let wanted = tag(hash);
+        let (tags, references, table): (&[u8], &[EntryRef], _) = match self {
+            Self::Inline {
+                len,
+                tags,
+                references,
+            } => {
+                let len = usize::from(*len);
+                (&tags[..len], &references[..len], None)
+            }
+            Self::Table(table) => (&[], &[], Some(table)),
+        };
+        tags.iter()
+            .zip(references)
+            .filter(move |&(&tag, _)| tag == wanted)
+            .map(|(_, &entry)| entry)
+            .chain(
+                table
+                    .into_iter()
+                    .flat_map(move |table| table.iter_hash(hash).copied()),
+            )
+    }
+
     /// Adds `entry` under `hash`; the caller knows its key is not in the index yet. `rehash`
     /// gives the hash of any entry, for growing.
     pub(super) fn insert(&mut self, hash: u64, entry: EntryRef, rehash: impl Fn(EntryRef) -> u64) {

@@ -155,6 +155,11 @@ impl Slabs {
         self.get(entry).0
     }
 
+    /// Starts loading the slot of `entry` into cache.
+    pub(super) fn prefetch(&self, entry: EntryRef) {
+        crate::prefetch::prefetch_bytes(self.bytes(entry));
+    }
+
     fn bytes(&self, entry: EntryRef) -> &[u8] {
         match entry.position() {
             LARGE => &self.large[entry.index()],

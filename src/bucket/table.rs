@@ -218,6 +218,20 @@ impl Table {
         Ok(read(found.map(|entry| entries.slabs.get(entry).1)))
     }
 
+    /// Starts loading into cache the entries that `keys` probably name, under one read lock:
+    /// the index is read, the entries are not, so the misses of several keys overlap.
+    pub(crate) fn prefetch<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
+        let guard = self.entries.read();
+        let Some(entries) = guard.as_ref() else {
+            return;
+        };
+        for key in keys {
+            for entry in entries.index.candidates(entries.hash(key)) {
+                entries.slabs.prefetch(entry);
+            }
+        }
+    }
+
     pub(crate) fn delete(&self, bucket: &[u8], key: &[u8]) -> Result<bool, BucketError> {
         self.check_writable()?;
         let mut guard = self.entries.write();
@@ -384,6 +398,32 @@ mod tests {
             table.delete(b"t", &index.to_le_bytes()).unwrap();
         }
         assert!(table.entries.read().as_ref().unwrap().index.is_inline());
+    }
+
+    #[test]
+    fn every_key_is_among_the_candidates_its_hash_gives() {
+        // What prefetching relies on: the index's candidates for a key's hash include the
+        // key's entry, in the inline form and in the hash table form.
+        let table = table();
+        for count in [10u32, 1000] {
+            for index in 0..count {
+                table.put(b"t", &index.to_le_bytes(), b"v").unwrap();
+            }
+            let guard = table.entries.read();
+            let entries = guard.as_ref().unwrap();
+            assert_eq!(entries.index.is_inline(), count <= 16);
+            for index in 0..count {
+                let key = index.to_le_bytes();
+                let hash = entries.hash(&key);
+                let entry = entries
+                    .index
+                    .find(hash, |entry| entries.slabs.key(entry) == key)
+                    .unwrap();
+                assert!(entries.index.candidates(hash).any(|found| found == entry));
+            }
+            drop(guard);
+            table.prefetch([&b"absent"[..], &0u32.to_le_bytes()]);
+        }
     }
 
     #[derive(Debug, Clone)]

@@ -149,6 +149,14 @@ impl Registry {
         self.shared.view.prefetch(names);
     }
 
+    /// Starts loading into cache the entries that `(bucket, key)` pairs name.
+    pub(crate) fn prefetch_entries<'n>(
+        &self,
+        requests: impl IntoIterator<Item = (&'n [u8], &'n [u8])>,
+    ) {
+        self.shared.view.prefetch_entries(requests);
+    }
+
     /// Stops the bucket `name` and forgets it; its data is freed (on disk too, when durable).
     /// Returns whether a bucket of that name existed. When this returns, no lookup finds it.
     ///

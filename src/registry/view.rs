@@ -94,6 +94,25 @@ impl RegistryView {
         }
     }
 
+    /// Starts loading into cache the entries that `(bucket, key)` pairs name, under one read
+    /// lock of the view; a second stage after [`prefetch`](Self::prefetch), once the buckets'
+    /// blocks have been asked for.
+    pub(crate) fn prefetch_entries<'n>(
+        &self,
+        requests: impl IntoIterator<Item = (&'n [u8], &'n [u8])>,
+    ) {
+        let mut requests = requests.into_iter().peekable();
+        if requests.peek().is_none() {
+            return;
+        }
+        let names = self.names.read();
+        for (name, key) in requests {
+            if let Some(bucket) = names.get(name) {
+                bucket.prefetch_entries([key]);
+            }
+        }
+    }
+
     /// Whether `name` is a durable bucket that crashed too often and stays down.
     #[must_use]
     pub fn is_failed(&self, name: &[u8]) -> bool {

@@ -9,7 +9,8 @@
 #   - redis-benchmark against both, same client and workload: 50 clients, 100,000-key keyspace,
 #     32-byte values, pipeline depth 16 and 1. Redis: SET/GET and HSET/HGET shopping;
 #     kv: PUT/GET shopping through RESP. Server CPU per request from /proc.
-#   - kv bench against kv: RESP and line protocol, 1 bucket and 10,000 buckets.
+#   - kv bench against kv: RESP and line protocol, 1 bucket and 10,000 buckets, in pairs
+#     (KV_BENCH_PAIRS per round, the order alternating).
 #   - memory: one million 16-byte keys with 32-byte values loaded into each; RSS per key.
 #   - durability: Redis with appendonly yes against kv with --data-dir, at the same fsync
 #     policy (everysec, always), same redis-benchmark workloads; and kv's start-up time
@@ -22,6 +23,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-5}
 REQUESTS=${REQUESTS:-1000000}
 DEPTH1_REQUESTS=${DEPTH1_REQUESTS:-200000}
+KV_BENCH_PAIRS=${KV_BENCH_PAIRS:-3}
 MEMORY_KEYS=${MEMORY_KEYS:-1000000}
 KV_PORT=${KV_PORT:-4041}
 REDIS_PORT=${REDIS_PORT:-6390}
@@ -141,9 +143,14 @@ for round in $(seq "$ROUNDS"); do
       done
     done
   done
-  for protocol in resp line; do
-    for buckets in 1 10000; do
-      kv_bench "$round" "$protocol" "$buckets"
+  # Pairs of runs, 1 bucket and 10,000, the order alternating: the report takes the median
+  # of each pair's ratio, which cancels the drift of a shared machine between pairs.
+  for pair in $(seq "$KV_BENCH_PAIRS"); do
+    for protocol in resp line; do
+      if (( (round + pair) % 2 == 0 )); then order=(1 10000); else order=(10000 1); fi
+      for buckets in "${order[@]}"; do
+        kv_bench "$round.$pair" "$protocol" "$buckets"
+      done
     done
   done
 done

@@ -230,4 +230,4 @@ stop "$KV_PID"
 rm -rf "$DURABLE_DIR"
 
 python3 bench/report.py "$RESULTS" "$MEMORY" "$(redis-server --version | awk '{print $3}' | cut -d= -f2)" \
-  "bench/compare.sh (ROUNDS=$ROUNDS REQUESTS=$REQUESTS DEPTH1_REQUESTS=$DEPTH1_REQUESTS KV_THREADS=${KV_THREADS:-default})"
+  "bench/compare.sh (ROUNDS=$ROUNDS REQUESTS=$REQUESTS DEPTH1_REQUESTS=$DEPTH1_REQUESTS KV_BENCH_PAIRS=$KV_BENCH_PAIRS KV_THREADS=${KV_THREADS:-default})"

@@ -164,7 +164,10 @@ impl BucketHandle {
     /// Starts loading the bucket's name and table header into cache, all lines at once,
     /// without reading them (see [`RegistryView::prefetch`](crate::registry::RegistryView)).
     pub(crate) fn prefetch(&self) {
-        crate::prefetch::prefetch(&*self.shared, std::mem::offset_of!(Shared, id));
+        crate::prefetch::prefetch(
+            &*self.shared,
+            std::mem::offset_of!(Shared, table) + Table::HOT_BYTES,
+        );
     }
 
     /// Starts loading into cache the entries of `keys`, for requests that will read them soon.

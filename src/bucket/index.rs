@@ -1,17 +1,19 @@
 //! A table's hash index: from a key's hash to the [`EntryRef`] of its entry.
 //!
 //! Most buckets are small. A small index lives inline in the table's header, up to
-//! [`INLINE_ENTRIES`] references beside a one-byte tag of each key's hash, searched by a scan
-//! of the tags: a lookup among thousands of small buckets then reads the header it needs for
-//! the lock anyway, instead of following a pointer to a separate hash table. Past that size the
-//! index is a `hashbrown` table, and it turns small again when it has shrunk well below.
+//! [`INLINE_ENTRIES`] two-byte references ([`CompactRef`]) beside a one-byte tag of each key's
+//! hash, searched by a scan of the tags: a lookup among thousands of small buckets then reads
+//! the header it needs for the lock anyway (one cache line for all of it), instead of following
+//! a pointer to a separate hash table. Past that size, or for a reference that does not fit in
+//! two bytes, the index is a `hashbrown` table, and it turns small again when it has shrunk well
+//! below.
 //!
 //! Invariant: in the inline form, `tags[..len]` and `references[..len]` describe exactly the
 //! live entries (no holes; removal moves the last one into the gap).
 
 use hashbrown::HashTable;
 
-use super::slab::EntryRef;
+use super::slab::{CompactRef, EntryRef};
 
 /// References held inline before the index becomes a hash table.
 pub(super) const INLINE_ENTRIES: usize = 16;
@@ -23,7 +25,7 @@ pub(super) enum EntryIndex {
     Inline {
         len: u8,
         tags: [u8; INLINE_ENTRIES],
-        references: [EntryRef; INLINE_ENTRIES],
+        references: [CompactRef; INLINE_ENTRIES],
     },
     Table(HashTable<EntryRef>),
 }
@@ -33,7 +35,7 @@ impl Default for EntryIndex {
         Self::Inline {
             len: 0,
             tags: [0; INLINE_ENTRIES],
-            references: [EntryRef::NONE; INLINE_ENTRIES],
+            references: [CompactRef::default(); INLINE_ENTRIES],
         }
     }
 }
@@ -54,16 +56,7 @@ impl EntryIndex {
     /// The entry under `hash` for which `is_key` holds.
     pub(super) fn find(&self, hash: u64, is_key: impl Fn(EntryRef) -> bool) -> Option<EntryRef> {
         match self {
-            Self::Inline {
-                len,
-                tags,
-                references,
-            } => {
-                let wanted = tag(hash);
-                (0..usize::from(*len))
-                    .find(|&slot| tags[slot] == wanted && is_key(references[slot]))
-                    .map(|slot| references[slot])
-            }
+            Self::Inline { .. } => self.candidates(hash).find(|&entry| is_key(entry)),
             Self::Table(table) => table.find(hash, |&entry| is_key(entry)).copied(),
         }
     }
@@ -72,7 +65,7 @@ impl EntryIndex {
     /// reading the entries: for prefetching them.
     pub(super) fn candidates(&self, hash: u64) -> impl Iterator<Item = EntryRef> + '_ {
         let wanted = tag(hash);
-        let (tags, references, table): (&[u8], &[EntryRef], _) = match self {
+        let (tags, references, table): (&[u8], &[CompactRef], _) = match self {
             Self::Inline {
                 len,
                 tags,
@@ -86,7 +79,7 @@ impl EntryIndex {
         tags.iter()
             .zip(references)
             .filter(move |&(&tag, _)| tag == wanted)
-            .map(|(_, &entry)| entry)
+            .map(|(_, reference)| reference.expand())
             .chain(
                 table
                     .into_iter()
@@ -104,14 +97,19 @@ impl EntryIndex {
                 references,
             } => {
                 let slot = usize::from(*len);
-                if slot < INLINE_ENTRIES {
+                if slot < INLINE_ENTRIES
+                    && let Some(compact) = entry.compact()
+                {
                     tags[slot] = tag(hash);
-                    references[slot] = entry;
+                    references[slot] = compact;
                     *len += 1;
                     return;
                 }
                 let mut table = HashTable::with_capacity(2 * INLINE_ENTRIES);
-                for &existing in references.iter() {
+                for existing in references[..slot]
+                    .iter()
+                    .map(|reference| reference.expand())
+                {
                     table.insert_unique(rehash(existing), existing, |&entry| rehash(entry));
                 }
                 table.insert_unique(hash, entry, |&entry| rehash(entry));
@@ -132,7 +130,10 @@ impl EntryIndex {
                 references,
             } => {
                 let last = usize::from(*len) - 1;
-                if let Some(slot) = references[..=last].iter().position(|&found| found == entry) {
+                if let Some(slot) = references[..=last]
+                    .iter()
+                    .position(|found| found.expand() == entry)
+                {
                     tags[slot] = tags[last];
                     references[slot] = references[last];
                     *len -= 1;
@@ -142,7 +143,9 @@ impl EntryIndex {
                 if let Ok(found) = table.find_entry(hash, |&candidate| candidate == entry) {
                     found.remove();
                 }
-                if table.len() <= BACK_INLINE_AT {
+                if table.len() <= BACK_INLINE_AT
+                    && table.iter().all(|remaining| remaining.compact().is_some())
+                {
                     let mut inline = Self::default();
                     for &remaining in table.iter() {
                         inline.insert(rehash(remaining), remaining, &rehash);
@@ -157,30 +160,50 @@ impl EntryIndex {
     }
 
     /// Points the reference `from` (under `hash`) at `to`: its entry moved.
-    pub(super) fn redirect(&mut self, hash: u64, from: EntryRef, to: EntryRef) {
-        let reference = match self {
+    pub(super) fn redirect(
+        &mut self,
+        hash: u64,
+        from: EntryRef,
+        to: EntryRef,
+        rehash: impl Fn(EntryRef) -> u64,
+    ) {
+        match self {
             Self::Inline {
                 len, references, ..
-            } => references[..usize::from(*len)]
-                .iter_mut()
-                .find(|found| **found == from),
-            Self::Table(table) => table.find_mut(hash, |&candidate| candidate == from),
-        };
-        if let Some(reference) = reference {
-            *reference = to;
+            } => {
+                let Some(slot) = references[..usize::from(*len)]
+                    .iter()
+                    .position(|found| found.expand() == from)
+                else {
+                    return;
+                };
+                if let Some(compact) = to.compact() {
+                    references[slot] = compact;
+                } else {
+                    // Cannot happen while slabs are dense (a move only lowers an index), but
+                    // a reference that does not fit is never truncated: the index grows instead.
+                    self.remove(hash, from, &rehash);
+                    self.insert(hash, to, &rehash);
+                }
+            }
+            Self::Table(table) => {
+                if let Some(reference) = table.find_mut(hash, |&candidate| candidate == from) {
+                    *reference = to;
+                }
+            }
         }
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = EntryRef> + '_ {
-        let (inline, table) = match self {
+        let (inline, table): (&[CompactRef], _) = match self {
             Self::Inline {
                 len, references, ..
             } => (&references[..usize::from(*len)], None),
-            Self::Table(table) => (&[][..], Some(table)),
+            Self::Table(table) => (&[], Some(table)),
         };
         inline
             .iter()
-            .copied()
+            .map(|reference| reference.expand())
             .chain(table.into_iter().flat_map(|table| table.iter().copied()))
     }
 

@@ -22,9 +22,6 @@ const INDEX_BITS: u32 = 56;
 const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
 
 impl EntryRef {
-    /// A reference to nothing, for unused inline index slots; never handed out by `Slabs`.
-    pub(super) const NONE: Self = Self(u64::MAX);
-
     fn new(position: usize, index: usize) -> Self {
         Self(((position as u64) << INDEX_BITS) | index as u64)
     }
@@ -35,6 +32,37 @@ impl EntryRef {
 
     fn index(self) -> usize {
         (self.0 & INDEX_MASK) as usize
+    }
+
+    /// This reference in two bytes, if its slot index is below 16: what a small index stores.
+    pub(super) fn compact(self) -> Option<CompactRef> {
+        let position = match self.position() {
+            LARGE => COMPACT_LARGE,
+            position => u16::try_from(position).ok()?,
+        };
+        let index = u16::try_from(self.index())
+            .ok()
+            .filter(|&index| index < 16)?;
+        Some(CompactRef((position << 4) | index))
+    }
+}
+
+/// An [`EntryRef`] in two bytes: the slab position above four bits of slot index. A table of
+/// at most 16 entries has dense slabs of at most 16 slots each, so its references fit; one that
+/// does not is never stored in this form (the index turns into a hash table instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct CompactRef(u16);
+
+/// The position [`LARGE`] takes in a [`CompactRef`] (slab positions are below 55).
+const COMPACT_LARGE: u16 = 0xFFF;
+
+impl CompactRef {
+    pub(super) fn expand(self) -> EntryRef {
+        let position = match self.0 >> 4 {
+            COMPACT_LARGE => LARGE,
+            position => usize::from(position),
+        };
+        EntryRef::new(position, usize::from(self.0 & 0xF))
     }
 }
 
@@ -250,6 +278,18 @@ fn varint_len(value: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_compact_reference_is_the_same_reference_or_none() {
+        for position in (0..SLOT_SIZES.len()).chain([LARGE]) {
+            for index in 0..16 {
+                let entry = EntryRef::new(position, index);
+                assert_eq!(entry.compact().map(CompactRef::expand), Some(entry));
+            }
+            assert_eq!(EntryRef::new(position, 16).compact(), None);
+            assert_eq!(EntryRef::new(position, 1 << 40).compact(), None);
+        }
+    }
 
     #[test]
     fn varints_round_trip_at_every_width() {

@@ -83,11 +83,13 @@ impl MemoryBudget {
     }
 }
 
+/// `repr(C)`, in the order a lookup reads the fields: the hasher, the index, the slab headers.
+#[repr(C)]
 struct Entries {
-    index: EntryIndex,
-    slabs: Slabs,
     /// Seeded at random per table, so hostile keys cannot be chosen to collide in every server.
     hasher: foldhash::fast::RandomState,
+    index: EntryIndex,
+    slabs: Slabs,
     charged: usize,
 }
 
@@ -98,16 +100,23 @@ impl Entries {
 }
 
 /// The key → value table of one bucket.
+///
+/// `repr(C)`: what every operation reads (`closed`, the lock, the entries' header) comes first
+/// and together, so that [`HOT_BYTES`](Self::HOT_BYTES) of a table cover it.
+#[repr(C)]
 pub(crate) struct Table {
-    entries: RwLock<Option<Entries>>,
     closed: AtomicBool,
-    budget: Arc<MemoryBudget>,
+    entries: RwLock<Option<Entries>>,
     /// Where changes are logged, when the server is durable. A change is appended while the
     /// write lock is held, so the log's order for a key is the order the changes were made.
     journal: Option<Arc<Journal>>,
+    budget: Arc<MemoryBudget>,
 }
 
 impl Table {
+    /// The leading bytes of a table that a lookup reads: worth prefetching together.
+    pub(crate) const HOT_BYTES: usize = std::mem::offset_of!(Table, journal);
+
     pub(crate) fn new(budget: Arc<MemoryBudget>, journal: Option<Arc<Journal>>) -> Self {
         Self {
             entries: RwLock::new(Some(Entries {
@@ -313,7 +322,9 @@ fn remove_entry(
     index.remove(hash, entry, |entry| hasher.hash_one(slabs.key(entry)));
     if let Some(moved) = slabs.remove(entry) {
         let moved_hash = hasher.hash_one(slabs.key(moved.to));
-        index.redirect(moved_hash, moved.from, moved.to);
+        index.redirect(moved_hash, moved.from, moved.to, |entry| {
+            hasher.hash_one(slabs.key(entry))
+        });
     }
 }
 

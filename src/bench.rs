@@ -151,8 +151,20 @@ struct Keyspace {
     keys: u64,
     value_size: usize,
     buckets: u64,
-    /// `bench-0` …, made once: formatting a name per request would load the client.
-    bucket_names: Vec<Vec<u8>>,
+}
+
+/// A bucket name, `bench-<n>`, formatted on the stack.
+struct BucketLabel {
+    bytes: [u8; 26],
+    len: usize,
+}
+
+impl std::ops::Deref for BucketLabel {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 impl Keyspace {
@@ -178,14 +190,23 @@ impl Keyspace {
             keys: keys.max(1),
             value_size,
             buckets,
-            bucket_names: (0..buckets)
-                .map(|index| format!("bench-{index}").into_bytes())
-                .collect(),
         }
     }
 
-    fn bucket(&self, index: u64) -> &[u8] {
-        &self.bucket_names[(index % self.buckets) as usize]
+    /// The name of the bucket of key `index`, formatted for each request: a table of 10,000
+    /// names would cost the client a cache miss per request that a run on one bucket does not
+    /// pay, and the client shares the machine with the server it measures.
+    fn bucket(&self, index: u64) -> BucketLabel {
+        const PREFIX: &[u8] = b"bench-";
+        let mut digits = itoa::Buffer::new();
+        let number = digits.format(index % self.buckets).as_bytes();
+        let mut label = BucketLabel {
+            bytes: [0; 26],
+            len: PREFIX.len() + number.len(),
+        };
+        label.bytes[..PREFIX.len()].copy_from_slice(PREFIX);
+        label.bytes[PREFIX.len()..label.len].copy_from_slice(number);
+        label
     }
 }
 
@@ -371,7 +392,9 @@ async fn report_progress(shared: Arc<Shared>) {
 async fn setup(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchError> {
     let mut setup = Setup::connect(config).await?;
     for bucket in 0..keyspace.buckets {
-        setup.request(&[b"CREATE", keyspace.bucket(bucket)]).await?;
+        setup
+            .request(&[b"CREATE", &keyspace.bucket(bucket)])
+            .await?;
     }
     if config.preload {
         let mut value = Vec::with_capacity(keyspace.value_size);
@@ -379,7 +402,7 @@ async fn setup(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchErr
             keyspace.value(index, &mut value);
             let key = Keyspace::key(index);
             setup
-                .request(&[b"PUT", keyspace.bucket(index), &key, &value])
+                .request(&[b"PUT", &keyspace.bucket(index), &key, &value])
                 .await?;
         }
     }
@@ -484,13 +507,17 @@ async fn connection(shared: Arc<Shared>, seed: u64) -> Result<Histogram<u64>, Be
             let bucket = keyspace.bucket(index);
             let key = Keyspace::key(index);
             match operation {
-                Operation::Get => encode(config.dialect, &[b"GET", bucket, &key], &mut output),
+                Operation::Get => encode(config.dialect, &[b"GET", &bucket, &key], &mut output),
                 Operation::Put => {
                     keyspace.value(index, &mut value);
-                    encode(config.dialect, &[b"PUT", bucket, &key, &value], &mut output);
+                    encode(
+                        config.dialect,
+                        &[b"PUT", &bucket, &key, &value],
+                        &mut output,
+                    );
                 }
                 Operation::Delete => {
-                    encode(config.dialect, &[b"DELETE", bucket, &key], &mut output);
+                    encode(config.dialect, &[b"DELETE", &bucket, &key], &mut output);
                 }
             }
             batch.push((operation, index));

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::BytesMut;
+use smallvec::SmallVec;
 
 use crate::bucket::{BucketError, BucketFault, BucketHandle, BucketId, BucketName};
 use crate::protocol::{
@@ -123,25 +124,30 @@ impl Dispatcher {
     /// than the cached one), then, once those have been asked for, the entries of their keys.
     /// Each stage issues all its loads before waiting for any, so the cache misses of a batch
     /// overlap instead of following one another.
-    pub fn prefetch<'a, 'r: 'a>(&self, requests: impl Iterator<Item = &'a Request<'r>> + Clone) {
-        let keyed = requests.filter_map(|request| match *request {
-            Request::Get { bucket, key }
-            | Request::Put { bucket, key, .. }
-            | Request::Delete { bucket, key } => Some((bucket, key)),
-            _ => None,
-        });
+    pub fn prefetch<'a, 'r: 'a>(&self, requests: impl IntoIterator<Item = &'a Request<'r>>) {
+        // One pass sorts the keyed requests: those for the cached bucket, and the rest.
         let cached = self.last_bucket.as_ref();
-        let is_cached =
-            move |bucket: &[u8]| cached.is_some_and(|last| last.name().as_bytes() == bucket);
-        let elsewhere = keyed.clone().filter(move |&(bucket, _)| !is_cached(bucket));
+        let mut cached_keys = SmallVec::<[&[u8]; 16]>::new();
+        let mut elsewhere = SmallVec::<[(&[u8], &[u8]); 16]>::new();
+        for request in requests {
+            let (Request::Get { bucket, key }
+            | Request::Put { bucket, key, .. }
+            | Request::Delete { bucket, key }) = *request
+            else {
+                continue;
+            };
+            if cached.is_some_and(|last| last.name().as_bytes() == bucket) {
+                cached_keys.push(key);
+            } else {
+                elsewhere.push((bucket, key));
+            }
+        }
         self.registry
-            .prefetch(elsewhere.clone().map(|(bucket, _)| bucket));
-        if let Some(cached) = cached {
-            cached.prefetch_entries(
-                keyed
-                    .filter(move |&(bucket, _)| is_cached(bucket))
-                    .map(|(_, key)| key),
-            );
+            .prefetch(elsewhere.iter().map(|&(bucket, _)| bucket));
+        if let Some(cached) = cached
+            && !cached_keys.is_empty()
+        {
+            cached.prefetch_entries(cached_keys);
         }
         self.registry.prefetch_entries(elsewhere);
     }

@@ -13,41 +13,47 @@
 //! change at depth 16 (docs/performance.md). Only timing depends on it, never an answer.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::dispatch::Stats;
+
 /// What connections and the polling task share.
 #[derive(Debug)]
 pub(super) struct BusyPoll {
     window: Duration,
-    /// Batches of requests answered, by every connection together.
-    batches: AtomicU64,
+    /// Activity is the server's count of answered requests (`Stats::commands`), which every
+    /// connection adds to after each batch anyway.
+    stats: Arc<Stats>,
     /// Whether the polling task sleeps; a connection that finds it set wakes it.
     asleep: AtomicBool,
     wake: Notify,
 }
 
 impl BusyPoll {
-    pub(super) fn new(window: Duration) -> Self {
+    pub(super) fn new(window: Duration, stats: Arc<Stats>) -> Self {
         Self {
             window,
-            batches: AtomicU64::new(0),
+            stats,
             asleep: AtomicBool::new(false),
             wake: Notify::new(),
         }
     }
 
-    /// Called by a connection after it answered requests.
+    /// Called by a connection after it has added its answered requests to `Stats::commands`
+    /// (with `SeqCst`, as this loads `asleep`, and `run` stores `asleep` then loads the count:
+    /// at least one side sees the other, so the task never sleeps through a request).
     pub(super) fn answered(&self) {
-        // SeqCst here and in `run` (a store of `asleep`, then a load of `batches`): at least
-        // one side sees the other, so the task never sleeps through a request.
-        self.batches.fetch_add(1, Ordering::SeqCst);
         if self.asleep.load(Ordering::SeqCst) && self.asleep.swap(false, Ordering::SeqCst) {
             self.wake.notify_one();
         }
+    }
+
+    fn activity(&self, order: Ordering) -> u64 {
+        self.stats.commands.load(order)
     }
 
     /// Polls while requests arrive, sleeps while they do not, until `stop`.
@@ -55,7 +61,7 @@ impl BusyPoll {
         while !stop.is_cancelled() {
             let seen = self.poll_while_busy(&stop).await;
             self.asleep.store(true, Ordering::SeqCst);
-            if self.batches.load(Ordering::SeqCst) != seen {
+            if self.activity(Ordering::SeqCst) != seen {
                 // A request came in between: it may have found the flag still clear.
                 self.asleep.store(false, Ordering::SeqCst);
                 continue;
@@ -70,11 +76,11 @@ impl BusyPoll {
 
     /// Yields until a whole window passes with no request answered; returns the count then.
     async fn poll_while_busy(&self, stop: &CancellationToken) -> u64 {
-        let mut seen = self.batches.load(Ordering::Relaxed);
+        let mut seen = self.activity(Ordering::Relaxed);
         let mut quiet_since = Instant::now();
         while !stop.is_cancelled() {
             tokio::task::yield_now().await;
-            let now = self.batches.load(Ordering::Relaxed);
+            let now = self.activity(Ordering::Relaxed);
             if now != seen {
                 seen = now;
                 quiet_since = Instant::now();
@@ -108,13 +114,15 @@ mod tests {
 
     #[tokio::test]
     async fn sleeps_when_requests_stop_wakes_on_the_next_and_ends_on_stop() {
-        let poll = Arc::new(BusyPoll::new(Duration::from_millis(5)));
+        let stats = Arc::new(Stats::default());
+        let poll = Arc::new(BusyPoll::new(Duration::from_millis(5), Arc::clone(&stats)));
         let stop = CancellationToken::new();
         let task = tokio::spawn(Arc::clone(&poll).run(stop.clone()));
         // No requests: asleep once the first window has passed.
         until(|| poll.is_asleep()).await;
         // A request clears the flag and wakes it; had the wake been lost, the flag would stay
         // clear for ever, since only the task sets it, after a new window of polling.
+        stats.commands.fetch_add(1, Ordering::SeqCst);
         poll.answered();
         assert!(!poll.is_asleep());
         until(|| poll.is_asleep()).await;

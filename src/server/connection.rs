@@ -255,7 +255,8 @@ impl Connection {
         };
         if answered > 0 {
             let stats = self.dispatcher.stats();
-            stats.commands.fetch_add(answered, Ordering::Relaxed);
+            // SeqCst: the busy poller reads this count as activity (see `BusyPoll::answered`).
+            stats.commands.fetch_add(answered, Ordering::SeqCst);
             if let Some(busy_poll) = &self.busy_poll {
                 busy_poll.answered();
             }

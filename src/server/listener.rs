@@ -146,7 +146,7 @@ impl Server {
         }
         let stats = Arc::clone(dispatcher.stats());
         let busy_poll = (!config.busy_poll.is_zero()).then(|| {
-            let busy_poll = Arc::new(BusyPoll::new(config.busy_poll));
+            let busy_poll = Arc::new(BusyPoll::new(config.busy_poll, Arc::clone(&stats)));
             tokio::spawn(Arc::clone(&busy_poll).run(shutdown.child_token()));
             busy_poll
         });

@@ -212,3 +212,34 @@ impl EntryIndex {
         matches!(self, Self::Inline { .. })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redirect_to_a_reference_too_wide_for_the_inline_form_turns_it_into_a_table() {
+        // Dense slabs never produce such a move; if one came, the reference must not be cut
+        // to two bytes (it would name another slot).
+        let entries: Vec<(EntryRef, u64)> = (0..4)
+            .map(|index| (EntryRef::new(0, index), 0x1000 + index as u64))
+            .collect();
+        let wide = EntryRef::new(0, 1000);
+        let hash_of = |entry: EntryRef| {
+            entries
+                .iter()
+                .find(|(known, _)| *known == entry)
+                .map_or(0x1002, |&(_, hash)| hash)
+        };
+        let mut index = EntryIndex::default();
+        for &(entry, hash) in &entries {
+            index.insert(hash, entry, hash_of);
+        }
+        assert!(index.is_inline());
+        index.redirect(0x1002, entries[2].0, wide, hash_of);
+        assert!(!index.is_inline());
+        assert_eq!(index.find(0x1002, |entry| entry == wide), Some(wide));
+        assert_eq!(index.find(0x1002, |entry| entry == entries[2].0), None);
+        assert_eq!(index.len(), 4);
+    }
+}

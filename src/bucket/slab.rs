@@ -22,7 +22,7 @@ const INDEX_BITS: u32 = 56;
 const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
 
 impl EntryRef {
-    fn new(position: usize, index: usize) -> Self {
+    pub(super) fn new(position: usize, index: usize) -> Self {
         Self(((position as u64) << INDEX_BITS) | index as u64)
     }
 

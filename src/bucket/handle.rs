@@ -33,13 +33,15 @@ enum Control {
 }
 
 /// What every handle of one bucket shares. `repr(C)` keeps the order: the name (compared on
-/// every registry lookup) sits beside the table's lock and header (used right after), so a
-/// lookup among many buckets touches adjacent cache lines of one block.
+/// every registry lookup) and the id (which tells a connection whether it met this bucket on
+/// its last request) sit beside the table's hot bytes (used right after), so a lookup among
+/// many buckets reads adjacent cache lines of one block, and [`BucketHandle::prefetch`] asks
+/// for all of them.
 #[repr(C)]
 struct Shared {
     name: BucketName,
-    table: Table,
     id: BucketId,
+    table: Table,
     control: watch::Sender<Control>,
 }
 

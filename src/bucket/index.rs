@@ -1,11 +1,11 @@
 //! A table's hash index: from a key's hash to the [`EntryRef`] of its entry.
 //!
 //! Most buckets are small. A small index lives inline in the table's header, up to
-//! [`INLINE_ENTRIES`] two-byte references ([`CompactRef`]) beside a one-byte tag of each key's
+//! [`INLINE_ENTRIES`] one-byte references ([`CompactRef`]) beside a one-byte tag of each key's
 //! hash, searched by a scan of the tags: a lookup among thousands of small buckets then reads
 //! the header it needs for the lock anyway (one cache line for all of it), instead of following
 //! a pointer to a separate hash table. Past that size, or for a reference that does not fit in
-//! two bytes, the index is a `hashbrown` table, and it turns small again when it has shrunk well
+//! one byte, the index is a `hashbrown` table, and it turns small again when it has shrunk well
 //! below.
 //!
 //! Invariant: in the inline form, `tags[..len]` and `references[..len]` describe exactly the
@@ -220,7 +220,7 @@ mod tests {
     #[test]
     fn a_redirect_to_a_reference_too_wide_for_the_inline_form_turns_it_into_a_table() {
         // Dense slabs never produce such a move; if one came, the reference must not be cut
-        // to two bytes (it would name another slot).
+        // to one byte (it would name another slot).
         let entries: Vec<(EntryRef, u64)> = (0..4)
             .map(|index| (EntryRef::new(0, index), 0x1000 + index as u64))
             .collect();

@@ -34,27 +34,31 @@ impl EntryRef {
         (self.0 & INDEX_MASK) as usize
     }
 
-    /// This reference in two bytes, if its slot index is below 16: what a small index stores.
+    /// This reference in one byte, if its slab position and slot index are both below 16
+    /// (or it is a large entry with an index below 16): what a small index stores.
     pub(super) fn compact(self) -> Option<CompactRef> {
         let position = match self.position() {
             LARGE => COMPACT_LARGE,
-            position => u16::try_from(position).ok()?,
+            position => u8::try_from(position)
+                .ok()
+                .filter(|&position| position < COMPACT_LARGE)?,
         };
-        let index = u16::try_from(self.index())
+        let index = u8::try_from(self.index())
             .ok()
             .filter(|&index| index < 16)?;
         Some(CompactRef((position << 4) | index))
     }
 }
 
-/// An [`EntryRef`] in two bytes: the slab position above four bits of slot index. A table of
-/// at most 16 entries has dense slabs of at most 16 slots each, so its references fit; one that
-/// does not is never stored in this form (the index turns into a hash table instead).
+/// An [`EntryRef`] in one byte: four bits of slab position above four bits of slot index. A
+/// table of at most 16 entries has dense slabs of at most 16 slots each, and most tables use
+/// their first few slabs, so its references almost always fit; one that does not is never
+/// stored in this form (the index turns into a hash table instead).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(super) struct CompactRef(u16);
+pub(super) struct CompactRef(u8);
 
-/// The position [`LARGE`] takes in a [`CompactRef`] (slab positions are below 55).
-const COMPACT_LARGE: u16 = 0xFFF;
+/// The position [`LARGE`] takes in a [`CompactRef`]; slab positions 0 to 14 fit beside it.
+const COMPACT_LARGE: u8 = 0xF;
 
 impl CompactRef {
     pub(super) fn expand(self) -> EntryRef {
@@ -104,7 +108,11 @@ struct Slab {
 }
 
 /// The entries of one table.
+///
+/// `repr(C)`: the inline slab headers, which every read of an entry goes through, come first,
+/// so that a table's hot bytes end at [`HOT_BYTES`](Self::HOT_BYTES).
 #[derive(Default)]
+#[repr(C)]
 pub(super) struct Slabs {
     /// One slab per slot size in use, in the order first needed; an [`EntryRef`] names its
     /// slab by position, so reading an entry is one index, no search. Two slabs live inline:
@@ -122,6 +130,9 @@ pub(super) struct Moved {
 }
 
 impl Slabs {
+    /// The leading bytes that reading an entry in a slab uses.
+    pub(super) const HOT_BYTES: usize = std::mem::offset_of!(Slabs, large);
+
     /// Stores a new entry and returns its address.
     pub(super) fn insert(&mut self, key: &[u8], value: &[u8]) -> EntryRef {
         let length = encoded_len(key, value);
@@ -284,7 +295,8 @@ mod tests {
         for position in (0..SLOT_SIZES.len()).chain([LARGE]) {
             for index in 0..16 {
                 let entry = EntryRef::new(position, index);
-                assert_eq!(entry.compact().map(CompactRef::expand), Some(entry));
+                let expected = (position < 15 || position == LARGE).then_some(entry);
+                assert_eq!(entry.compact().map(CompactRef::expand), expected);
             }
             assert_eq!(EntryRef::new(position, 16).compact(), None);
             assert_eq!(EntryRef::new(position, 1 << 40).compact(), None);

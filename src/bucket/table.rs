@@ -12,8 +12,8 @@
 //! - `charged` is exactly what this table has reserved from the budget.
 
 use std::hash::BuildHasher;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use parking_lot::RwLock;
@@ -83,26 +83,26 @@ impl MemoryBudget {
     }
 }
 
-/// `repr(C)`, in the order a lookup reads the fields: the hasher, the index, the slab headers.
+/// The hash of a key in every table. Seeded at random once per process, so hostile keys
+/// cannot be chosen to collide; one hasher for all tables keeps a seed out of each table's
+/// header, which a lookup among many buckets reads line by line.
+fn hash_key(key: &[u8]) -> u64 {
+    static HASHER: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Default::default);
+    HASHER.hash_one(key)
+}
+
+/// `repr(C)`, in the order a lookup reads the fields: the index, then the slab headers.
 #[repr(C)]
 struct Entries {
-    /// Seeded at random per table, so hostile keys cannot be chosen to collide in every server.
-    hasher: foldhash::fast::RandomState,
     index: EntryIndex,
     slabs: Slabs,
     charged: usize,
 }
 
-impl Entries {
-    fn hash(&self, key: &[u8]) -> u64 {
-        self.hasher.hash_one(key)
-    }
-}
-
 /// The key → value table of one bucket.
 ///
-/// `repr(C)`: what every operation reads (`closed`, the lock, the entries' header) comes first
-/// and together, so that [`HOT_BYTES`](Self::HOT_BYTES) of a table cover it.
+/// `repr(C)`: what every operation reads (`closed`, the lock, the index, the slab headers)
+/// comes first and together, so that [`HOT_BYTES`](Self::HOT_BYTES) of a table cover it.
 #[repr(C)]
 pub(crate) struct Table {
     closed: AtomicBool,
@@ -114,15 +114,20 @@ pub(crate) struct Table {
 }
 
 impl Table {
-    /// The leading bytes of a table that a lookup reads: worth prefetching together.
-    pub(crate) const HOT_BYTES: usize = std::mem::offset_of!(Table, journal);
+    /// The leading bytes of a table that a lookup reads: worth prefetching together. The
+    /// lock's data follows its word, and an open table's `Option` holds its entries at offset
+    /// zero; neither is promised by the compiler, so a test checks them (were they wrong, only
+    /// the prefetch would miss, never a result).
+    pub(crate) const HOT_BYTES: usize = std::mem::offset_of!(Table, entries)
+        + size_of::<parking_lot::RawRwLock>()
+        + std::mem::offset_of!(Entries, slabs)
+        + Slabs::HOT_BYTES;
 
     pub(crate) fn new(budget: Arc<MemoryBudget>, journal: Option<Arc<Journal>>) -> Self {
         Self {
             entries: RwLock::new(Some(Entries {
                 index: EntryIndex::default(),
                 slabs: Slabs::default(),
-                hasher: foldhash::fast::RandomState::default(),
                 charged: 0,
             })),
             closed: AtomicBool::new(false),
@@ -179,11 +184,10 @@ impl Table {
         let new_charge = charge(key, value);
         let mut guard = self.entries.write();
         let entries = guard.as_mut().ok_or(BucketError::Stopped)?;
-        let hash = entries.hash(key);
+        let hash = hash_key(key);
         let Entries {
             index,
             slabs,
-            hasher,
             charged,
         } = entries;
         if let Some(existing) = index.find(hash, |entry| slabs.key(entry) == key) {
@@ -198,14 +202,14 @@ impl Table {
             }
             *charged = *charged + new_charge - old_charge;
             if !slabs.replace(existing, key, value) {
-                remove_entry(index, slabs, hasher, hash, existing);
+                remove_entry(index, slabs, hash, existing);
                 let entry = slabs.insert(key, value);
-                index.insert(hash, entry, |entry| hasher.hash_one(slabs.key(entry)));
+                index.insert(hash, entry, |entry| hash_key(slabs.key(entry)));
             }
         } else {
             self.budget.reserve(new_charge)?;
             let entry = slabs.insert(key, value);
-            index.insert(hash, entry, |entry| hasher.hash_one(slabs.key(entry)));
+            index.insert(hash, entry, |entry| hash_key(slabs.key(entry)));
             *charged += new_charge;
             self.budget.keys.fetch_add(1, Ordering::Relaxed);
         }
@@ -223,7 +227,7 @@ impl Table {
         let entries = guard.as_ref().ok_or(BucketError::Stopped)?;
         let found = entries
             .index
-            .find(entries.hash(key), |entry| entries.slabs.key(entry) == key);
+            .find(hash_key(key), |entry| entries.slabs.key(entry) == key);
         Ok(read(found.map(|entry| entries.slabs.get(entry).1)))
     }
 
@@ -235,7 +239,7 @@ impl Table {
             return;
         };
         for key in keys {
-            for entry in entries.index.candidates(entries.hash(key)) {
+            for entry in entries.index.candidates(hash_key(key)) {
                 entries.slabs.prefetch(entry);
             }
         }
@@ -245,11 +249,10 @@ impl Table {
         self.check_writable()?;
         let mut guard = self.entries.write();
         let entries = guard.as_mut().ok_or(BucketError::Stopped)?;
-        let hash = entries.hash(key);
+        let hash = hash_key(key);
         let Entries {
             index,
             slabs,
-            hasher,
             charged,
         } = entries;
         let Some(found) = index.find(hash, |entry| slabs.key(entry) == key) else {
@@ -257,7 +260,7 @@ impl Table {
         };
         let (stored_key, stored_value) = slabs.get(found);
         let freed = charge(stored_key, stored_value);
-        remove_entry(index, slabs, hasher, hash, found);
+        remove_entry(index, slabs, hash, found);
         *charged -= freed;
         self.budget.release(freed);
         self.budget.keys.fetch_sub(1, Ordering::Relaxed);
@@ -312,18 +315,12 @@ impl Table {
 
 /// Takes `entry` (found under `hash`) out of the index and its slab, and points the index at
 /// the slot the slab moved into the hole, if it moved one.
-fn remove_entry(
-    index: &mut EntryIndex,
-    slabs: &mut Slabs,
-    hasher: &foldhash::fast::RandomState,
-    hash: u64,
-    entry: EntryRef,
-) {
-    index.remove(hash, entry, |entry| hasher.hash_one(slabs.key(entry)));
+fn remove_entry(index: &mut EntryIndex, slabs: &mut Slabs, hash: u64, entry: EntryRef) {
+    index.remove(hash, entry, |entry| hash_key(slabs.key(entry)));
     if let Some(moved) = slabs.remove(entry) {
-        let moved_hash = hasher.hash_one(slabs.key(moved.to));
+        let moved_hash = hash_key(slabs.key(moved.to));
         index.redirect(moved_hash, moved.from, moved.to, |entry| {
-            hasher.hash_one(slabs.key(entry))
+            hash_key(slabs.key(entry))
         });
     }
 }
@@ -425,7 +422,7 @@ mod tests {
             assert_eq!(entries.index.is_inline(), count <= 16);
             for index in 0..count {
                 let key = index.to_le_bytes();
-                let hash = entries.hash(&key);
+                let hash = hash_key(&key);
                 let entry = entries
                     .index
                     .find(hash, |entry| entries.slabs.key(entry) == key)
@@ -435,6 +432,24 @@ mod tests {
             drop(guard);
             table.prefetch([&b"absent"[..], &0u32.to_le_bytes()]);
         }
+    }
+
+    #[test]
+    fn the_hot_bytes_cover_the_lock_the_index_and_the_slab_headers() {
+        // `HOT_BYTES` adds up offsets inside the lock and the `Option` that the compiler does
+        // not promise; this checks them against where the fields really are.
+        let table = table();
+        let start = std::ptr::from_ref(&table).addr();
+        let guard = table.entries.read();
+        let entries = guard.as_ref().unwrap();
+        let offset = |field: usize| field - start;
+        assert_eq!(
+            offset(std::ptr::from_ref(&entries.slabs).addr()) + Slabs::HOT_BYTES,
+            Table::HOT_BYTES
+        );
+        assert!(offset(std::ptr::from_ref(&entries.index).addr()) < Table::HOT_BYTES);
+        assert!(offset(std::ptr::from_ref(&table.closed).addr()) < Table::HOT_BYTES);
+        assert!(Table::HOT_BYTES <= std::mem::offset_of!(Table, journal));
     }
 
     #[derive(Debug, Clone)]

@@ -56,35 +56,51 @@ impl EntryIndex {
     /// The entry under `hash` for which `is_key` holds.
     pub(super) fn find(&self, hash: u64, is_key: impl Fn(EntryRef) -> bool) -> Option<EntryRef> {
         match self {
-            Self::Inline { .. } => self.candidates(hash).find(|&entry| is_key(entry)),
-            Self::Table(table) => table.find(hash, |&entry| is_key(entry)).copied(),
-        }
-    }
-
-    /// Every entry that may be the one under `hash` (its hash shares seven bits), without
-    /// reading the entries: for prefetching them.
-    pub(super) fn candidates(&self, hash: u64) -> impl Iterator<Item = EntryRef> + '_ {
-        let wanted = tag(hash);
-        let (tags, references, table): (&[u8], &[CompactRef], _) = match self {
             Self::Inline {
                 len,
                 tags,
                 references,
             } => {
+                let wanted = tag(hash);
                 let len = usize::from(*len);
-                (&tags[..len], &references[..len], None)
+                tags[..len]
+                    .iter()
+                    .zip(&references[..len])
+                    .filter(|&(&tag, _)| tag == wanted)
+                    .map(|(_, reference)| reference.expand())
+                    .find(|&entry| is_key(entry))
             }
-            Self::Table(table) => (&[], &[], Some(table)),
-        };
-        tags.iter()
-            .zip(references)
-            .filter(move |&(&tag, _)| tag == wanted)
-            .map(|(_, reference)| reference.expand())
-            .chain(
-                table
-                    .into_iter()
-                    .flat_map(move |table| table.iter_hash(hash).copied()),
-            )
+            Self::Table(table) => table.find(hash, |&entry| is_key(entry)).copied(),
+        }
+    }
+
+    /// Calls `visit` with every entry that may be the one under `hash` (its hash shares seven
+    /// bits), without reading the entries: for prefetching them. A plain loop per form rather
+    /// than one chained iterator, which cost a copy of its state per key, so that the loads of
+    /// successive keys' index slots overlap.
+    pub(super) fn for_each_candidate(&self, hash: u64, mut visit: impl FnMut(EntryRef)) {
+        match self {
+            Self::Inline {
+                len,
+                tags,
+                references,
+            } => {
+                let wanted = tag(hash);
+                let len = usize::from(*len);
+                for (_, reference) in tags[..len]
+                    .iter()
+                    .zip(&references[..len])
+                    .filter(|&(&tag, _)| tag == wanted)
+                {
+                    visit(reference.expand());
+                }
+            }
+            Self::Table(table) => {
+                for &entry in table.iter_hash(hash) {
+                    visit(entry);
+                }
+            }
+        }
     }
 
     /// Adds `entry` under `hash`; the caller knows its key is not in the index yet. `rehash`

@@ -239,9 +239,9 @@ impl Table {
             return;
         };
         for key in keys {
-            for entry in entries.index.candidates(hash_key(key)) {
-                entries.slabs.prefetch(entry);
-            }
+            entries
+                .index
+                .for_each_candidate(hash_key(key), |entry| entries.slabs.prefetch(entry));
         }
     }
 
@@ -427,7 +427,11 @@ mod tests {
                     .index
                     .find(hash, |entry| entries.slabs.key(entry) == key)
                     .unwrap();
-                assert!(entries.index.candidates(hash).any(|found| found == entry));
+                let mut candidates = Vec::new();
+                entries
+                    .index
+                    .for_each_candidate(hash, |found| candidates.push(found));
+                assert!(candidates.contains(&entry));
             }
             drop(guard);
             table.prefetch([&b"absent"[..], &0u32.to_le_bytes()]);

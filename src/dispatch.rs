@@ -142,14 +142,13 @@ impl Dispatcher {
                 elsewhere.push((bucket, key));
             }
         }
-        self.registry
-            .prefetch(elsewhere.iter().map(|&(bucket, _)| bucket));
-        if let Some(cached) = cached
-            && !cached_keys.is_empty()
-        {
-            cached.prefetch_entries(cached_keys);
-        }
-        self.registry.prefetch_entries(elsewhere);
+        self.registry.prefetch(&elsewhere, || {
+            if let Some(cached) = cached
+                && !cached_keys.is_empty()
+            {
+                cached.prefetch_entries(cached_keys);
+            }
+        });
     }
 
     /// The counters this dispatcher reports.

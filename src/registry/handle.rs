@@ -144,17 +144,10 @@ impl Registry {
         self.shared.view.with_bucket(name, operation)
     }
 
-    /// Starts loading the buckets `names` into cache, for requests that will use them soon.
-    pub(crate) fn prefetch<'n>(&self, names: impl IntoIterator<Item = &'n [u8]>) {
-        self.shared.view.prefetch(names);
-    }
-
-    /// Starts loading into cache the entries that `(bucket, key)` pairs name.
-    pub(crate) fn prefetch_entries<'n>(
-        &self,
-        requests: impl IntoIterator<Item = (&'n [u8], &'n [u8])>,
-    ) {
-        self.shared.view.prefetch_entries(requests);
+    /// Starts loading into cache the buckets and entries that `(bucket, key)` requests will
+    /// read, running `meanwhile` between the two stages (see [`RegistryView::prefetch`]).
+    pub(crate) fn prefetch(&self, requests: &[(&[u8], &[u8])], meanwhile: impl FnOnce()) {
+        self.shared.view.prefetch(requests, meanwhile);
     }
 
     /// Stops the bucket `name` and forgets it; its data is freed (on disk too, when durable).

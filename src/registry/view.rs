@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use hashbrown::HashTable;
 use parking_lot::RwLock;
+use smallvec::SmallVec;
 
 use crate::bucket::{BucketHandle, BucketId, BucketName};
 
@@ -76,38 +77,39 @@ impl RegistryView {
             .map(operation)
     }
 
-    /// Starts loading into cache the buckets that `names` probably name, without reading
-    /// them: a connection calls this with the requests it has parsed ahead, so that the cache
+    /// Starts loading into cache what `(bucket, key)` requests will read, without reading it
+    /// yet: a connection calls this with the requests it has parsed ahead, so that the cache
     /// misses of a batch of requests to different buckets overlap instead of following one
-    /// another.
-    pub(crate) fn prefetch<'n>(&self, names: impl IntoIterator<Item = &'n [u8]>) {
-        let mut names = names.into_iter().peekable();
-        if names.peek().is_none() {
-            return;
-        }
-        let table = self.names.read();
-        for name in names {
-            // Candidates share seven bits of the name's hash; almost always there is one.
-            for bucket in table.handles.iter_hash(table.hasher.hash_one(name)) {
-                bucket.prefetch();
-            }
-        }
-    }
-
-    /// Starts loading into cache the entries that `(bucket, key)` pairs name, under one read
-    /// lock of the view; a second stage after [`prefetch`](Self::prefetch), once the buckets'
-    /// blocks have been asked for.
-    pub(crate) fn prefetch_entries<'n>(
-        &self,
-        requests: impl IntoIterator<Item = (&'n [u8], &'n [u8])>,
-    ) {
-        let mut requests = requests.into_iter().peekable();
-        if requests.peek().is_none() {
+    /// another. Two stages under one read lock, each issuing all its loads before waiting for
+    /// any: first the blocks of the buckets (probed by the name's hash, not compared, which
+    /// would wait for the block), then, with the blocks arriving, each key's entry in the
+    /// candidate whose name matches. `meanwhile` runs between the stages (the caller's own
+    /// loads, which then overlap too).
+    pub(crate) fn prefetch(&self, requests: &[(&[u8], &[u8])], meanwhile: impl FnOnce()) {
+        if requests.is_empty() {
+            meanwhile();
             return;
         }
         let names = self.names.read();
-        for (name, key) in requests {
-            if let Some(bucket) = names.get(name) {
+        let mut first_candidates = SmallVec::<[Option<&BucketHandle>; 16]>::new();
+        for &(name, _) in requests {
+            // Candidates share seven bits of the name's hash; almost always there is one.
+            let mut candidates = names.handles.iter_hash(names.hasher.hash_one(name));
+            let first = candidates.next();
+            for bucket in first.into_iter().chain(candidates) {
+                bucket.prefetch();
+            }
+            first_candidates.push(first);
+        }
+        meanwhile();
+        for (&(name, key), first) in requests.iter().zip(first_candidates) {
+            let bucket = match first {
+                Some(bucket) if bucket.name().as_bytes() == name => Some(bucket),
+                // Another name under the same seven bits: the full probe finds the right one.
+                Some(_) => names.get(name),
+                None => None,
+            };
+            if let Some(bucket) = bucket {
                 bucket.prefetch_entries([key]);
             }
         }

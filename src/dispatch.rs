@@ -90,65 +90,90 @@ impl Dispatcher {
         std::mem::take(&mut self.changed)
     }
 
-    /// Runs `operation` on the live bucket `name`, from this connection's cache or the
-    /// registry.
-    fn with_bucket<R>(
+    /// Runs `requests`, all on keys, in order, appending their replies to `out` while it holds
+    /// less than `output_limit` bytes; returns how many ran. Called with the requests a
+    /// connection has parsed ahead: their buckets are found once, under one read lock of the
+    /// registry's view held until they have run, and what they will read is asked for before
+    /// the first one runs, so that the cache misses of the batch overlap (see
+    /// `ReadNames::resolve` in the registry). The bucket this connection has cached needs no
+    /// lookup at all.
+    pub(crate) fn run_keyed(
         &mut self,
-        name: &[u8],
-        operation: impl FnOnce(&BucketHandle) -> R,
-    ) -> Option<R> {
-        if let Some(cached) = &self.last_bucket
-            && cached.name().as_bytes() == name
-            && !cached.is_stopped()
-        {
-            return Some(operation(cached));
-        }
+        requests: &[(KeyedRequest<'_>, Dialect)],
+        out: &mut BytesMut,
+        output_limit: usize,
+    ) -> usize {
         let Self {
             registry,
+            stats,
             last_bucket,
             last_looked_up,
+            changed,
             ..
         } = self;
-        registry.with_bucket(name, |bucket| {
-            if *last_looked_up == Some(bucket.id()) {
-                *last_bucket = Some(bucket.clone());
-            } else {
-                *last_looked_up = Some(bucket.id());
-            }
-            operation(bucket)
-        })
-    }
-
-    /// Starts loading into cache what `requests` will read: called with the requests a
-    /// connection has parsed ahead of running them. First the blocks of their buckets (other
-    /// than the cached one), then, once those have been asked for, the entries of their keys.
-    /// Each stage issues all its loads before waiting for any, so the cache misses of a batch
-    /// overlap instead of following one another.
-    pub fn prefetch<'a, 'r: 'a>(&self, requests: impl IntoIterator<Item = &'a Request<'r>>) {
-        // One pass sorts the keyed requests: those for the cached bucket, and the rest.
-        let cached = self.last_bucket.as_ref();
+        let cached = last_bucket.as_ref().filter(|bucket| !bucket.is_stopped());
+        let for_cached = |request: &KeyedRequest<'_>| {
+            cached.is_some_and(|last| last.name().as_bytes() == request.bucket)
+        };
         let mut cached_keys = SmallVec::<[&[u8]; 16]>::new();
         let mut elsewhere = SmallVec::<[(&[u8], &[u8]); 16]>::new();
-        for request in requests {
-            let (Request::Get { bucket, key }
-            | Request::Put { bucket, key, .. }
-            | Request::Delete { bucket, key }) = *request
-            else {
-                continue;
-            };
-            if cached.is_some_and(|last| last.name().as_bytes() == bucket) {
-                cached_keys.push(key);
+        for (request, _) in requests {
+            if for_cached(request) {
+                cached_keys.push(request.key);
             } else {
-                elsewhere.push((bucket, key));
+                elsewhere.push((request.bucket, request.key));
             }
         }
-        self.registry.prefetch(&elsewhere, || {
-            if let Some(cached) = cached
-                && !cached_keys.is_empty()
-            {
-                cached.prefetch_entries(cached_keys);
+        let (ran, to_cache) = {
+            // Nothing in this block may lock the view again: `names` holds it.
+            let names = registry.read_names();
+            let mut found = SmallVec::new();
+            names.resolve(
+                &elsewhere,
+                || {
+                    if let Some(cached) = cached
+                        && !cached_keys.is_empty()
+                    {
+                        cached.prefetch_entries(cached_keys);
+                    }
+                },
+                &mut found,
+            );
+            let mut found = found.into_iter();
+            let mut to_cache = None;
+            let mut ran = 0;
+            for &(request, dialect) in requests {
+                if out.len() >= output_limit {
+                    break;
+                }
+                let bucket = if for_cached(&request) {
+                    cached
+                } else {
+                    let bucket = found.next().flatten().filter(|bucket| !bucket.is_stopped());
+                    if let Some(bucket) = bucket {
+                        // Only a bucket found twice in a row is worth a reference count.
+                        if *last_looked_up == Some(bucket.id()) {
+                            to_cache = Some(bucket);
+                        } else {
+                            *last_looked_up = Some(bucket.id());
+                        }
+                    }
+                    bucket
+                };
+                let outcome = bucket.map(|bucket| request.run(bucket, dialect, out));
+                if let Some(reply) =
+                    keyed_reply(outcome, request.bucket, || names.is_failed(request.bucket))
+                {
+                    answer(stats, changed, &reply, request.changes(), dialect, out);
+                }
+                ran += 1;
             }
-        });
+            (ran, to_cache.cloned())
+        };
+        if to_cache.is_some() {
+            *last_bucket = to_cache;
+        }
+        ran
     }
 
     /// The counters this dispatcher reports.
@@ -180,21 +205,11 @@ impl Dispatcher {
                 | Request::Drop { .. }
         );
         let reply = match request {
-            Request::Get { bucket, key } => {
-                let found = self.with_bucket(bucket, |handle| {
-                    handle.get_with(key, |value| encode_value(value, dialect, out))
-                });
-                match found {
-                    Some(Ok(())) => return Next::Continue,
-                    None | Some(Err(BucketError::Stopped)) => self.missing(bucket),
-                    Some(Err(error)) => Reply::Error(bucket_error(error)),
+            Request::Get { .. } | Request::Put { .. } | Request::Delete { .. } => {
+                if let Some(request) = KeyedRequest::of(&request) {
+                    self.run_keyed(&[(request, dialect)], out, usize::MAX);
                 }
-            }
-            Request::Put { bucket, key, value } => {
-                self.on_bucket(bucket, |handle| handle.put(key, value))
-            }
-            Request::Delete { bucket, key } => {
-                self.on_bucket(bucket, |handle| handle.delete(key).map(drop))
+                return Next::Continue;
             }
             Request::Create { bucket } => match self.registry.create(bucket).await {
                 Ok(_) => Reply::Ok,
@@ -235,7 +250,9 @@ impl Dispatcher {
                         encode(&Reply::List(&keys), dialect, out);
                         return Next::Continue;
                     }
-                    None | Some(Err(BucketError::Stopped)) => self.missing(bucket),
+                    None | Some(Err(BucketError::Stopped)) => {
+                        missing(bucket, self.registry.view().is_failed(bucket))
+                    }
                     Some(Err(error)) => Reply::Error(bucket_error(error)),
                 }
             }
@@ -247,16 +264,14 @@ impl Dispatcher {
                 Reply::Error(debug_disabled())
             }
         };
-        match reply {
-            Reply::Error(_) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            // Only a change that was made must wait for the log before its reply: a refused
-            // one (log failed, limit reached, no such bucket) answers at once.
-            Reply::Ok if may_change => self.changed = true,
-            _ => {}
-        }
-        encode(&reply, dialect, out);
+        answer(
+            &self.stats,
+            &mut self.changed,
+            &reply,
+            may_change,
+            dialect,
+            out,
+        );
         Next::Continue
     }
 
@@ -268,30 +283,6 @@ impl Dispatcher {
             other => Reply::Error(ErrorReply::from(other)),
         };
         encode(&reply, dialect, out);
-    }
-
-    fn on_bucket(
-        &mut self,
-        bucket: &[u8],
-        operation: impl FnOnce(&BucketHandle) -> Result<(), BucketError>,
-    ) -> Reply<'static> {
-        match self.with_bucket(bucket, operation) {
-            Some(Ok(())) => Reply::Ok,
-            None | Some(Err(BucketError::Stopped)) => self.missing(bucket),
-            Some(Err(error)) => Reply::Error(bucket_error(error)),
-        }
-    }
-
-    /// The reply for a bucket that is not there: `NOT FOUND`, or an error for a durable
-    /// bucket that failed too often and stays down (its data is on disk, not gone).
-    fn missing(&self, bucket: &[u8]) -> Reply<'static> {
-        if self.registry.view().is_failed(bucket) {
-            Reply::Error(registry_error(&RegistryError::BucketFailed(
-                BucketName::from(bucket),
-            )))
-        } else {
-            Reply::NotFound
-        }
     }
 
     async fn debug(&self, action: DebugAction, bucket: &[u8]) -> Reply<'static> {
@@ -363,6 +354,109 @@ impl Dispatcher {
         }
         text
     }
+}
+
+/// A request on one key of one bucket: what a batch runs under one lookup of its buckets.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyedRequest<'a> {
+    bucket: &'a [u8],
+    key: &'a [u8],
+    action: KeyAction<'a>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum KeyAction<'a> {
+    Get,
+    Put { value: &'a [u8] },
+    Delete,
+}
+
+impl<'a> KeyedRequest<'a> {
+    /// `request` if it is a `GET`, `PUT` or `DELETE`.
+    pub(crate) fn of(request: &Request<'a>) -> Option<Self> {
+        let (bucket, key, action) = match *request {
+            Request::Get { bucket, key } => (bucket, key, KeyAction::Get),
+            Request::Put { bucket, key, value } => (bucket, key, KeyAction::Put { value }),
+            Request::Delete { bucket, key } => (bucket, key, KeyAction::Delete),
+            _ => return None,
+        };
+        Some(Self {
+            bucket,
+            key,
+            action,
+        })
+    }
+
+    /// Whether the request changes the store when it succeeds.
+    fn changes(&self) -> bool {
+        !matches!(self.action, KeyAction::Get)
+    }
+
+    /// Runs the request on `bucket`. A value read is encoded into `out` at once, while the
+    /// table is locked for reading (`Ok(true)`: the reply is written); otherwise the reply is
+    /// still to be written.
+    fn run(
+        &self,
+        bucket: &BucketHandle,
+        dialect: Dialect,
+        out: &mut BytesMut,
+    ) -> Result<bool, BucketError> {
+        match self.action {
+            KeyAction::Get => bucket
+                .get_with(self.key, |value| encode_value(value, dialect, out))
+                .map(|()| true),
+            KeyAction::Put { value } => bucket.put(self.key, value).map(|()| false),
+            KeyAction::Delete => bucket.delete(self.key).map(|_| false),
+        }
+    }
+}
+
+/// The reply to a request on a key, given what running it on its bucket gave (`None`: there
+/// is no live bucket of that name); `None` when the reply is written already.
+fn keyed_reply(
+    outcome: Option<Result<bool, BucketError>>,
+    bucket: &[u8],
+    is_failed: impl FnOnce() -> bool,
+) -> Option<Reply<'static>> {
+    match outcome {
+        Some(Ok(true)) => None,
+        Some(Ok(false)) => Some(Reply::Ok),
+        None | Some(Err(BucketError::Stopped)) => Some(missing(bucket, is_failed())),
+        Some(Err(error)) => Some(Reply::Error(bucket_error(error))),
+    }
+}
+
+/// The reply for a bucket that is not there: `NOT FOUND`, or an error for a durable bucket
+/// that failed too often and stays down (its data is on disk, not gone).
+fn missing(bucket: &[u8], failed: bool) -> Reply<'static> {
+    if failed {
+        Reply::Error(registry_error(&RegistryError::BucketFailed(
+            BucketName::from(bucket),
+        )))
+    } else {
+        Reply::NotFound
+    }
+}
+
+/// Counts `reply` and appends it to `out`. Only a change that was made must wait for the log
+/// before its reply (`changed`): a refused one (log failed, limit reached, no such bucket)
+/// answers at once.
+fn answer(
+    stats: &Stats,
+    changed: &mut bool,
+    reply: &Reply<'_>,
+    may_change: bool,
+    dialect: Dialect,
+    out: &mut BytesMut,
+) {
+    match reply {
+        Reply::Error(_) => {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        Reply::Ok if may_change => *changed = true,
+        _ => {}
+    }
+    encode(reply, dialect, out);
 }
 
 fn debug_disabled() -> ErrorReply {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::TestServer;
+use common::{TestServer, within};
 
 #[tokio::test]
 async fn the_guides_session() {
@@ -245,4 +245,40 @@ async fn a_bucket_replaced_by_another_client_is_never_served_stale() {
     }
     reader.send(b"GET looked_up k\nGET cached k\n").await;
     reader.expect(b"new\r\nOK\r\nnew\r\nOK\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_over_many_buckets_and_another_clients_creates_and_drops_all_finish() {
+    // A batch of requests on keys runs under one read lock of the registry's view, which a
+    // CREATE or DROP needs for writing; on two workers they meet. Both must go on, and every
+    // reply must stay right.
+    let server = TestServer::default().await;
+    let mut setup = server.connect().await;
+    let mut reads = Vec::new();
+    let mut read_replies = Vec::new();
+    for bucket in 0..100 {
+        setup
+            .send(format!("CREATE b{bucket}\nPUT b{bucket} k v{bucket}\n").as_bytes())
+            .await;
+        setup.expect(b"OK\r\nOK\r\n").await;
+        reads.extend_from_slice(format!("GET b{bucket} k\n").as_bytes());
+        read_replies.extend_from_slice(format!("v{bucket}\r\nOK\r\n").as_bytes());
+    }
+    let mut reader = server.connect().await;
+    let mut churner = server.connect().await;
+    let reading = async {
+        for _ in 0..50 {
+            reader.send(&reads).await;
+            reader.expect(&read_replies).await;
+        }
+    };
+    let churning = async {
+        for round in 0..300 {
+            churner
+                .send(format!("CREATE c{round}\nPUT c{round} k v\nDROP c{round}\n").as_bytes())
+                .await;
+            churner.expect(b"OK\r\nOK\r\nOK\r\n").await;
+        }
+    };
+    within(async { tokio::join!(reading, churning) }).await;
 }

@@ -7,7 +7,7 @@ use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::server::{self, Request, State};
-use super::view::RegistryView;
+use super::view::{ReadNames, RegistryView};
 use super::{DurableState, RegistryError};
 use crate::bucket::{BucketHandle, BucketName, MemoryBudget};
 use crate::config::CoreConfig;
@@ -134,20 +134,10 @@ impl Registry {
         self.shared.view.lookup(name)
     }
 
-    /// Runs `operation` on the live bucket called `name`, if any, without taking a reference
-    /// to it (see [`RegistryView::with_bucket`]).
-    pub(crate) fn with_bucket<R>(
-        &self,
-        name: &[u8],
-        operation: impl FnOnce(&BucketHandle) -> R,
-    ) -> Option<R> {
-        self.shared.view.with_bucket(name, operation)
-    }
-
-    /// Starts loading into cache the buckets and entries that `(bucket, key)` requests will
-    /// read, running `meanwhile` between the two stages (see [`RegistryView::prefetch`]).
-    pub(crate) fn prefetch(&self, requests: &[(&[u8], &[u8])], meanwhile: impl FnOnce()) {
-        self.shared.view.prefetch(requests, meanwhile);
+    /// The view's names under a read lock, for running a batch of requests (see
+    /// [`RegistryView::read`]).
+    pub(crate) fn read_names(&self) -> ReadNames<'_> {
+        self.shared.view.read()
     }
 
     /// Stops the bucket `name` and forgets it; its data is freed (on disk too, when durable).

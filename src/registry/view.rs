@@ -4,7 +4,7 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use hashbrown::HashTable;
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockReadGuard};
 use smallvec::SmallVec;
 
 use crate::bucket::{BucketHandle, BucketId, BucketName};
@@ -30,6 +30,62 @@ impl Names {
 
     fn len(&self) -> usize {
         self.handles.len()
+    }
+
+    fn is_failed(&self, name: &[u8]) -> bool {
+        !self.failed.is_empty() && self.failed.contains(name)
+    }
+}
+
+/// The registry's names under a read lock (see [`RegistryView::read`]).
+pub(crate) struct ReadNames<'v> {
+    names: RwLockReadGuard<'v, Names>,
+}
+
+impl ReadNames<'_> {
+    /// Finds the buckets of `(bucket, key)` requests, one per request into `found` (`None`
+    /// where no bucket has that name; a bucket found may have stopped), and starts loading into
+    /// cache what the requests will read. Two stages, each issuing all its loads before waiting
+    /// for any, so that the cache misses of a batch of requests to different buckets overlap
+    /// instead of following one another: first the blocks of the buckets (probed by the name's
+    /// hash, not compared, which would wait for the block), then, with the blocks arriving,
+    /// each key's entry in the candidate whose name matches. `meanwhile` runs between the
+    /// stages (the caller's own loads, which then overlap too).
+    pub(crate) fn resolve<'s>(
+        &'s self,
+        requests: &[(&[u8], &[u8])],
+        meanwhile: impl FnOnce(),
+        found: &mut SmallVec<[Option<&'s BucketHandle>; 16]>,
+    ) {
+        for &(name, _) in requests {
+            // Candidates share seven bits of the name's hash; almost always there is one.
+            let mut candidates = self
+                .names
+                .handles
+                .iter_hash(self.names.hasher.hash_one(name));
+            let first = candidates.next();
+            for bucket in first.into_iter().chain(candidates) {
+                bucket.prefetch();
+            }
+            found.push(first);
+        }
+        meanwhile();
+        for (&(name, key), bucket) in requests.iter().zip(found.iter_mut()) {
+            *bucket = match *bucket {
+                Some(first) if first.name().as_bytes() == name => Some(first),
+                // Another name under the same seven bits: the full probe finds the right one.
+                Some(_) => self.names.get(name),
+                None => None,
+            };
+            if let Some(bucket) = bucket {
+                bucket.prefetch_entries([key]);
+            }
+        }
+    }
+
+    /// Whether `name` is a durable bucket that crashed too often and stays down.
+    pub(crate) fn is_failed(&self, name: &[u8]) -> bool {
+        self.names.is_failed(name)
     }
 }
 
@@ -59,67 +115,26 @@ impl RegistryView {
     /// returned, even before the registry has processed its exit.
     #[must_use]
     pub fn lookup(&self, name: &[u8]) -> Option<BucketHandle> {
-        self.with_bucket(name, BucketHandle::clone)
-    }
-
-    /// Runs `operation` on the live bucket called `name`, if there is one, under the view's
-    /// read lock: no reference count is taken, which among many buckets saves a locked write
-    /// to a cache line that is rarely in cache. `operation` must not use the view itself.
-    pub(crate) fn with_bucket<R>(
-        &self,
-        name: &[u8],
-        operation: impl FnOnce(&BucketHandle) -> R,
-    ) -> Option<R> {
         self.names
             .read()
             .get(name)
             .filter(|bucket| !bucket.is_stopped())
-            .map(operation)
+            .cloned()
     }
 
-    /// Starts loading into cache what `(bucket, key)` requests will read, without reading it
-    /// yet: a connection calls this with the requests it has parsed ahead, so that the cache
-    /// misses of a batch of requests to different buckets overlap instead of following one
-    /// another. Two stages under one read lock, each issuing all its loads before waiting for
-    /// any: first the blocks of the buckets (probed by the name's hash, not compared, which
-    /// would wait for the block), then, with the blocks arriving, each key's entry in the
-    /// candidate whose name matches. `meanwhile` runs between the stages (the caller's own
-    /// loads, which then overlap too).
-    pub(crate) fn prefetch(&self, requests: &[(&[u8], &[u8])], meanwhile: impl FnOnce()) {
-        if requests.is_empty() {
-            meanwhile();
-            return;
-        }
-        let names = self.names.read();
-        let mut first_candidates = SmallVec::<[Option<&BucketHandle>; 16]>::new();
-        for &(name, _) in requests {
-            // Candidates share seven bits of the name's hash; almost always there is one.
-            let mut candidates = names.handles.iter_hash(names.hasher.hash_one(name));
-            let first = candidates.next();
-            for bucket in first.into_iter().chain(candidates) {
-                bucket.prefetch();
-            }
-            first_candidates.push(first);
-        }
-        meanwhile();
-        for (&(name, key), first) in requests.iter().zip(first_candidates) {
-            let bucket = match first {
-                Some(bucket) if bucket.name().as_bytes() == name => Some(bucket),
-                // Another name under the same seven bits: the full probe finds the right one.
-                Some(_) => names.get(name),
-                None => None,
-            };
-            if let Some(bucket) = bucket {
-                bucket.prefetch_entries([key]);
-            }
+    /// The names, locked for reading until the guard is dropped: for resolving and running
+    /// a batch of requests under one lock. Nothing that locks the view again may run while
+    /// it is held (with a writer waiting, that second lock would wait for ever).
+    pub(crate) fn read(&self) -> ReadNames<'_> {
+        ReadNames {
+            names: self.names.read(),
         }
     }
 
     /// Whether `name` is a durable bucket that crashed too often and stays down.
     #[must_use]
     pub fn is_failed(&self, name: &[u8]) -> bool {
-        let names = self.names.read();
-        !names.failed.is_empty() && names.failed.contains(name)
+        self.names.read().is_failed(name)
     }
 
     /// How many names the registry holds.

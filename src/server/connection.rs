@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::busy_poll::BusyPoll;
 use crate::config::ServerConfig;
-use crate::dispatch::{Dispatcher, Next, Stats};
+use crate::dispatch::{Dispatcher, KeyedRequest, Next, Stats};
 use crate::protocol::{Dialect, ParseLimits, Parsed, parse};
 
 /// How many requests are parsed ahead of running them. Enough for a pipelining client's
@@ -286,26 +286,48 @@ impl Connection {
         if batch.is_empty() {
             return Batch::Empty;
         }
-        self.dispatcher
-            .prefetch(batch.iter().map(|(request, ..)| request));
         let mut ran_bytes = 0;
         let mut outcome = Batch::Ran;
-        for (request, dialect, consumed) in batch {
+        let mut next = 0;
+        while next < batch.len() {
             if self.output.len() >= self.max_pending_output {
                 // The rest stays in the buffer until the replies are written.
                 break;
             }
-            let next = self
+            // Requests on keys run together, their buckets found once for all of them.
+            let keyed: SmallVec<[_; LOOKAHEAD]> = batch[next..]
+                .iter()
+                .map_while(|(request, dialect, _)| Some((KeyedRequest::of(request)?, *dialect)))
+                .collect();
+            if !keyed.is_empty() {
+                let ran =
+                    self.dispatcher
+                        .run_keyed(&keyed, &mut self.output, self.max_pending_output);
+                ran_bytes += batch[next..next + ran]
+                    .iter()
+                    .map(|&(.., consumed)| consumed)
+                    .sum::<usize>();
+                *answered += ran as u64;
+                next += ran;
+                if ran < keyed.len() {
+                    break;
+                }
+                continue;
+            }
+            let (request, dialect, consumed) = batch[next];
+            let reply = self
                 .dispatcher
                 .execute(request, dialect, &mut self.output)
                 .await;
             ran_bytes += consumed;
             *answered += 1;
-            if next == Next::Close {
+            next += 1;
+            if reply == Next::Close {
                 outcome = Batch::Close;
                 break;
             }
         }
+        drop(batch);
         self.input.advance(ran_bytes);
         outcome
     }

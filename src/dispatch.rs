@@ -112,17 +112,19 @@ impl Dispatcher {
             ..
         } = self;
         let cached = last_bucket.as_ref().filter(|bucket| !bucket.is_stopped());
-        let for_cached = |request: &KeyedRequest<'_>| {
-            cached.is_some_and(|last| last.name().as_bytes() == request.bucket)
-        };
+        // Which requests are for the cached bucket, decided once: the execution below
+        // follows the same split as the prefetching.
+        let mut on_cached = SmallVec::<[bool; 16]>::new();
         let mut cached_keys = SmallVec::<[&[u8]; 16]>::new();
         let mut elsewhere = SmallVec::<[(&[u8], &[u8]); 16]>::new();
         for (request, _) in requests {
-            if for_cached(request) {
+            let is_cached = cached.is_some_and(|last| last.name().as_bytes() == request.bucket);
+            if is_cached {
                 cached_keys.push(request.key);
             } else {
                 elsewhere.push((request.bucket, request.key));
             }
+            on_cached.push(is_cached);
         }
         let (ran, to_cache) = {
             // Nothing in this block may lock the view again: `names` holds it.
@@ -142,11 +144,11 @@ impl Dispatcher {
             let mut found = found.into_iter();
             let mut to_cache = None;
             let mut ran = 0;
-            for &(request, dialect) in requests {
+            for (&(request, dialect), is_cached) in requests.iter().zip(on_cached) {
                 if out.len() >= output_limit {
                     break;
                 }
-                let bucket = if for_cached(&request) {
+                let bucket = if is_cached {
                     cached
                 } else {
                     let bucket = found.next().flatten().filter(|bucket| !bucket.is_stopped());

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # kv against Redis on this machine, side by side, interleaved A B A B over several rounds.
 #
-#   bash bench/compare.sh              # full run (about five minutes on 2 cores)
+#   bash bench/compare.sh              # full run (about ten minutes on 2 cores)
 #   ROUNDS=1 REQUESTS=200000 bash bench/compare.sh   # a quick look
 #
 # Installs redis-server and redis-tools with apt-get if missing, builds kv in release mode,
@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-5}
 REQUESTS=${REQUESTS:-1000000}
 DEPTH1_REQUESTS=${DEPTH1_REQUESTS:-200000}
-KV_BENCH_PAIRS=${KV_BENCH_PAIRS:-3}
+KV_BENCH_PAIRS=${KV_BENCH_PAIRS:-8}
 MEMORY_KEYS=${MEMORY_KEYS:-1000000}
 KV_PORT=${KV_PORT:-4041}
 REDIS_PORT=${REDIS_PORT:-6390}

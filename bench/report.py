@@ -6,6 +6,7 @@ import csv
 import datetime
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,15 @@ with open(results_path) as handle:
 def median(server, workload, depth, field):
     values = [float(row[field]) for row in runs.get((server, workload, depth), []) if row[field]]
     return statistics.median(values) if values else None
+
+
+def median_interval(values, resamples=2000):
+    """A 95% bootstrap interval of the median of `values`: how far the median itself may be
+    off, given how much single values vary. Seeded, so a report is reproducible."""
+    generator = random.Random(0)
+    medians = sorted(statistics.median(generator.choices(values, k=len(values)))
+                     for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def fmt_ops(value):
@@ -72,8 +82,10 @@ for protocol in ("resp", "line"):
             by_pair[row["round"]][buckets] = float(row["ops_per_second"])
     ratios = [pair[10000] / pair[1] for pair in by_pair.values() if len(pair) == 2]
     if ratios:
+        low, high = median_interval(ratios)
         lines.append(f"| {protocol}: 10,000 buckets / 1 bucket, median of {len(ratios)} pairs "
-                     f"(range {min(ratios):.2f}–{max(ratios):.2f}) | **{statistics.median(ratios):.2f}** | | |")
+                     f"(range {min(ratios):.2f}–{max(ratios):.2f}; 95% interval of the median "
+                     f"{low:.2f}–{high:.2f}) | **{statistics.median(ratios):.2f}** | | |")
 bench_table = "\n".join(lines)
 
 lines = ["| server | keys | RSS at start | RSS loaded | RSS per key (loaded / keys) | RSS growth per key | accounted per key |",

@@ -51,14 +51,14 @@ pub struct Dispatcher {
     page_size: usize,
     enable_debug_commands: bool,
     /// The bucket this connection used for two requests in a row. Clients mostly talk to one
-    /// bucket at a time, and reusing its handle skips the view's lock, the name's hash and
-    /// the probe on every request. It is used only while it has not stopped, so it is never
+    /// bucket at a time, and reusing its handle skips the name's hash, the registry's probe and
+    /// the prefetch of the bucket's block on every request. It is used only while it has not stopped, so it is never
     /// stale: a dropped or crashed bucket's handle is stopped, and the next request looks the
     /// name up.
     last_bucket: Option<BucketHandle>,
     /// The bucket the last lookup found. A client that spreads its requests over many buckets
-    /// looks each one up under the view's lock without taking a reference; only a bucket
-    /// found twice in a row is worth the reference count of caching it.
+    /// uses each one under the view's lock without taking a reference; only a bucket found
+    /// twice in a row is worth the reference count of caching it.
     last_looked_up: Option<BucketId>,
     /// Whether a request since the last [`take_changed`](Self::take_changed) changed the
     /// store: then the replies must wait for the journal.

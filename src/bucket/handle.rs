@@ -164,7 +164,7 @@ impl BucketHandle {
     }
 
     /// Starts loading the bucket's name and table header into cache, all lines at once,
-    /// without reading them (see [`RegistryView::prefetch`](crate::registry::RegistryView)).
+    /// without reading them (the first stage of `ReadNames::resolve` in the registry).
     pub(crate) fn prefetch(&self) {
         crate::prefetch::prefetch(
             &*self.shared,

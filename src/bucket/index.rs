@@ -45,6 +45,22 @@ fn tag(hash: u64) -> u8 {
     (hash >> 57) as u8
 }
 
+/// The references of an inline index whose tags match `hash`'s.
+fn inline_matches<'i>(
+    len: u8,
+    tags: &'i [u8; INLINE_ENTRIES],
+    references: &'i [CompactRef; INLINE_ENTRIES],
+    hash: u64,
+) -> impl Iterator<Item = EntryRef> + 'i {
+    let wanted = tag(hash);
+    let len = usize::from(len);
+    tags[..len]
+        .iter()
+        .zip(&references[..len])
+        .filter(move |&(&tag, _)| tag == wanted)
+        .map(|(_, reference)| reference.expand())
+}
+
 impl EntryIndex {
     pub(super) fn len(&self) -> usize {
         match self {
@@ -60,16 +76,7 @@ impl EntryIndex {
                 len,
                 tags,
                 references,
-            } => {
-                let wanted = tag(hash);
-                let len = usize::from(*len);
-                tags[..len]
-                    .iter()
-                    .zip(&references[..len])
-                    .filter(|&(&tag, _)| tag == wanted)
-                    .map(|(_, reference)| reference.expand())
-                    .find(|&entry| is_key(entry))
-            }
+            } => inline_matches(*len, tags, references, hash).find(|&entry| is_key(entry)),
             Self::Table(table) => table.find(hash, |&entry| is_key(entry)).copied(),
         }
     }
@@ -84,17 +91,7 @@ impl EntryIndex {
                 len,
                 tags,
                 references,
-            } => {
-                let wanted = tag(hash);
-                let len = usize::from(*len);
-                for (_, reference) in tags[..len]
-                    .iter()
-                    .zip(&references[..len])
-                    .filter(|&(&tag, _)| tag == wanted)
-                {
-                    visit(reference.expand());
-                }
-            }
+            } => inline_matches(*len, tags, references, hash).for_each(visit),
             Self::Table(table) => {
                 for &entry in table.iter_hash(hash) {
                     visit(entry);

@@ -175,7 +175,8 @@ impl Slabs {
             return false;
         }
         let slot = &mut slab.bytes[entry.index() * size..][..size];
-        let mut header = Vec::with_capacity(2 * MAX_VARINT_LEN);
+        // On the stack: overwriting a value is the common write, and allocates nothing.
+        let mut header = SmallVec::<[u8; 2 * MAX_VARINT_LEN]>::new();
         write_varint(&mut header, key.len());
         write_varint(&mut header, value.len());
         let (head, rest) = slot.split_at_mut(header.len());
@@ -262,12 +263,12 @@ fn decode(bytes: &[u8]) -> (&[u8], &[u8]) {
 const MAX_VARINT_LEN: usize = 10;
 
 // LEB128 by hand: a few lines, and the crates for it bring far more than this needs.
-fn write_varint(out: &mut Vec<u8>, mut value: usize) {
+fn write_varint(out: &mut impl Extend<u8>, mut value: usize) {
     while value >= 0x80 {
-        out.push((value as u8) | 0x80);
+        out.extend([(value as u8) | 0x80]);
         value >>= 7;
     }
-    out.push(value as u8);
+    out.extend([value as u8]);
 }
 
 /// Returns the value and how many bytes it took. Only ever reads what `write_varint` wrote.

@@ -35,6 +35,19 @@ def median_interval(values, resamples=2000):
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
+def paired_ratio(kv_key, redis_key):
+    """kv's runs against Redis's of the same label (round, and repeat at depth 1), which ran
+    seconds apart: the median of their ratios, its 95% interval, and how many pairs there were.
+    A pair shares the machine's state of the moment, so the ratio drifts less than either side."""
+    redis_by_label = {row["round"]: float(row["ops_per_second"]) for row in runs.get(redis_key, [])}
+    ratios = [float(row["ops_per_second"]) / redis_by_label[row["round"]]
+              for row in runs.get(kv_key, []) if redis_by_label.get(row["round"])]
+    if not ratios:
+        return None
+    low, high = median_interval(ratios)
+    return statistics.median(ratios), low, high, len(ratios)
+
+
 def fmt_ops(value):
     return f"{value / 1e6:.3f} M/s" if value is not None else "n/a"
 
@@ -43,22 +56,28 @@ def fmt(value, digits=2):
     return f"{value:.{digits}f}" if value is not None else "n/a"
 
 
-rounds = len({row["round"] for (server, _, _), rows in runs.items() if server == "redis" for row in rows})
+def runs_per_depth(depth):
+    return len({row["round"] for (server, _, row_depth), rows in runs.items()
+                if server == "redis" and row_depth == depth for row in rows})
+
+
+rounds, depth1_runs = runs_per_depth(16), runs_per_depth(1)
 pairs = [("PUT", "SET"), ("PUT", "HSET"), ("GET", "GET"), ("GET", "HGET")]
 lines = []
-lines.append("| depth | kv | Redis | kv ops/s | Redis ops/s | ratio | kv p99 ms | Redis p99 ms "
-             "| kv CPU µs/req | Redis CPU µs/req |")
-lines.append("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+lines.append("| depth | kv | Redis | kv ops/s | Redis ops/s | ratio (95% interval) | pairs | kv p99 ms "
+             "| Redis p99 ms | kv CPU µs/req | Redis CPU µs/req |")
+lines.append("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 plot = []
 for depth in (16, 1):
     for kv_workload, redis_workload in pairs:
         kv_ops = median("kv", kv_workload, depth, "ops_per_second")
         redis_ops = median("redis", redis_workload, depth, "ops_per_second")
-        ratio = kv_ops / redis_ops if kv_ops and redis_ops else None
-        plot.append((f"{kv_workload}/{redis_workload} P{depth}", ratio))
+        paired = paired_ratio(("kv", kv_workload, depth), ("redis", redis_workload, depth))
+        plot.append((f"{kv_workload}/{redis_workload} P{depth}", paired[0] if paired else None))
+        ratio = f"**{paired[0]:.2f}** ({paired[1]:.2f}–{paired[2]:.2f})" if paired else "n/a"
         lines.append(
             f"| {depth} | {kv_workload} | {redis_workload} | {fmt_ops(kv_ops)} | {fmt_ops(redis_ops)} "
-            f"| **{fmt(ratio)}** | {fmt(median('kv', kv_workload, depth, 'p99_ms'), 3)} "
+            f"| {ratio} | {paired[3] if paired else 0} | {fmt(median('kv', kv_workload, depth, 'p99_ms'), 3)} "
             f"| {fmt(median('redis', redis_workload, depth, 'p99_ms'), 3)} "
             f"| {fmt(median('kv', kv_workload, depth, 'cpu_us_per_request'))} "
             f"| {fmt(median('redis', redis_workload, depth, 'cpu_us_per_request'))} |")
@@ -184,8 +203,13 @@ report = f"""# kv against Redis
 Measured {datetime.date.today()} by `{command}` at kv commit `{kv_commit()}`, on {machine()}.
 Load generator and server share the machine's cores over loopback. Redis {redis_version}, persistence
 off; kv with the worker threads the command line shows (`KV_THREADS`: one by default here, as
-Redis serves from one thread and the load generator needs the other core). Each figure is the median of {rounds} interleaved rounds (A B A B, the order alternating);
-ratios are kv ÷ Redis of those medians. This machine is shared and noisy (±10%): read the ratios.
+Redis serves from one thread and the load generator needs the other core). Runs are interleaved
+(A B A B, the order alternating): {rounds} rounds, with {depth1_runs} runs of each workload at depth 1
+(three per round by default), where the load generator bounds both servers and single runs
+move most. Ops/s, latency and CPU are medians over the runs. A ratio is the median of the
+kv ÷ Redis ratios of runs made seconds apart in the same round, with a 95% bootstrap interval
+of that median: this machine is shared and noisy (±10% between runs), and a pair's ratio
+drifts less than either side. Read the ratios and their intervals.
 
 ![kv ÷ Redis](benchmarks.svg)
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{TestServer, within};
 use kv::config::{CoreConfig, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn clients_over_the_connection_limit_are_told_and_closed() {
@@ -119,6 +120,92 @@ async fn bulks_past_the_limit_are_refused() {
         "{error}"
     );
     server.still_serves().await;
+}
+
+/// The header of a RESP `PUT b <key> <value>` whose value is `length` bytes.
+fn put_header(key: &[u8], length: usize) -> Vec<u8> {
+    let mut header = format!("*4\r\n$3\r\nPUT\r\n$1\r\nb\r\n${}\r\n", key.len()).into_bytes();
+    header.extend_from_slice(key);
+    header.extend_from_slice(format!("\r\n${length}\r\n").as_bytes());
+    header
+}
+
+/// Waits until INFO's `field` satisfies `done`.
+async fn until_info(client: &mut kv::client::Client, field: &str, done: impl Fn(u64) -> bool) {
+    within(async {
+        while !done(client.info_field(field).await.unwrap()) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn large_requests_past_the_read_buffer_limit_are_refused() {
+    const MIB: usize = 1 << 20;
+    // Room for one connection partway through a 1.5 MiB value (its buffer doubles up to 2 MiB)
+    // and the small buffers of the others, not for a second large request besides.
+    let limit = 5 * MIB / 2;
+    let server = TestServer::start(ServerConfig {
+        max_input_buffers: limit,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut observer = server.client().await;
+    observer.create(b"b").await.unwrap();
+
+    // The holder sends 1.25 MiB of a 1.5 MiB value and waits.
+    let mut holder = server.connect().await;
+    holder.send(&put_header(b"held", 3 * MIB / 2)).await;
+    holder.send(&vec![b'h'; 5 * MIB / 4]).await;
+    until_info(&mut observer, "input_buffer_bytes", |held| {
+        held >= 2 * MIB as u64
+    })
+    .await;
+
+    // A second large request finds the buffers over the limit as it grows: an error, closed.
+    let greedy = server.connect().await;
+    let (mut replies, mut requests) = greedy.stream.into_split();
+    // The server stops reading this one, so the sender may block; it ends when the socket
+    // closes.
+    let sender = tokio::spawn(async move {
+        let _ = requests.write_all(&put_header(b"greedy", 2 * MIB)).await;
+        let _ = requests.write_all(&vec![b'g'; 2 * MIB]).await;
+    });
+    let mut reply = Vec::new();
+    let _ = within(replies.read_to_end(&mut reply)).await;
+    assert!(
+        reply.starts_with(b"-ERR read buffers of all connections over their limit"),
+        "{:?}",
+        reply.escape_ascii().to_string()
+    );
+    within(sender).await.unwrap();
+
+    // Small requests were never refused, and the holder's request completes.
+    server.still_serves().await;
+    holder.send(&vec![b'h'; MIB / 4]).await;
+    holder.send(b"\r\n").await;
+    holder.expect(b"+OK\r\n").await;
+    assert_eq!(
+        observer
+            .get(b"b", b"held")
+            .await
+            .unwrap()
+            .map(|value| value.len()),
+        Some(3 * MIB / 2)
+    );
+    assert_eq!(observer.get(b"b", b"greedy").await.unwrap(), None);
+
+    // Once the holder's room is given back, a large request fits again.
+    until_info(&mut observer, "input_buffer_bytes", |held| {
+        held < MIB as u64
+    })
+    .await;
+    let mut later = server.client().await;
+    later
+        .put(b"b", b"later", &vec![b'l'; 3 * MIB / 2])
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

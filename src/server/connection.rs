@@ -8,6 +8,9 @@
 //! - Unsent replies never pass `max_pending_output` plus one reply: past it, the connection
 //!   writes before it parses (or reads) anything more, so a client that does not read its
 //!   replies stops being read.
+//! - All connections' read buffers together pass `max_input_buffers` by at most one growth per
+//!   worker: a connection whose buffer grows past its initial size and finds them over it is
+//!   closed, which gives its buffer back.
 //! - After an over-long line, bytes are discarded up to the next newline: no piece of that line
 //!   ever runs as a request.
 
@@ -23,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::busy_poll::BusyPoll;
 use crate::config::ServerConfig;
 use crate::dispatch::{Dispatcher, KeyedRequest, Next, Stats};
-use crate::protocol::{Dialect, ParseLimits, Parsed, parse};
+use crate::protocol::{Dialect, ErrorReply, ParseLimits, Parsed, Reply, encode, parse};
 
 /// How many requests are parsed ahead of running them. Enough for a pipelining client's
 /// usual depth; more would only hold more replies back from the output bound check.
@@ -48,11 +51,13 @@ struct Gauges {
 }
 
 impl Gauges {
-    fn track_input(&mut self, capacity: usize) {
+    /// Records the read buffer's capacity now; returns whether it grew.
+    fn track_input(&mut self, capacity: usize) -> bool {
         // The usual case, after a read into a buffer that did not grow: no shared write.
         if capacity == self.input_capacity {
-            return;
+            return false;
         }
+        let grew = capacity > self.input_capacity;
         if capacity > self.input_capacity {
             let grown = capacity - self.input_capacity;
             self.stats
@@ -65,6 +70,12 @@ impl Gauges {
                 .fetch_sub(shrunk, Ordering::Relaxed);
         }
         self.input_capacity = capacity;
+        grew
+    }
+
+    /// Whether the read buffers of all connections together hold more than `limit` bytes.
+    fn input_over(&self, limit: usize) -> bool {
+        self.stats.input_buffer_bytes.load(Ordering::Relaxed) > limit
     }
 }
 
@@ -106,6 +117,7 @@ struct Connection {
     dispatcher: Dispatcher,
     limits: ParseLimits,
     max_pending_output: usize,
+    max_input_buffers: usize,
     gauges: Gauges,
     busy_poll: Option<Arc<BusyPoll>>,
 }
@@ -134,6 +146,7 @@ pub(super) async fn serve(
         dispatcher,
         limits: config.parse_limits(),
         max_pending_output: config.max_pending_output,
+        max_input_buffers: config.max_input_buffers,
         gauges: Gauges {
             stats,
             input_capacity: 0,
@@ -181,15 +194,23 @@ impl Connection {
                 return Ok(());
             }
             if self.input.is_empty() && self.input.capacity() > 4 * INITIAL_BUFFER {
-                // A large request has passed: give its room back.
+                // A large request has passed: give its room back, and say so before waiting
+                // for the next read, which may be long.
                 self.input = BytesMut::with_capacity(INITIAL_BUFFER);
+                self.gauges.track_input(self.input.capacity());
             }
             let read = tokio::select! {
                 biased;
                 () = stop.finish.cancelled() => return Ok(()),
                 read = read_with_timeout(&mut self.stream, &mut self.input, config.idle_timeout) => read,
             };
-            self.gauges.track_input(self.input.capacity());
+            let grew = self.gauges.track_input(self.input.capacity());
+            if grew
+                && self.input.capacity() > INITIAL_BUFFER
+                && self.gauges.input_over(self.max_input_buffers)
+            {
+                return self.refuse_large_input().await;
+            }
             match read? {
                 Some(0) => return Ok(()),
                 Some(count) => {
@@ -204,6 +225,33 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Tells a client whose large request would take all read buffers past their limit why
+    /// it is being closed, after the replies it is owed. Only growth past the initial buffer
+    /// is refused, so small requests are always read; and the connection that grew is the
+    /// one closed, which frees what it took.
+    async fn refuse_large_input(&mut self) -> std::io::Result<()> {
+        let dialect = if self.input.first() == Some(&b'*') {
+            Dialect::Resp
+        } else {
+            Dialect::Line
+        };
+        tracing::info!(
+            limit = self.max_input_buffers,
+            "closing a connection: read buffers over their limit"
+        );
+        let error = ErrorReply::new(format!(
+            "read buffers of all connections over their limit ({} bytes); send large requests later",
+            self.max_input_buffers
+        ));
+        self.dispatcher
+            .stats()
+            .errors
+            .fetch_add(1, Ordering::Relaxed);
+        encode(&Reply::Error(error), dialect, &mut self.output);
+        self.stream.write_all(&self.output).await?;
+        self.stream.shutdown().await
     }
 
     /// Answers every complete request in the buffer, until the output bound.

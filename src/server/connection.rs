@@ -58,7 +58,7 @@ impl Gauges {
             return false;
         }
         let grew = capacity > self.input_capacity;
-        if capacity > self.input_capacity {
+        if grew {
             let grown = capacity - self.input_capacity;
             self.stats
                 .input_buffer_bytes
@@ -228,7 +228,7 @@ impl Connection {
     }
 
     /// Tells a client whose large request would take all read buffers past their limit why
-    /// it is being closed, after the replies it is owed. Only growth past the initial buffer
+    /// it is being closed (its earlier replies are already written). Only growth past the initial buffer
     /// is refused, so small requests are always read; and the connection that grew is the
     /// one closed, which frees what it took.
     async fn refuse_large_input(&mut self) -> std::io::Result<()> {

@@ -32,6 +32,9 @@ pub struct Stats {
     pub net_input_bytes: AtomicU64,
     /// Bytes held in connections' read buffers now.
     pub input_buffer_bytes: AtomicUsize,
+    /// Connections closed because their large request found the read buffers of all
+    /// connections over `max_input_buffers`.
+    pub input_buffer_refusals: AtomicU64,
 }
 
 /// What the connection does after a request.
@@ -345,6 +348,10 @@ impl Dispatcher {
         line(
             "input_buffer_bytes",
             &stats.input_buffer_bytes.load(Ordering::Relaxed),
+        );
+        line(
+            "input_buffer_refusals",
+            &stats.input_buffer_refusals.load(Ordering::Relaxed),
         );
         line("resident_bytes", &resident_bytes().unwrap_or(0));
         line("registry_starts", &status.starts);

@@ -180,6 +180,10 @@ async fn large_requests_past_the_read_buffer_limit_are_refused() {
         reply.escape_ascii().to_string()
     );
     within(sender).await.unwrap();
+    assert_eq!(
+        observer.info_field("input_buffer_refusals").await.unwrap(),
+        1
+    );
 
     // Small requests were never refused, and the holder's request completes.
     server.still_serves().await;

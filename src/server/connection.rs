@@ -245,10 +245,9 @@ impl Connection {
             "read buffers of all connections over their limit ({} bytes); send large requests later",
             self.max_input_buffers
         ));
-        self.dispatcher
-            .stats()
-            .errors
-            .fetch_add(1, Ordering::Relaxed);
+        let stats = self.dispatcher.stats();
+        stats.errors.fetch_add(1, Ordering::Relaxed);
+        stats.input_buffer_refusals.fetch_add(1, Ordering::Relaxed);
         encode(&Reply::Error(error), dialect, &mut self.output);
         self.stream.write_all(&self.output).await?;
         self.stream.shutdown().await

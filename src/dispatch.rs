@@ -32,6 +32,8 @@ pub struct Stats {
     pub net_input_bytes: AtomicU64,
     /// Bytes held in connections' read buffers now.
     pub input_buffer_bytes: AtomicUsize,
+    /// Bytes held in connections' reply buffers now.
+    pub output_buffer_bytes: AtomicUsize,
     /// Connections closed because their large request found the read buffers of all
     /// connections over `max_input_buffers`.
     pub input_buffer_refusals: AtomicU64,
@@ -348,6 +350,10 @@ impl Dispatcher {
         line(
             "input_buffer_bytes",
             &stats.input_buffer_bytes.load(Ordering::Relaxed),
+        );
+        line(
+            "output_buffer_bytes",
+            &stats.output_buffer_bytes.load(Ordering::Relaxed),
         );
         line(
             "input_buffer_refusals",

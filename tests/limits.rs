@@ -213,6 +213,46 @@ async fn large_requests_past_the_read_buffer_limit_are_refused() {
 }
 
 #[tokio::test]
+async fn a_connection_gives_back_the_room_of_a_large_reply() {
+    const MIB: usize = 1 << 20;
+    let server = TestServer::default().await;
+    let mut reader = server.client().await;
+    reader.create(b"b").await.unwrap();
+    reader
+        .put(b"b", b"large", &vec![b'l'; 2 * MIB])
+        .await
+        .unwrap();
+    assert_eq!(
+        reader
+            .get(b"b", b"large")
+            .await
+            .unwrap()
+            .map(|value| value.len()),
+        Some(2 * MIB)
+    );
+    // The reply buffer grew past 2 MiB for that reply; once the connection waits for its next
+    // request, it holds no more than its small initial buffers (the observer's included).
+    let mut observer = server.client().await;
+    until_info(&mut observer, "output_buffer_bytes", |held| {
+        held < MIB as u64 / 4
+    })
+    .await;
+    until_info(&mut observer, "input_buffer_bytes", |held| {
+        held < MIB as u64 / 4
+    })
+    .await;
+    // The reader still works, and a second large reply is served the same way.
+    assert_eq!(
+        reader
+            .get(b"b", b"large")
+            .await
+            .unwrap()
+            .map(|value| value.len()),
+        Some(2 * MIB)
+    );
+}
+
+#[tokio::test]
 async fn the_bucket_limit_is_a_clear_error() {
     let server = TestServer::start(ServerConfig {
         core: CoreConfig {

@@ -8,6 +8,9 @@
 //! - Unsent replies never pass `max_pending_output` plus one reply: past it, the connection
 //!   writes before it parses (or reads) anything more, so a client that does not read its
 //!   replies stops being read.
+//! - While it waits for a read, a connection holds at most `4 * INITIAL_BUFFER` of reply buffer,
+//!   and as much read buffer unless it holds part of a request: the room a large request or
+//!   reply took is given back once it has passed.
 //! - All connections' read buffers together pass `max_input_buffers` by at most one growth per
 //!   worker: a connection whose buffer grows past its initial size and finds them over it is
 //!   closed, which gives its buffer back.
@@ -15,7 +18,7 @@
 //!   ever runs as a request.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Buf, BytesMut};
 use smallvec::SmallVec;
@@ -43,34 +46,47 @@ pub(super) struct Stop {
     pub(super) abort: CancellationToken,
 }
 
-/// Keeps the open-connection gauge and the buffer gauge right however the task ends, a panic
+/// Keeps the open-connection gauge and the buffer gauges right however the task ends, a panic
 /// included.
 struct Gauges {
     stats: Arc<Stats>,
     input_capacity: usize,
+    output_capacity: usize,
+}
+
+/// Moves `gauge` by the change from `*held` to `capacity`; returns whether it grew. The usual
+/// case, a buffer that did not change size, makes no shared write.
+fn track(gauge: &AtomicUsize, held: &mut usize, capacity: usize) -> bool {
+    if capacity == *held {
+        return false;
+    }
+    let grew = capacity > *held;
+    if grew {
+        gauge.fetch_add(capacity - *held, Ordering::Relaxed);
+    } else {
+        gauge.fetch_sub(*held - capacity, Ordering::Relaxed);
+    }
+    *held = capacity;
+    grew
 }
 
 impl Gauges {
     /// Records the read buffer's capacity now; returns whether it grew.
     fn track_input(&mut self, capacity: usize) -> bool {
-        // The usual case, after a read into a buffer that did not grow: no shared write.
-        if capacity == self.input_capacity {
-            return false;
-        }
-        let grew = capacity > self.input_capacity;
-        if grew {
-            let grown = capacity - self.input_capacity;
-            self.stats
-                .input_buffer_bytes
-                .fetch_add(grown, Ordering::Relaxed);
-        } else {
-            let shrunk = self.input_capacity - capacity;
-            self.stats
-                .input_buffer_bytes
-                .fetch_sub(shrunk, Ordering::Relaxed);
-        }
-        self.input_capacity = capacity;
-        grew
+        track(
+            &self.stats.input_buffer_bytes,
+            &mut self.input_capacity,
+            capacity,
+        )
+    }
+
+    /// Records the reply buffer's capacity now.
+    fn track_output(&mut self, capacity: usize) {
+        track(
+            &self.stats.output_buffer_bytes,
+            &mut self.output_capacity,
+            capacity,
+        );
     }
 
     /// Whether the read buffers of all connections together hold more than `limit` bytes.
@@ -85,6 +101,9 @@ impl Drop for Gauges {
         self.stats
             .input_buffer_bytes
             .fetch_sub(self.input_capacity, Ordering::Relaxed);
+        self.stats
+            .output_buffer_bytes
+            .fetch_sub(self.output_capacity, Ordering::Relaxed);
     }
 }
 
@@ -150,10 +169,12 @@ pub(super) async fn serve(
         gauges: Gauges {
             stats,
             input_capacity: 0,
+            output_capacity: 0,
         },
         busy_poll,
     };
     connection.gauges.track_input(connection.input.capacity());
+    connection.gauges.track_output(connection.output.capacity());
     if let Err(error) = connection.run(&config, &stop).await {
         tracing::debug!(%error, "connection closed by an I/O error");
     }
@@ -163,6 +184,7 @@ impl Connection {
     async fn run(&mut self, config: &ServerConfig, stop: &Stop) -> std::io::Result<()> {
         loop {
             let progress = self.process().await;
+            self.gauges.track_output(self.output.capacity());
             if self.dispatcher.take_changed()
                 && let Some(journal) = self.dispatcher.registry().journal()
             {
@@ -183,6 +205,7 @@ impl Connection {
                 self.output.clear();
                 if self.output.capacity() > 4 * self.max_pending_output {
                     self.output = BytesMut::with_capacity(INITIAL_BUFFER);
+                    self.gauges.track_output(self.output.capacity());
                 }
             }
             match progress {
@@ -193,11 +216,17 @@ impl Connection {
             if stop.finish.is_cancelled() {
                 return Ok(());
             }
+            // Large requests and replies have passed: give their room back, and say so
+            // before waiting for the next read, which may be long. Between reads a connection
+            // keeps at most a few times its initial buffers, however large its last request
+            // or reply was.
             if self.input.is_empty() && self.input.capacity() > 4 * INITIAL_BUFFER {
-                // A large request has passed: give its room back, and say so before waiting
-                // for the next read, which may be long.
                 self.input = BytesMut::with_capacity(INITIAL_BUFFER);
                 self.gauges.track_input(self.input.capacity());
+            }
+            if self.output.capacity() > 4 * INITIAL_BUFFER {
+                self.output = BytesMut::with_capacity(INITIAL_BUFFER);
+                self.gauges.track_output(self.output.capacity());
             }
             let read = tokio::select! {
                 biased;

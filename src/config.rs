@@ -71,12 +71,13 @@ pub struct ServerConfig {
     pub max_bulk_len: usize,
     /// Most elements in one RESP array.
     pub max_args: usize,
-    /// Most bytes the read buffers of all connections may hold together. Every connection
-    /// starts with a small buffer that this never refuses; one whose buffer grows past that for
-    /// a large request, and finds all buffers together over this, gets an error and is closed.
-    /// Without it, `max_connections` clients each sending most of a `max_bulk_len` request
-    /// could hold tens of gigabytes.
-    pub max_input_buffers: usize,
+    /// Most bytes the read and reply buffers of all connections may hold together. Every
+    /// connection starts with small buffers that this never refuses; one whose buffer grows
+    /// past them for a large request or reply, and finds all buffers together over this, gets
+    /// an error and is closed. Without it, `max_connections` clients each sending most of a
+    /// `max_bulk_len` request, or asking for a large value and not reading it, could hold tens
+    /// of gigabytes.
+    pub max_connection_buffers: usize,
     /// Unsent reply bytes at which a connection stops reading its client until they are
     /// written: a client that sends without reading cannot make the server buffer for it.
     pub max_pending_output: usize,
@@ -106,7 +107,7 @@ impl Default for ServerConfig {
             max_line_len: 64 * 1024,
             max_bulk_len: 8 * 1024 * 1024,
             max_args: 1024,
-            max_input_buffers: 1 << 30,
+            max_connection_buffers: 1 << 30,
             max_pending_output: 1024 * 1024,
             idle_timeout: None,
             page_size: 100,

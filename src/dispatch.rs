@@ -34,9 +34,9 @@ pub struct Stats {
     pub input_buffer_bytes: AtomicUsize,
     /// Bytes held in connections' reply buffers now.
     pub output_buffer_bytes: AtomicUsize,
-    /// Connections closed because their large request found the read buffers of all
-    /// connections over `max_input_buffers`.
-    pub input_buffer_refusals: AtomicU64,
+    /// Connections closed because their large request or reply found the buffers of all
+    /// connections over `max_connection_buffers`.
+    pub buffer_refusals: AtomicU64,
 }
 
 /// What the connection does after a request.
@@ -356,8 +356,8 @@ impl Dispatcher {
             &stats.output_buffer_bytes.load(Ordering::Relaxed),
         );
         line(
-            "input_buffer_refusals",
-            &stats.input_buffer_refusals.load(Ordering::Relaxed),
+            "buffer_refusals",
+            &stats.buffer_refusals.load(Ordering::Relaxed),
         );
         line("resident_bytes", &resident_bytes().unwrap_or(0));
         line("registry_starts", &status.starts);

@@ -92,10 +92,10 @@ struct ServeArgs {
     /// Longest RESP bulk string (and all bulks of one request together), in bytes.
     #[arg(long, default_value_t = ServerConfig::default().max_bulk_len)]
     max_bulk_len: usize,
-    /// Most bytes all connections' read buffers may hold together; a client whose large
-    /// request would take them past it gets an error and is closed.
-    #[arg(long, default_value_t = ServerConfig::default().max_input_buffers)]
-    max_input_buffers: usize,
+    /// Most bytes all connections' read and reply buffers may hold together; a client whose
+    /// large request or reply would take them past it gets an error and is closed.
+    #[arg(long, default_value_t = ServerConfig::default().max_connection_buffers)]
+    max_connection_buffers: usize,
     /// Unsent reply bytes at which a client stops being read until it reads them.
     #[arg(long, default_value_t = ServerConfig::default().max_pending_output)]
     max_pending_output: usize,
@@ -191,7 +191,7 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
         max_connections: arguments.max_connections,
         max_line_len: arguments.max_line_len,
         max_bulk_len: arguments.max_bulk_len,
-        max_input_buffers: arguments.max_input_buffers,
+        max_connection_buffers: arguments.max_connection_buffers,
         max_pending_output: arguments.max_pending_output,
         idle_timeout: (arguments.idle_timeout > 0)
             .then(|| Duration::from_secs(arguments.idle_timeout)),
@@ -215,7 +215,7 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
         max_connections = config.max_connections,
         max_line_len = config.max_line_len,
         max_bulk_len = config.max_bulk_len,
-        max_input_buffers = config.max_input_buffers,
+        max_connection_buffers = config.max_connection_buffers,
         max_pending_output = config.max_pending_output,
         max_buckets = config.core.max_buckets,
         max_memory = config.core.max_memory,

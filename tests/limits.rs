@@ -147,7 +147,7 @@ async fn large_requests_past_the_read_buffer_limit_are_refused() {
     // and the small buffers of the others, not for a second large request besides.
     let limit = 5 * MIB / 2;
     let server = TestServer::start(ServerConfig {
-        max_input_buffers: limit,
+        max_connection_buffers: limit,
         ..ServerConfig::default()
     })
     .await;
@@ -175,15 +175,12 @@ async fn large_requests_past_the_read_buffer_limit_are_refused() {
     let mut reply = Vec::new();
     let _ = within(replies.read_to_end(&mut reply)).await;
     assert!(
-        reply.starts_with(b"-ERR read buffers of all connections over their limit"),
+        reply.starts_with(b"-ERR buffers of all connections over their limit"),
         "{:?}",
         reply.escape_ascii().to_string()
     );
     within(sender).await.unwrap();
-    assert_eq!(
-        observer.info_field("input_buffer_refusals").await.unwrap(),
-        1
-    );
+    assert_eq!(observer.info_field("buffer_refusals").await.unwrap(), 1);
 
     // Small requests were never refused, and the holder's request completes.
     server.still_serves().await;
@@ -210,6 +207,42 @@ async fn large_requests_past_the_read_buffer_limit_are_refused() {
         .put(b"b", b"later", &vec![b'l'; 3 * MIB / 2])
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn large_replies_past_the_buffer_limit_are_refused() {
+    const MIB: usize = 1 << 20;
+    let server = TestServer::start(ServerConfig {
+        max_connection_buffers: MIB,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut client = server.client().await;
+    client.create(b"b").await.unwrap();
+    // Stored directly: a request this large would not pass the limit either.
+    let bucket = server.registry.lookup(b"b").unwrap();
+    bucket.put(b"large", &vec![b'l'; 2 * MIB]).unwrap();
+    bucket.put(b"small", b"s").unwrap();
+
+    // Its reply alone takes the buffers past the limit: an error instead, in the request's
+    // dialect, and the connection closes. The small reply before it was sent.
+    let mut raw = server.connect().await;
+    raw.send(b"GET b small\n").await;
+    raw.expect(b"s\r\nOK\r\n").await;
+    raw.send(b"GET b large\n").await;
+    let reply = raw.until_closed().await;
+    assert!(
+        reply.starts_with(b"ERROR buffers of all connections over their limit (1048576 bytes)"),
+        "{:?}",
+        reply.escape_ascii().to_string()
+    );
+    assert_eq!(client.info_field("buffer_refusals").await.unwrap(), 1);
+    // Other clients go on, and small replies still pass.
+    assert_eq!(
+        client.get(b"b", b"small").await.unwrap().as_deref(),
+        Some(&b"s"[..])
+    );
+    server.still_serves().await;
 }
 
 #[tokio::test]

@@ -11,9 +11,9 @@
 //! - While it waits for a read, a connection holds at most `4 * INITIAL_BUFFER` of reply buffer,
 //!   and as much read buffer unless it holds part of a request: the room a large request or
 //!   reply took is given back once it has passed.
-//! - All connections' read buffers together pass `max_input_buffers` by at most one growth per
-//!   worker: a connection whose buffer grows past its initial size and finds them over it is
-//!   closed, which gives its buffer back.
+//! - All connections' buffers together pass `max_connection_buffers` by at most one growth per
+//!   worker: a connection whose read or reply buffer grows past its initial size and finds them
+//!   over it is closed, which gives its buffers back.
 //! - After an over-long line, bytes are discarded up to the next newline: no piece of that line
 //!   ever runs as a request.
 
@@ -80,18 +80,26 @@ impl Gauges {
         )
     }
 
-    /// Records the reply buffer's capacity now.
-    fn track_output(&mut self, capacity: usize) {
+    /// Records the reply buffer's capacity now; returns whether it grew.
+    fn track_output(&mut self, capacity: usize) -> bool {
         track(
             &self.stats.output_buffer_bytes,
             &mut self.output_capacity,
             capacity,
-        );
+        )
     }
 
-    /// Whether the read buffers of all connections together hold more than `limit` bytes.
-    fn input_over(&self, limit: usize) -> bool {
-        self.stats.input_buffer_bytes.load(Ordering::Relaxed) > limit
+    /// Whether the buffers of all connections together hold more than `limit` bytes.
+    fn buffers_over(&self, limit: usize) -> bool {
+        let input = self.stats.input_buffer_bytes.load(Ordering::Relaxed);
+        let output = self.stats.output_buffer_bytes.load(Ordering::Relaxed);
+        input + output > limit
+    }
+
+    /// Whether a buffer that just grew to `capacity` takes all buffers past `limit`. Growth
+    /// within the initial size is never refused, so small requests and replies always pass.
+    fn refuses(&self, grew: bool, capacity: usize, limit: usize) -> bool {
+        grew && capacity > INITIAL_BUFFER && self.buffers_over(limit)
     }
 }
 
@@ -136,7 +144,9 @@ struct Connection {
     dispatcher: Dispatcher,
     limits: ParseLimits,
     max_pending_output: usize,
-    max_input_buffers: usize,
+    max_connection_buffers: usize,
+    /// The dialect of the last request run: an error that is no request's reply uses it.
+    dialect: Dialect,
     gauges: Gauges,
     busy_poll: Option<Arc<BusyPoll>>,
 }
@@ -165,7 +175,8 @@ pub(super) async fn serve(
         dispatcher,
         limits: config.parse_limits(),
         max_pending_output: config.max_pending_output,
-        max_input_buffers: config.max_input_buffers,
+        max_connection_buffers: config.max_connection_buffers,
+        dialect: Dialect::Line,
         gauges: Gauges {
             stats,
             input_capacity: 0,
@@ -184,7 +195,7 @@ impl Connection {
     async fn run(&mut self, config: &ServerConfig, stop: &Stop) -> std::io::Result<()> {
         loop {
             let progress = self.process().await;
-            self.gauges.track_output(self.output.capacity());
+            let output_grew = self.gauges.track_output(self.output.capacity());
             if self.dispatcher.take_changed()
                 && let Some(journal) = self.dispatcher.registry().journal()
             {
@@ -195,6 +206,15 @@ impl Connection {
                     tracing::error!(%error, "closing a connection whose changes were not logged");
                     return Ok(());
                 }
+            }
+            if self.gauges.refuses(
+                output_grew,
+                self.output.capacity(),
+                self.max_connection_buffers,
+            ) {
+                // Replies this large cannot be held now: none of them is sent.
+                self.output.clear();
+                return self.refuse(self.dialect).await;
             }
             if !self.output.is_empty() {
                 tokio::select! {
@@ -233,12 +253,19 @@ impl Connection {
                 () = stop.finish.cancelled() => return Ok(()),
                 read = read_with_timeout(&mut self.stream, &mut self.input, config.idle_timeout) => read,
             };
-            let grew = self.gauges.track_input(self.input.capacity());
-            if grew
-                && self.input.capacity() > INITIAL_BUFFER
-                && self.gauges.input_over(self.max_input_buffers)
-            {
-                return self.refuse_large_input().await;
+            let input_grew = self.gauges.track_input(self.input.capacity());
+            if self.gauges.refuses(
+                input_grew,
+                self.input.capacity(),
+                self.max_connection_buffers,
+            ) {
+                // The partial request's own dialect.
+                let dialect = if self.input.first() == Some(&b'*') {
+                    Dialect::Resp
+                } else {
+                    Dialect::Line
+                };
+                return self.refuse(dialect).await;
             }
             match read? {
                 Some(0) => return Ok(()),
@@ -256,27 +283,21 @@ impl Connection {
         }
     }
 
-    /// Tells a client whose large request would take all read buffers past their limit why
-    /// it is being closed (its earlier replies are already written). Only growth past the initial buffer
-    /// is refused, so small requests are always read; and the connection that grew is the
-    /// one closed, which frees what it took.
-    async fn refuse_large_input(&mut self) -> std::io::Result<()> {
-        let dialect = if self.input.first() == Some(&b'*') {
-            Dialect::Resp
-        } else {
-            Dialect::Line
-        };
+    /// Tells a client whose large request or reply would take all connections' buffers past
+    /// their limit why it is being closed, after the replies already written. The connection
+    /// that grew is the one closed, which frees what it took.
+    async fn refuse(&mut self, dialect: Dialect) -> std::io::Result<()> {
         tracing::info!(
-            limit = self.max_input_buffers,
-            "closing a connection: read buffers over their limit"
+            limit = self.max_connection_buffers,
+            "closing a connection: connection buffers over their limit"
         );
         let error = ErrorReply::new(format!(
-            "read buffers of all connections over their limit ({} bytes); send large requests later",
-            self.max_input_buffers
+            "buffers of all connections over their limit ({} bytes); send large requests later",
+            self.max_connection_buffers
         ));
         let stats = self.dispatcher.stats();
         stats.errors.fetch_add(1, Ordering::Relaxed);
-        stats.input_buffer_refusals.fetch_add(1, Ordering::Relaxed);
+        stats.buffer_refusals.fetch_add(1, Ordering::Relaxed);
         encode(&Reply::Error(error), dialect, &mut self.output);
         self.stream.write_all(&self.output).await?;
         self.stream.shutdown().await
@@ -359,9 +380,10 @@ impl Connection {
             parsed_bytes += consumed;
             batch.push((request, dialect, consumed));
         }
-        if batch.is_empty() {
+        let Some(&(_, dialect, _)) = batch.last() else {
             return Batch::Empty;
-        }
+        };
+        self.dialect = dialect;
         let mut ran_bytes = 0;
         let mut outcome = Batch::Ran;
         let mut next = 0;

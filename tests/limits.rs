@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use common::{TestServer, within};
 use kv::config::{CoreConfig, ServerConfig};
+
+const MIB: usize = 1 << 20;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
@@ -142,7 +144,6 @@ async fn until_info(client: &mut kv::client::Client, field: &str, done: impl Fn(
 
 #[tokio::test]
 async fn large_requests_past_the_read_buffer_limit_are_refused() {
-    const MIB: usize = 1 << 20;
     // Room for one connection partway through a 1.5 MiB value (its buffer doubles up to 2 MiB)
     // and the small buffers of the others, not for a second large request besides.
     let limit = 5 * MIB / 2;
@@ -211,7 +212,6 @@ async fn large_requests_past_the_read_buffer_limit_are_refused() {
 
 #[tokio::test]
 async fn large_replies_past_the_buffer_limit_are_refused() {
-    const MIB: usize = 1 << 20;
     let server = TestServer::start(ServerConfig {
         max_connection_buffers: MIB,
         ..ServerConfig::default()
@@ -247,7 +247,6 @@ async fn large_replies_past_the_buffer_limit_are_refused() {
 
 #[tokio::test]
 async fn a_connection_gives_back_the_room_of_a_large_reply() {
-    const MIB: usize = 1 << 20;
     let server = TestServer::default().await;
     let mut reader = server.client().await;
     reader.create(b"b").await.unwrap();

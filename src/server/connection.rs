@@ -284,15 +284,15 @@ impl Connection {
     }
 
     /// Tells a client whose large request or reply would take all connections' buffers past
-    /// their limit why it is being closed, after the replies already written. The connection
-    /// that grew is the one closed, which frees what it took.
+    /// their limit why it is being closed. The connection that grew is the one closed, which
+    /// frees what it took; when a reply grew, the caller has dropped the replies not yet sent.
     async fn refuse(&mut self, dialect: Dialect) -> std::io::Result<()> {
         tracing::info!(
             limit = self.max_connection_buffers,
             "closing a connection: connection buffers over their limit"
         );
         let error = ErrorReply::new(format!(
-            "buffers of all connections over their limit ({} bytes); send large requests later",
+            "buffers of all connections over their limit ({} bytes); try again later",
             self.max_connection_buffers
         ));
         let stats = self.dispatcher.stats();

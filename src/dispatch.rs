@@ -57,9 +57,9 @@ pub struct Dispatcher {
     enable_debug_commands: bool,
     /// The bucket this connection used for two requests in a row. Clients mostly talk to one
     /// bucket at a time, and reusing its handle skips the name's hash, the registry's probe and
-    /// the prefetch of the bucket's block on every request. It is used only while it has not stopped, so it is never
-    /// stale: a dropped or crashed bucket's handle is stopped, and the next request looks the
-    /// name up.
+    /// the prefetch of the bucket's block on every request. It is used only while it has not
+    /// stopped, so it is never stale: a dropped or crashed bucket's handle is stopped, and the
+    /// next request looks the name up.
     last_bucket: Option<BucketHandle>,
     /// The bucket the last lookup found. A client that spreads its requests over many buckets
     /// uses each one under the view's lock without taking a reference; only a bucket found
@@ -203,20 +203,16 @@ impl Dispatcher {
         dialect: Dialect,
         out: &mut BytesMut,
     ) -> Next {
+        // Requests on keys take the one path they take in batches.
+        if let Some(keyed) = KeyedRequest::of(&request) {
+            self.run_keyed(&[(keyed, dialect)], out, usize::MAX);
+            return Next::Continue;
+        }
         // DEBUG logs nothing: a bucket restarted from disk is restored, not changed.
-        let may_change = matches!(
-            request,
-            Request::Put { .. }
-                | Request::Delete { .. }
-                | Request::Create { .. }
-                | Request::Drop { .. }
-        );
+        let may_change = matches!(request, Request::Create { .. } | Request::Drop { .. });
         let reply = match request {
             Request::Get { .. } | Request::Put { .. } | Request::Delete { .. } => {
-                if let Some(request) = KeyedRequest::of(&request) {
-                    self.run_keyed(&[(request, dialect)], out, usize::MAX);
-                }
-                return Next::Continue;
+                unreachable!("requests on keys ran above")
             }
             Request::Create { bucket } => match self.registry.create(bucket).await {
                 Ok(_) => Reply::Ok,

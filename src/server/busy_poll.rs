@@ -10,7 +10,8 @@
 //!
 //! Measured with `redis-benchmark -c 50 -P 1` on the 2-core machine (six and eight interleaved
 //! rounds, two sessions): 6–10% more requests per second at depth 1 for about 1 µs more server
-//! CPU per request; no change at depth 16 (docs/performance.md). Only timing depends on it, never an answer.
+//! CPU per request; no change at depth 16 (docs/performance.md). Only timing depends on it,
+//! never an answer.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -19,6 +19,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use smallvec::SmallVec;
@@ -34,6 +35,9 @@ use crate::protocol::{Dialect, ErrorReply, ParseLimits, Parsed, Reply, encode, p
 /// How many requests are parsed ahead of running them. Enough for a pipelining client's
 /// usual depth; more would only hold more replies back from the output bound check.
 const LOOKAHEAD: usize = 16;
+
+/// How long a refused client has to take its error before the connection closes anyway.
+const REFUSAL_WRITE_WAIT: Duration = Duration::from_secs(1);
 
 /// What a read buffer starts with, and what it returns to after growing for a large request.
 const INITIAL_BUFFER: usize = 16 * 1024;
@@ -213,7 +217,6 @@ impl Connection {
                 self.max_connection_buffers,
             ) {
                 // Replies this large cannot be held now: none of them is sent.
-                self.output.clear();
                 return self.refuse(self.dialect).await;
             }
             if !self.output.is_empty() {
@@ -284,13 +287,18 @@ impl Connection {
     }
 
     /// Tells a client whose large request or reply would take all connections' buffers past
-    /// their limit why it is being closed. The connection that grew is the one closed, which
-    /// frees what it took; when a reply grew, the caller has dropped the replies not yet sent.
+    /// their limit why it is being closed. The connection that grew is the one closed: its
+    /// buffers, with any replies not yet sent, are given back first, since a client that sends
+    /// such requests may not read this either; and that wait is bounded.
     async fn refuse(&mut self, dialect: Dialect) -> std::io::Result<()> {
         tracing::info!(
             limit = self.max_connection_buffers,
             "closing a connection: connection buffers over their limit"
         );
+        self.input = BytesMut::new();
+        self.output = BytesMut::new();
+        self.gauges.track_input(0);
+        self.gauges.track_output(0);
         let error = ErrorReply::new(format!(
             "buffers of all connections over their limit ({} bytes); try again later",
             self.max_connection_buffers
@@ -298,9 +306,17 @@ impl Connection {
         let stats = self.dispatcher.stats();
         stats.errors.fetch_add(1, Ordering::Relaxed);
         stats.buffer_refusals.fetch_add(1, Ordering::Relaxed);
-        encode(&Reply::Error(error), dialect, &mut self.output);
-        self.stream.write_all(&self.output).await?;
-        self.stream.shutdown().await
+        let mut reply = BytesMut::new();
+        encode(&Reply::Error(error), dialect, &mut reply);
+        let told = async {
+            self.stream.write_all(&reply).await?;
+            self.stream.shutdown().await
+        };
+        match tokio::time::timeout(REFUSAL_WRITE_WAIT, told).await {
+            Ok(told) => told,
+            // The client reads nothing: close without telling it.
+            Err(_) => Ok(()),
+        }
     }
 
     /// Answers every complete request in the buffer, until the output bound.
@@ -435,7 +451,7 @@ impl Connection {
 async fn read_with_timeout(
     stream: &mut TcpStream,
     input: &mut BytesMut,
-    idle_timeout: Option<std::time::Duration>,
+    idle_timeout: Option<Duration>,
 ) -> std::io::Result<Option<usize>> {
     match idle_timeout {
         None => stream.read_buf(input).await.map(Some),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use bytes::BytesMut;
 use smallvec::SmallVec;
 
-use crate::bucket::{BucketError, BucketFault, BucketHandle, BucketId, BucketName};
+use crate::bucket::{BucketError, BucketFault, BucketHandle, BucketName};
 use crate::protocol::{
     DebugAction, Dialect, ErrorReply, ProtocolError, Reply, Request, encode, encode_value,
 };
@@ -61,10 +61,12 @@ pub struct Dispatcher {
     /// stopped, so it is never stale: a dropped or crashed bucket's handle is stopped, and the
     /// next request looks the name up.
     last_bucket: Option<BucketHandle>,
-    /// The bucket the last lookup found. A client that spreads its requests over many buckets
-    /// uses each one under the view's lock without taking a reference; only a bucket found
-    /// twice in a row is worth the reference count of caching it.
-    last_looked_up: Option<BucketId>,
+    /// The address of the bucket the last lookup found. A client that spreads its requests
+    /// over many buckets uses each one under the view's lock without taking a reference; only
+    /// a bucket found twice in a row is worth the reference count of caching it. An address,
+    /// not the bucket's id, because it is known without reading the bucket; should an ended
+    /// bucket's address be reused, a bucket found once is cached, which costs nothing else.
+    last_looked_up: Option<usize>,
     /// Whether a request since the last [`take_changed`](Self::take_changed) changed the
     /// store: then the replies must wait for the journal.
     changed: bool,
@@ -159,10 +161,10 @@ impl Dispatcher {
                     let bucket = found.next().flatten().filter(|bucket| !bucket.is_stopped());
                     if let Some(bucket) = bucket {
                         // Only a bucket found twice in a row is worth a reference count.
-                        if *last_looked_up == Some(bucket.id()) {
+                        if *last_looked_up == Some(bucket.address()) {
                             to_cache = Some(bucket);
                         } else {
-                            *last_looked_up = Some(bucket.id());
+                            *last_looked_up = Some(bucket.address());
                         }
                     }
                     bucket

@@ -33,17 +33,25 @@ enum Control {
 }
 
 /// What every handle of one bucket shares. `repr(C)` keeps the order: the name (compared on
-/// every registry lookup) and the id (which tells a connection whether it met this bucket on
-/// its last request) sit beside the table's hot bytes (used right after), so a lookup among
-/// many buckets reads adjacent cache lines of one block, and [`BucketHandle::prefetch`] asks
-/// for all of them.
+/// every registry lookup) sits just before the table's hot bytes (used right after), so a
+/// lookup among many buckets reads adjacent cache lines of one block, and
+/// [`BucketHandle::prefetch`] asks for all of them.
 #[repr(C)]
 struct Shared {
     name: BucketName,
-    id: BucketId,
     table: Table,
+    id: BucketId,
     control: watch::Sender<Control>,
 }
+
+/// The bytes of a bucket's block that a request reads: its name and its table's hot bytes.
+const HOT_BYTES: usize = std::mem::offset_of!(Shared, table) + Table::HOT_BYTES;
+
+/// The block sits after the `Arc`'s two counts in an allocation aligned to 16 bytes, so its
+/// hot bytes start 16, 32, 48 or 0 bytes into a 64-byte cache line. Up to 112 of them take at
+/// most three lines wherever they start, and two at half the placements; each line more is a
+/// cache miss more per request among many buckets (measured in `docs/performance.md`).
+const _: () = assert!(HOT_BYTES <= 112);
 
 /// A reference to one bucket. Cheap to clone; every clone reaches the same table.
 ///
@@ -166,10 +174,13 @@ impl BucketHandle {
     /// Starts loading the bucket's name and table header into cache, all lines at once,
     /// without reading them (the first stage of `ReadNames::resolve` in the registry).
     pub(crate) fn prefetch(&self) {
-        crate::prefetch::prefetch(
-            &*self.shared,
-            std::mem::offset_of!(Shared, table) + Table::HOT_BYTES,
-        );
+        crate::prefetch::prefetch(&*self.shared, HOT_BYTES);
+    }
+
+    /// Where this bucket's block is: two live buckets never share it, and it is known without
+    /// reading the block. An ended bucket's address may be reused by a later one.
+    pub(crate) fn address(&self) -> usize {
+        Arc::as_ptr(&self.shared).addr()
     }
 
     /// Starts loading into cache the entries of `keys`, for requests that will read them soon.

@@ -101,25 +101,32 @@ pub(super) fn encoded_len(key: &[u8], value: &[u8]) -> usize {
     varint_len(key.len()) + varint_len(value.len()) + key.len() + value.len()
 }
 
-/// Slots of one size, laid end to end.
+/// Slots of one size, laid end to end. A slab whose `slot_size` is zero has never been used.
+#[derive(Default)]
 struct Slab {
     slot_size: usize,
     bytes: Vec<u8>,
 }
 
+/// Slabs held inline in a table's header, before any go to the heap.
+const INLINE_SLABS: usize = 2;
+
 /// The entries of one table.
 ///
-/// `repr(C)`: the inline slab headers, which every read of an entry goes through, come first,
-/// so that a table's hot bytes end at [`HOT_BYTES`](Self::HOT_BYTES).
+/// `repr(C)`: the first slab's header, which reading an entry of a table with one size of
+/// value goes through, comes first, so that a table's hot bytes end at
+/// [`HOT_BYTES`](Self::HOT_BYTES).
 #[derive(Default)]
 #[repr(C)]
 pub(super) struct Slabs {
-    /// One slab per slot size in use, in the order first needed; an [`EntryRef`] names its
-    /// slab by position, so reading an entry is one index, no search. Two slabs live inline:
-    /// most tables hold values of one or two sizes, and then reading an entry follows no
-    /// pointer but the slab's own. A slab that empties keeps its place (and gives back its
-    /// bytes), so positions never change; there are at most `SLOT_SIZES.len()` of them.
-    slabs: SmallVec<[Slab; 2]>,
+    /// One slab per slot size in use, in the order first needed: positions below
+    /// `INLINE_SLABS` here, the rest in `spilled`. An [`EntryRef`] names its slab by position,
+    /// so reading an entry is one index, no search. Most tables hold values of one or two
+    /// sizes, and then reading an entry follows no pointer but the slab's own. A slab that
+    /// empties keeps its place (and gives back its bytes), so positions never change; there
+    /// are at most `SLOT_SIZES.len()` of them.
+    inline: [Slab; INLINE_SLABS],
+    spilled: Vec<Slab>,
     large: Vec<Box<[u8]>>,
 }
 
@@ -130,8 +137,46 @@ pub(super) struct Moved {
 }
 
 impl Slabs {
-    /// The leading bytes that reading an entry in a slab uses.
-    pub(super) const HOT_BYTES: usize = std::mem::offset_of!(Slabs, large);
+    /// The leading bytes that reading an entry in the first slab uses.
+    pub(super) const HOT_BYTES: usize = std::mem::offset_of!(Slabs, inline) + size_of::<Slab>();
+
+    fn slab(&self, position: usize) -> &Slab {
+        match position.checked_sub(INLINE_SLABS) {
+            None => &self.inline[position],
+            Some(spilled) => &self.spilled[spilled],
+        }
+    }
+
+    fn slab_mut(&mut self, position: usize) -> &mut Slab {
+        match position.checked_sub(INLINE_SLABS) {
+            None => &mut self.inline[position],
+            Some(spilled) => &mut self.spilled[spilled],
+        }
+    }
+
+    fn in_use(&self) -> impl Iterator<Item = &Slab> {
+        self.inline
+            .iter()
+            .chain(&self.spilled)
+            .take_while(|slab| slab.slot_size != 0)
+    }
+
+    /// The position of the slab of slots of `size`, made if there is none yet.
+    fn position_for(&mut self, size: usize) -> usize {
+        if let Some(position) = self.in_use().position(|slab| slab.slot_size == size) {
+            return position;
+        }
+        let used = self.in_use().count();
+        let slab = Slab {
+            slot_size: size,
+            bytes: Vec::new(),
+        };
+        match self.inline.get_mut(used) {
+            Some(unused) => *unused = slab,
+            None => self.spilled.push(slab),
+        }
+        used
+    }
 
     /// Stores a new entry and returns its address.
     pub(super) fn insert(&mut self, key: &[u8], value: &[u8]) -> EntryRef {
@@ -144,17 +189,8 @@ impl Slabs {
             return EntryRef::new(LARGE, self.large.len() - 1);
         }
         let size = SLOT_SIZES[class];
-        let position = match self.slabs.iter().position(|slab| slab.slot_size == size) {
-            Some(position) => position,
-            None => {
-                self.slabs.push(Slab {
-                    slot_size: size,
-                    bytes: Vec::new(),
-                });
-                self.slabs.len() - 1
-            }
-        };
-        let slab = &mut self.slabs[position].bytes;
+        let position = self.position_for(size);
+        let slab = &mut self.slab_mut(position).bytes;
         let index = slab.len() / size;
         let start = slab.len();
         encode(slab, key, value);
@@ -169,7 +205,7 @@ impl Slabs {
         if class == LARGE || entry.position() == LARGE {
             return false;
         }
-        let slab = &mut self.slabs[entry.position()];
+        let slab = self.slab_mut(entry.position());
         let size = slab.slot_size;
         if SLOT_SIZES[class] != size {
             return false;
@@ -204,7 +240,7 @@ impl Slabs {
         match entry.position() {
             LARGE => &self.large[entry.index()],
             position => {
-                let slab = &self.slabs[position];
+                let slab = self.slab(position);
                 &slab.bytes[entry.index() * slab.slot_size..][..slab.slot_size]
             }
         }
@@ -219,7 +255,7 @@ impl Slabs {
             shrink(&mut self.large);
             (last, entry.index() != last)
         } else {
-            let Slab { slot_size, bytes } = &mut self.slabs[position];
+            let Slab { slot_size, bytes } = self.slab_mut(position);
             let size = *slot_size;
             let last = bytes.len() / size - 1;
             if entry.index() != last {
@@ -363,7 +399,7 @@ mod tests {
                 mover.0 = moved.to;
             }
         }
-        assert!(slabs.slabs.iter().all(|slab| slab.bytes.capacity() == 0));
+        assert!(slabs.in_use().all(|slab| slab.bytes.capacity() == 0));
         assert!(slabs.large.is_empty());
     }
 

@@ -25,6 +25,19 @@ pub enum Dialect {
     Resp,
 }
 
+impl Dialect {
+    /// The dialect of a request that starts with `first`: `*` opens a RESP array; anything
+    /// else starts a line.
+    #[must_use]
+    pub fn of(first: u8) -> Self {
+        if first == b'*' {
+            Self::Resp
+        } else {
+            Self::Line
+        }
+    }
+}
+
 /// The bounds a parser enforces on what a client sends.
 #[derive(Debug, Clone, Copy)]
 pub struct ParseLimits {
@@ -125,9 +138,9 @@ pub enum ProtocolError {
 /// Parses the first request in `input`.
 #[must_use]
 pub fn parse<'a>(input: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
-    match input.first() {
+    match input.first().map(|&first| Dialect::of(first)) {
         None => Parsed::Incomplete,
-        Some(b'*') => resp::parse(input, limits),
-        Some(_) => line::parse(input, limits),
+        Some(Dialect::Resp) => resp::parse(input, limits),
+        Some(Dialect::Line) => line::parse(input, limits),
     }
 }

@@ -263,11 +263,10 @@ impl Connection {
                 self.max_connection_buffers,
             ) {
                 // The partial request's own dialect.
-                let dialect = if self.input.first() == Some(&b'*') {
-                    Dialect::Resp
-                } else {
-                    Dialect::Line
-                };
+                let dialect = self
+                    .input
+                    .first()
+                    .map_or(Dialect::Line, |&first| Dialect::of(first));
                 return self.refuse(dialect).await;
             }
             match read? {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -17,6 +18,7 @@ use super::connection::{self, Stop};
 use crate::config::ServerConfig;
 use crate::dispatch::{Dispatcher, Stats};
 use crate::durability::Durable;
+use crate::protocol::{Dialect, ErrorReply, Reply, encode};
 use crate::registry::Registry;
 use crate::storage::StorageError;
 
@@ -217,15 +219,13 @@ impl Server {
 /// first.
 async fn refuse(mut stream: TcpStream, _permit: OwnedSemaphorePermit, limit: usize) {
     let mut first = [0u8; 1];
-    let resp = matches!(
-        tokio::time::timeout(REFUSAL_DIALECT_WAIT, stream.read(&mut first)).await,
-        Ok(Ok(1)) if first[0] == b'*'
-    );
-    let reply = if resp {
-        format!("-ERR max number of clients reached ({limit})\r\n")
-    } else {
-        format!("ERROR max number of clients reached ({limit})\r\n")
+    let dialect = match tokio::time::timeout(REFUSAL_DIALECT_WAIT, stream.read(&mut first)).await {
+        Ok(Ok(1)) => Dialect::of(first[0]),
+        _ => Dialect::Line,
     };
-    let _ = stream.write_all(reply.as_bytes()).await;
+    let error = ErrorReply::new(format!("max number of clients reached ({limit})"));
+    let mut reply = BytesMut::new();
+    encode(&Reply::Error(error), dialect, &mut reply);
+    let _ = stream.write_all(&reply).await;
     let _ = stream.shutdown().await;
 }

@@ -142,18 +142,33 @@ async fn until_info(client: &mut kv::client::Client, field: &str, done: impl Fn(
     .await;
 }
 
-#[tokio::test]
-async fn large_requests_past_the_read_buffer_limit_are_refused() {
-    // Room for one connection partway through a 1.5 MiB value (its buffer doubles up to 2 MiB)
-    // and the small buffers of the others, not for a second large request besides.
-    let limit = 5 * MIB / 2;
+/// The length of the value under `key`, if there is one: large values are compared by length.
+async fn value_len(client: &mut kv::client::Client, bucket: &[u8], key: &[u8]) -> Option<usize> {
+    client
+        .get(bucket, key)
+        .await
+        .unwrap()
+        .map(|value| value.len())
+}
+
+/// A server whose connection buffers together may hold `limit` bytes, and a client of it that
+/// has created bucket `b`.
+async fn buffer_limited_server(limit: usize) -> (TestServer, kv::client::Client) {
     let server = TestServer::start(ServerConfig {
         max_connection_buffers: limit,
         ..ServerConfig::default()
     })
     .await;
-    let mut observer = server.client().await;
-    observer.create(b"b").await.unwrap();
+    let mut client = server.client().await;
+    client.create(b"b").await.unwrap();
+    (server, client)
+}
+
+#[tokio::test]
+async fn large_requests_past_the_read_buffer_limit_are_refused() {
+    // Room for one connection partway through a 1.5 MiB value (its buffer doubles up to 2 MiB)
+    // and the small buffers of the others, not for a second large request besides.
+    let (server, mut observer) = buffer_limited_server(5 * MIB / 2).await;
 
     // The holder sends 1.25 MiB of a 1.5 MiB value and waits.
     let mut holder = server.connect().await;
@@ -189,11 +204,7 @@ async fn large_requests_past_the_read_buffer_limit_are_refused() {
     holder.send(b"\r\n").await;
     holder.expect(b"+OK\r\n").await;
     assert_eq!(
-        observer
-            .get(b"b", b"held")
-            .await
-            .unwrap()
-            .map(|value| value.len()),
+        value_len(&mut observer, b"b", b"held").await,
         Some(3 * MIB / 2)
     );
     assert_eq!(observer.get(b"b", b"greedy").await.unwrap(), None);
@@ -212,13 +223,7 @@ async fn large_requests_past_the_read_buffer_limit_are_refused() {
 
 #[tokio::test]
 async fn large_replies_past_the_buffer_limit_are_refused() {
-    let server = TestServer::start(ServerConfig {
-        max_connection_buffers: MIB,
-        ..ServerConfig::default()
-    })
-    .await;
-    let mut client = server.client().await;
-    client.create(b"b").await.unwrap();
+    let (server, mut client) = buffer_limited_server(MIB).await;
     // Stored directly: a request this large would not pass the limit either.
     let bucket = server.registry.lookup(b"b").unwrap();
     bucket.put(b"large", &vec![b'l'; 2 * MIB]).unwrap();
@@ -254,14 +259,7 @@ async fn a_connection_gives_back_the_room_of_a_large_reply() {
         .put(b"b", b"large", &vec![b'l'; 2 * MIB])
         .await
         .unwrap();
-    assert_eq!(
-        reader
-            .get(b"b", b"large")
-            .await
-            .unwrap()
-            .map(|value| value.len()),
-        Some(2 * MIB)
-    );
+    assert_eq!(value_len(&mut reader, b"b", b"large").await, Some(2 * MIB));
     // The reply buffer grew past 2 MiB for that reply; once the connection waits for its next
     // request, it holds no more than its small initial buffers (the observer's included).
     let mut observer = server.client().await;
@@ -274,14 +272,7 @@ async fn a_connection_gives_back_the_room_of_a_large_reply() {
     })
     .await;
     // The reader still works, and a second large reply is served the same way.
-    assert_eq!(
-        reader
-            .get(b"b", b"large")
-            .await
-            .unwrap()
-            .map(|value| value.len()),
-        Some(2 * MIB)
-    );
+    assert_eq!(value_len(&mut reader, b"b", b"large").await, Some(2 * MIB));
 }
 
 #[tokio::test]

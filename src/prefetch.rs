@@ -25,9 +25,20 @@ pub(crate) fn prefetch_bytes(bytes: &[u8]) {
 #[inline(always)]
 fn prefetch_range(start: *const u8, len: usize) {
     const CACHE_LINE: usize = 64;
-    // Every line the range touches, including the last one when it starts mid-line.
-    for offset in (0..len).step_by(CACHE_LINE).chain(len.checked_sub(1)) {
-        prefetch_line(start.wrapping_add(offset));
+    if len == 0 {
+        return;
+    }
+    // Every line the range touches, from the one holding its first byte to the one holding
+    // its last, whatever the range's alignment.
+    let first_line = start.addr() & !(CACHE_LINE - 1);
+    let last_line = (start.addr() + (len - 1)) & !(CACHE_LINE - 1);
+    let mut line = first_line;
+    loop {
+        prefetch_line(start.with_addr(line));
+        if line >= last_line {
+            break;
+        }
+        line += CACHE_LINE;
     }
 }
 

@@ -57,29 +57,27 @@ impl ReadNames<'_> {
         meanwhile: impl FnOnce(),
         found: &mut SmallVec<[Option<&'s BucketHandle>; 16]>,
     ) {
+        let Names {
+            handles, hasher, ..
+        } = &*self.names;
+        let mut hashes = SmallVec::<[u64; 16]>::with_capacity(requests.len());
         for &(name, _) in requests {
-            // Candidates share seven bits of the name's hash; almost always there is one.
-            let mut candidates = self
-                .names
-                .handles
-                .iter_hash(self.names.hasher.hash_one(name));
-            let first = candidates.next();
-            for bucket in first.into_iter().chain(candidates) {
-                bucket.prefetch();
-            }
-            found.push(first);
+            let hash = hasher.hash_one(name);
+            // Every candidate (its hash shares seven bits with the name's; almost always there
+            // is one) is prefetched, none is compared: a comparison would wait for its block.
+            handles.find(hash, |candidate| {
+                candidate.prefetch();
+                false
+            });
+            hashes.push(hash);
         }
         meanwhile();
-        for (&(name, key), bucket) in requests.iter().zip(found.iter_mut()) {
-            *bucket = match *bucket {
-                Some(first) if first.name().as_bytes() == name => Some(first),
-                // Another name under the same seven bits: the full probe finds the right one.
-                Some(_) => self.names.get(name),
-                None => None,
-            };
+        for (&(name, key), hash) in requests.iter().zip(hashes) {
+            let bucket = handles.find(hash, |bucket| bucket.name().as_bytes() == name);
             if let Some(bucket) = bucket {
                 bucket.prefetch_entries([key]);
             }
+            found.push(bucket);
         }
     }
 

@@ -305,17 +305,7 @@ impl Connection {
         let stats = self.dispatcher.stats();
         stats.errors.fetch_add(1, Ordering::Relaxed);
         stats.buffer_refusals.fetch_add(1, Ordering::Relaxed);
-        let mut reply = BytesMut::new();
-        encode(&Reply::Error(error), dialect, &mut reply);
-        let told = async {
-            self.stream.write_all(&reply).await?;
-            self.stream.shutdown().await
-        };
-        match tokio::time::timeout(REFUSAL_WRITE_WAIT, told).await {
-            Ok(told) => told,
-            // The client reads nothing: close without telling it.
-            Err(_) => Ok(()),
-        }
+        tell_and_close(&mut self.stream, error, dialect).await
     }
 
     /// Answers every complete request in the buffer, until the output bound.
@@ -447,6 +437,27 @@ impl Connection {
 }
 
 /// Reads once; `Ok(None)` if the idle timeout passed first.
+/// Writes `error` to a client that is being closed, in `dialect`, and shuts the stream down;
+/// gives up after [`REFUSAL_WRITE_WAIT`] on a client that reads nothing, so that a refusal never
+/// holds a task (or the server's shutdown) for long.
+pub(super) async fn tell_and_close(
+    stream: &mut TcpStream,
+    error: ErrorReply,
+    dialect: Dialect,
+) -> std::io::Result<()> {
+    let mut reply = BytesMut::new();
+    encode(&Reply::Error(error), dialect, &mut reply);
+    let told = async {
+        stream.write_all(&reply).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(REFUSAL_WRITE_WAIT, told).await {
+        Ok(told) => told,
+        // The client reads nothing: close without telling it.
+        Err(_) => Ok(()),
+    }
+}
+
 async fn read_with_timeout(
     stream: &mut TcpStream,
     input: &mut BytesMut,

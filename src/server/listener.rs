@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -18,7 +17,7 @@ use super::connection::{self, Stop};
 use crate::config::ServerConfig;
 use crate::dispatch::{Dispatcher, Stats};
 use crate::durability::Durable;
-use crate::protocol::{Dialect, ErrorReply, Reply, encode};
+use crate::protocol::{Dialect, ErrorReply};
 use crate::registry::Registry;
 use crate::storage::StorageError;
 
@@ -224,8 +223,6 @@ async fn refuse(mut stream: TcpStream, _permit: OwnedSemaphorePermit, limit: usi
         _ => Dialect::Line,
     };
     let error = ErrorReply::new(format!("max number of clients reached ({limit})"));
-    let mut reply = BytesMut::new();
-    encode(&Reply::Error(error), dialect, &mut reply);
-    let _ = stream.write_all(&reply).await;
-    let _ = stream.shutdown().await;
+    // Refused either way; an error here only means the client did not hear why.
+    let _ = connection::tell_and_close(&mut stream, error, dialect).await;
 }

@@ -323,40 +323,26 @@ impl Dispatcher {
             let _ = writeln!(text, "{name}:{value}");
         };
         line("version", &env!("CARGO_PKG_VERSION"));
-        line(
-            "connections_open",
-            &stats.connections_open.load(Ordering::Relaxed),
-        );
-        line(
-            "connections_accepted",
-            &stats.connections_accepted.load(Ordering::Relaxed),
-        );
-        line(
-            "connections_refused",
-            &stats.connections_refused.load(Ordering::Relaxed),
-        );
-        line("commands", &stats.commands.load(Ordering::Relaxed));
-        line("errors", &stats.errors.load(Ordering::Relaxed));
-        line("buckets", &view.len());
-        line("keys", &memory.keys());
-        line("memory_used_bytes", &memory.used());
-        line("memory_limit_bytes", &memory.limit());
-        line(
-            "net_input_bytes",
-            &stats.net_input_bytes.load(Ordering::Relaxed),
-        );
-        line(
-            "input_buffer_bytes",
-            &stats.input_buffer_bytes.load(Ordering::Relaxed),
-        );
-        line(
-            "output_buffer_bytes",
-            &stats.output_buffer_bytes.load(Ordering::Relaxed),
-        );
-        line(
-            "buffer_refusals",
-            &stats.buffer_refusals.load(Ordering::Relaxed),
-        );
+        let gauge = |value: &AtomicUsize| value.load(Ordering::Relaxed) as u64;
+        let count = |value: &AtomicU64| value.load(Ordering::Relaxed);
+        let counters = [
+            ("connections_open", gauge(&stats.connections_open)),
+            ("connections_accepted", count(&stats.connections_accepted)),
+            ("connections_refused", count(&stats.connections_refused)),
+            ("commands", count(&stats.commands)),
+            ("errors", count(&stats.errors)),
+            ("buckets", view.len() as u64),
+            ("keys", memory.keys() as u64),
+            ("memory_used_bytes", memory.used() as u64),
+            ("memory_limit_bytes", memory.limit() as u64),
+            ("net_input_bytes", count(&stats.net_input_bytes)),
+            ("input_buffer_bytes", gauge(&stats.input_buffer_bytes)),
+            ("output_buffer_bytes", gauge(&stats.output_buffer_bytes)),
+            ("buffer_refusals", count(&stats.buffer_refusals)),
+        ];
+        for (name, value) in counters {
+            line(name, &value);
+        }
         line("resident_bytes", &resident_bytes().unwrap_or(0));
         line("registry_starts", &status.starts);
         if let Some(journal) = self.registry.journal() {

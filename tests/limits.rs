@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use common::{TestServer, within};
 use kv::config::{CoreConfig, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: usize = 1 << 20;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn clients_over_the_connection_limit_are_told_and_closed() {

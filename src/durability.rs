@@ -417,7 +417,7 @@ impl Replayer<'_> {
         match record {
             Record::Create { bucket } => {
                 self.runtime
-                    .block_on(self.registry.create(bucket))
+                    .block_on(self.registry.create_from_log(bucket))
                     .map_err(|error| error.to_string())?;
             }
             Record::Drop { bucket } => {
@@ -427,7 +427,7 @@ impl Replayer<'_> {
             }
             Record::Put { bucket, key, value } => {
                 self.bucket(bucket)?
-                    .put(key, value)
+                    .restore(key, value)
                     .map_err(|error| error.to_string())?;
             }
             Record::Delete { bucket, key } => {

@@ -237,6 +237,29 @@ async fn the_bucket_limit_gives_a_clear_error_and_frees_up_on_drop() {
     registry.create("three").await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_created_right_after_a_drop_at_the_limit_is_never_refused() {
+    // The dropped bucket's task ends a moment after DROP answers; a CREATE in that moment
+    // must not count it.
+    let registry = Registry::start(CoreConfig {
+        max_buckets: 10,
+        ..CoreConfig::default()
+    });
+    for name in 0..9 {
+        registry
+            .create(format!("live{name}").as_str())
+            .await
+            .unwrap();
+    }
+    for cycle in 0..3000 {
+        assert!(registry.drop_bucket(b"churn").await.unwrap() || cycle == 0);
+        registry
+            .create("churn")
+            .await
+            .unwrap_or_else(|error| panic!("cycle {cycle}: {error}"));
+    }
+}
+
 #[tokio::test]
 async fn names_longer_than_the_limit_are_refused() {
     let registry = Registry::start(CoreConfig {

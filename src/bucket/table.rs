@@ -78,6 +78,13 @@ impl MemoryBudget {
         Ok(())
     }
 
+    /// Reserves `bytes` even past the limit: for restoring what the log holds, which the
+    /// running server accepted within its limits (replay passes through states that never
+    /// existed, such as a snapshot's later entries beside the log's earlier ones).
+    fn reserve_unchecked(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     fn release(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::Relaxed);
     }
@@ -89,6 +96,15 @@ impl MemoryBudget {
 fn hash_key(key: &[u8]) -> u64 {
     static HASHER: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Default::default);
     HASHER.hash_one(key)
+}
+
+/// Where a change to a table comes from.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    /// A client of bucket `bucket`: checked against the memory budget and logged.
+    Client { bucket: &'a [u8] },
+    /// The log itself, at recovery or a restart from disk: neither checked nor logged again.
+    Log,
 }
 
 /// `repr(C)`, in the order a lookup reads the fields: the index, then the slab headers.
@@ -161,7 +177,10 @@ impl Table {
         }
     }
 
-    fn log(&self, record: &Record<'_>) {
+    /// Appends `record` to the log. `_locked` is the table's contents under its write lock,
+    /// which the caller must hold to have it: the log's order for a key is then, by
+    /// construction, the order in which its changes were applied.
+    fn log(&self, _locked: &mut Entries, record: &Record<'_>) {
         if let Some(journal) = &self.journal {
             journal.append(record);
         }
@@ -169,19 +188,24 @@ impl Table {
 
     pub(crate) fn put(&self, bucket: &[u8], key: &[u8], value: &[u8]) -> Result<(), BucketError> {
         self.check_writable()?;
-        self.store(key, value)?;
-        self.log(&Record::Put { bucket, key, value });
-        Ok(())
+        self.store(key, value, Origin::Client { bucket })
     }
 
-    /// Puts without logging: for restoring what is already on disk.
+    /// Puts without logging and past the memory limit: for restoring what is already on disk.
     pub(crate) fn restore(&self, key: &[u8], value: &[u8]) -> Result<(), BucketError> {
-        self.store(key, value)
+        self.store(key, value, Origin::Log)
     }
 
-    /// Sets `key` to `value` in memory. The caller logs the change, if it is one.
-    fn store(&self, key: &[u8], value: &[u8]) -> Result<(), BucketError> {
+    /// Sets `key` to `value` in memory; logs it, under the write lock, if it is a client's.
+    fn store(&self, key: &[u8], value: &[u8], origin: Origin<'_>) -> Result<(), BucketError> {
         let new_charge = charge(key, value);
+        let reserve = |bytes| match origin {
+            Origin::Client { .. } => self.budget.reserve(bytes),
+            Origin::Log => {
+                self.budget.reserve_unchecked(bytes);
+                Ok(())
+            }
+        };
         let mut guard = self.entries.write();
         let entries = guard.as_mut().ok_or(BucketError::Stopped)?;
         let hash = hash_key(key);
@@ -196,7 +220,7 @@ impl Table {
             // Overwriting with a value of the same size (the common case) touches no shared
             // counter and no allocator.
             if new_charge > old_charge {
-                self.budget.reserve(new_charge - old_charge)?;
+                reserve(new_charge - old_charge)?;
             } else if new_charge < old_charge {
                 self.budget.release(old_charge - new_charge);
             }
@@ -207,11 +231,14 @@ impl Table {
                 index.insert(hash, entry, |entry| hash_key(slabs.key(entry)));
             }
         } else {
-            self.budget.reserve(new_charge)?;
+            reserve(new_charge)?;
             let entry = slabs.insert(key, value);
             index.insert(hash, entry, |entry| hash_key(slabs.key(entry)));
             *charged += new_charge;
             self.budget.keys.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Origin::Client { bucket } = origin {
+            self.log(entries, &Record::Put { bucket, key, value });
         }
         Ok(())
     }
@@ -264,7 +291,7 @@ impl Table {
         *charged -= freed;
         self.budget.release(freed);
         self.budget.keys.fetch_sub(1, Ordering::Relaxed);
-        self.log(&Record::Delete { bucket, key });
+        self.log(entries, &Record::Delete { bucket, key });
         Ok(true)
     }
 

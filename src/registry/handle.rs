@@ -125,7 +125,27 @@ impl Registry {
     /// or [`RegistryError::Unavailable`] while the registry restarts.
     pub async fn create(&self, name: impl Into<BucketName>) -> Result<BucketHandle, RegistryError> {
         let name = name.into();
-        self.call(|reply| Request::Create { name, reply }).await?
+        self.call(|reply| Request::Create {
+            name,
+            from_log: false,
+            reply,
+        })
+        .await?
+    }
+
+    /// Creates `name` as the log records it: at recovery, where the limits the running server
+    /// kept are not checked again (recovery must never be refused by them).
+    pub(crate) async fn create_from_log(
+        &self,
+        name: impl Into<BucketName>,
+    ) -> Result<BucketHandle, RegistryError> {
+        let name = name.into();
+        self.call(|reply| Request::Create {
+            name,
+            from_log: true,
+            reply,
+        })
+        .await?
     }
 
     /// The live bucket called `name`, if any. Never waits for the registry loop.

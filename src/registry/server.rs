@@ -20,6 +20,8 @@ use crate::supervisor::{BucketSupervisor, ChildExit, ExitReason, RestartWindow};
 pub(super) enum Request {
     Create {
         name: BucketName,
+        /// Replayed from the log: the limits the running server kept are not checked again.
+        from_log: bool,
         reply: oneshot::Sender<Result<BucketHandle, RegistryError>>,
     },
     Drop {
@@ -125,8 +127,12 @@ impl State {
         // A caller that gave up before its reply came is not an error of the loop's: the reply
         // is dropped and the loop goes on.
         match request {
-            Request::Create { name, reply } => {
-                let _ = reply.send(self.create(name).await);
+            Request::Create {
+                name,
+                from_log,
+                reply,
+            } => {
+                let _ = reply.send(self.create(name, from_log).await);
             }
             Request::Drop { name, reply } => {
                 let _ = reply.send(self.drop_bucket(&name).await);
@@ -139,8 +145,12 @@ impl State {
         }
     }
 
-    async fn create(&mut self, name: BucketName) -> Result<BucketHandle, RegistryError> {
-        if name.len() > self.config.max_name_len {
+    async fn create(
+        &mut self,
+        name: BucketName,
+        from_log: bool,
+    ) -> Result<BucketHandle, RegistryError> {
+        if !from_log && name.len() > self.config.max_name_len {
             return Err(RegistryError::NameTooLong {
                 length: name.len(),
                 limit: self.config.max_name_len,
@@ -152,11 +162,16 @@ impl State {
         if self.view.is_failed(name.as_bytes()) {
             return Err(RegistryError::BucketFailed(name));
         }
-        // Count every task still running, ended-but-unreported ones too: they still hold memory.
-        if self.buckets.len() >= self.config.max_buckets {
-            return Err(RegistryError::TooManyBuckets {
-                limit: self.config.max_buckets,
-            });
+        // Count every task still running, ended-but-unreported ones too: they still hold
+        // memory. A bucket dropped a moment ago is one of those until its exit is taken in, so
+        // at the limit those exits are taken in before refusing.
+        if !from_log && self.buckets.len() >= self.config.max_buckets {
+            self.settle().await;
+            if self.buckets.len() >= self.config.max_buckets {
+                return Err(RegistryError::TooManyBuckets {
+                    limit: self.config.max_buckets,
+                });
+            }
         }
         self.check_writable()?;
         // Logged before the bucket is visible, so every change to it comes after in the log.

@@ -302,6 +302,55 @@ async fn a_corrupt_record_in_the_middle_stops_the_start_unless_told_to_truncate(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_last_record_that_fails_its_checksum_is_corruption_not_a_tear() {
+    let directory = tempfile::tempdir().unwrap();
+    let states = write_sequence(directory.path()).await;
+    let log = log_file(directory.path());
+    let mut bytes = std::fs::read(&log).unwrap();
+    let ends = record_ends(&bytes);
+    let last = ends[ends.len() - 2];
+    bytes[last + 10] ^= 0x01;
+    std::fs::write(&log, &bytes).unwrap();
+
+    let error = Durable::open(config(directory.path()), CoreConfig::default())
+        .await
+        .err()
+        .expect("an acknowledged write is not dropped silently");
+    assert!(
+        matches!(error, StorageError::Corrupt { offset, .. } if offset as usize == last),
+        "{error}"
+    );
+    assert!(error.to_string().contains("whole"), "{error}");
+    let (durable, _) = Durable::open(
+        DurabilityConfig {
+            truncate_corrupt_log: true,
+            ..config(directory.path())
+        },
+        CoreConfig::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(contents(durable.registry()), states[states.len() - 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_after_the_last_record_is_cut_off_as_a_torn_tail() {
+    let directory = tempfile::tempdir().unwrap();
+    let states = write_sequence(directory.path()).await;
+    let log = log_file(directory.path());
+    let whole = std::fs::read(&log).unwrap();
+    let mut bytes = whole.clone();
+    bytes.extend((0..40u8).map(|byte| byte.wrapping_mul(151).wrapping_add(7)));
+    std::fs::write(&log, &bytes).unwrap();
+
+    let (durable, _) = Durable::open(config(directory.path()), CoreConfig::default())
+        .await
+        .expect("a tail that holds no whole record is a torn write");
+    assert_eq!(&contents(durable.registry()), states.last().unwrap());
+    assert_eq!(std::fs::read(&log).unwrap(), whole);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_keeps_everything_and_shrinks_the_log() {
     let directory = tempfile::tempdir().unwrap();
     let durable = open(directory.path()).await;

@@ -232,12 +232,14 @@ impl DataDir {
             let (offset, reason) =
                 match judge(end.unwrap_or(ScanEnd::Clean), Some(position) == last_log) {
                     Ok(None) => continue,
-                    Ok(Some(offset)) => {
+                    Ok(Some((offset, tail))) => {
                         tracing::warn!(
                             file = %path.display(),
                             offset,
                             cut = bytes.len() as u64 - offset,
-                            "the log ends in a record cut short by a crash; cutting it off"
+                            tail,
+                            "the log ends in a torn write (no whole record after this offset); \
+                             cutting it off"
                         );
                         truncate(&path, offset)?;
                         continue;
@@ -387,14 +389,14 @@ impl DataDir {
     }
 }
 
-/// Judges how a file ended: `Ok(None)` whole; `Ok(Some(offset))` torn at `offset`, which only
+/// Judges how a file ended: `Ok(None)` whole; `Ok(Some((offset, tail)))` torn at `offset`, which only
 /// the last log may be (a crash mid-append; every earlier file was synced whole before the
 /// next began); `Err((offset, reason))` damaged.
-fn judge(end: ScanEnd, last_log: bool) -> Result<Option<u64>, (u64, &'static str)> {
+fn judge(end: ScanEnd, last_log: bool) -> Result<Option<(u64, &'static str)>, (u64, &'static str)> {
     match end {
         ScanEnd::Clean => Ok(None),
-        ScanEnd::Torn { offset } if last_log => Ok(Some(offset)),
-        ScanEnd::Torn { offset } => Err((offset, "a file that was complete ends early")),
+        ScanEnd::Torn { offset, reason } if last_log => Ok(Some((offset, reason))),
+        ScanEnd::Torn { offset, .. } => Err((offset, "a file that was complete ends early")),
         ScanEnd::Corrupt { offset, reason } => Err((offset, reason)),
     }
 }

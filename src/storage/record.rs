@@ -155,12 +155,16 @@ fn decode(payload: &[u8]) -> Option<Record<'_>> {
 pub enum ScanEnd {
     /// Every byte was a whole, valid record.
     Clean,
-    /// The last record was cut short by a crash mid-write; everything before `offset` is good.
+    /// The bytes from `offset` on hold no whole record: what a crash mid-write leaves at the
+    /// end of a log. Cutting them off loses nothing that was ever written whole.
     Torn {
-        /// Where the torn record starts.
+        /// Where the torn tail starts.
         offset: u64,
+        /// What the tail looks like.
+        reason: &'static str,
     },
-    /// A damaged record with more data after it: not a crash mid-write.
+    /// A damaged record: a whole one that fails its checksum, or bytes that are no record
+    /// with whole records after them. Not what a crash mid-write leaves.
     Corrupt {
         /// Where the damaged record starts.
         offset: u64,
@@ -169,8 +173,78 @@ pub enum ScanEnd {
     },
 }
 
+/// What the frame at the start of `rest` is.
+enum Frame<'a> {
+    /// A whole frame with valid checksums: its payload and its length in bytes.
+    Whole { payload: &'a [u8], len: usize },
+    /// A valid header whose frame runs past the end of `rest`.
+    Incomplete,
+    /// A valid header and a whole frame whose payload fails its checksum; `unwritten` when its
+    /// checksum bytes are all zero (the end of the frame never reached the disk).
+    BadPayload { len: usize, unwritten: bool },
+    /// No valid header.
+    BadHeader { reason: &'static str },
+}
+
+fn frame(rest: &[u8]) -> Frame<'_> {
+    if rest.len() < HEADER_LEN {
+        return Frame::Incomplete;
+    }
+    let length_bytes: [u8; 4] = rest[..4].try_into().expect("four bytes");
+    let length_checksum = u32::from_le_bytes(rest[4..8].try_into().expect("four bytes"));
+    if crc32c::crc32c(&length_bytes) != length_checksum {
+        return Frame::BadHeader {
+            reason: "record length fails its checksum",
+        };
+    }
+    let length = u32::from_le_bytes(length_bytes);
+    if length > MAX_PAYLOAD {
+        return Frame::BadHeader {
+            reason: "record length is impossibly large",
+        };
+    }
+    let len = HEADER_LEN + length as usize + TRAILER_LEN;
+    if rest.len() < len {
+        return Frame::Incomplete;
+    }
+    let payload = &rest[HEADER_LEN..HEADER_LEN + length as usize];
+    let trailer = &rest[len - TRAILER_LEN..len];
+    let checksum = u32::from_le_bytes(trailer.try_into().expect("four bytes"));
+    if crc32c::crc32c(payload) != checksum {
+        return Frame::BadPayload {
+            len,
+            unwritten: trailer == [0; TRAILER_LEN],
+        };
+    }
+    Frame::Whole { payload, len }
+}
+
+/// Whether a whole, valid frame starts anywhere in `bytes`: what tells damage (records after
+/// it would be lost by a cut) from a torn tail (nothing whole after it).
+fn holds_a_whole_frame(bytes: &[u8]) -> bool {
+    (0..bytes.len()).any(|start| matches!(frame(&bytes[start..]), Frame::Whole { .. }))
+}
+
+/// Whether `rest` is one frame whose payload checksum holds and whose header is damaged: the
+/// last record of a log with a flipped bit in its length, which is no tear.
+fn is_whole_but_its_header(rest: &[u8]) -> bool {
+    let Some(payload_end) = rest.len().checked_sub(TRAILER_LEN) else {
+        return false;
+    };
+    if payload_end <= HEADER_LEN {
+        return false;
+    }
+    let trailer: [u8; TRAILER_LEN] = rest[payload_end..].try_into().expect("four bytes");
+    crc32c::crc32c(&rest[HEADER_LEN..payload_end]) == u32::from_le_bytes(trailer)
+}
+
 /// Calls `visit` with every valid record of `bytes` and its offset, in order, and says how the
 /// bytes ended. Stops early if `visit` fails.
+///
+/// A tail is torn, not corrupt, when it holds no whole record: a frame cut short, a whole
+/// frame whose checksum was never written (zeros), or bytes that are no frame with no whole
+/// frame after them (a zeroed or garbage tail left by a power cut). A whole last frame that
+/// fails its checksum is corrupt: cutting it would silently lose a write that was complete.
 ///
 /// # Errors
 /// Whatever `visit` returns.
@@ -182,50 +256,45 @@ pub fn scan<'a, E>(
     while at < bytes.len() {
         let offset = at as u64;
         let rest = &bytes[at..];
-        // A crash mid-write leaves a prefix of a frame; a zeroed tail (a power cut on some
-        // file systems) reads as a frame of length zero with a bad checksum, followed by zeros.
-        if rest.len() < HEADER_LEN {
-            return Ok(ScanEnd::Torn { offset });
-        }
-        let length_bytes: [u8; 4] = rest[..4].try_into().expect("four bytes");
-        let length_checksum = u32::from_le_bytes(rest[4..8].try_into().expect("four bytes"));
-        if crc32c::crc32c(&length_bytes) != length_checksum {
-            if rest.iter().all(|&byte| byte == 0) {
-                return Ok(ScanEnd::Torn { offset });
+        let (payload, len) = match frame(rest) {
+            Frame::Whole { payload, len } => (payload, len),
+            Frame::Incomplete => {
+                return Ok(ScanEnd::Torn {
+                    offset,
+                    reason: "an incomplete record",
+                });
             }
-            return Ok(ScanEnd::Corrupt {
-                offset,
-                reason: "record length fails its checksum",
-            });
-        }
-        let length = u32::from_le_bytes(length_bytes);
-        if length > MAX_PAYLOAD {
-            return Ok(ScanEnd::Corrupt {
-                offset,
-                reason: "record length is impossibly large",
-            });
-        }
-        let frame_len = HEADER_LEN + length as usize + TRAILER_LEN;
-        if rest.len() < frame_len {
-            return Ok(ScanEnd::Torn { offset });
-        }
-        let payload = &rest[HEADER_LEN..HEADER_LEN + length as usize];
-        let checksum = u32::from_le_bytes(
-            rest[frame_len - TRAILER_LEN..frame_len]
-                .try_into()
-                .expect("four bytes"),
-        );
-        if crc32c::crc32c(payload) != checksum {
-            if rest.len() == frame_len {
-                // The last frame, whole in length but not in content: a write that did not
-                // finish (its length reached the disk, not all of its bytes).
-                return Ok(ScanEnd::Torn { offset });
+            Frame::BadPayload { len, unwritten } => {
+                return Ok(if rest.len() == len && unwritten {
+                    ScanEnd::Torn {
+                        offset,
+                        reason: "a record whose checksum was never written",
+                    }
+                } else if rest.len() == len {
+                    ScanEnd::Corrupt {
+                        offset,
+                        reason: "the last record is whole but fails its checksum",
+                    }
+                } else {
+                    ScanEnd::Corrupt {
+                        offset,
+                        reason: "record fails its checksum",
+                    }
+                });
             }
-            return Ok(ScanEnd::Corrupt {
-                offset,
-                reason: "record fails its checksum",
-            });
-        }
+            Frame::BadHeader { reason } => {
+                return Ok(
+                    if is_whole_but_its_header(rest) || holds_a_whole_frame(&rest[1..]) {
+                        ScanEnd::Corrupt { offset, reason }
+                    } else {
+                        ScanEnd::Torn {
+                            offset,
+                            reason: "bytes that hold no whole record",
+                        }
+                    },
+                );
+            }
+        };
         let Some(record) = decode(payload) else {
             return Ok(ScanEnd::Corrupt {
                 offset,
@@ -233,7 +302,7 @@ pub fn scan<'a, E>(
             });
         };
         visit(record, offset)?;
-        at += frame_len;
+        at += len;
     }
     Ok(ScanEnd::Clean)
 }
@@ -308,6 +377,7 @@ mod tests {
             } else {
                 ScanEnd::Torn {
                     offset: starts[whole] as u64,
+                    reason: "an incomplete record",
                 }
             };
             assert_eq!(end, expected, "cut at {cut}");
@@ -341,7 +411,69 @@ mod tests {
         bytes.resize(end + 4096, 0);
         let (read, scan_end) = read_all(&bytes);
         assert_eq!(read.len(), starts.len());
-        assert_eq!(scan_end, ScanEnd::Torn { offset: end as u64 });
+        assert!(
+            matches!(scan_end, ScanEnd::Torn { offset, .. } if offset == end as u64),
+            "{scan_end:?}"
+        );
+    }
+
+    #[test]
+    fn a_flipped_bit_anywhere_in_the_last_record_is_corruption_not_a_tear() {
+        // A whole record that was acknowledged must not be cut off as if a crash tore it.
+        let records = sample();
+        let (bytes, starts) = encode_all(&records);
+        let last = *starts.last().unwrap();
+        for position in last..bytes.len() {
+            for bit in 0..8 {
+                let mut damaged = bytes.clone();
+                damaged[position] ^= 1 << bit;
+                let (read, end) = read_all(&damaged);
+                assert_eq!(read, records[..records.len() - 1], "flip at {position}");
+                assert!(
+                    matches!(end, ScanEnd::Corrupt { offset, .. } if offset == last as u64),
+                    "flip of bit {bit} at {position}: {end:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_after_the_last_record_is_a_tear_and_a_record_with_no_checksum_too() {
+        let (bytes, starts) = encode_all(&sample());
+        let mut state = 0x9e37_79b9_u32;
+        let garbage = (0..40).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as u8
+        });
+        let mut with_garbage = bytes.clone();
+        with_garbage.extend(garbage);
+        let (read, end) = read_all(&with_garbage);
+        assert_eq!(read.len(), starts.len());
+        assert_eq!(
+            end,
+            ScanEnd::Torn {
+                offset: bytes.len() as u64,
+                reason: "bytes that hold no whole record",
+            }
+        );
+
+        // The last frame whole in length, its end never written: zeros.
+        let mut unwritten = bytes.clone();
+        let last = *starts.last().unwrap();
+        let end_of_payload = unwritten.len() - TRAILER_LEN;
+        unwritten[last + HEADER_LEN + 1..].fill(0);
+        assert!(end_of_payload > last + HEADER_LEN + 1);
+        let (read, end) = read_all(&unwritten);
+        assert_eq!(read.len(), starts.len() - 1);
+        assert_eq!(
+            end,
+            ScanEnd::Torn {
+                offset: last as u64,
+                reason: "a record whose checksum was never written",
+            }
+        );
     }
 
     proptest::proptest! {

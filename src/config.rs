@@ -83,6 +83,11 @@ pub struct ServerConfig {
     pub max_pending_output: usize,
     /// Close a connection that sends nothing for this long; `None` never does.
     pub idle_timeout: Option<Duration>,
+    /// Most time one request may take to arrive, from its first byte to its last. The idle
+    /// timeout cannot catch a client that trickles a byte at a time and never finishes a
+    /// request; this can, so a few hundred such clients cannot hold every connection slot.
+    /// Long enough for a full `max_bulk_len` request over a slow link.
+    pub request_timeout: Duration,
     /// Names or keys in one page of `BUCKETS` or `KEYS`.
     pub page_size: usize,
     /// Whether `DEBUG CRASH` and `DEBUG STOP` are allowed (off by default, like Redis's
@@ -110,6 +115,7 @@ impl Default for ServerConfig {
             max_connection_buffers: 1 << 30,
             max_pending_output: 1024 * 1024,
             idle_timeout: None,
+            request_timeout: Duration::from_secs(30),
             page_size: 100,
             enable_debug_commands: false,
             shutdown_grace: Duration::from_secs(5),

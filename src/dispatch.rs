@@ -37,6 +37,8 @@ pub struct Stats {
     /// Connections closed because their large request or reply found the buffers of all
     /// connections over `max_connection_buffers`.
     pub buffer_refusals: AtomicU64,
+    /// Connections closed because a request did not arrive whole within `request_timeout`.
+    pub request_timeouts: AtomicU64,
 }
 
 /// What the connection does after a request.
@@ -339,6 +341,7 @@ impl Dispatcher {
             ("input_buffer_bytes", gauge(&stats.input_buffer_bytes)),
             ("output_buffer_bytes", gauge(&stats.output_buffer_bytes)),
             ("buffer_refusals", count(&stats.buffer_refusals)),
+            ("request_timeouts", count(&stats.request_timeouts)),
         ];
         for (name, value) in counters {
             line(name, &value);

@@ -108,6 +108,10 @@ struct ServeArgs {
     /// Close clients idle this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
     idle_timeout: u64,
+    /// Close a client that takes longer than this many seconds to send one whole request,
+    /// from its first byte to its last.
+    #[arg(long, default_value_t = ServerConfig::default().request_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout: u64,
     /// Allow DEBUG CRASH, DEBUG STOP and DEBUG PANIC, for fault tests.
     #[arg(long)]
     enable_debug_commands: bool,
@@ -195,6 +199,7 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
         max_pending_output: arguments.max_pending_output,
         idle_timeout: (arguments.idle_timeout > 0)
             .then(|| Duration::from_secs(arguments.idle_timeout)),
+        request_timeout: Duration::from_secs(arguments.request_timeout),
         enable_debug_commands: arguments.enable_debug_commands,
         busy_poll: Duration::from_micros(arguments.busy_poll_us),
         core: CoreConfig {
@@ -221,6 +226,7 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
         max_memory = config.core.max_memory,
         threads = arguments.threads.map_or_else(|| "one per core".to_owned(), |n| n.to_string()),
         idle_timeout = ?config.idle_timeout,
+        request_timeout = ?config.request_timeout,
         busy_poll = ?config.busy_poll,
         debug_commands = config.enable_debug_commands,
         data_dir = ?config.durability.as_ref().map(|durability| &durability.data_dir),

@@ -328,6 +328,102 @@ async fn idle_clients_are_closed() {
     assert_eq!(idle.until_closed().await, b"");
 }
 
+/// Sends `bytes` one at a time, `gap` apart, until they run out or the server closes; keeps
+/// the connection open until aborted.
+fn trickle(
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    bytes: &'static [u8],
+    gap: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for byte in bytes {
+            tokio::time::sleep(gap).await;
+            if writer.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+        drop(writer);
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trickling_a_request_is_closed_at_the_request_timeout() {
+    // A byte every 50 ms: the idle timeout never fires, and every connection slot would stay
+    // held for as long as the tricklers like.
+    let timeout = Duration::from_millis(600);
+    let server = TestServer::start(ServerConfig {
+        max_connections: 2,
+        idle_timeout: Some(Duration::from_millis(300)),
+        request_timeout: timeout,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut tricklers = Vec::new();
+    for request in [
+        &b"PUT b key a-value-that-never-ends"[..],
+        b"*3\r\n$3\r\nPUT",
+    ] {
+        let stream = tokio::net::TcpStream::connect(server.address)
+            .await
+            .unwrap();
+        let (reader, writer) = stream.into_split();
+        let sending = trickle(writer, request, Duration::from_millis(50));
+        tricklers.push((read_until_closed(reader), sending, request[0]));
+    }
+    for (closed, sending, first) in tricklers {
+        let (told, lasted) = within(closed).await.unwrap();
+        let expected: &[u8] = if first == b'*' {
+            b"-ERR request not received whole within 600ms; closing\r\n"
+        } else {
+            b"ERROR request not received whole within 600ms; closing\r\n"
+        };
+        assert_eq!(
+            told.escape_ascii().to_string(),
+            expected.escape_ascii().to_string()
+        );
+        assert!(
+            lasted >= timeout,
+            "closed after {lasted:?}, before the timeout"
+        );
+        sending.abort();
+    }
+    // The slots are free again.
+    server.still_serves().await;
+    let mut observer = server.client().await;
+    assert_eq!(observer.info_field("request_timeouts").await.unwrap(), 2);
+}
+
+/// Reads until the server closes; gives what came and how long the connection lasted.
+fn read_until_closed(
+    mut reader: tokio::net::tcp::OwnedReadHalf,
+) -> tokio::task::JoinHandle<(Vec<u8>, Duration)> {
+    let started = tokio::time::Instant::now();
+    tokio::spawn(async move {
+        let mut told = Vec::new();
+        let _ = reader.read_to_end(&mut told).await;
+        (told, started.elapsed())
+    })
+}
+
+#[tokio::test]
+async fn a_client_sending_whole_requests_slowly_is_not_timed_out() {
+    let server = TestServer::start(ServerConfig {
+        request_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut client = server.connect().await;
+    // Ten whole requests, each split over two writes, 100 ms apart: a second in all.
+    for _ in 0..10 {
+        client.send(b"PI").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.send(b"NG\n").await;
+        client.expect(b"PONG\r\n").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_stops_being_read() {
     let server = TestServer::default().await;

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bytes::{Buf, BytesMut};
 use smallvec::SmallVec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -153,6 +155,18 @@ struct Connection {
     dialect: Dialect,
     gauges: Gauges,
     busy_poll: Option<Arc<BusyPoll>>,
+    /// When the request at the front of the buffer began to arrive, while it is incomplete.
+    partial_since: Option<Instant>,
+}
+
+/// How waiting for the client's next bytes ended.
+enum Arrival {
+    /// This many bytes came (0: the client closed).
+    Bytes(usize),
+    /// Nothing came within the idle timeout.
+    Idle,
+    /// The request begun earlier did not finish within the request timeout.
+    RequestLate,
 }
 
 /// Serves one client until it closes, sends something that cannot be resynchronised, idles
@@ -187,6 +201,7 @@ pub(super) async fn serve(
             output_capacity: 0,
         },
         busy_poll,
+        partial_since: None,
     };
     connection.gauges.track_input(connection.input.capacity());
     connection.gauges.track_output(connection.output.capacity());
@@ -198,7 +213,8 @@ pub(super) async fn serve(
 impl Connection {
     async fn run(&mut self, config: &ServerConfig, stop: &Stop) -> std::io::Result<()> {
         loop {
-            let progress = self.process().await;
+            let (progress, answered) = self.process().await;
+            self.time_partial_request(answered);
             let output_grew = self.gauges.track_output(self.output.capacity());
             if self.dispatcher.take_changed()
                 && let Some(journal) = self.dispatcher.registry().journal()
@@ -251,10 +267,13 @@ impl Connection {
                 self.output = BytesMut::with_capacity(INITIAL_BUFFER);
                 self.gauges.track_output(self.output.capacity());
             }
+            let request_deadline = self
+                .partial_since
+                .map(|since| since + config.request_timeout);
             let read = tokio::select! {
                 biased;
                 () = stop.finish.cancelled() => return Ok(()),
-                read = read_with_timeout(&mut self.stream, &mut self.input, config.idle_timeout) => read,
+                read = read_within(&mut self.stream, &mut self.input, config.idle_timeout, request_deadline) => read,
             };
             let input_grew = self.gauges.track_input(self.input.capacity());
             if self.gauges.refuses(
@@ -270,17 +289,18 @@ impl Connection {
                 return self.refuse(dialect).await;
             }
             match read? {
-                Some(0) => return Ok(()),
-                Some(count) => {
+                Arrival::Bytes(0) => return Ok(()),
+                Arrival::Bytes(count) => {
                     let stats = self.dispatcher.stats();
                     stats
                         .net_input_bytes
                         .fetch_add(count as u64, Ordering::Relaxed);
                 }
-                None => {
+                Arrival::Idle => {
                     tracing::debug!("idle timeout");
                     return Ok(());
                 }
+                Arrival::RequestLate => return self.close_late_request(config).await,
             }
         }
     }
@@ -308,8 +328,45 @@ impl Connection {
         tell_and_close(&mut self.stream, error, dialect).await
     }
 
-    /// Answers every complete request in the buffer, until the output bound.
-    async fn process(&mut self) -> Progress {
+    /// Starts or stops timing the request at the front of the buffer, after a pass that
+    /// answered `answered` requests: the request left incomplete (if any) began after the last
+    /// of them; with none answered the timer runs on, so a trickle of bytes never resets it.
+    fn time_partial_request(&mut self, answered: u64) {
+        let incomplete = !self.input.is_empty() || self.discarding;
+        self.partial_since = match self.partial_since {
+            _ if !incomplete => None,
+            Some(since) if answered == 0 => Some(since),
+            _ => Some(Instant::now()),
+        };
+    }
+
+    /// Closes a client whose request did not arrive whole within the request timeout, telling
+    /// it why (in the partial request's dialect).
+    async fn close_late_request(&mut self, config: &ServerConfig) -> std::io::Result<()> {
+        let peer = self.stream.peer_addr().ok();
+        tracing::info!(
+            ?peer,
+            timeout = ?config.request_timeout,
+            buffered = self.input.len(),
+            "closing a connection: a request did not arrive whole in time"
+        );
+        let stats = self.dispatcher.stats();
+        stats.errors.fetch_add(1, Ordering::Relaxed);
+        stats.request_timeouts.fetch_add(1, Ordering::Relaxed);
+        let dialect = self
+            .input
+            .first()
+            .map_or(Dialect::Line, |&first| Dialect::of(first));
+        let error = ErrorReply::new(format!(
+            "request not received whole within {:?}; closing",
+            config.request_timeout
+        ));
+        tell_and_close(&mut self.stream, error, dialect).await
+    }
+
+    /// Answers every complete request in the buffer, until the output bound; says how it
+    /// ended and how many requests it answered.
+    async fn process(&mut self) -> (Progress, u64) {
         let mut answered = 0u64;
         let progress = loop {
             if self.output.len() >= self.max_pending_output {
@@ -363,7 +420,7 @@ impl Connection {
                 busy_poll.answered();
             }
         }
-        progress
+        (progress, answered)
     }
 
     /// Runs the well-formed requests at the front of the buffer, up to [`LOOKAHEAD`] of them
@@ -436,9 +493,9 @@ impl Connection {
     }
 }
 
-/// Reads once; `Ok(None)` if the idle timeout passed first.
-/// Writes `error` to a client that is being closed, in `dialect`, and shuts the stream down;
-/// gives up after [`REFUSAL_WRITE_WAIT`] on a client that reads nothing, so that a refusal never
+/// Writes `error` to a client that is being closed, in `dialect`, shuts the stream down and
+/// waits for the client to close its side; gives up after [`REFUSAL_WRITE_WAIT`] on a client
+/// that reads nothing or keeps sending, so that a refusal never
 /// holds a task (or the server's shutdown) for long.
 pub(super) async fn tell_and_close(
     stream: &mut TcpStream,
@@ -449,7 +506,13 @@ pub(super) async fn tell_and_close(
     encode(&Reply::Error(error), dialect, &mut reply);
     let told = async {
         stream.write_all(&reply).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Closing with input unread makes the kernel reset the connection, and a reset can
+        // reach the client before it has read the error: take what it still sends until it
+        // closes (within the same bound).
+        let mut unread = [0u8; 4096];
+        while stream.read(&mut unread).await? > 0 {}
+        Ok(())
     };
     match tokio::time::timeout(REFUSAL_WRITE_WAIT, told).await {
         Ok(told) => told,
@@ -458,16 +521,23 @@ pub(super) async fn tell_and_close(
     }
 }
 
-async fn read_with_timeout(
+/// Reads once, unless the idle timeout passes first or, with a request partly read, its
+/// deadline does.
+async fn read_within(
     stream: &mut TcpStream,
     input: &mut BytesMut,
     idle_timeout: Option<Duration>,
-) -> std::io::Result<Option<usize>> {
-    match idle_timeout {
-        None => stream.read_buf(input).await.map(Some),
-        Some(limit) => match tokio::time::timeout(limit, stream.read_buf(input)).await {
-            Ok(read) => read.map(Some),
-            Err(_) => Ok(None),
-        },
+    request_deadline: Option<Instant>,
+) -> std::io::Result<Arrival> {
+    let idle_deadline = idle_timeout.map(|timeout| Instant::now() + timeout);
+    let (deadline, late) = match (idle_deadline, request_deadline) {
+        (None, None) => return stream.read_buf(input).await.map(Arrival::Bytes),
+        (Some(idle), Some(request)) if idle < request => (idle, Arrival::Idle),
+        (_, Some(request)) => (request, Arrival::RequestLate),
+        (Some(idle), None) => (idle, Arrival::Idle),
+    };
+    match tokio::time::timeout_at(deadline, stream.read_buf(input)).await {
+        Ok(read) => read.map(Arrival::Bytes),
+        Err(_) => Ok(late),
     }
 }

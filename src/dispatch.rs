@@ -12,7 +12,7 @@ use crate::bucket::{BucketError, BucketFault, BucketHandle, BucketName};
 use crate::protocol::{
     DebugAction, Dialect, ErrorReply, ProtocolError, Reply, Request, encode, encode_value,
 };
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{Down, Registry, RegistryError};
 
 /// Counters a user reads with `INFO`. Connections add their command counts once per batch,
 /// not per command, so the counters cost no shared write on the hot path.
@@ -120,6 +120,7 @@ impl Dispatcher {
             changed,
             ..
         } = self;
+        let durable = registry.journal().is_some();
         let cached = last_bucket.as_ref().filter(|bucket| !bucket.is_stopped());
         // Which requests are for the cached bucket, decided once: the execution below
         // follows the same split as the prefetching.
@@ -172,9 +173,9 @@ impl Dispatcher {
                     bucket
                 };
                 let outcome = bucket.map(|bucket| request.run(bucket, dialect, out));
-                if let Some(reply) =
-                    keyed_reply(outcome, request.bucket, || names.is_failed(request.bucket))
-                {
+                if let Some(reply) = keyed_reply(outcome, request.bucket, || {
+                    names.why_missing(request.bucket, durable)
+                }) {
                     answer(stats, changed, &reply, request.changes(), dialect, out);
                 }
                 ran += 1;
@@ -257,9 +258,12 @@ impl Dispatcher {
                         encode(&Reply::List(&keys), dialect, out);
                         return Next::Continue;
                     }
-                    None | Some(Err(BucketError::Stopped)) => {
-                        missing(bucket, self.registry.view().is_failed(bucket))
-                    }
+                    None | Some(Err(BucketError::Stopped)) => missing(
+                        bucket,
+                        self.registry
+                            .view()
+                            .why_missing(bucket, self.registry.journal().is_some()),
+                    ),
                     Some(Err(error)) => Reply::Error(bucket_error(error)),
                 }
             }
@@ -418,26 +422,25 @@ impl<'a> KeyedRequest<'a> {
 fn keyed_reply(
     outcome: Option<Result<bool, BucketError>>,
     bucket: &[u8],
-    is_failed: impl FnOnce() -> bool,
+    why_missing: impl FnOnce() -> Option<Down>,
 ) -> Option<Reply<'static>> {
     match outcome {
         Some(Ok(true)) => None,
         Some(Ok(false)) => Some(Reply::Ok),
-        None | Some(Err(BucketError::Stopped)) => Some(missing(bucket, is_failed())),
+        None | Some(Err(BucketError::Stopped)) => Some(missing(bucket, why_missing())),
         Some(Err(error)) => Some(Reply::Error(bucket_error(error))),
     }
 }
 
-/// The reply for a bucket that is not there: `NOT FOUND`, or an error for a durable bucket
-/// that failed too often and stays down (its data is on disk, not gone).
-fn missing(bucket: &[u8], failed: bool) -> Reply<'static> {
-    if failed {
-        Reply::Error(registry_error(&RegistryError::BucketFailed(
-            BucketName::from(bucket),
-        )))
-    } else {
-        Reply::NotFound
-    }
+/// The reply for a bucket that is not there: `NOT FOUND`, or, for a durable bucket that is
+/// down with its data on disk, an error that says why ("try again" while it restarts).
+fn missing(bucket: &[u8], down: Option<Down>) -> Reply<'static> {
+    let error = match down {
+        None => return Reply::NotFound,
+        Some(Down::Restarting) => RegistryError::Restarting(BucketName::from(bucket)),
+        Some(Down::Failed) => RegistryError::BucketFailed(BucketName::from(bucket)),
+    };
+    Reply::Error(registry_error(&error))
 }
 
 /// Counts `reply` and appends it to `out`. Only a change that was made must wait for the log
@@ -476,7 +479,13 @@ fn bucket_error(error: BucketError) -> ErrorReply {
 }
 
 fn registry_error(error: &RegistryError) -> ErrorReply {
-    ErrorReply::new(error)
+    match error {
+        RegistryError::Restarting(_) => ErrorReply {
+            code: "TRYAGAIN",
+            message: error.to_string(),
+        },
+        _ => ErrorReply::new(error),
+    }
 }
 
 /// The process's resident memory, from `VmRSS` in `/proc/self/status` (Linux only), which

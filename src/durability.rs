@@ -80,7 +80,10 @@ impl DiskState {
             .upgrade()
             .ok_or_else(|| "the data directory is closed".to_owned())?;
         let _files_stay = self.compacting.blocking_lock();
-        self.journal.flush().map_err(|error| error.to_string())?;
+        // After a failed write the files are the truth: nothing more can be written to them.
+        if !self.journal.is_failed() {
+            self.journal.flush().map_err(|error| error.to_string())?;
+        }
         let buckets = fold(&directory, None, &|bucket| {
             only.is_none_or(|only| only == bucket)
         })
@@ -250,13 +253,26 @@ impl Durable {
         self.generation.load(Ordering::Relaxed)
     }
 
-    /// Compacts whenever the log has grown well past the live data, until `shutdown`.
-    pub async fn compact_when_needed(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Until `shutdown`: compacts whenever the log has grown well past the live data, and once
+    /// a write of the log fails, rebuilds the store from the files (see
+    /// [`Registry::reload_from_disk`]).
+    pub async fn maintain(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut log_failed = false;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = self.journal.failed(), if !log_failed => {
+                    log_failed = true;
+                    if let Err(error) = self.registry.reload_from_disk().await {
+                        tracing::error!(%error, "could not rebuild the store after the log failed");
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {}
+            }
+            if log_failed {
+                continue;
             }
             let live = self.registry.memory().used() as u64;
             let threshold = self

@@ -235,7 +235,10 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    server.run(shutdown).await;
+    server
+        .run(shutdown)
+        .await
+        .context("stopping: the log could not be written and synced")?;
     tracing::info!("kv stopped");
     Ok(())
 }

@@ -226,6 +226,12 @@ async fn when_the_log_cannot_be_written_nothing_more_is_acknowledged() {
         "no reply to an unlogged change"
     );
 
+    // The store is rebuilt from the files; meanwhile a read is refused or told to try again.
+    assert_eq!(
+        read_until_answered(&server, b"GET s milk\n").await,
+        b"1\r\nOK\r\n"
+    );
+
     // From then on changes are refused with a clear error; reads go on.
     let mut next = server.connect().await;
     next.send(b"PUT s eggs 3\nCREATE t\nDROP s\nGET s eggs\n")
@@ -238,11 +244,171 @@ async fn when_the_log_cannot_be_written_nothing_more_is_acknowledged() {
     let mut observer = server.client().await;
     assert_eq!(observer.info_field("log_failed").await.unwrap(), 1);
 
-    // What was acknowledged is what a restart finds.
+    // What was acknowledged is what a restart finds; the stop says the log failed.
     server.shutdown.cancel();
-    within(server.task).await.unwrap();
+    assert!(within(server.task).await.unwrap().is_err());
     let durable = open(directory.path()).await;
     let bucket = durable.registry().lookup(b"s").unwrap();
     assert_eq!(bucket.get(b"milk").unwrap().as_deref(), Some(&b"1"[..]));
     assert_eq!(bucket.get(b"eggs").unwrap(), None);
+}
+
+/// Sends `request` on fresh connections until one is answered with something other than "try
+/// again"; returns that answer. A connection closed without a reply is a refusal too.
+async fn read_until_answered(server: &TestServer, request: &[u8]) -> Vec<u8> {
+    within(async {
+        loop {
+            let mut client = server.connect().await;
+            client.send(request).await;
+            let mut reply = Vec::new();
+            loop {
+                let mut byte = [0u8; 1];
+                match tokio::io::AsyncReadExt::read(&mut client.stream, &mut byte).await {
+                    Ok(1) => reply.push(byte[0]),
+                    _ => break,
+                }
+                if reply.ends_with(b"OK\r\n")
+                    || (reply.starts_with(b"ERROR") && reply.ends_with(b"\n"))
+                {
+                    break;
+                }
+            }
+            if !reply.is_empty() && !reply.starts_with(b"ERROR bucket s is restarting") {
+                return reply;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_log_did_not_take_is_never_read_and_gone_after_a_restart_too() {
+    let directory = tempfile::tempdir().unwrap();
+    let server = TestServer::start(ServerConfig {
+        durability: Some(DurabilityConfig::new(directory.path().to_owned())),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut client = server.connect().await;
+    let mut setup = b"CREATE s\n".to_vec();
+    for key in 0..50 {
+        setup.extend_from_slice(format!("PUT s k{key} logged\n").as_bytes());
+    }
+    client.send(&setup).await;
+    for _ in 0..51 {
+        client.expect(b"OK\r\n").await;
+    }
+
+    // A batch of changes whose write fails: applied in memory, never in the log.
+    server.registry.journal().unwrap().inject_write_failure();
+    let mut batch = Vec::new();
+    for key in 0..50 {
+        batch.extend_from_slice(
+            format!("PUT s k{key} unlogged\nPUT s new{key} unlogged\n").as_bytes(),
+        );
+    }
+    client.send(&batch).await;
+    assert_eq!(client.until_closed().await, b"", "nothing acknowledged");
+
+    // Readers never see a value the log does not hold: not while the store is rebuilt from
+    // the files, and not after.
+    for key in 0..50 {
+        let old = read_until_answered(&server, format!("GET s k{key}\n").as_bytes()).await;
+        assert_eq!(old, b"logged\r\nOK\r\n", "k{key}");
+        let new = read_until_answered(&server, format!("GET s new{key}\n").as_bytes()).await;
+        assert_eq!(new, b"\r\nOK\r\n", "new{key}");
+    }
+    server.shutdown.cancel();
+    let _ = within(server.task).await.unwrap();
+
+    let durable = open(directory.path()).await;
+    let bucket = durable.registry().lookup(b"s").unwrap();
+    assert_eq!(bucket.len().unwrap(), 50);
+    for key in 0..50 {
+        assert_eq!(
+            bucket.get(format!("k{key}").as_bytes()).unwrap().as_deref(),
+            Some(&b"logged"[..])
+        );
+    }
+}
+
+/// A durable state whose reads wait until the test lets them go: a restart from disk that
+/// takes as long as the test likes.
+struct SlowDisk {
+    entries: kv::registry::Entries,
+    release: tokio::sync::Semaphore,
+}
+
+impl kv::registry::DurableState for SlowDisk {
+    fn bucket(&self, name: &[u8]) -> Result<Option<kv::registry::Entries>, String> {
+        // On a blocking thread of the runtime: waiting here holds up only this read.
+        let _permit = tokio::runtime::Handle::current().block_on(self.release.acquire());
+        Ok((name == b"slow").then(|| self.entries.clone()))
+    }
+
+    fn buckets(&self) -> Result<Vec<(kv::BucketName, kv::registry::Entries)>, String> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_bucket_says_try_again_and_the_registry_serves_on_meanwhile() {
+    let registry = kv::Registry::start(CoreConfig::default());
+    let disk = Arc::new(SlowDisk {
+        entries: vec![(b"milk".to_vec(), b"1".to_vec())],
+        release: tokio::sync::Semaphore::new(0),
+    });
+    registry.set_durable_state(Arc::clone(&disk) as Arc<dyn kv::registry::DurableState>);
+    let slow = registry.create("slow").await.unwrap();
+    slow.put(b"milk", b"1").unwrap();
+
+    slow.inject_fault(BucketFault::Panic).unwrap();
+    within(slow.stopped()).await;
+    // Before and after the registry takes the exit in, the name is restarting, never absent.
+    let view = registry.view();
+    assert!(registry.lookup(b"slow").is_none());
+    assert_eq!(
+        view.why_missing(b"slow", true),
+        Some(kv::registry::Down::Restarting)
+    );
+
+    // The read from disk is held up; the registry serves other calls meanwhile.
+    within(registry.create("other")).await.unwrap();
+    assert!(within(registry.drop_bucket(b"other")).await.unwrap());
+    assert_eq!(
+        within(registry.create("slow")).await.unwrap_err(),
+        RegistryError::Restarting(kv::BucketName::from("slow"))
+    );
+    assert_eq!(
+        view.why_missing(b"slow", true),
+        Some(kv::registry::Down::Restarting)
+    );
+
+    disk.release.add_permits(1);
+    within(registry.settle()).await.unwrap();
+    let restarted = registry.lookup(b"slow").expect("back from disk");
+    assert_eq!(restarted.get(b"milk").unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(view.why_missing(b"slow", true), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_dropped_while_it_restarts_stays_dropped() {
+    let registry = kv::Registry::start(CoreConfig::default());
+    let disk = Arc::new(SlowDisk {
+        entries: vec![(b"milk".to_vec(), b"1".to_vec())],
+        release: tokio::sync::Semaphore::new(0),
+    });
+    registry.set_durable_state(Arc::clone(&disk) as Arc<dyn kv::registry::DurableState>);
+    let slow = registry.create("slow").await.unwrap();
+    slow.inject_fault(BucketFault::Panic).unwrap();
+    within(slow.stopped()).await;
+    assert!(within(registry.drop_bucket(b"slow")).await.unwrap());
+    assert_eq!(registry.view().why_missing(b"slow", true), None);
+    disk.release.add_permits(1);
+    within(registry.settle()).await.unwrap();
+    assert!(
+        registry.lookup(b"slow").is_none(),
+        "the late read is not installed"
+    );
 }

@@ -183,6 +183,17 @@ impl Registry {
         &self.shared.budget
     }
 
+    /// After the log failed to take a write: closes every bucket, rebuilds it from the files,
+    /// and has the journal forget what never reached them, so that nothing the log does not
+    /// hold can be read. Meanwhile the buckets answer "restarting, try again".
+    ///
+    /// # Errors
+    /// [`RegistryError::Unavailable`] while the registry restarts (which reloads from disk
+    /// too).
+    pub async fn reload_from_disk(&self) -> Result<(), RegistryError> {
+        self.call(|reply| Request::ReloadFromDisk { reply }).await
+    }
+
     /// Gives a durable registry what it restarts failed buckets (and, after its own failure,
     /// every bucket) from. Set once, after recovery; later calls are ignored.
     pub fn set_durable_state(&self, state: Arc<dyn DurableState>) {
@@ -207,8 +218,8 @@ impl Registry {
         self.shared.status.subscribe()
     }
 
-    /// Waits for the exit of every bucket that has already ended, then counts names and
-    /// running buckets. For tests and diagnostics.
+    /// Waits for the exit of every bucket that has already ended (and, when durable, for its
+    /// restart from disk), then counts names and running buckets. For tests and diagnostics.
     ///
     /// # Errors
     /// [`RegistryError::Unavailable`] while the registry restarts.
@@ -297,8 +308,12 @@ impl ChildGroup for RegistryGroup {
         };
         *shared.mailbox.write() = None;
         // The dead loop's bucket supervisor aborted its buckets; closing their tables here
-        // makes that visible to every handle at once, before a new loop starts.
-        shared.view.writer().close_all();
+        // makes that visible to every handle at once, before a new loop starts. Durable ones
+        // are marked restarting: the new loop reloads them from disk.
+        shared
+            .view
+            .writer()
+            .close_all(shared.durable_state.get().is_some());
         shared.status.send_modify(|status| status.running = false);
     }
 }

@@ -17,14 +17,16 @@
 //! - Without durability a crashed bucket is gone with its data (the guide's `:temporary`).
 //!   With durability its data is on disk, so the loop restarts it from its [`DurableState`]
 //!   (at most [`BUCKET_RESTARTS`] times in a short period; then the name stays down with an
-//!   error until dropped), and a restarted loop reloads every bucket from disk.
+//!   error until dropped), and a restarted loop reloads every bucket from disk. While a
+//!   bucket is read back its name is [`Down::Restarting`]: requests get "try again", never
+//!   "not found", and the loop serves other calls meanwhile (the files are read off it).
 
 mod handle;
 mod server;
 mod view;
 
 pub use handle::{Registry, RegistryCounts, RegistryStatus};
-pub use view::RegistryView;
+pub use view::{Down, RegistryView};
 
 use crate::bucket::BucketName;
 
@@ -65,6 +67,9 @@ pub enum RegistryError {
     /// The log cannot be written, so no bucket can be created.
     #[error("the log cannot be written; changes are refused")]
     Unwritable,
+    /// The bucket is being read back from disk after a crash; it answers again shortly.
+    #[error("bucket {0} is restarting from disk; try again")]
+    Restarting(BucketName),
     /// The bucket failed too often in a short time and stays down until it is dropped.
     #[error("bucket {0} failed repeatedly and stays down; DROP it to discard its data")]
     BucketFailed(BucketName),

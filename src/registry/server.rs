@@ -6,10 +6,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::Id;
+use tokio::task::{Id, JoinSet};
 
 use super::handle::RegistryCounts;
-use super::view::ViewWriter;
+use super::view::{Down, ViewWriter};
 use super::{BUCKET_RESTARTS, DurableState, Entries, RegistryError};
 use crate::bucket::{self, BucketHandle, BucketId, BucketName, MemoryBudget};
 use crate::config::{CoreConfig, RestartIntensity};
@@ -31,6 +31,9 @@ pub(super) enum Request {
     Settle {
         reply: oneshot::Sender<RegistryCounts>,
     },
+    /// The log failed: what the tables hold may not all be in it, so every bucket is rebuilt
+    /// from the files, and what never reached them is forgotten.
+    ReloadFromDisk { reply: oneshot::Sender<()> },
     /// Fault injection: the loop panics, as a bug in it would make it.
     Panic,
 }
@@ -59,6 +62,14 @@ struct Monitored {
     bucket: BucketHandle,
 }
 
+/// A crashed durable bucket read back from disk, off the loop.
+struct ReadBack {
+    name: BucketName,
+    /// Which restart this is: a bucket dropped and created again meanwhile has a newer one.
+    restart: u64,
+    entries: Result<Option<Entries>, String>,
+}
+
 /// The loop's state. Everything here is owned by one task; the view is its only shared part.
 pub(super) struct State {
     pub(super) config: CoreConfig,
@@ -77,6 +88,10 @@ pub(super) struct State {
     reload_on_start: bool,
     pub(super) buckets: BucketSupervisor,
     monitors: HashMap<Id, Monitored>,
+    /// Crashed durable buckets being read back from disk, and the restart each name waits for.
+    reading_back: JoinSet<ReadBack>,
+    restarts_pending: HashMap<BucketName, u64>,
+    next_restart: u64,
 }
 
 impl State {
@@ -100,6 +115,9 @@ impl State {
             reload_on_start,
             buckets: BucketSupervisor::default(),
             monitors: HashMap::new(),
+            reading_back: JoinSet::new(),
+            restarts_pending: HashMap::new(),
+            next_restart: 0,
         }
     }
 }
@@ -113,7 +131,13 @@ pub(super) async fn run(mut mailbox: mpsc::Receiver<Request>, mut state: State) 
     loop {
         tokio::select! {
             biased;
-            Some(exit) = state.buckets.next_exit() => state.on_exit(exit).await,
+            Some(exit) = state.buckets.next_exit() => state.on_exit(exit),
+            Some(read_back) = state.reading_back.join_next(), if !state.reading_back.is_empty() => {
+                match read_back {
+                    Ok(read_back) => state.on_read_back(read_back),
+                    Err(error) => tracing::error!(%error, "reading a bucket back failed"),
+                }
+            }
             request = mailbox.recv() => match request {
                 Some(request) => state.on_request(request).await,
                 None => break,
@@ -138,8 +162,12 @@ impl State {
                 let _ = reply.send(self.drop_bucket(&name).await);
             }
             Request::Settle { reply } => {
-                let counts = self.settle().await;
+                let counts = self.settle_with_restarts().await;
                 let _ = reply.send(counts);
+            }
+            Request::ReloadFromDisk { reply } => {
+                self.reload_after_log_failure().await;
+                let _ = reply.send(());
             }
             Request::Panic => panic!("fault injected into the registry"),
         }
@@ -159,8 +187,10 @@ impl State {
         if let Some(existing) = self.named(name.as_bytes()).await {
             return Ok(existing);
         }
-        if self.view.is_failed(name.as_bytes()) {
-            return Err(RegistryError::BucketFailed(name));
+        match self.view.down(name.as_bytes()) {
+            Some(Down::Failed) => return Err(RegistryError::BucketFailed(name)),
+            Some(Down::Restarting) => return Err(RegistryError::Restarting(name)),
+            None => {}
         }
         // Count every task still running, ended-but-unreported ones too: they still hold
         // memory. A bucket dropped a moment ago is one of those until its exit is taken in, so
@@ -195,7 +225,7 @@ impl State {
             return Some(existing);
         }
         if self.durable_state.get().is_some() {
-            Box::pin(self.settle()).await;
+            self.settle().await;
             return self.view.get(name).filter(|bucket| !bucket.is_stopped());
         }
         // The exit will find no entry.
@@ -247,8 +277,10 @@ impl State {
     }
 
     /// After bucket `name` ended on its own with durability on: its data is on disk, so it
-    /// starts again from there, unless it has failed too often lately.
-    async fn restart(&mut self, name: BucketName, durable: Arc<dyn DurableState>) {
+    /// starts again from there, unless it has failed too often lately. The name is marked
+    /// restarting already; the files are read on a blocking thread, and the loop serves on
+    /// meanwhile.
+    fn restart(&mut self, name: BucketName, durable: Arc<dyn DurableState>) {
         let window = self.restarts.entry(name.clone()).or_insert_with(|| {
             RestartWindow::new(RestartIntensity {
                 max_restarts: BUCKET_RESTARTS,
@@ -261,53 +293,106 @@ impl State {
                 restarts = BUCKET_RESTARTS,
                 "bucket failed too often within a minute; it stays down until dropped"
             );
-            self.view.set_failed(&name, true);
+            self.view.set_down(&name, Some(Down::Failed));
             return;
         }
-        let lookup = name.clone();
-        match read_back(move || durable.bucket(lookup.as_bytes())).await {
+        self.next_restart += 1;
+        let restart = self.next_restart;
+        self.restarts_pending.insert(name.clone(), restart);
+        self.reading_back.spawn(async move {
+            let lookup = name.clone();
+            let entries = read_back(move || durable.bucket(lookup.as_bytes())).await;
+            ReadBack {
+                name,
+                restart,
+                entries,
+            }
+        });
+    }
+
+    /// A crashed bucket has been read back: it starts again with its data, unless it was
+    /// dropped (or dropped and restarted) meanwhile.
+    fn on_read_back(
+        &mut self,
+        ReadBack {
+            name,
+            restart,
+            entries,
+        }: ReadBack,
+    ) {
+        if self.restarts_pending.get(&name) != Some(&restart) {
+            return;
+        }
+        self.restarts_pending.remove(&name);
+        shrink_if_sparse(&mut self.restarts_pending);
+        match entries {
             Ok(Some(entries)) => match self.restore_bucket(name.clone(), &entries) {
                 Ok(_) => {
+                    self.view.set_down(&name, None);
                     tracing::warn!(bucket = %name, keys = entries.len(), "bucket restarted from its durable state");
                 }
                 Err(error) => {
                     tracing::error!(bucket = %name, %error, "could not restart the bucket; it stays down");
-                    self.view.set_failed(&name, true);
+                    self.view.set_down(&name, Some(Down::Failed));
                 }
             },
             Ok(None) => {
                 tracing::debug!(bucket = %name, "the bucket is not on disk; not restarted");
+                self.view.set_down(&name, None);
             }
             Err(error) => {
                 tracing::error!(bucket = %name, %error, "could not read the bucket back; it stays down");
-                self.view.set_failed(&name, true);
+                self.view.set_down(&name, Some(Down::Failed));
             }
         }
     }
 
-    /// A new loop after the old one failed, with durability on: every bucket comes back from
-    /// disk (the old loop's buckets ended with it).
+    /// A new loop after the old one failed, with durability on, or after the log failed:
+    /// every bucket comes back from disk (the old buckets are closed, their names marked
+    /// restarting). A name the files do not hold is forgotten.
     async fn reload_all(&mut self) {
         let Some(durable) = self.durable_state.get().cloned() else {
             return;
         };
+        // Restarts of single buckets under way are covered by this one.
+        self.reading_back.abort_all();
+        self.restarts_pending.clear();
         match read_back(move || durable.buckets()).await {
             Ok(buckets) => {
                 let count = buckets.len();
                 for (name, entries) in buckets {
-                    if let Err(error) = self.restore_bucket(name.clone(), &entries) {
-                        tracing::error!(bucket = %name, %error, "could not reload the bucket; it stays down");
-                        self.view.set_failed(&name, true);
-                    }
+                    let down = match self.restore_bucket(name.clone(), &entries) {
+                        Ok(_) => None,
+                        Err(error) => {
+                            tracing::error!(bucket = %name, %error, "could not reload the bucket; it stays down");
+                            Some(Down::Failed)
+                        }
+                    };
+                    self.view.set_down(&name, down);
                 }
-                tracing::warn!(
-                    buckets = count,
-                    "registry restarted; buckets reloaded from disk"
-                );
+                for name in self.view.restarting() {
+                    self.view.set_down(&name, None);
+                }
+                tracing::warn!(buckets = count, "buckets reloaded from disk");
             }
             Err(error) => {
-                tracing::error!(%error, "registry restarted but could not reload the buckets from disk");
+                tracing::error!(%error, "could not reload the buckets from disk; they stay down");
+                for name in self.view.restarting() {
+                    self.view.set_down(&name, Some(Down::Failed));
+                }
             }
+        }
+    }
+
+    /// The log failed to take a write: the tables may hold changes it does not, which nobody
+    /// may read. Every bucket is closed, rebuilt from the files, and then the journal forgets
+    /// what never reached them, so reads are answered again.
+    async fn reload_after_log_failure(&mut self) {
+        tracing::warn!("the log failed; rebuilding every bucket from what it holds");
+        self.view.close_all(true);
+        self.reload_all().await;
+        if let Some(journal) = &self.journal {
+            journal.discard_unwritten();
         }
     }
 
@@ -316,14 +401,16 @@ impl State {
     async fn drop_bucket(&mut self, name: &BucketName) -> Result<bool, RegistryError> {
         self.check_writable()?;
         self.restarts.remove(name);
-        let dropped = if self.view.is_failed(name.as_bytes()) {
-            // Down after too many failures, its data still on disk: dropping discards that.
-            self.view.set_failed(name, false);
-            true
-        } else if let Some(bucket) = self.named(name.as_bytes()).await {
+        let dropped = if let Some(bucket) = self.named(name.as_bytes()).await {
             self.view.remove(name.as_bytes(), bucket.id());
             // Closed before the drop is logged: every change the table accepted comes first.
             bucket.close();
+            true
+        } else if self.view.down(name.as_bytes()).is_some() {
+            // Down (restarting, or failed too often), its data still on disk: dropping
+            // discards that, and a restart under way is not installed.
+            self.view.set_down(name, None);
+            self.restarts_pending.remove(name);
             true
         } else {
             false
@@ -338,19 +425,30 @@ impl State {
 
     /// The guide's `handle_info({:DOWN, ...})`, with its catch-all: an exit of a task this loop
     /// does not monitor is logged and ignored, never a crash.
-    async fn on_exit(&mut self, ChildExit { task, reason }: ChildExit) {
+    fn on_exit(&mut self, ChildExit { task, reason }: ChildExit) {
         let Some(Monitored { bucket }) = self.monitors.remove(&task) else {
             tracing::warn!(%task, %reason, "exit of an unknown task ignored");
             return;
         };
         shrink_if_sparse(&mut self.monitors);
         bucket.close();
-        let forgotten = self.view.remove(bucket.name().as_bytes(), bucket.id());
-        // Still named when it ended: it crashed or stopped on its own; it was not dropped.
-        let ended_on_its_own = forgotten.is_some() && reason != ExitReason::Aborted;
-        if ended_on_its_own && let Some(durable) = self.durable_state.get().cloned() {
+        let durable = self
+            .durable_state
+            .get()
+            .cloned()
+            .filter(|_| reason != ExitReason::Aborted);
+        let name = bucket.name().as_bytes();
+        // Still named when it ended: it crashed or stopped on its own; it was not dropped. A
+        // durable one is marked restarting as its name goes, so no request finds neither.
+        let forgotten = match durable {
+            Some(_) => self.view.remove_to_restart(name, bucket.id()),
+            None => self.view.remove(name, bucket.id()),
+        };
+        if forgotten.is_some()
+            && let Some(durable) = durable
+        {
             tracing::warn!(bucket = %bucket.name(), %reason, "durable bucket ended; restarting it from disk");
-            Box::pin(self.restart(bucket.name().clone(), durable)).await;
+            self.restart(bucket.name().clone(), durable);
             return;
         }
         match &reason {
@@ -372,7 +470,7 @@ impl State {
             .any(|monitored| monitored.bucket.is_stopped())
         {
             match self.buckets.next_exit().await {
-                Some(exit) => self.on_exit(exit).await,
+                Some(exit) => self.on_exit(exit),
                 None => break,
             }
         }
@@ -380,6 +478,20 @@ impl State {
             names: self.view.len(),
             running_buckets: self.buckets.len(),
             named_running_buckets: self.named_running_buckets(),
+        }
+    }
+
+    /// [`settle`](Self::settle), and also waits for every restart from disk under way, so that
+    /// afterwards no name is restarting. For tests and diagnostics: the loop serves nothing
+    /// else meanwhile.
+    async fn settle_with_restarts(&mut self) -> RegistryCounts {
+        loop {
+            let counts = self.settle().await;
+            match self.reading_back.join_next().await {
+                None => return counts,
+                Some(Ok(read_back)) => self.on_read_back(read_back),
+                Some(Err(error)) => tracing::error!(%error, "reading a bucket back failed"),
+            }
         }
     }
 

@@ -17,8 +17,18 @@ struct Names {
     handles: HashTable<BucketHandle>,
     /// Seeded at random, so hostile names cannot be chosen to collide.
     hasher: foldhash::fast::RandomState,
-    /// Durable buckets that crashed too often: down, with their data on disk, until dropped.
-    failed: std::collections::HashSet<BucketName>,
+    /// Durable buckets that are not live but not gone either: their data is on disk.
+    down: std::collections::HashMap<BucketName, Down>,
+}
+
+/// Why a durable bucket's name has no live bucket, though the bucket is not gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Down {
+    /// It is being read back from disk: after its own crash, the registry's, or a failure of
+    /// the log. Requests get "try again", never "not found".
+    Restarting,
+    /// It crashed too often within a minute and stays down, its data on disk, until dropped.
+    Failed,
 }
 
 impl Names {
@@ -32,8 +42,46 @@ impl Names {
         self.handles.len()
     }
 
-    fn is_failed(&self, name: &[u8]) -> bool {
-        !self.failed.is_empty() && self.failed.contains(name)
+    /// Removes `name` if it still belongs to bucket `id` (marking it restarting, with
+    /// `restart`); returns the handle removed.
+    fn remove(&mut self, name: &[u8], id: BucketId, restart: bool) -> Option<BucketHandle> {
+        let Self {
+            handles,
+            hasher,
+            down,
+        } = self;
+        let found = handles
+            .find_entry(hasher.hash_one(name), |bucket| {
+                bucket.name().as_bytes() == name
+            })
+            .ok()
+            .filter(|bucket| bucket.get().id() == id)?;
+        let (removed, _) = found.remove();
+        if restart {
+            down.insert(removed.name().clone(), Down::Restarting);
+        }
+        if handles.capacity() > 64 && handles.len() * 4 < handles.capacity() {
+            handles.shrink_to(handles.len() * 2, |bucket| {
+                hasher.hash_one(bucket.name().as_bytes())
+            });
+        }
+        Some(removed)
+    }
+
+    fn down(&self, name: &[u8]) -> Option<Down> {
+        if self.down.is_empty() {
+            return None;
+        }
+        self.down.get(name).copied()
+    }
+
+    /// Why no live bucket answered for `name`: a bucket still named but stopped has crashed
+    /// and its exit is not yet taken in, so a durable one is about to restart.
+    fn why_missing(&self, name: &[u8], durable: bool) -> Option<Down> {
+        match self.get(name) {
+            Some(bucket) if bucket.is_stopped() => durable.then_some(Down::Restarting),
+            _ => self.down(name),
+        }
     }
 }
 
@@ -81,9 +129,9 @@ impl ReadNames<'_> {
         }
     }
 
-    /// Whether `name` is a durable bucket that crashed too often and stays down.
-    pub(crate) fn is_failed(&self, name: &[u8]) -> bool {
-        self.names.is_failed(name)
+    /// Why no live bucket answered for `name` (see [`RegistryView::why_missing`]).
+    pub(crate) fn why_missing(&self, name: &[u8], durable: bool) -> Option<Down> {
+        self.names.why_missing(name, durable)
     }
 }
 
@@ -132,7 +180,14 @@ impl RegistryView {
     /// Whether `name` is a durable bucket that crashed too often and stays down.
     #[must_use]
     pub fn is_failed(&self, name: &[u8]) -> bool {
-        self.names.read().is_failed(name)
+        self.names.read().down(name) == Some(Down::Failed)
+    }
+
+    /// Why no live bucket answers for `name` though it is not gone (`None`: it is gone, or
+    /// live). `durable` says whether a crashed bucket will be restarted from disk.
+    #[must_use]
+    pub fn why_missing(&self, name: &[u8], durable: bool) -> Option<Down> {
+        self.names.read().why_missing(name, durable)
     }
 
     /// How many names the registry holds.
@@ -222,43 +277,63 @@ impl ViewWriter {
 
     /// Removes `name` if it still belongs to bucket `id`; returns the handle removed.
     pub(super) fn remove(&self, name: &[u8], id: BucketId) -> Option<BucketHandle> {
+        self.names.write().remove(name, id, false)
+    }
+
+    pub(super) fn down(&self, name: &[u8]) -> Option<Down> {
+        self.names.read().down(name)
+    }
+
+    /// Marks `name` as down for `reason`, or (`None`) clears the mark.
+    pub(super) fn set_down(&self, name: &BucketName, reason: Option<Down>) {
         let mut names = self.names.write();
-        let Names {
-            handles, hasher, ..
-        } = &mut *names;
-        let found = handles
-            .find_entry(hasher.hash_one(name), |bucket| {
-                bucket.name().as_bytes() == name
-            })
-            .ok()
-            .filter(|bucket| bucket.get().id() == id)?;
-        let (removed, _) = found.remove();
-        if handles.capacity() > 64 && handles.len() * 4 < handles.capacity() {
-            handles.shrink_to(handles.len() * 2, |bucket| {
-                hasher.hash_one(bucket.name().as_bytes())
-            });
+        match reason {
+            Some(reason) => {
+                names.down.insert(name.clone(), reason);
+            }
+            None => {
+                names.down.remove(name);
+            }
         }
-        Some(removed)
-    }
-
-    pub(super) fn is_failed(&self, name: &[u8]) -> bool {
-        self.names.read().failed.contains(name)
-    }
-
-    /// Marks `name` as failed, or clears the mark.
-    pub(super) fn set_failed(&self, name: &BucketName, failed: bool) {
-        let mut names = self.names.write();
-        if failed {
-            names.failed.insert(name.clone());
-        } else {
-            names.failed.remove(name);
+        if names.down.is_empty() && names.down.capacity() > 64 {
+            names.down = std::collections::HashMap::new();
         }
     }
 
-    /// Closes every bucket and forgets every name: the registry that owned them has died.
-    pub(super) fn close_all(&self) {
-        let names = std::mem::take(&mut *self.names.write());
-        for bucket in &names.handles {
+    /// Every name marked down as restarting.
+    pub(super) fn restarting(&self) -> Vec<BucketName> {
+        let names = self.names.read();
+        names
+            .down
+            .iter()
+            .filter(|(_, reason)| **reason == Down::Restarting)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Removes `name` if it still belongs to bucket `id`, and marks it restarting in the same
+    /// step, so that no lookup in between finds neither; returns the handle removed.
+    pub(super) fn remove_to_restart(&self, name: &[u8], id: BucketId) -> Option<BucketHandle> {
+        self.names.write().remove(name, id, true)
+    }
+
+    /// Closes every bucket and takes every name out: the registry that owned them has died, or
+    /// (durable) their tables may hold changes the log does not. With `restart`, each name is
+    /// marked restarting in the same step, and crashed durable buckets are restarting already.
+    pub(super) fn close_all(&self, restart: bool) {
+        let handles = {
+            let mut names = self.names.write();
+            let handles = std::mem::take(&mut names.handles);
+            if restart {
+                for bucket in &handles {
+                    names.down.insert(bucket.name().clone(), Down::Restarting);
+                }
+            } else {
+                names.down.clear();
+            }
+            handles
+        };
+        for bucket in &handles {
             bucket.close();
         }
     }

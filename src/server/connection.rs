@@ -216,14 +216,23 @@ impl Connection {
             let (progress, answered) = self.process().await;
             self.time_partial_request(answered);
             let output_grew = self.gauges.track_output(self.output.capacity());
-            if self.dispatcher.take_changed()
+            let changed = self.dispatcher.take_changed();
+            if (changed || !self.output.is_empty())
                 && let Some(journal) = self.dispatcher.registry().journal()
             {
                 // No reply to a change leaves before the change is in the log (and on disk,
-                // under `always`). If the log fails, the replies are never sent: the client
-                // sees the connection close, not an acknowledgement.
-                if let Err(error) = journal.commit().await {
-                    tracing::error!(%error, "closing a connection whose changes were not logged");
+                // under `always`), and no reply that read the store leaves before every change
+                // it could have seen is in the log: a table logs under its write lock, so
+                // whatever a read saw was appended before it. If the log fails, the replies
+                // are never sent: the client sees the connection close, not an
+                // acknowledgement nor a value that the log does not hold.
+                let logged = if changed {
+                    journal.commit().await
+                } else {
+                    journal.flush()
+                };
+                if let Err(error) = logged {
+                    tracing::error!(%error, "closing a connection whose replies may show changes the log does not hold");
                     return Ok(());
                 }
             }

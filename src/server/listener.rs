@@ -19,7 +19,7 @@ use crate::dispatch::{Dispatcher, Stats};
 use crate::durability::Durable;
 use crate::protocol::{Dialect, ErrorReply};
 use crate::registry::Registry;
-use crate::storage::StorageError;
+use crate::storage::{JournalError, StorageError};
 
 /// Clients being refused at once; past this, excess clients are closed without a reply so
 /// that a flood of connections cannot pile up refusal tasks either.
@@ -134,7 +134,12 @@ impl Server {
     /// Serves until `shutdown` is cancelled, then stops accepting, lets every connection
     /// answer what it has already read, and returns once they have closed (or after the grace
     /// period, closing the rest).
-    pub async fn run(self, shutdown: CancellationToken) {
+    ///
+    /// # Errors
+    /// If the log could not be written and synced at the end: changes acknowledged under a
+    /// relaxed fsync policy may then be lost on a power cut, and the caller should say so
+    /// (`kv serve` exits non-zero).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), JournalError> {
         let Self {
             listener,
             dispatcher,
@@ -143,7 +148,7 @@ impl Server {
             ..
         } = self;
         if let Some(durable) = &durable {
-            tokio::spawn(Arc::clone(durable).compact_when_needed(shutdown.child_token()));
+            tokio::spawn(Arc::clone(durable).maintain(shutdown.child_token()));
         }
         let stats = Arc::clone(dispatcher.stats());
         let busy_poll = (!config.busy_poll.is_zero()).then(|| {
@@ -206,11 +211,10 @@ impl Server {
             tracker.wait().await;
         }
         if let Some(durable) = durable {
-            match durable.close() {
-                Ok(()) => tracing::info!("the log is written and synced"),
-                Err(error) => tracing::error!(%error, "the log could not be synced at shutdown"),
-            }
+            durable.close()?;
+            tracing::info!("the log is written and synced");
         }
+        Ok(())
     }
 }
 

@@ -302,11 +302,13 @@ impl Journal {
     /// Hands every pending record up to at least `target` to the kernel. Whoever holds the
     /// writer writes for everyone waiting: concurrent committers share one `write`.
     fn write_through(&self, target: u64) -> Result<(), JournalError> {
-        if self.is_failed() {
-            return Err(self.failure());
-        }
+        // Checked before the failure: after a failure, what was written stays written (and
+        // once the unwritten is discarded, reads find nothing unlogged to wait for).
         if self.written.load(Ordering::Acquire) >= target {
             return Ok(());
+        }
+        if self.is_failed() {
+            return Err(self.failure());
         }
         let mut writer = self.writer.lock();
         if self.written.load(Ordering::Acquire) >= target {
@@ -381,6 +383,29 @@ impl Journal {
         }
     }
 
+    /// After a failed write, once the store has been rebuilt from the files: forgets the
+    /// records that never reached them. From then on everything appended is written, so
+    /// [`flush`](Self::flush) (what a reply that read the store waits for) succeeds again;
+    /// changes stay refused.
+    pub fn discard_unwritten(&self) {
+        let _no_write_in_flight = self.writer.lock();
+        let mut pending = self.pending.lock();
+        let written = self.written.load(Ordering::Acquire);
+        pending.buffer.clear();
+        pending.last = written;
+        self.appended.store(written, Ordering::Release);
+    }
+
+    /// Waits until a write of the log has failed.
+    pub async fn failed(&self) {
+        let mut synced = self.synced.subscribe();
+        while !self.is_failed() {
+            if synced.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Makes the current log `file` (empty, already created and its directory synced) the one
     /// appended to, after writing and syncing everything pending into the old one. Blocks.
     ///
@@ -405,7 +430,8 @@ impl Journal {
     /// Writes and syncs everything, then stops the sync thread, if any. For a clean shutdown.
     ///
     /// # Errors
-    /// If the last write or sync fails.
+    /// If the last write or sync fails, or a write failed earlier: then changes were refused
+    /// while the server ran, and the stop is not a clean one.
     pub fn close(&self) -> Result<(), JournalError> {
         let target = self.appended.load(Ordering::Acquire);
         let result = self.write_through(target).and_then(|()| {
@@ -415,7 +441,10 @@ impl Journal {
             }
         });
         self.signal.stop();
-        result
+        match result {
+            Ok(()) if self.is_failed() => Err(self.failure()),
+            result => result,
+        }
     }
 }
 

@@ -24,7 +24,8 @@ pub async fn within<F: std::future::Future>(future: F) -> F::Output {
 pub struct TestServer {
     pub address: SocketAddr,
     pub shutdown: CancellationToken,
-    pub task: JoinHandle<()>,
+    /// The server's task: its result says whether the log was written and synced at the end.
+    pub task: JoinHandle<Result<(), kv::storage::JournalError>>,
     pub registry: kv::Registry,
 }
 

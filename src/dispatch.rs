@@ -244,18 +244,23 @@ impl Dispatcher {
                 encode(&Reply::List(&names), dialect, out);
                 return Next::Continue;
             }
-            Request::Keys { bucket, after } => {
+            Request::Keys { bucket, cursor } => {
                 let page_size = self.page_size;
-                // A page scans the whole bucket: run it on a handle of its own, not under the
-                // view's lock, which would hold up every lookup behind a waiting `CREATE`.
                 let page = self
                     .registry
                     .lookup(bucket)
-                    .map(|handle| handle.keys(after, page_size));
+                    .map(|handle| handle.scan(cursor, page_size));
                 match page {
-                    Some(Ok(keys)) => {
+                    Some(Ok((next, keys))) => {
                         let keys: Vec<&[u8]> = keys.iter().map(|key| &key[..]).collect();
-                        encode(&Reply::List(&keys), dialect, out);
+                        encode(
+                            &Reply::Page {
+                                cursor: next,
+                                items: &keys,
+                            },
+                            dialect,
+                            out,
+                        );
                         return Next::Continue;
                     }
                     None | Some(Err(BucketError::Stopped)) => missing(

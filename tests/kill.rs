@@ -138,11 +138,23 @@ async fn every_acknowledged_write_survives_sigkill() {
             }
         }
         // Nothing but the keys that were sent.
-        let keys = client.call(&[b"KEYS", bucket.as_bytes()]).await.unwrap();
-        let ReplyValue::Array(Some(keys)) = keys else {
-            panic!("{keys:?}")
+        // One page holds them all (fewer than the page size): [cursor "0", keys].
+        let page = client.call(&[b"KEYS", bucket.as_bytes()]).await.unwrap();
+        let ReplyValue::Array(Some(page)) = page else {
+            panic!("{page:?}")
         };
+        let [cursor, ReplyValue::Array(Some(keys))] = &page[..] else {
+            panic!("{page:?}")
+        };
+        assert_eq!(cursor, &ReplyValue::Bulk(Some(b"0".to_vec().into())));
         assert!(keys.len() as u64 <= KEYS);
+        for key in keys {
+            let ReplyValue::Bulk(Some(key)) = key else {
+                panic!("{key:?}")
+            };
+            let number: u64 = std::str::from_utf8(&key[1..]).unwrap().parse().unwrap();
+            assert!(ledger.sent.contains_key(&number), "{key:?} was never sent");
+        }
     }
     restarted.signal("TERM");
     assert!(restarted.wait().await.success());

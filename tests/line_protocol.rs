@@ -132,8 +132,9 @@ async fn drop_ping_info_lists_and_quit() {
     client
         .send(b"CREATE b\nCREATE a\nPUT a k2 v\nPUT a k1 v\nPING\nPING hello\nBUCKETS\nBUCKETS a\nKEYS a\nKEYS a k1\n")
         .await;
+    // A page of keys opens with the cursor of the next page: 0, the listing is done.
     client
-        .expect(b"OK\r\nOK\r\nOK\r\nOK\r\nPONG\r\nhello\r\nOK\r\na\r\nb\r\nOK\r\nb\r\nOK\r\nk1\r\nk2\r\nOK\r\nk2\r\nOK\r\n")
+        .expect(b"OK\r\nOK\r\nOK\r\nOK\r\nPONG\r\nhello\r\nOK\r\na\r\nb\r\nOK\r\nb\r\nOK\r\n0\r\nk1\r\nk2\r\nOK\r\nERROR invalid cursor: pass 0, or the cursor the previous page gave\r\n")
         .await;
     client.send(b"DROP a\nGET a k1\nINFO\n").await;
     client.expect(b"OK\r\nNOT FOUND\r\n").await;
@@ -180,10 +181,40 @@ async fn listings_are_bounded_by_the_page_size() {
         client.send(format!("PUT b k{index} v\n").as_bytes()).await;
         client.expect(b"OK\r\n").await;
     }
-    client.send(b"KEYS b\nKEYS b k2\nKEYS b k8\n").await;
-    client
-        .expect(b"k0\r\nk1\r\nk2\r\nOK\r\nk3\r\nk4\r\nk5\r\nOK\r\nk9\r\nOK\r\n")
-        .await;
+    // Pages of three, each opening with the cursor of the next, until the cursor is 0: every
+    // key once. Stored order: the last stored first.
+    let mut cursor = b"0".to_vec();
+    let mut pages = Vec::new();
+    loop {
+        client
+            .send(&[&b"KEYS b "[..], &cursor, b"\n"].concat())
+            .await;
+        cursor = client.line().await;
+        cursor.truncate(cursor.len() - 2);
+        let mut page = Vec::new();
+        loop {
+            let line = client.line().await;
+            if line == b"OK\r\n" {
+                break;
+            }
+            page.push(String::from_utf8(line[..line.len() - 2].to_vec()).unwrap());
+        }
+        pages.push(page);
+        if cursor == b"0" {
+            break;
+        }
+    }
+    assert_eq!(
+        pages,
+        [
+            vec!["k9", "k8", "k7"],
+            vec!["k6", "k5", "k4"],
+            vec!["k3", "k2", "k1"],
+            vec!["k0"]
+        ]
+    );
+    client.send(b"BUCKETS\nBUCKETS b\n").await;
+    client.expect(b"b\r\nOK\r\nOK\r\n").await;
 }
 
 #[tokio::test]

@@ -321,6 +321,28 @@ async fn keys_and_names_are_listed_in_bounded_pages() {
     let rest = registry.view().names(Some(b"b"), 2);
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].as_bytes(), b"c");
+
+    // The order follows drops and crashes, and a cursor need not be a name.
+    registry.drop_bucket(b"b").await.unwrap();
+    let crashed = registry.lookup(b"c").unwrap();
+    crashed.inject_fault(kv::BucketFault::Panic).unwrap();
+    within(crashed.stopped()).await;
+    within(registry.settle()).await.unwrap();
+    registry.create("ab").await.unwrap();
+    let all: Vec<Vec<u8>> = registry
+        .view()
+        .names(None, 10)
+        .iter()
+        .map(|name| name.as_bytes().to_vec())
+        .collect();
+    assert_eq!(all, [b"a".to_vec(), b"ab".to_vec()]);
+    let after: Vec<Vec<u8>> = registry
+        .view()
+        .names(Some(b"aa"), 10)
+        .iter()
+        .map(|name| name.as_bytes().to_vec())
+        .collect();
+    assert_eq!(after, [b"ab".to_vec()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

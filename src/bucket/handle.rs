@@ -153,8 +153,21 @@ impl BucketHandle {
         Ok(self.len()? == 0)
     }
 
-    /// One page of the bucket's keys: up to `limit` keys greater than `after`, in byte order.
-    /// Pass the last key of a page as `after` to get the next one.
+    /// One page of the bucket's keys at a cost of the page: up to `limit` keys from `cursor`
+    /// (zero to start), in the order they are stored, and the cursor of the next page (zero
+    /// when the listing is done). A key present for the whole listing (its value not changing
+    /// size meanwhile) is returned at least once; one added or removed meanwhile may or may
+    /// not be.
+    ///
+    /// # Errors
+    /// [`BucketError::Stopped`] if the bucket has ended.
+    pub fn scan(&self, cursor: u64, limit: usize) -> Result<(u64, Vec<Bytes>), BucketError> {
+        self.shared.table.scan(cursor, limit)
+    }
+
+    /// One page of the bucket's keys in byte order: up to `limit` keys greater than `after`.
+    /// Pass the last key of a page as `after` to get the next one. Each page reads the whole
+    /// bucket: for small buckets and tests; [`scan`](Self::scan) costs only the page.
     ///
     /// # Errors
     /// [`BucketError::Stopped`] if the bucket has ended.

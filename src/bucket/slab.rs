@@ -272,6 +272,84 @@ impl Slabs {
     }
 }
 
+/// Where a scan of a table's entries stands, as a number a client can hand back: the slab's
+/// position in the top byte (slabs in position order, then [`LARGE`]), and below it how far
+/// down that slab the scan has come. Zero is both the start and the end.
+///
+/// Each slab is walked from its last slot down. A removal moves a slab's last slot into the
+/// hole, and the last slot is one the scan has passed already (or, if the slab has shrunk
+/// below the cursor, one still ahead moving further ahead), so an entry that stays in its slab
+/// throughout is never skipped; it may be returned twice. An entry that moves to another
+/// slab (its value changed size) may be missed, and one added during the scan may or may not
+/// be returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ScanCursor(pub(crate) u64);
+
+impl ScanCursor {
+    /// At slab `position`, with the slots below `below` still to visit (`INDEX_MASK`: all).
+    fn at(position: usize, below: usize) -> Self {
+        Self(((position as u64) << INDEX_BITS) | (INDEX_MASK - below as u64))
+    }
+
+    fn position(self) -> usize {
+        (self.0 >> INDEX_BITS) as usize
+    }
+
+    fn below(self) -> usize {
+        (INDEX_MASK - (self.0 & INDEX_MASK)) as usize
+    }
+}
+
+impl Slabs {
+    /// Calls `visit` with the key of each entry from `cursor` on, until `limit` keys or the
+    /// end; returns where to go on from (zero at the end). Costs the keys visited plus at most
+    /// one step per slab passed: never a walk over the whole table.
+    pub(super) fn scan(
+        &self,
+        cursor: ScanCursor,
+        limit: usize,
+        mut visit: impl FnMut(&[u8]),
+    ) -> ScanCursor {
+        if limit == 0 {
+            return cursor;
+        }
+        let used = self.in_use().count();
+        let mut position = cursor.position();
+        let mut below = cursor.below();
+        if position >= used && position != LARGE {
+            position = LARGE;
+        }
+        let mut visited = 0;
+        loop {
+            let len = match position {
+                LARGE => self.large.len(),
+                position => {
+                    let slab = self.slab(position);
+                    slab.bytes.len() / slab.slot_size
+                }
+            };
+            let mut index = below.min(len);
+            while index > 0 {
+                if visited == limit {
+                    return ScanCursor::at(position, index);
+                }
+                index -= 1;
+                visit(self.key(EntryRef::new(position, index)));
+                visited += 1;
+            }
+            below = INDEX_MASK as usize;
+            position = match position {
+                LARGE => return ScanCursor(0),
+                position if position + 1 < used => position + 1,
+                _ => LARGE,
+            };
+            if visited == limit {
+                return ScanCursor::at(position, below);
+            }
+        }
+    }
+}
+
 /// Gives back the room of a vector that has fallen to a quarter of its capacity, or emptied.
 fn shrink<T>(vector: &mut Vec<T>) {
     if vector.is_empty() {

@@ -65,12 +65,13 @@ pub enum Request<'a> {
         /// The last name of the previous page.
         after: Option<&'a [u8]>,
     },
-    /// `KEYS bucket [after]`: one page of the bucket's keys greater than `after`.
+    /// `KEYS bucket [cursor]`: one page of the bucket's keys, from `cursor` (0: the first
+    /// page), with the cursor of the next.
     Keys {
         /// The bucket.
         bucket: &'a [u8],
-        /// The last key of the previous page.
-        after: Option<&'a [u8]>,
+        /// Where the previous page ended.
+        cursor: u64,
     },
     /// `DEBUG PANIC`: the connection's own task panics, when the server allows it.
     DebugPanic,
@@ -108,13 +109,13 @@ impl<'a> Request<'a> {
             [] if is("INFO") => Self::Info,
             [] if is("BUCKETS") => Self::Buckets { after: None },
             [after] if is("BUCKETS") => Self::Buckets { after: Some(after) },
-            [bucket] if is("KEYS") => Self::Keys {
+            [bucket] if is("KEYS") => Self::Keys { bucket, cursor: 0 },
+            [bucket, cursor] if is("KEYS") => Self::Keys {
                 bucket,
-                after: None,
-            },
-            [bucket, after] if is("KEYS") => Self::Keys {
-                bucket,
-                after: Some(after),
+                cursor: std::str::from_utf8(cursor)
+                    .ok()
+                    .and_then(|cursor| cursor.parse().ok())
+                    .ok_or(ProtocolError::InvalidCursor)?,
             },
             [action] if is("DEBUG") && action.eq_ignore_ascii_case(b"PANIC") => Self::DebugPanic,
             [action, bucket] if is("DEBUG") => {

@@ -130,6 +130,9 @@ pub enum ProtocolError {
         /// The limit.
         limit: usize,
     },
+    /// A cursor that is not a number a listing gave.
+    #[error("invalid cursor: pass 0, or the cursor the previous page gave")]
+    InvalidCursor,
     /// Anything else that is not RESP.
     #[error("Protocol error: {0}")]
     Malformed(&'static str),

@@ -48,6 +48,15 @@ pub enum Reply<'a> {
     Text(&'a str),
     /// A page of names or keys: one per line then `OK`, or an array of bulk strings.
     List(&'a [&'a [u8]]),
+    /// A page of a listing and where the next page starts (`0`: this was the last): the cursor
+    /// on a line, then the items one per line, then `OK`; or, as Redis's `SCAN`, an array of the
+    /// cursor (a bulk string) and an array of the items.
+    Page {
+        /// Where the next page starts.
+        cursor: u64,
+        /// The page's items.
+        items: &'a [&'a [u8]],
+    },
     /// Anything that went wrong.
     Error(ErrorReply),
 }
@@ -75,6 +84,21 @@ pub fn encode(reply: &Reply<'_>, dialect: Dialect, out: &mut BytesMut) {
         (Reply::Text(text), Dialect::Resp) => put_bulk(text.as_bytes(), out),
         (Reply::List(items), Dialect::Line) => encode_lines(items, out),
         (Reply::List(items), Dialect::Resp) => {
+            put_header(b'*', items.len(), out);
+            for item in *items {
+                put_bulk(item, out);
+            }
+        }
+        (Reply::Page { cursor, items }, Dialect::Line) => {
+            let mut number = itoa::Buffer::new();
+            let lines: Vec<&[u8]> = std::iter::once(number.format(*cursor).as_bytes())
+                .chain(items.iter().copied())
+                .collect();
+            encode_lines(&lines, out);
+        }
+        (Reply::Page { cursor, items }, Dialect::Resp) => {
+            put_header(b'*', 2, out);
+            put_bulk(itoa::Buffer::new().format(*cursor).as_bytes(), out);
             put_header(b'*', items.len(), out);
             for item in *items {
                 put_bulk(item, out);

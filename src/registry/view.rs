@@ -19,6 +19,8 @@ struct Names {
     hasher: foldhash::fast::RandomState,
     /// Durable buckets that are not live but not gone either: their data is on disk.
     down: std::collections::HashMap<BucketName, Down>,
+    /// The names of `handles` in byte order, so that a page of `BUCKETS` costs the page.
+    sorted: std::collections::BTreeSet<BucketName>,
 }
 
 /// Why a durable bucket's name has no live bucket, though the bucket is not gone.
@@ -49,6 +51,7 @@ impl Names {
             handles,
             hasher,
             down,
+            sorted,
         } = self;
         let found = handles
             .find_entry(hasher.hash_one(name), |bucket| {
@@ -57,6 +60,7 @@ impl Names {
             .ok()
             .filter(|bucket| bucket.get().id() == id)?;
         let (removed, _) = found.remove();
+        sorted.remove(removed.name());
         if restart {
             down.insert(removed.name().clone(), Down::Restarting);
         }
@@ -202,23 +206,19 @@ impl RegistryView {
         self.len() == 0
     }
 
-    /// One page of bucket names: up to `limit` names greater than `after`, in byte order.
+    /// One page of bucket names: up to `limit` names greater than `after`, in byte order. It
+    /// costs the page, whatever the number of buckets.
     #[must_use]
     pub fn names(&self, after: Option<&[u8]>, limit: usize) -> Vec<BucketName> {
+        use std::ops::Bound;
         let names = self.names.read();
-        let mut page: Vec<&BucketName> = names
-            .handles
-            .iter()
-            .map(BucketHandle::name)
-            .filter(|name| after.is_none_or(|after| name.as_bytes() > after))
-            .collect();
-        let limit = limit.min(page.len());
-        if limit < page.len() {
-            page.select_nth_unstable(limit);
-            page.truncate(limit);
-        }
-        page.sort_unstable();
-        page.into_iter().cloned().collect()
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        names
+            .sorted
+            .range::<[u8], _>((from, Bound::Unbounded))
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
     /// Every live bucket (a copy of the list, for walking all of them, as a snapshot does).
@@ -260,13 +260,17 @@ impl ViewWriter {
     pub(super) fn insert(&self, bucket: BucketHandle) {
         let mut names = self.names.write();
         let Names {
-            handles, hasher, ..
+            handles,
+            hasher,
+            sorted,
+            ..
         } = &mut *names;
         let hash = hasher.hash_one(bucket.name().as_bytes());
         let found = handles.find_entry(hash, |existing| existing.name() == bucket.name());
         match found {
             Ok(mut existing) => *existing.get_mut() = bucket,
             Err(absent) => {
+                sorted.insert(bucket.name().clone());
                 let table = absent.into_table();
                 table.insert_unique(hash, bucket, |existing| {
                     hasher.hash_one(existing.name().as_bytes())
@@ -324,6 +328,7 @@ impl ViewWriter {
         let handles = {
             let mut names = self.names.write();
             let handles = std::mem::take(&mut names.handles);
+            names.sorted.clear();
             if restart {
                 for bucket in &handles {
                     names.down.insert(bucket.name().clone(), Down::Restarting);

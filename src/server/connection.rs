@@ -38,8 +38,15 @@ use crate::protocol::{Dialect, ErrorReply, ParseLimits, Parsed, Reply, encode, p
 /// usual depth; more would only hold more replies back from the output bound check.
 const LOOKAHEAD: usize = 16;
 
-/// How long a refused client has to take its error before the connection closes anyway.
-const REFUSAL_WRITE_WAIT: Duration = Duration::from_secs(1);
+/// Most requests one pass answers before its replies are written and the task yields: one
+/// client with a long pipeline must not hold a worker while others wait. Each request costs at
+/// most a page or one value, so this bounds the slice; passes of a usual pipeline (16 or so)
+/// never reach it.
+const MAX_ANSWERS_PER_PASS: u64 = 256;
+
+/// How long a client being closed by the server has to take its last replies (or the error
+/// that says why) and close its side, before the connection closes anyway.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// What a read buffer starts with, and what it returns to after growing for a large request.
 const INITIAL_BUFFER: usize = 16 * 1024;
@@ -127,6 +134,8 @@ enum Progress {
     NeedInput,
     /// Replies reached the output bound; write them, then go on parsing.
     OutputFull,
+    /// The pass answered its share; write the replies, let other tasks run, then go on.
+    Yield,
     /// Write the replies, then close.
     Close,
 }
@@ -257,12 +266,16 @@ impl Connection {
                 }
             }
             match progress {
-                Progress::Close => return Ok(()),
+                Progress::Close => return close_after_replies(&mut self.stream).await,
                 Progress::OutputFull => continue,
+                Progress::Yield => {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
                 Progress::NeedInput => {}
             }
             if stop.finish.is_cancelled() {
-                return Ok(());
+                return close_after_replies(&mut self.stream).await;
             }
             // Large requests and replies have passed: give their room back, and say so
             // before waiting for the next read, which may be long. Between reads a connection
@@ -281,7 +294,7 @@ impl Connection {
                 .map(|since| since + config.request_timeout);
             let read = tokio::select! {
                 biased;
-                () = stop.finish.cancelled() => return Ok(()),
+                () = stop.finish.cancelled() => return close_after_replies(&mut self.stream).await,
                 read = read_within(&mut self.stream, &mut self.input, config.idle_timeout, request_deadline) => read,
             };
             let input_grew = self.gauges.track_input(self.input.capacity());
@@ -388,6 +401,9 @@ impl Connection {
                 };
                 self.input.advance(end + 1);
                 self.discarding = false;
+            }
+            if answered >= MAX_ANSWERS_PER_PASS {
+                break Progress::Yield;
             }
             match self.run_batch(&mut answered).await {
                 Batch::Ran => continue,
@@ -502,10 +518,10 @@ impl Connection {
     }
 }
 
-/// Writes `error` to a client that is being closed, in `dialect`, shuts the stream down and
-/// waits for the client to close its side; gives up after [`REFUSAL_WRITE_WAIT`] on a client
-/// that reads nothing or keeps sending, so that a refusal never
-/// holds a task (or the server's shutdown) for long.
+/// Writes `error` to a client that is being closed, in `dialect`, and closes (see
+/// [`close_after_replies`]); each step gives up after [`CLOSE_WAIT`] on a client that reads
+/// nothing or keeps sending, so that a refusal never holds a task (or the server's shutdown)
+/// for long.
 pub(super) async fn tell_and_close(
     stream: &mut TcpStream,
     error: ErrorReply,
@@ -513,21 +529,28 @@ pub(super) async fn tell_and_close(
 ) -> std::io::Result<()> {
     let mut reply = BytesMut::new();
     encode(&Reply::Error(error), dialect, &mut reply);
-    let told = async {
-        stream.write_all(&reply).await?;
+    match tokio::time::timeout(CLOSE_WAIT, stream.write_all(&reply)).await {
+        Ok(written) => written?,
+        // The client reads nothing: close without telling it.
+        Err(_) => return Ok(()),
+    }
+    close_after_replies(stream).await
+}
+
+/// Closes a connection whose replies are written, so that the client gets them all: closing
+/// with input unread makes the kernel reset the connection, and a reset can reach the client
+/// before it has read the last replies. So the server ends its side first and takes what the
+/// client still sends until it closes too, for at most [`CLOSE_WAIT`].
+async fn close_after_replies(stream: &mut TcpStream) -> std::io::Result<()> {
+    let drained = async {
         stream.shutdown().await?;
-        // Closing with input unread makes the kernel reset the connection, and a reset can
-        // reach the client before it has read the error: take what it still sends until it
-        // closes (within the same bound).
         let mut unread = [0u8; 4096];
         while stream.read(&mut unread).await? > 0 {}
         Ok(())
     };
-    match tokio::time::timeout(REFUSAL_WRITE_WAIT, told).await {
-        Ok(told) => told,
-        // The client reads nothing: close without telling it.
-        Err(_) => Ok(()),
-    }
+    tokio::time::timeout(CLOSE_WAIT, drained)
+        .await
+        .unwrap_or(Ok(()))
 }
 
 /// Reads once, unless the idle timeout passes first or, with a request partly read, its

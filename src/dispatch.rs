@@ -489,6 +489,10 @@ fn registry_error(error: &RegistryError) -> ErrorReply {
             code: "TRYAGAIN",
             message: error.to_string(),
         },
+        RegistryError::OutOfMemory { .. } => ErrorReply {
+            code: "OOM",
+            message: error.to_string(),
+        },
         _ => ErrorReply::new(error),
     }
 }

@@ -11,6 +11,13 @@ use kv::config::{CoreConfig, ServerConfig};
 use kv::durability::DurabilityConfig;
 use kv::protocol::ReplyValue;
 use kv::server::Server;
+
+/// jemalloc, with its background threads, which give freed memory back to the system within
+/// seconds whether or not the server keeps allocating. With glibc's malloc, a server that had
+/// held a million buckets kept all of their memory after they were dropped (docs/memory.md,
+/// `bench/give_back.py`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use kv::storage::FsyncPolicy;
 use tokio_util::sync::CancellationToken;
 

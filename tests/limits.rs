@@ -316,6 +316,35 @@ async fn the_memory_limit_is_a_clear_error() {
 }
 
 #[tokio::test]
+async fn buckets_count_against_the_memory_limit_too() {
+    // Empty buckets with long names cost memory: a client creating them must meet the limit
+    // as one storing values does.
+    let server = TestServer::start(ServerConfig {
+        core: CoreConfig {
+            max_memory: 100_000,
+            ..CoreConfig::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut client = server.client().await;
+    let name = |index: usize| format!("{index:04}{}", "n".repeat(996)).into_bytes();
+    let mut created = 0;
+    let error = loop {
+        match client.create(&name(created)).await {
+            Ok(()) => created += 1,
+            Err(error) => break error,
+        }
+        assert!(created < 100, "a thousand-byte name costs more than a kilobyte");
+    };
+    assert_eq!(error.to_string(), "OOM memory limit of 100000 bytes reached");
+    assert!(created >= 25, "only {created} buckets fit");
+    // Dropping one makes room for another.
+    client.drop_bucket(&name(0)).await.unwrap();
+    client.create(&name(created)).await.unwrap();
+}
+
+#[tokio::test]
 async fn idle_clients_are_closed() {
     let server = TestServer::start(ServerConfig {
         idle_timeout: Some(Duration::from_millis(200)),
@@ -388,10 +417,28 @@ async fn a_client_trickling_a_request_is_closed_at_the_request_timeout() {
         );
         sending.abort();
     }
-    // The slots are free again.
-    server.still_serves().await;
-    let mut observer = server.client().await;
-    assert_eq!(observer.info_field("request_timeouts").await.unwrap(), 2);
+    // The slots are free again once the server has seen the tricklers go (it takes what a
+    // closed client still sends, for a bounded time, so that the error reaches it).
+    let mut probe = within(async {
+        loop {
+            let mut probe = server.connect().await;
+            probe.send(b"PING\n").await;
+            if probe.line().await == b"PONG\r\n" {
+                return probe;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    probe.send(b"INFO\n").await;
+    loop {
+        let line = probe.line().await;
+        assert_ne!(line, b"OK\r\n", "INFO counts request timeouts");
+        if line.starts_with(b"request_timeouts:") {
+            assert_eq!(line, b"request_timeouts:2\r\n");
+            break;
+        }
+    }
 }
 
 /// Reads until the server closes; gives what came and how long the connection lasted.

@@ -46,6 +46,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
+/// The tests of this file count one process's allocations: they run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 const TOTAL: usize = 1_000_000;
 /// Buckets alive at once: creates and drops overlap, so the registry's map really grows and
 /// must shrink back.
@@ -76,6 +79,7 @@ async fn create_and_drop(registry: &Registry, first: usize, count: usize) {
 
 #[test]
 fn a_million_buckets_created_and_dropped_leave_memory_where_it_started() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -96,5 +100,47 @@ fn a_million_buckets_created_and_dropped_leave_memory_where_it_started() {
             "{grown} bytes still allocated after a million buckets came and went"
         );
         assert_eq!(registry.memory().used(), 0);
+    });
+}
+
+#[test]
+fn what_an_empty_bucket_costs_is_charged_to_the_memory_budget() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let registry = Registry::start(CoreConfig::default());
+        create_and_drop(&registry, 0, BATCH).await;
+        for name_len in [8usize, 100, 1000] {
+            let before = LIVE_BYTES.load(Ordering::Relaxed);
+            let charged_before = registry.memory().used();
+            let count = 20_000;
+            let mut buckets = Vec::with_capacity(count);
+            for index in 0..count {
+                let mut name = format!("{index:08}").into_bytes();
+                name.resize(name_len, b'n');
+                buckets.push(registry.create(&name[..]).await.unwrap());
+            }
+            let allocated = (LIVE_BYTES.load(Ordering::Relaxed) - before) as usize / count;
+            let charged = (registry.memory().used() - charged_before) / count;
+            println!("name of {name_len} bytes: allocated {allocated} per bucket, charged {charged}");
+            // The budget bounds memory: it may err high, not much low. (`allocated` includes
+            // this test's own vector of handles, 8 bytes a bucket.)
+            assert!(
+                charged >= allocated * 95 / 100,
+                "a bucket with a {name_len}-byte name allocates {allocated} bytes, charged only {charged}"
+            );
+            assert!(
+                charged <= allocated * 3 / 2,
+                "a bucket with a {name_len}-byte name allocates {allocated} bytes, charged {charged}"
+            );
+            for bucket in buckets.drain(..) {
+                registry.drop_bucket(bucket.name().as_bytes()).await.unwrap();
+            }
+            registry.settle().await.unwrap();
+            assert_eq!(registry.memory().used(), charged_before);
+        }
     });
 }

@@ -39,7 +39,7 @@ mod name;
 mod slab;
 mod table;
 
-pub(crate) use handle::start;
+pub(crate) use handle::{cost, start};
 pub use handle::{BucketFault, BucketHandle, BucketId};
 pub use name::BucketName;
 pub use table::MemoryBudget;

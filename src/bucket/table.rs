@@ -69,7 +69,8 @@ impl MemoryBudget {
         self.limit
     }
 
-    fn reserve(&self, bytes: usize) -> Result<(), BucketError> {
+    /// Reserves `bytes`, unless that would pass the limit.
+    pub(crate) fn reserve(&self, bytes: usize) -> Result<(), BucketError> {
         let before = self.used.fetch_add(bytes, Ordering::Relaxed);
         if before + bytes > self.limit {
             self.used.fetch_sub(bytes, Ordering::Relaxed);
@@ -81,7 +82,7 @@ impl MemoryBudget {
     /// Reserves `bytes` even past the limit: for restoring what the log holds, which the
     /// running server accepted within its limits (replay passes through states that never
     /// existed, such as a snapshot's later entries beside the log's earlier ones).
-    fn reserve_unchecked(&self, bytes: usize) {
+    pub(crate) fn reserve_unchecked(&self, bytes: usize) {
         self.used.fetch_add(bytes, Ordering::Relaxed);
     }
 
@@ -139,12 +140,18 @@ impl Table {
         + std::mem::offset_of!(Entries, slabs)
         + Slabs::HOT_BYTES;
 
-    pub(crate) fn new(budget: Arc<MemoryBudget>, journal: Option<Arc<Journal>>) -> Self {
+    /// A table that owns `charged` bytes of `budget`, reserved by the caller for the bucket
+    /// itself: given back with its entries' when the table closes.
+    pub(crate) fn new(
+        budget: Arc<MemoryBudget>,
+        journal: Option<Arc<Journal>>,
+        charged: usize,
+    ) -> Self {
         Self {
             entries: RwLock::new(Some(Entries {
                 index: EntryIndex::default(),
                 slabs: Slabs::default(),
-                charged: 0,
+                charged,
             })),
             closed: AtomicBool::new(false),
             budget,
@@ -373,7 +380,7 @@ mod tests {
     use super::*;
 
     fn table() -> Table {
-        Table::new(Arc::new(MemoryBudget::new(usize::MAX)), None)
+        Table::new(Arc::new(MemoryBudget::new(usize::MAX)), None, 0)
     }
 
     fn get(table: &Table, key: &[u8]) -> Option<Vec<u8>> {
@@ -397,7 +404,7 @@ mod tests {
     #[test]
     fn closing_frees_the_budget_and_refuses_everything() {
         let budget = Arc::new(MemoryBudget::new(usize::MAX));
-        let table = Table::new(Arc::clone(&budget), None);
+        let table = Table::new(Arc::clone(&budget), None, 0);
         table.put(b"t", b"a", b"b").unwrap();
         assert!(budget.used() > 0);
         assert_eq!(budget.keys(), 1);
@@ -413,7 +420,7 @@ mod tests {
     #[test]
     fn the_budget_refuses_a_put_that_would_pass_it_and_keeps_the_old_value() {
         let budget = Arc::new(MemoryBudget::new(200));
-        let table = Table::new(Arc::clone(&budget), None);
+        let table = Table::new(Arc::clone(&budget), None, 0);
         table.put(b"t", b"k", b"small").unwrap();
         let big = vec![0u8; 500];
         assert_eq!(
@@ -595,7 +602,7 @@ mod tests {
         #[test]
         fn the_table_behaves_like_a_hash_map(steps in proptest::collection::vec(step(), 1..300)) {
             let budget = Arc::new(MemoryBudget::new(usize::MAX));
-            let table = Table::new(Arc::clone(&budget), None);
+            let table = Table::new(Arc::clone(&budget), None, 0);
             let mut model = std::collections::HashMap::new();
             for (number, step) in steps.into_iter().enumerate() {
                 match step {

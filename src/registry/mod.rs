@@ -73,6 +73,13 @@ pub enum RegistryError {
     /// The bucket failed too often in a short time and stays down until it is dropped.
     #[error("bucket {0} failed repeatedly and stays down; DROP it to discard its data")]
     BucketFailed(BucketName),
+    /// One more bucket would pass the memory limit (a bucket costs memory before it holds a
+    /// key).
+    #[error("memory limit of {limit} bytes reached")]
+    OutOfMemory {
+        /// The configured limit, in bytes.
+        limit: usize,
+    },
     /// The bucket name is longer than the configured limit.
     #[error("bucket name is {length} bytes; the limit is {limit}")]
     NameTooLong {

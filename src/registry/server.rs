@@ -204,13 +204,13 @@ impl State {
             }
         }
         self.check_writable()?;
+        let bucket = self.start_bucket(name, from_log)?;
         // Logged before the bucket is visible, so every change to it comes after in the log.
         if let Some(journal) = &self.journal {
             journal.append(&Record::Create {
-                bucket: name.as_bytes(),
+                bucket: bucket.name().as_bytes(),
             });
         }
-        let bucket = self.start_bucket(name);
         self.view.insert(bucket.clone());
         tracing::debug!(bucket = %bucket.name(), "bucket created");
         Ok(bucket)
@@ -243,11 +243,32 @@ impl State {
     }
 
     /// Starts a bucket task under the bucket supervisor and monitors it; the caller makes it
-    /// visible.
-    fn start_bucket(&mut self, name: BucketName) -> BucketHandle {
+    /// visible. What the bucket costs is reserved from the memory budget first, within the
+    /// limit unless the bucket comes `from_log` (what recovery and restarts bring back was
+    /// accepted within the limits already).
+    fn start_bucket(
+        &mut self,
+        name: BucketName,
+        from_log: bool,
+    ) -> Result<BucketHandle, RegistryError> {
+        let cost = bucket::cost(&name);
+        if from_log {
+            self.budget.reserve_unchecked(cost);
+        } else {
+            self.budget
+                .reserve(cost)
+                .map_err(|_| RegistryError::OutOfMemory {
+                    limit: self.budget.limit(),
+                })?;
+        }
         let id = BucketId(self.next_bucket_id.fetch_add(1, Ordering::Relaxed));
-        let (bucket, task) =
-            bucket::start(id, name, Arc::clone(&self.budget), self.journal.clone());
+        let (bucket, task) = bucket::start(
+            id,
+            name,
+            Arc::clone(&self.budget),
+            cost,
+            self.journal.clone(),
+        );
         let task_id = self.buckets.start_child(task);
         self.monitors.insert(
             task_id,
@@ -255,7 +276,7 @@ impl State {
                 bucket: bucket.clone(),
             },
         );
-        bucket
+        Ok(bucket)
     }
 
     /// Starts `name` again with `entries`, not logged (they are on disk already), and makes it
@@ -265,7 +286,9 @@ impl State {
         name: BucketName,
         entries: &Entries,
     ) -> Result<BucketHandle, String> {
-        let bucket = self.start_bucket(name);
+        let bucket = self
+            .start_bucket(name, true)
+            .map_err(|error| error.to_string())?;
         for (key, value) in entries {
             if let Err(error) = bucket.restore(key, value) {
                 bucket.close();

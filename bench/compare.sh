@@ -168,6 +168,10 @@ stop "$KV_PID"; stop "$REDIS_PID"
 echo "== memory: $MEMORY_KEYS keys of 16 bytes with 32-byte values"
 MEMORY="$OUT/memory.csv"
 echo "server,keys,rss_start,rss_loaded,used_memory" >"$MEMORY"
+# Both allocate with jemalloc, which gives the pages a growing table leaves behind back to the
+# system over a second or so (kv: dirty_decay_ms 1000, .cargo/config.toml; Redis: its own
+# defaults): RSS is read once that has had time.
+settle_allocator() { sleep "${SETTLE_SECONDS:-3}"; }
 load_redis() { # command-per-key generator: set | hset
   python3 - "$MEMORY_KEYS" "$1" <<'PY' | redis-cli -p "$REDIS_PORT" --pipe >/dev/null
 import sys
@@ -188,6 +192,7 @@ for kind in set hset; do
   start_redis
   start=$(rss_bytes "$REDIS_PID")
   load_redis "$kind"
+  settle_allocator
   used=$(redis-cli -p "$REDIS_PORT" INFO memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r')
   echo "redis-$kind,$MEMORY_KEYS,$start,$(rss_bytes "$REDIS_PID"),$used" >>"$MEMORY"
   tail -1 "$MEMORY"
@@ -196,6 +201,7 @@ done
 start_kv
 start=$(rss_bytes "$KV_PID")
 "$KV" bench --port "$KV_PORT" --preload --keys "$MEMORY_KEYS" --buckets 1 -n 1 -c 1 >/dev/null 2>&1
+settle_allocator
 used=$(redis-cli -p "$KV_PORT" INFO | awk -F: '/^memory_used_bytes:/ {print $2}' | tr -d '\r')
 echo "kv,$MEMORY_KEYS,$start,$(rss_bytes "$KV_PID"),$used" >>"$MEMORY"
 tail -1 "$MEMORY"

@@ -4,7 +4,13 @@
 //! (buckets, keys, bytes, connections, line length) is capped, and reaching the cap gives that
 //! client an error reply instead of growing memory.
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// The most `max_bulk_len` may be: every change a request can make then fits one record of
+/// the log (a gigabyte) with room to spare, so nothing is acknowledged that the log would
+/// refuse to read back.
+pub const MAX_BULK_LEN_LIMIT: usize = 512 << 20;
 
 /// Limits of the core: the registry and its buckets.
 #[derive(Debug, Clone)]
@@ -67,7 +73,7 @@ pub struct ServerConfig {
     /// Longest line-protocol request (and RESP header line). 64 KiB, as Redis's inline limit.
     pub max_line_len: usize,
     /// Longest RESP bulk string, and the most bytes the bulks of one request may take
-    /// together. This bounds each connection's read buffer.
+    /// together. This bounds each connection's read buffer. At most [`MAX_BULK_LEN_LIMIT`].
     pub max_bulk_len: usize,
     /// Most elements in one RESP array.
     pub max_args: usize,
@@ -101,7 +107,7 @@ pub struct ServerConfig {
     /// The core's limits.
     pub core: CoreConfig,
     /// Where and how to keep data on disk; `None` keeps it in memory only.
-    pub durability: Option<crate::durability::DurabilityConfig>,
+    pub durability: Option<DurabilityConfig>,
 }
 
 impl Default for ServerConfig {
@@ -134,6 +140,73 @@ impl ServerConfig {
             max_line_len: self.max_line_len,
             max_bulk_len: self.max_bulk_len,
             max_args: self.max_args,
+        }
+    }
+}
+
+/// How a durable server keeps its data.
+#[derive(Debug, Clone)]
+pub struct DurabilityConfig {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// When the log is synced.
+    pub fsync: FsyncPolicy,
+    /// Cut a corrupt log at the first bad record instead of refusing to start.
+    pub truncate_corrupt_log: bool,
+    /// Compact once the log is larger than this many bytes and ...
+    pub compact_min_bytes: u64,
+    /// ... larger than this many times the live data.
+    pub compact_ratio: u64,
+}
+
+impl DurabilityConfig {
+    /// Defaults for `data_dir`: fsync every second (Redis's default), compaction once the
+    /// log passes 64 MiB and twice the live data.
+    #[must_use]
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            fsync: FsyncPolicy::EverySecond,
+            truncate_corrupt_log: false,
+            compact_min_bytes: 64 << 20,
+            compact_ratio: 2,
+        }
+    }
+}
+
+/// When the log is synced to disk, with Redis's `appendfsync` meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// A write is acknowledged only once it is on disk. Writes that arrive while one sync runs
+    /// share the next one (group commit).
+    Always,
+    /// The log is synced once a second: a power cut may lose about a second of writes, a
+    /// process crash loses nothing (every acknowledged write has reached the kernel).
+    EverySecond,
+    /// The operating system syncs when it likes.
+    No,
+}
+
+impl std::fmt::Display for FsyncPolicy {
+    /// The policy as `--fsync` spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Always => "always",
+            Self::EverySecond => "everysec",
+            Self::No => "no",
+        })
+    }
+}
+
+impl std::str::FromStr for FsyncPolicy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "always" => Ok(Self::Always),
+            "everysec" => Ok(Self::EverySecond),
+            "no" => Ok(Self::No),
+            other => Err(format!("{other:?} is not always, everysec or no")),
         }
     }
 }

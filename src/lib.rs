@@ -4,33 +4,40 @@
 //! # Architecture
 //!
 //! ```text
-//! server → dispatch → durability → registry → bucket → storage
-//!                                     ↑ supervisor (starts, monitors, restarts)
-//! protocol: pure parsing and encoding, depends on nothing of ours
+//! server → dispatch → shard → registry → bucket
+//!                       │         ↑ supervisor (starts, monitors, restarts)
+//!                       └ wal (the log: journal, records, data directory)
+//! protocol, config, change, stats: depend on nothing of ours
 //! client, bench: the other end of the wire, on protocol only
 //! ```
 //!
 //! - [`server`]: the listener (accept within the limits, graceful shutdown) and one task per
-//!   connection (read, dispatch, write the replies of one read together).
-//! - [`dispatch`]: the one bridge from a parsed request to the registry or a bucket.
-//! - [`protocol`]: parsing and encoding of the line protocol and RESP; no I/O.
-//! - [`client`]: a RESP client, used by `kv cli` and the tests.
-//! - [`bucket`]: one table of keys to values, owned by a supervised task.
+//!   connection (read, dispatch, wait at the shard's commit barrier, write the replies of one
+//!   read together).
+//! - `dispatch`: from a parsed request to its encoded reply, through the shard; `INFO` and
+//!   `DEBUG` apart.
+//! - [`shard`]: the seam where the cluster plugs in. A [`LocalShard`](shard::LocalShard) owns
+//!   the registry and, when durable, its log ([`shard::wal`]): the commit barrier, recovery,
+//!   compaction and restarting buckets from disk live there.
 //! - [`registry`]: the only writer of name → bucket; monitors every bucket it starts and
 //!   forgets a name when its bucket ends; a concurrent read view for lookups.
-//! - [`supervisor`]: the bucket supervisor (temporary children, never revived empty) and the
+//! - `bucket`: one table of keys to values, owned by a supervised task.
+//! - `supervisor`: the bucket supervisor (temporary children, never revived empty) and the
 //!   one-for-all restart of registry and buckets together.
-//! - [`durability`]: a registry recovered from a data directory, compaction, and restarting
-//!   failed buckets from disk.
-//! - [`storage`]: the append-only log: checksummed records, the journal (group commit, fsync
-//!   policy), the data directory (lock, snapshots, recovery).
-//! - [`config`]: every limit, with its default and why.
-//! - [`bench`](mod@bench): the load generator behind `kv bench`.
+//! - [`change`]: the one vocabulary of changes (create, drop, put, delete) that dispatch
+//!   makes, the log encodes and replays, and replication will carry; and the
+//!   [`ChangeLog`](change::ChangeLog) the registry and buckets record them through, under the
+//!   lock that orders them.
+//! - [`protocol`]: parsing and encoding of the line protocol and RESP; no I/O.
+//! - [`client`]: a RESP client, used by `kv cli` and the tests; [`bench`](mod@bench): the load
+//!   generator behind `kv bench`.
+//! - [`config`]: every limit and knob, with its default and why; `stats`: the counters of
+//!   `INFO`.
 //!
-//! Dependencies point one way, down the picture: the registry reaches back up to the
-//! durability layer only through the [`registry::DurableState`] trait it defines. `protocol`
-//! and `config` use nothing of ours; `client` and `bench` use only `protocol`.
-//!
+//! Dependencies point one way, down the picture: the registry and buckets know the log only
+//! as a [`ChangeLog`](change::ChangeLog), and the shard only through the
+//! [`registry::DurableState`] trait the registry defines for reading buckets back.
+
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -43,18 +50,20 @@
 //! ```
 
 pub mod bench;
-pub mod bucket;
+mod bucket;
+pub mod change;
 pub mod client;
 pub mod config;
-pub mod dispatch;
-pub mod durability;
+mod dispatch;
+mod encoding;
 mod prefetch;
 pub mod protocol;
 pub mod registry;
 pub mod server;
-pub mod storage;
-pub mod supervisor;
+pub mod shard;
+mod stats;
+mod supervisor;
 
-pub use bucket::{BucketError, BucketFault, BucketHandle, BucketId, BucketName};
+pub use bucket::{BucketError, BucketFault, BucketHandle, BucketId, BucketName, MemoryBudget};
 pub use config::CoreConfig;
 pub use registry::{Registry, RegistryError, RegistryView};

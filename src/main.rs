@@ -7,18 +7,16 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kv::client::{Client, render};
-use kv::config::{CoreConfig, ServerConfig};
-use kv::durability::DurabilityConfig;
+use kv::config::{CoreConfig, DurabilityConfig, FsyncPolicy, ServerConfig};
 use kv::protocol::ReplyValue;
 use kv::server::Server;
 
 /// jemalloc, with its background threads, which give freed memory back to the system within
 /// seconds whether or not the server keeps allocating. With glibc's malloc, a server that had
-/// held a million buckets kept all of their memory after they were dropped (docs/memory.md,
+/// held a million buckets kept all of their memory after they were dropped (docs/performance.md,
 /// `bench/give_back.py`).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use kv::storage::FsyncPolicy;
 use tokio_util::sync::CancellationToken;
 
 /// kv: a key-value store of named buckets.
@@ -97,7 +95,9 @@ struct ServeArgs {
     #[arg(long, default_value_t = ServerConfig::default().max_line_len)]
     max_line_len: usize,
     /// Longest RESP bulk string (and all bulks of one request together), in bytes.
-    #[arg(long, default_value_t = ServerConfig::default().max_bulk_len)]
+    #[arg(long, default_value_t = ServerConfig::default().max_bulk_len,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(1..=kv::config::MAX_BULK_LEN_LIMIT as u64))]
     max_bulk_len: usize,
     /// Most bytes all connections' read and reply buffers may hold together; a client whose
     /// large request or reply would take them past it gets an error and is closed.

@@ -84,12 +84,6 @@ impl BucketSupervisor {
         self.children.len()
     }
 
-    /// Whether no child is running.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.children.is_empty()
-    }
-
     /// The next child to end; `None` at once if there are no children.
     pub async fn next_exit(&mut self) -> Option<ChildExit> {
         let result = self.children.join_next_with_id().await?;

@@ -102,3 +102,16 @@ async fn kv_cli_reads_commands_from_a_pipe() {
     server.signal("TERM");
     assert_eq!(server.wait().await.code(), Some(0));
 }
+
+#[test]
+fn a_bulk_limit_the_log_could_not_hold_is_refused_at_start() {
+    let output = Command::new(env!("CARGO_BIN_EXE_kv"))
+        .args(["serve", "--max-bulk-len", "2000000000"])
+        .env("PORT", "0")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("--max-bulk-len"), "{message}");
+    assert!(message.contains("536870912"), "{message}");
+}

@@ -9,9 +9,23 @@ use std::sync::Arc;
 
 use kv::Registry;
 use kv::config::CoreConfig;
-use kv::durability::{DurabilityConfig, Durable};
-use kv::storage::record::{ScanEnd, scan};
-use kv::storage::{FsyncPolicy, StorageError};
+use kv::config::DurabilityConfig;
+use kv::config::FsyncPolicy;
+use kv::shard::LocalShard;
+use kv::shard::wal::WalError;
+use kv::shard::wal::record::{ScanEnd, scan};
+
+/// Opens a durable shard of `durability` with the limits of `core`.
+async fn open_shard(
+    durability: DurabilityConfig,
+    core: CoreConfig,
+) -> Result<(Arc<LocalShard>, kv::shard::RecoveryReport), kv::shard::wal::WalError> {
+    let (shard, report) = LocalShard::open(core, Some(durability)).await?;
+    Ok((
+        Arc::new(shard),
+        report.expect("a durable shard reports its recovery"),
+    ))
+}
 
 type State = BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>>;
 
@@ -22,8 +36,8 @@ fn config(directory: &Path) -> DurabilityConfig {
     }
 }
 
-async fn open(directory: &Path) -> Arc<Durable> {
-    Durable::open(config(directory), CoreConfig::default())
+async fn open(directory: &Path) -> Arc<LocalShard> {
+    open_shard(config(directory), CoreConfig::default())
         .await
         .unwrap()
         .0
@@ -44,7 +58,7 @@ fn contents(registry: &Registry) -> State {
 }
 
 /// Drops a store without closing it: what a crash after the last commit leaves.
-async fn crash(durable: Arc<Durable>) {
+async fn crash(durable: Arc<LocalShard>) {
     drop(durable);
     // The lock goes with the directory handle; nothing else to wait for.
 }
@@ -80,7 +94,7 @@ async fn data_survives_a_clean_stop_and_a_crash() {
         .put(b"k", b"v")
         .unwrap();
     registry.drop_bucket(b"gone").await.unwrap();
-    durable.journal().commit().await.unwrap();
+    durable.commit(true).await.unwrap();
     let expected = contents(registry);
     durable.close().unwrap();
     drop(durable);
@@ -93,7 +107,7 @@ async fn data_survives_a_clean_stop_and_a_crash() {
         .unwrap()
         .put(b"bread", b"2")
         .unwrap();
-    durable.journal().commit().await.unwrap();
+    durable.commit(true).await.unwrap();
     let expected = contents(durable.registry());
     crash(durable).await;
 
@@ -108,7 +122,7 @@ async fn a_directory_recovers_at_the_bucket_limit_it_ran_under() {
         max_buckets: 2,
         ..CoreConfig::default()
     };
-    let durable = Durable::open(config(directory.path()), limits.clone())
+    let durable = open_shard(config(directory.path()), limits.clone())
         .await
         .unwrap()
         .0;
@@ -120,12 +134,12 @@ async fn a_directory_recovers_at_the_bucket_limit_it_ran_under() {
         registry.create("a").await.unwrap();
     }
     registry.lookup(b"a").unwrap().put(b"k", b"v").unwrap();
-    durable.journal().commit().await.unwrap();
+    durable.commit(true).await.unwrap();
     durable.close().unwrap();
     drop(durable);
 
     for _restart in 0..3 {
-        let (durable, _) = Durable::open(config(directory.path()), limits.clone())
+        let (durable, _) = open_shard(config(directory.path()), limits.clone())
             .await
             .expect("a directory the server kept within its limits starts under them");
         let state = contents(durable.registry());
@@ -140,34 +154,35 @@ async fn a_snapshot_ahead_of_its_log_recovers_at_the_memory_limit() {
     // generation begins with changes the snapshot, copied after them, already holds. Replayed
     // on top of it, they pass through a state with both large values, which the running server
     // never had.
-    use kv::storage::Record;
+    use kv::change::Change;
+    use kv::shard::wal::record::encode;
     let directory = tempfile::tempdir().unwrap();
     let large = vec![7u8; 40_000];
     let mut snapshot = Vec::new();
-    Record::Create { bucket: b"s" }.encode(&mut snapshot);
-    Record::Put {
+    encode(&Change::Create { bucket: b"s" }, &mut snapshot);
+    let put = |key: &'static [u8]| Change::Put {
         bucket: b"s",
-        key: b"c",
+        key,
         value: &large,
-    }
-    .encode(&mut snapshot);
+    };
+    encode(&put(b"c"), &mut snapshot);
     let mut log = Vec::new();
-    Record::Delete {
-        bucket: b"s",
-        key: b"a",
-    }
-    .encode(&mut log);
-    for key in [b"b", b"c"] {
-        Record::Put {
+    encode(
+        &Change::Delete {
             bucket: b"s",
-            key,
-            value: &large,
-        }
-        .encode(&mut log);
-        if key == b"b" {
-            Record::Delete { bucket: b"s", key }.encode(&mut log);
-        }
-    }
+            key: b"a",
+        },
+        &mut log,
+    );
+    encode(&put(b"b"), &mut log);
+    encode(
+        &Change::Delete {
+            bucket: b"s",
+            key: b"b",
+        },
+        &mut log,
+    );
+    encode(&put(b"c"), &mut log);
     std::fs::write(
         directory.path().join(format!("snapshot-{:020}.kv", 1)),
         snapshot,
@@ -179,7 +194,7 @@ async fn a_snapshot_ahead_of_its_log_recovers_at_the_memory_limit() {
         max_memory: 60_000,
         ..CoreConfig::default()
     };
-    let (durable, _) = Durable::open(config(directory.path()), limits)
+    let (durable, _) = open_shard(config(directory.path()), limits)
         .await
         .expect("replay is not refused by the memory limit");
     let bucket = durable.registry().lookup(b"s").unwrap();
@@ -194,8 +209,8 @@ async fn a_snapshot_ahead_of_its_log_recovers_at_the_memory_limit() {
 async fn two_servers_cannot_share_a_directory() {
     let directory = tempfile::tempdir().unwrap();
     let _first = open(directory.path()).await;
-    let second = Durable::open(config(directory.path()), CoreConfig::default()).await;
-    assert!(matches!(second, Err(StorageError::Locked(_))));
+    let second = open_shard(config(directory.path()), CoreConfig::default()).await;
+    assert!(matches!(second, Err(WalError::Locked(_))));
 }
 
 /// Writes a known sequence; returns the state after each record (one record per operation).
@@ -214,7 +229,7 @@ async fn write_sequence(directory: &Path) -> Vec<State> {
     }
     bucket.delete(&[b'k', 0]).unwrap();
     states.push(contents(registry));
-    durable.journal().commit().await.unwrap();
+    durable.commit(true).await.unwrap();
     durable.close().unwrap();
     states
 }
@@ -246,7 +261,7 @@ async fn a_log_torn_at_any_byte_of_its_last_records_starts_with_every_whole_reco
         let directory = tempfile::tempdir().unwrap();
         let copy = directory.path().join(log.file_name().unwrap());
         std::fs::write(&copy, &bytes[..cut]).unwrap();
-        let (durable, report) = Durable::open(config(directory.path()), CoreConfig::default())
+        let (durable, report) = open_shard(config(directory.path()), CoreConfig::default())
             .await
             .unwrap_or_else(|error| panic!("cut at {cut}: {error}"));
         let whole = ends.iter().filter(|&&end| end <= cut).count();
@@ -272,12 +287,12 @@ async fn a_corrupt_record_in_the_middle_stops_the_start_unless_told_to_truncate(
     bytes[start + 10] ^= 0x20;
     std::fs::write(&log, &bytes).unwrap();
 
-    let error = Durable::open(config(directory.path()), CoreConfig::default())
+    let error = open_shard(config(directory.path()), CoreConfig::default())
         .await
         .err()
         .expect("corruption stops the start");
     match &error {
-        StorageError::Corrupt { file, offset, .. } => {
+        WalError::Corrupt { file, offset, .. } => {
             assert_eq!(file, &log);
             assert_eq!(*offset as usize, start);
         }
@@ -288,7 +303,7 @@ async fn a_corrupt_record_in_the_middle_stops_the_start_unless_told_to_truncate(
     assert!(message.contains(&format!("offset {start}")), "{message}");
     assert!(message.contains("--truncate-corrupt-log"), "{message}");
 
-    let (durable, _) = Durable::open(
+    let (durable, _) = open_shard(
         DurabilityConfig {
             truncate_corrupt_log: true,
             ..config(directory.path())
@@ -312,16 +327,16 @@ async fn a_whole_last_record_that_fails_its_checksum_is_corruption_not_a_tear() 
     bytes[last + 10] ^= 0x01;
     std::fs::write(&log, &bytes).unwrap();
 
-    let error = Durable::open(config(directory.path()), CoreConfig::default())
+    let error = open_shard(config(directory.path()), CoreConfig::default())
         .await
         .err()
         .expect("an acknowledged write is not dropped silently");
     assert!(
-        matches!(error, StorageError::Corrupt { offset, .. } if offset as usize == last),
+        matches!(error, WalError::Corrupt { offset, .. } if offset as usize == last),
         "{error}"
     );
     assert!(error.to_string().contains("whole"), "{error}");
-    let (durable, _) = Durable::open(
+    let (durable, _) = open_shard(
         DurabilityConfig {
             truncate_corrupt_log: true,
             ..config(directory.path())
@@ -343,7 +358,7 @@ async fn garbage_after_the_last_record_is_cut_off_as_a_torn_tail() {
     bytes.extend((0..40u8).map(|byte| byte.wrapping_mul(151).wrapping_add(7)));
     std::fs::write(&log, &bytes).unwrap();
 
-    let (durable, _) = Durable::open(config(directory.path()), CoreConfig::default())
+    let (durable, _) = open_shard(config(directory.path()), CoreConfig::default())
         .await
         .expect("a tail that holds no whole record is a torn write");
     assert_eq!(&contents(durable.registry()), states.last().unwrap());
@@ -362,12 +377,12 @@ async fn compaction_keeps_everything_and_shrinks_the_log() {
                 .unwrap();
         }
     }
-    durable.journal().commit().await.unwrap();
-    let before = durable.journal().log_bytes();
+    durable.commit(true).await.unwrap();
+    let before = durable.log_status().unwrap().bytes;
     durable.compact().await.unwrap();
-    assert_eq!(durable.generation(), 1);
+    assert_eq!(durable.generation(), Some(1));
     bucket.put(b"after", b"compaction").unwrap();
-    durable.journal().commit().await.unwrap();
+    durable.commit(true).await.unwrap();
     let expected = contents(durable.registry());
     let files: Vec<String> = std::fs::read_dir(directory.path())
         .unwrap()
@@ -419,11 +434,11 @@ async fn compaction_under_concurrent_writes_loses_nothing() {
                     let value = sequence.to_le_bytes().to_vec();
                     if sequence % 7 == 3 {
                         bucket.delete(&key).unwrap();
-                        durable.journal().commit().await.unwrap();
+                        durable.commit(true).await.unwrap();
                         committed.remove(&key);
                     } else {
                         bucket.put(&key, &value).unwrap();
-                        durable.journal().commit().await.unwrap();
+                        durable.commit(true).await.unwrap();
                         committed.insert(key, value);
                     }
                     if sequence % 100 == 0 {
@@ -449,7 +464,7 @@ async fn compaction_under_concurrent_writes_loses_nothing() {
         expected.insert(name, committed);
     }
     compactions.await.unwrap();
-    assert_eq!(durable.generation(), 5);
+    assert_eq!(durable.generation(), Some(5));
     crash(durable).await;
 
     let durable = open(directory.path()).await;
@@ -527,7 +542,7 @@ mod model {
                 }
             }
             // Every step is acknowledged, as the server acknowledges a batch.
-            durable.journal().commit().await.unwrap();
+            durable.commit(true).await.unwrap();
             prop_assert_eq!(&contents(durable.registry()), &model);
         }
         Ok(())
@@ -548,4 +563,36 @@ mod model {
             runtime.block_on(check(steps))?;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_larger_than_a_log_record_is_refused_before_it_is_made() {
+    use kv::change::Refusal;
+    use kv::shard::wal::record::MAX_CHANGE_LEN;
+    let directory = tempfile::tempdir().unwrap();
+    let durable = open(directory.path()).await;
+    let bucket = durable.registry().create("b").await.unwrap();
+    // Zeroed by the allocator on demand: the refusal comes before any of it is read.
+    let huge = vec![0u8; MAX_CHANGE_LEN];
+    let error = bucket.put(b"k", &huge).unwrap_err();
+    assert_eq!(
+        error,
+        kv::BucketError::Refused(Refusal::TooLarge {
+            size: 1 + 1 + MAX_CHANGE_LEN,
+            limit: MAX_CHANGE_LEN
+        })
+    );
+    assert!(
+        error.to_string().contains("over the log's limit"),
+        "{error}"
+    );
+    drop(huge);
+    assert_eq!(bucket.get(b"k").unwrap(), None, "nothing was stored");
+    bucket.put(b"small", b"v").unwrap();
+    durable.commit(true).await.unwrap();
+    durable.close().unwrap();
+    drop(durable);
+    let reopened = open(directory.path()).await;
+    let bucket = reopened.registry().lookup(b"b").unwrap();
+    assert_eq!(bucket.len().unwrap(), 1, "the log reads back whole");
 }

@@ -8,13 +8,26 @@ mod common;
 use std::sync::Arc;
 
 use common::{TestServer, within};
+use kv::config::DurabilityConfig;
 use kv::config::{CoreConfig, ServerConfig};
-use kv::durability::{DurabilityConfig, Durable};
 use kv::registry::BUCKET_RESTARTS;
+use kv::shard::LocalShard;
 use kv::{BucketError, BucketFault, RegistryError};
 
-async fn open(directory: &std::path::Path) -> Arc<Durable> {
-    Durable::open(
+/// Opens a durable shard of `durability` with the limits of `core`.
+async fn open_shard(
+    durability: DurabilityConfig,
+    core: CoreConfig,
+) -> Result<(Arc<LocalShard>, kv::shard::RecoveryReport), kv::shard::wal::WalError> {
+    let (shard, report) = LocalShard::open(core, Some(durability)).await?;
+    Ok((
+        Arc::new(shard),
+        report.expect("a durable shard reports its recovery"),
+    ))
+}
+
+async fn open(directory: &std::path::Path) -> Arc<LocalShard> {
+    open_shard(
         DurabilityConfig::new(directory.to_owned()),
         CoreConfig::default(),
     )
@@ -58,7 +71,7 @@ async fn a_crashed_durable_bucket_restarts_with_its_data() {
     assert_eq!(neighbour.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
     // It goes on logging: a change after the restart survives a restart of the store.
     restarted.put(b"bread", b"2").unwrap();
-    durable.journal().commit().await.unwrap();
+    durable.commit(true).await.unwrap();
     drop(durable);
     let durable = open(directory.path()).await;
     let reopened = durable.registry().lookup(b"shopping").unwrap();
@@ -98,7 +111,7 @@ async fn a_bucket_that_crashes_too_often_stays_down_until_dropped() {
     assert!(!registry.view().is_failed(b"flaky"));
     let fresh = registry.create("flaky").await.unwrap();
     assert_eq!(fresh.get(b"k").unwrap(), None);
-    durable.journal().commit().await.unwrap();
+    durable.commit(true).await.unwrap();
     drop(durable);
     let durable = open(directory.path()).await;
     assert_eq!(
@@ -191,11 +204,11 @@ async fn compaction_keeps_the_data_of_a_bucket_that_is_down() {
 
     // The snapshot is written while the bucket is down; the old log goes afterwards.
     durable.compact().await.unwrap();
-    durable.journal().commit().await.unwrap();
+    durable.commit(true).await.unwrap();
     drop(durable);
 
     let durable = open(directory.path()).await;
-    assert_eq!(durable.generation(), 1);
+    assert_eq!(durable.generation(), Some(1));
     let flaky = durable.registry().lookup(b"flaky").expect("still on disk");
     assert_eq!(
         flaky.get(b"k").unwrap().as_deref(),
@@ -218,7 +231,7 @@ async fn when_the_log_cannot_be_written_nothing_more_is_acknowledged() {
     client.expect(b"OK\r\nOK\r\n").await;
 
     // The disk fills up: the change whose write fails is never acknowledged.
-    server.registry.journal().unwrap().inject_write_failure();
+    server.shard().inject_log_write_failure();
     client.send(b"PUT s milk 2\n").await;
     assert_eq!(
         client.until_closed().await,
@@ -301,7 +314,7 @@ async fn a_change_the_log_did_not_take_is_never_read_and_gone_after_a_restart_to
     }
 
     // A batch of changes whose write fails: applied in memory, never in the log.
-    server.registry.journal().unwrap().inject_write_failure();
+    server.shard().inject_log_write_failure();
     let mut batch = Vec::new();
     for key in 0..50 {
         batch.extend_from_slice(
@@ -341,13 +354,18 @@ struct SlowDisk {
 }
 
 impl kv::registry::DurableState for SlowDisk {
-    fn bucket(&self, name: &[u8]) -> Result<Option<kv::registry::Entries>, String> {
+    fn bucket(
+        &self,
+        name: &[u8],
+    ) -> Result<Option<kv::registry::Entries>, kv::registry::ReadBackError> {
         // On a blocking thread of the runtime: waiting here holds up only this read.
         let _permit = tokio::runtime::Handle::current().block_on(self.release.acquire());
         Ok((name == b"slow").then(|| self.entries.clone()))
     }
 
-    fn buckets(&self) -> Result<Vec<(kv::BucketName, kv::registry::Entries)>, String> {
+    fn buckets(
+        &self,
+    ) -> Result<Vec<(kv::BucketName, kv::registry::Entries)>, kv::registry::ReadBackError> {
         Ok(Vec::new())
     }
 }

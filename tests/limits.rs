@@ -335,9 +335,15 @@ async fn buckets_count_against_the_memory_limit_too() {
             Ok(()) => created += 1,
             Err(error) => break error,
         }
-        assert!(created < 100, "a thousand-byte name costs more than a kilobyte");
+        assert!(
+            created < 100,
+            "a thousand-byte name costs more than a kilobyte"
+        );
     };
-    assert_eq!(error.to_string(), "OOM memory limit of 100000 bytes reached");
+    assert_eq!(
+        error.to_string(),
+        "OOM memory limit of 100000 bytes reached"
+    );
     assert!(created >= 25, "only {created} buckets fit");
     // Dropping one makes room for another.
     client.drop_bucket(&name(0)).await.unwrap();

@@ -291,8 +291,9 @@ async fn names_keys_and_values_are_arbitrary_bytes() {
 
 #[tokio::test]
 async fn the_memory_limit_refuses_puts_with_a_clear_error() {
+    // Room for the bucket itself (about 1.2 KB) and one 600-byte value, not two.
     let registry = Registry::start(CoreConfig {
-        max_memory: 1000,
+        max_memory: 2400,
         ..CoreConfig::default()
     });
     let bucket = registry.create("shopping").await.unwrap();
@@ -300,7 +301,7 @@ async fn the_memory_limit_refuses_puts_with_a_clear_error() {
     bucket.put(b"one", &big).unwrap();
     assert_eq!(
         bucket.put(b"two", &big),
-        Err(BucketError::OutOfMemory { limit: 1000 })
+        Err(BucketError::OutOfMemory { limit: 2400 })
     );
     bucket.delete(b"one").unwrap();
     bucket.put(b"two", &big).unwrap();

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use super::table::{MemoryBudget, Table};
 use super::{BucketError, BucketName};
-use crate::storage::Journal;
+use crate::change::ChangeLog;
 
 /// A number that tells one bucket from every other bucket of the same registry, including
 /// earlier buckets of the same name.
@@ -175,13 +175,13 @@ impl BucketHandle {
         self.shared.table.keys_after(after, limit)
     }
 
-    /// Appends a `Put` record of every entry to `out`: a consistent copy of the bucket, for a
-    /// snapshot.
+    /// Calls `visit` with every key and value, under the bucket's read lock: a consistent copy
+    /// (writers to this bucket wait meanwhile).
     ///
     /// # Errors
     /// [`BucketError::Stopped`] if the bucket has ended.
-    pub fn export(&self, out: &mut Vec<u8>) -> Result<(), BucketError> {
-        self.shared.table.export(self.shared.name.as_bytes(), out)
+    pub fn for_each_entry(&self, visit: impl FnMut(&[u8], &[u8])) -> Result<(), BucketError> {
+        self.shared.table.for_each_entry(visit)
     }
 
     /// Starts loading the bucket's name and table header into cache, all lines at once,
@@ -265,13 +265,13 @@ pub(crate) fn start(
     name: BucketName,
     budget: Arc<MemoryBudget>,
     charged: usize,
-    journal: Option<Arc<Journal>>,
+    log: Option<Arc<dyn ChangeLog>>,
 ) -> (BucketHandle, impl Future<Output = ()> + Send + 'static) {
     let (control, receiver) = watch::channel(Control::Run);
     let shared = Arc::new(Shared {
         id,
         name,
-        table: Table::new(budget, journal, charged),
+        table: Table::new(budget, log, charged),
         control,
     });
     let guard = CloseOnExit {

@@ -15,6 +15,7 @@
 use hashbrown::HashTable;
 
 use super::slab::{CompactRef, EntryRef};
+use crate::encoding::shrunk_capacity;
 
 /// References held inline before the index becomes a hash table.
 pub(super) const INLINE_ENTRIES: usize = 16;
@@ -188,9 +189,8 @@ impl EntryIndex {
                         inline.insert(rehash(remaining), remaining, &rehash);
                     }
                     *self = inline;
-                } else if table.len() * 4 < table.capacity() {
-                    // A table that shrank to a quarter of its capacity gives the rest back.
-                    table.shrink_to(table.len() * 2, |&entry| rehash(entry));
+                } else if let Some(capacity) = shrunk_capacity(table.len(), table.capacity()) {
+                    table.shrink_to(capacity, |&entry| rehash(entry));
                 }
             }
         }

@@ -39,8 +39,8 @@ mod name;
 mod slab;
 mod table;
 
-pub(crate) use handle::{cost, start};
 pub use handle::{BucketFault, BucketHandle, BucketId};
+pub(crate) use handle::{cost, start};
 pub use name::BucketName;
 pub use table::MemoryBudget;
 
@@ -50,9 +50,9 @@ pub enum BucketError {
     /// The bucket has ended (dropped, stopped or crashed); its data is gone.
     #[error("bucket has stopped")]
     Stopped,
-    /// The log cannot be written, so no change is accepted.
-    #[error("the log cannot be written; changes are refused")]
-    Unwritable,
+    /// The log refuses the change: it has failed, or cannot hold a change this large.
+    #[error(transparent)]
+    Refused(#[from] crate::change::Refusal),
     /// Storing this would pass the configured memory limit.
     #[error("memory limit of {limit} bytes reached")]
     OutOfMemory {

@@ -13,6 +13,8 @@
 
 use smallvec::SmallVec;
 
+use crate::encoding::{MAX_VARINT_LEN, read_varint, shrunk_capacity, varint_len, write_varint};
+
 /// A slot's address: the slab's position in its table's list in the top byte (or [`LARGE`]),
 /// the index in the slab below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,8 +356,8 @@ impl Slabs {
 fn shrink<T>(vector: &mut Vec<T>) {
     if vector.is_empty() {
         *vector = Vec::new();
-    } else if vector.capacity() > 64 && vector.len() * 4 < vector.capacity() {
-        vector.shrink_to(vector.len() * 2);
+    } else if let Some(capacity) = shrunk_capacity(vector.len(), vector.capacity()) {
+        vector.shrink_to(capacity);
     }
 }
 
@@ -367,38 +369,11 @@ fn encode(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
 }
 
 fn decode(bytes: &[u8]) -> (&[u8], &[u8]) {
-    let (key_len, first) = read_varint(bytes);
-    let (value_len, second) = read_varint(&bytes[first..]);
+    let (key_len, first) = read_varint(bytes).expect("a slot starts with the varints encode wrote");
+    let (value_len, second) =
+        read_varint(&bytes[first..]).expect("a slot starts with the varints encode wrote");
     let rest = &bytes[first + second..];
     (&rest[..key_len], &rest[key_len..key_len + value_len])
-}
-
-/// The most bytes a `usize` takes as a varint.
-const MAX_VARINT_LEN: usize = 10;
-
-// LEB128 by hand: a few lines, and the crates for it bring far more than this needs.
-fn write_varint(out: &mut impl Extend<u8>, mut value: usize) {
-    while value >= 0x80 {
-        out.extend([(value as u8) | 0x80]);
-        value >>= 7;
-    }
-    out.extend([value as u8]);
-}
-
-/// Returns the value and how many bytes it took. Only ever reads what `write_varint` wrote.
-fn read_varint(bytes: &[u8]) -> (usize, usize) {
-    let mut value = 0usize;
-    for (index, byte) in bytes.iter().enumerate() {
-        value |= usize::from(byte & 0x7f) << (7 * index);
-        if byte & 0x80 == 0 {
-            return (value, index + 1);
-        }
-    }
-    unreachable!("entries always start with complete varints")
-}
-
-fn varint_len(value: usize) -> usize {
-    (usize::BITS - value.leading_zeros()).max(1).div_ceil(7) as usize
 }
 
 #[cfg(test)]
@@ -415,26 +390,6 @@ mod tests {
             }
             assert_eq!(EntryRef::new(position, 16).compact(), None);
             assert_eq!(EntryRef::new(position, 1 << 40).compact(), None);
-        }
-    }
-
-    #[test]
-    fn varints_round_trip_at_every_width() {
-        for value in [
-            0,
-            1,
-            127,
-            128,
-            255,
-            16_383,
-            16_384,
-            1 << 21,
-            usize::MAX >> 1,
-        ] {
-            let mut out = Vec::new();
-            write_varint(&mut out, value);
-            assert_eq!(out.len(), varint_len(value));
-            assert_eq!(read_varint(&out), (value, out.len()));
         }
     }
 

@@ -21,7 +21,7 @@ use parking_lot::RwLock;
 use super::BucketError;
 use super::index::EntryIndex;
 use super::slab::{self, EntryRef, ScanCursor, Slabs};
-use crate::storage::{Journal, Record};
+use crate::change::{Change, ChangeLog};
 
 /// What one entry costs beyond its slot: its place in the hash index (an 8-byte reference
 /// and a control byte, at the index's load). An estimate: the budget bounds memory, it does not
@@ -124,9 +124,9 @@ struct Entries {
 pub(crate) struct Table {
     closed: AtomicBool,
     entries: RwLock<Option<Entries>>,
-    /// Where changes are logged, when the server is durable. A change is appended while the
+    /// Where changes are logged, when the shard is durable. A change is recorded while the
     /// write lock is held, so the log's order for a key is the order the changes were made.
-    journal: Option<Arc<Journal>>,
+    log: Option<Arc<dyn ChangeLog>>,
     budget: Arc<MemoryBudget>,
 }
 
@@ -144,7 +144,7 @@ impl Table {
     /// itself: given back with its entries' when the table closes.
     pub(crate) fn new(
         budget: Arc<MemoryBudget>,
-        journal: Option<Arc<Journal>>,
+        log: Option<Arc<dyn ChangeLog>>,
         charged: usize,
     ) -> Self {
         Self {
@@ -155,7 +155,7 @@ impl Table {
             })),
             closed: AtomicBool::new(false),
             budget,
-            journal,
+            log,
         }
     }
 
@@ -175,26 +175,26 @@ impl Table {
         }
     }
 
-    /// Refuses changes once the log has failed: nothing may be acknowledged that the log
-    /// does not hold.
-    fn check_writable(&self) -> Result<(), BucketError> {
-        match &self.journal {
-            Some(journal) if journal.is_failed() => Err(BucketError::Unwritable),
-            _ => Ok(()),
+    /// Asks the log whether `change` may be made (not once it has failed, nor if it cannot
+    /// hold it): nothing may be acknowledged that the log does not hold.
+    fn admit(&self, change: &Change<'_>) -> Result<(), BucketError> {
+        match &self.log {
+            Some(log) => log.admit(change).map_err(BucketError::Refused),
+            None => Ok(()),
         }
     }
 
-    /// Appends `record` to the log. `_locked` is the table's contents under its write lock,
+    /// Records `change` in the log. `_locked` is the table's contents under its write lock,
     /// which the caller must hold to have it: the log's order for a key is then, by
     /// construction, the order in which its changes were applied.
-    fn log(&self, _locked: &mut Entries, record: &Record<'_>) {
-        if let Some(journal) = &self.journal {
-            journal.append(record);
+    fn record(&self, _locked: &mut Entries, change: &Change<'_>) {
+        if let Some(log) = &self.log {
+            log.record(change);
         }
     }
 
     pub(crate) fn put(&self, bucket: &[u8], key: &[u8], value: &[u8]) -> Result<(), BucketError> {
-        self.check_writable()?;
+        self.admit(&Change::Put { bucket, key, value })?;
         self.store(key, value, Origin::Client { bucket })
     }
 
@@ -245,7 +245,7 @@ impl Table {
             self.budget.keys.fetch_add(1, Ordering::Relaxed);
         }
         if let Origin::Client { bucket } = origin {
-            self.log(entries, &Record::Put { bucket, key, value });
+            self.record(entries, &Change::Put { bucket, key, value });
         }
         Ok(())
     }
@@ -280,7 +280,7 @@ impl Table {
     }
 
     pub(crate) fn delete(&self, bucket: &[u8], key: &[u8]) -> Result<bool, BucketError> {
-        self.check_writable()?;
+        self.admit(&Change::Delete { bucket, key })?;
         let mut guard = self.entries.write();
         let entries = guard.as_mut().ok_or(BucketError::Stopped)?;
         let hash = hash_key(key);
@@ -298,18 +298,21 @@ impl Table {
         *charged -= freed;
         self.budget.release(freed);
         self.budget.keys.fetch_sub(1, Ordering::Relaxed);
-        self.log(entries, &Record::Delete { bucket, key });
+        self.record(entries, &Change::Delete { bucket, key });
         Ok(true)
     }
 
-    /// Appends a `Put` record for every entry to `out`, under the read lock: a consistent
-    /// copy of this table for a snapshot. Writers to this bucket wait meanwhile.
-    pub(crate) fn export(&self, bucket: &[u8], out: &mut Vec<u8>) -> Result<(), BucketError> {
+    /// Calls `visit` with every entry, under the read lock: a consistent copy of this table
+    /// (for a snapshot). Writers to this bucket wait meanwhile.
+    pub(crate) fn for_each_entry(
+        &self,
+        mut visit: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), BucketError> {
         let guard = self.entries.read();
         let entries = guard.as_ref().ok_or(BucketError::Stopped)?;
         for entry in entries.index.iter() {
             let (key, value) = entries.slabs.get(entry);
-            Record::Put { bucket, key, value }.encode(out);
+            visit(key, value);
         }
         Ok(())
     }
@@ -578,7 +581,7 @@ mod tests {
         );
         assert!(offset(std::ptr::from_ref(&entries.index).addr()) < Table::HOT_BYTES);
         assert!(offset(std::ptr::from_ref(&table.closed).addr()) < Table::HOT_BYTES);
-        assert!(Table::HOT_BYTES <= std::mem::offset_of!(Table, journal));
+        assert!(Table::HOT_BYTES <= std::mem::offset_of!(Table, log));
     }
 
     #[derive(Debug, Clone)]

@@ -11,10 +11,11 @@ mod command;
 mod line;
 mod reply;
 mod resp;
+mod resp_reply;
 
 pub use command::{DebugAction, Request};
 pub use reply::{ErrorReply, Reply, encode, encode_value};
-pub use resp::{ReplyValue, encode_request, parse_reply};
+pub use resp_reply::{ReplyValue, encode_request, parse_reply};
 
 /// Which protocol a request came in, and so which one its reply goes out in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,8 +10,8 @@ use super::server::{self, Request, State};
 use super::view::{ReadNames, RegistryView};
 use super::{DurableState, RegistryError};
 use crate::bucket::{BucketHandle, BucketName, MemoryBudget};
+use crate::change::ChangeLog;
 use crate::config::CoreConfig;
-use crate::storage::Journal;
 use crate::supervisor::{self, ChildGroup};
 
 /// Whether the registry loop is up, and how many times it has been started.
@@ -40,7 +40,7 @@ struct Shared {
     view: RegistryView,
     budget: Arc<MemoryBudget>,
     next_bucket_id: Arc<AtomicU64>,
-    journal: Option<Arc<Journal>>,
+    log: Option<Arc<dyn ChangeLog>>,
     /// Set once by the durability layer, after recovery.
     durable_state: Arc<OnceLock<Arc<dyn DurableState>>>,
     /// The current loop's mailbox; `None` while it restarts or after it stopped for good.
@@ -82,16 +82,16 @@ impl Registry {
     /// If called outside a tokio runtime.
     #[must_use]
     pub fn start(config: CoreConfig) -> Self {
-        Self::start_durable(config, None)
+        Self::start_logged(config, None)
     }
 
-    /// Starts a registry whose creates and drops, and whose buckets' changes, are logged to
-    /// `journal` (when there is one).
+    /// Starts a registry whose creates and drops, and whose buckets' changes, are recorded in
+    /// `log` (when there is one).
     ///
     /// # Panics
     /// If called outside a tokio runtime.
     #[must_use]
-    pub fn start_durable(config: CoreConfig, journal: Option<Arc<Journal>>) -> Self {
+    pub fn start_logged(config: CoreConfig, log: Option<Arc<dyn ChangeLog>>) -> Self {
         let intensity = config.restart_intensity;
         let (status, _) = watch::channel(RegistryStatus {
             starts: 0,
@@ -102,7 +102,7 @@ impl Registry {
             config,
             view: RegistryView::default(),
             next_bucket_id: Arc::new(AtomicU64::new(0)),
-            journal,
+            log,
             durable_state: Arc::new(OnceLock::new()),
             mailbox: RwLock::new(None),
             status,
@@ -183,9 +183,9 @@ impl Registry {
         &self.shared.budget
     }
 
-    /// After the log failed to take a write: closes every bucket, rebuilds it from the files,
-    /// and has the journal forget what never reached them, so that nothing the log does not
-    /// hold can be read. Meanwhile the buckets answer "restarting, try again".
+    /// After the log failed to take a write: closes every bucket and rebuilds it from the
+    /// files, so that nothing the log does not hold can be read. Meanwhile the buckets answer
+    /// "restarting, try again".
     ///
     /// # Errors
     /// [`RegistryError::Unavailable`] while the registry restarts (which reloads from disk
@@ -200,10 +200,10 @@ impl Registry {
         let _ = self.shared.durable_state.set(state);
     }
 
-    /// The journal changes are logged to, when the registry is durable.
+    /// Whether changes are logged: then a bucket that crashes comes back from disk.
     #[must_use]
-    pub fn journal(&self) -> Option<&Arc<Journal>> {
-        self.shared.journal.as_ref()
+    pub fn is_durable(&self) -> bool {
+        self.shared.log.is_some()
     }
 
     /// The limits this registry was started with.
@@ -289,7 +289,7 @@ impl ChildGroup for RegistryGroup {
             shared.view.writer(),
             Arc::clone(&shared.budget),
             Arc::clone(&shared.next_bucket_id),
-            shared.journal.clone(),
+            shared.log.clone(),
             Arc::clone(&shared.durable_state),
             shared.status.borrow().starts > 0,
         );

@@ -36,6 +36,9 @@ pub const BUCKET_RESTARTS: usize = 3;
 /// A bucket's contents as read back from disk: its keys and values.
 pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// Why durable state could not be read back: the files' own error, whatever they are.
+pub type ReadBackError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What a durable registry reads back from disk to restart what failed: a crashed bucket, or
 /// (after the registry loop itself failed) every bucket. Implemented by the durability layer.
 pub trait DurableState: Send + Sync + 'static {
@@ -43,13 +46,13 @@ pub trait DurableState: Send + Sync + 'static {
     ///
     /// # Errors
     /// If the files cannot be read.
-    fn bucket(&self, name: &[u8]) -> Result<Option<Entries>, String>;
+    fn bucket(&self, name: &[u8]) -> Result<Option<Entries>, ReadBackError>;
 
     /// Every bucket on disk, with its contents.
     ///
     /// # Errors
     /// If the files cannot be read.
-    fn buckets(&self) -> Result<Vec<(BucketName, Entries)>, String>;
+    fn buckets(&self) -> Result<Vec<(BucketName, Entries)>, ReadBackError>;
 }
 
 /// Why a registry call failed.
@@ -64,9 +67,9 @@ pub enum RegistryError {
         /// The configured limit.
         limit: usize,
     },
-    /// The log cannot be written, so no bucket can be created.
-    #[error("the log cannot be written; changes are refused")]
-    Unwritable,
+    /// The log refuses the change (it has failed).
+    #[error(transparent)]
+    Refused(#[from] crate::change::Refusal),
     /// The bucket is being read back from disk after a crash; it answers again shortly.
     #[error("bucket {0} is restarting from disk; try again")]
     Restarting(BucketName),

@@ -10,10 +10,11 @@ use tokio::task::{Id, JoinSet};
 
 use super::handle::RegistryCounts;
 use super::view::{Down, ViewWriter};
-use super::{BUCKET_RESTARTS, DurableState, Entries, RegistryError};
-use crate::bucket::{self, BucketHandle, BucketId, BucketName, MemoryBudget};
+use super::{BUCKET_RESTARTS, DurableState, Entries, ReadBackError, RegistryError};
+use crate::bucket::{self, BucketError, BucketHandle, BucketId, BucketName, MemoryBudget};
+use crate::change::{Change, ChangeLog};
 use crate::config::{CoreConfig, RestartIntensity};
-use crate::storage::{Journal, Record};
+use crate::encoding::shrunk_capacity;
 use crate::supervisor::{BucketSupervisor, ChildExit, ExitReason, RestartWindow};
 
 /// What callers ask of the loop. Every request carries its reply slot: these are calls.
@@ -43,18 +44,16 @@ pub(super) enum Request {
 fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
     map: &mut HashMap<K, V, S>,
 ) {
-    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
-        map.shrink_to(map.len() * 2);
+    if let Some(capacity) = shrunk_capacity(map.len(), map.capacity()) {
+        map.shrink_to(capacity);
     }
 }
 
 /// Reads durable state on a blocking thread (it reads files); a panic there is an error too.
 async fn read_back<T: Send + 'static>(
-    read: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(read)
-        .await
-        .map_err(|error| error.to_string())?
+    read: impl FnOnce() -> Result<T, ReadBackError> + Send + 'static,
+) -> Result<T, ReadBackError> {
+    tokio::task::spawn_blocking(read).await?
 }
 
 /// A bucket this loop started and is watching.
@@ -67,7 +66,7 @@ struct ReadBack {
     name: BucketName,
     /// Which restart this is: a bucket dropped and created again meanwhile has a newer one.
     restart: u64,
-    entries: Result<Option<Entries>, String>,
+    entries: Result<Option<Entries>, ReadBackError>,
 }
 
 /// The loop's state. Everything here is owned by one task; the view is its only shared part.
@@ -77,8 +76,8 @@ pub(super) struct State {
     pub(super) budget: Arc<MemoryBudget>,
     /// Shared across restarts so a bucket id is never reused within one registry.
     pub(super) next_bucket_id: Arc<AtomicU64>,
-    /// Where creates and drops are logged, when the server is durable.
-    pub(super) journal: Option<Arc<Journal>>,
+    /// Where creates and drops are logged, when the shard is durable.
+    pub(super) log: Option<Arc<dyn ChangeLog>>,
     /// What buckets that end on their own are restarted from, once the durability layer has
     /// set it.
     durable_state: Arc<OnceLock<Arc<dyn DurableState>>>,
@@ -100,7 +99,7 @@ impl State {
         view: ViewWriter,
         budget: Arc<MemoryBudget>,
         next_bucket_id: Arc<AtomicU64>,
-        journal: Option<Arc<Journal>>,
+        log: Option<Arc<dyn ChangeLog>>,
         durable_state: Arc<OnceLock<Arc<dyn DurableState>>>,
         reload_on_start: bool,
     ) -> Self {
@@ -109,7 +108,7 @@ impl State {
             view,
             budget,
             next_bucket_id,
-            journal,
+            log,
             durable_state,
             restarts: HashMap::new(),
             reload_on_start,
@@ -203,14 +202,15 @@ impl State {
                 });
             }
         }
-        self.check_writable()?;
-        let bucket = self.start_bucket(name, from_log)?;
+        self.admit(&Change::Create {
+            bucket: name.as_bytes(),
+        })?;
+        let cost = self.reserve_bucket(&name, from_log)?;
+        let bucket = self.start_bucket(name, cost);
         // Logged before the bucket is visible, so every change to it comes after in the log.
-        if let Some(journal) = &self.journal {
-            journal.append(&Record::Create {
-                bucket: bucket.name().as_bytes(),
-            });
-        }
+        self.record(&Change::Create {
+            bucket: bucket.name().as_bytes(),
+        });
         self.view.insert(bucket.clone());
         tracing::debug!(bucket = %bucket.name(), "bucket created");
         Ok(bucket)
@@ -233,25 +233,26 @@ impl State {
         None
     }
 
-    /// Refuses changes once the log has failed: nothing may be acknowledged that the log
+    /// Asks the log whether `change` may be made: nothing may be acknowledged that the log
     /// does not hold.
-    fn check_writable(&self) -> Result<(), RegistryError> {
-        match &self.journal {
-            Some(journal) if journal.is_failed() => Err(RegistryError::Unwritable),
-            _ => Ok(()),
+    fn admit(&self, change: &Change<'_>) -> Result<(), RegistryError> {
+        match &self.log {
+            Some(log) => Ok(log.admit(change)?),
+            None => Ok(()),
         }
     }
 
-    /// Starts a bucket task under the bucket supervisor and monitors it; the caller makes it
-    /// visible. What the bucket costs is reserved from the memory budget first, within the
-    /// limit unless the bucket comes `from_log` (what recovery and restarts bring back was
-    /// accepted within the limits already).
-    fn start_bucket(
-        &mut self,
-        name: BucketName,
-        from_log: bool,
-    ) -> Result<BucketHandle, RegistryError> {
-        let cost = bucket::cost(&name);
+    fn record(&self, change: &Change<'_>) {
+        if let Some(log) = &self.log {
+            log.record(change);
+        }
+    }
+
+    /// Reserves what a bucket called `name` costs from the memory budget, within the limit
+    /// unless it comes `from_log` (what recovery and restarts bring back was accepted within
+    /// the limits already); returns the cost, which the bucket gives back when it ends.
+    fn reserve_bucket(&self, name: &BucketName, from_log: bool) -> Result<usize, RegistryError> {
+        let cost = bucket::cost(name);
         if from_log {
             self.budget.reserve_unchecked(cost);
         } else {
@@ -261,14 +262,15 @@ impl State {
                     limit: self.budget.limit(),
                 })?;
         }
+        Ok(cost)
+    }
+
+    /// Starts a bucket task under the bucket supervisor and monitors it; the caller has
+    /// reserved its `cost` and makes it visible.
+    fn start_bucket(&mut self, name: BucketName, cost: usize) -> BucketHandle {
         let id = BucketId(self.next_bucket_id.fetch_add(1, Ordering::Relaxed));
-        let (bucket, task) = bucket::start(
-            id,
-            name,
-            Arc::clone(&self.budget),
-            cost,
-            self.journal.clone(),
-        );
+        let (bucket, task) =
+            bucket::start(id, name, Arc::clone(&self.budget), cost, self.log.clone());
         let task_id = self.buckets.start_child(task);
         self.monitors.insert(
             task_id,
@@ -276,7 +278,7 @@ impl State {
                 bucket: bucket.clone(),
             },
         );
-        Ok(bucket)
+        bucket
     }
 
     /// Starts `name` again with `entries`, not logged (they are on disk already), and makes it
@@ -285,14 +287,14 @@ impl State {
         &mut self,
         name: BucketName,
         entries: &Entries,
-    ) -> Result<BucketHandle, String> {
-        let bucket = self
-            .start_bucket(name, true)
-            .map_err(|error| error.to_string())?;
+    ) -> Result<BucketHandle, BucketError> {
+        let cost = bucket::cost(&name);
+        self.budget.reserve_unchecked(cost);
+        let bucket = self.start_bucket(name, cost);
         for (key, value) in entries {
             if let Err(error) = bucket.restore(key, value) {
                 bucket.close();
-                return Err(error.to_string());
+                return Err(error);
             }
         }
         self.view.insert(bucket.clone());
@@ -408,21 +410,18 @@ impl State {
     }
 
     /// The log failed to take a write: the tables may hold changes it does not, which nobody
-    /// may read. Every bucket is closed, rebuilt from the files, and then the journal forgets
-    /// what never reached them, so reads are answered again.
+    /// may read. Every bucket is closed and rebuilt from the files.
     async fn reload_after_log_failure(&mut self) {
-        tracing::warn!("the log failed; rebuilding every bucket from what it holds");
         self.view.close_all(true);
         self.reload_all().await;
-        if let Some(journal) = &self.journal {
-            journal.discard_unwritten();
-        }
     }
 
     /// Forgets the name and closes the table at once; the task's exit follows. Returns
     /// whether there was a bucket to drop.
     async fn drop_bucket(&mut self, name: &BucketName) -> Result<bool, RegistryError> {
-        self.check_writable()?;
+        self.admit(&Change::Drop {
+            bucket: name.as_bytes(),
+        })?;
         self.restarts.remove(name);
         let dropped = if let Some(bucket) = self.named(name.as_bytes()).await {
             self.view.remove(name.as_bytes(), bucket.id());
@@ -438,8 +437,8 @@ impl State {
         } else {
             false
         };
-        if dropped && let Some(journal) = &self.journal {
-            journal.append(&Record::Drop {
+        if dropped {
+            self.record(&Change::Drop {
                 bucket: name.as_bytes(),
             });
         }

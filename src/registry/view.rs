@@ -8,6 +8,7 @@ use parking_lot::{RwLock, RwLockReadGuard};
 use smallvec::SmallVec;
 
 use crate::bucket::{BucketHandle, BucketId, BucketName};
+use crate::encoding::shrunk_capacity;
 
 /// Handles indexed by their own names: a slot is one pointer, and comparing a name reads the
 /// bucket's shared block, which the operation that follows needs anyway. With many buckets
@@ -64,10 +65,8 @@ impl Names {
         if restart {
             down.insert(removed.name().clone(), Down::Restarting);
         }
-        if handles.capacity() > 64 && handles.len() * 4 < handles.capacity() {
-            handles.shrink_to(handles.len() * 2, |bucket| {
-                hasher.hash_one(bucket.name().as_bytes())
-            });
+        if let Some(capacity) = shrunk_capacity(handles.len(), handles.capacity()) {
+            handles.shrink_to(capacity, |bucket| hasher.hash_one(bucket.name().as_bytes()));
         }
         Some(removed)
     }
@@ -299,8 +298,8 @@ impl ViewWriter {
                 names.down.remove(name);
             }
         }
-        if names.down.is_empty() && names.down.capacity() > 64 {
-            names.down = std::collections::HashMap::new();
+        if let Some(capacity) = shrunk_capacity(names.down.len(), names.down.capacity()) {
+            names.down.shrink_to(capacity);
         }
     }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::Stats;
+use crate::stats::Stats;
 
 /// What connections and the polling task share.
 #[derive(Debug)]

@@ -31,8 +31,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::busy_poll::BusyPoll;
 use crate::config::ServerConfig;
-use crate::dispatch::{Dispatcher, KeyedRequest, Next, Stats};
+use crate::dispatch::{Dispatcher, KeyedRequest, Next};
 use crate::protocol::{Dialect, ErrorReply, ParseLimits, Parsed, Reply, encode, parse};
+use crate::stats::Stats;
 
 /// How many requests are parsed ahead of running them. Enough for a pipelining client's
 /// usual depth; more would only hold more replies back from the output bound check.
@@ -226,24 +227,14 @@ impl Connection {
             self.time_partial_request(answered);
             let output_grew = self.gauges.track_output(self.output.capacity());
             let changed = self.dispatcher.take_changed();
+            // No reply leaves before the log holds what it shows (see `LocalShard::commit`).
+            // If the log fails, the replies are never sent: the client sees the connection
+            // close, not an acknowledgement nor a value that the log does not hold.
             if (changed || !self.output.is_empty())
-                && let Some(journal) = self.dispatcher.registry().journal()
+                && let Err(error) = self.dispatcher.shard().commit(changed).await
             {
-                // No reply to a change leaves before the change is in the log (and on disk,
-                // under `always`), and no reply that read the store leaves before every change
-                // it could have seen is in the log: a table logs under its write lock, so
-                // whatever a read saw was appended before it. If the log fails, the replies
-                // are never sent: the client sees the connection close, not an
-                // acknowledgement nor a value that the log does not hold.
-                let logged = if changed {
-                    journal.commit().await
-                } else {
-                    journal.flush()
-                };
-                if let Err(error) = logged {
-                    tracing::error!(%error, "closing a connection whose replies may show changes the log does not hold");
-                    return Ok(());
-                }
+                tracing::error!(%error, "closing a connection whose replies may show changes the log does not hold");
+                return Ok(());
             }
             if self.gauges.refuses(
                 output_grew,

@@ -15,11 +15,12 @@ use tokio_util::task::TaskTracker;
 use super::busy_poll::BusyPoll;
 use super::connection::{self, Stop};
 use crate::config::ServerConfig;
-use crate::dispatch::{Dispatcher, Stats};
-use crate::durability::Durable;
+use crate::dispatch::Dispatcher;
 use crate::protocol::{Dialect, ErrorReply};
 use crate::registry::Registry;
-use crate::storage::{JournalError, StorageError};
+use crate::shard::LocalShard;
+use crate::shard::wal::{LogFailed, WalError};
+use crate::stats::Stats;
 
 /// Clients being refused at once; past this, excess clients are closed without a reply so
 /// that a flood of connections cannot pile up refusal tasks either.
@@ -48,7 +49,6 @@ pub struct Server {
     local_addr: SocketAddr,
     dispatcher: Dispatcher,
     config: Arc<ServerConfig>,
-    durable: Option<Arc<Durable>>,
 }
 
 /// Why a server could not start.
@@ -64,11 +64,11 @@ pub enum StartError {
     },
     /// The data directory could not be used.
     #[error(transparent)]
-    Storage(#[from] StorageError),
+    Storage(#[from] WalError),
 }
 
 impl Server {
-    /// Binds the listening socket and starts the registry: recovered from the data directory
+    /// Binds the listening socket and opens the shard: recovered from the data directory
     /// when the server is durable, empty otherwise.
     ///
     /// # Errors
@@ -81,25 +81,21 @@ impl Server {
         };
         let listener = TcpListener::bind(config.bind).await.map_err(bind_error)?;
         let local_addr = listener.local_addr().map_err(bind_error)?;
-        let (registry, durable) = match &config.durability {
-            None => (Registry::start(config.core.clone()), None),
-            Some(durability) => {
-                let (durable, report) =
-                    Durable::open(durability.clone(), config.core.clone()).await?;
-                tracing::info!(
-                    data_dir = %durability.data_dir.display(),
-                    fsync = %durability.fsync,
-                    records = report.records,
-                    buckets = report.buckets,
-                    keys = report.keys,
-                    elapsed_ms = report.elapsed.as_millis() as u64,
-                    "recovered the data directory"
-                );
-                (durable.registry().clone(), Some(durable))
-            }
-        };
+        let (shard, recovered) =
+            LocalShard::open(config.core.clone(), config.durability.clone()).await?;
+        if let (Some(report), Some(durability)) = (recovered, &config.durability) {
+            tracing::info!(
+                data_dir = %durability.data_dir.display(),
+                fsync = %durability.fsync,
+                records = report.records,
+                buckets = report.buckets,
+                keys = report.keys,
+                elapsed_ms = report.elapsed.as_millis() as u64,
+                "recovered the data directory"
+            );
+        }
         let dispatcher = Dispatcher::new(
-            registry,
+            Arc::new(shard),
             Arc::new(Stats::default()),
             config.page_size,
             config.enable_debug_commands,
@@ -109,7 +105,6 @@ impl Server {
             local_addr,
             dispatcher,
             config: Arc::new(config),
-            durable,
         })
     }
 
@@ -119,10 +114,10 @@ impl Server {
         self.local_addr
     }
 
-    /// The durable store, when the server has a data directory.
+    /// The server's shard: its buckets, and their log when durable.
     #[must_use]
-    pub fn durable(&self) -> Option<&Arc<Durable>> {
-        self.durable.as_ref()
+    pub fn shard(&self) -> &Arc<LocalShard> {
+        self.dispatcher.shard()
     }
 
     /// The server's registry, for tests and embedding.
@@ -139,17 +134,15 @@ impl Server {
     /// If the log could not be written and synced at the end: changes acknowledged under a
     /// relaxed fsync policy may then be lost on a power cut, and the caller should say so
     /// (`kv serve` exits non-zero).
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), JournalError> {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), LogFailed> {
         let Self {
             listener,
             dispatcher,
             config,
-            durable,
             ..
         } = self;
-        if let Some(durable) = &durable {
-            tokio::spawn(Arc::clone(durable).maintain(shutdown.child_token()));
-        }
+        let shard = Arc::clone(dispatcher.shard());
+        tokio::spawn(Arc::clone(&shard).maintain(shutdown.child_token()));
         let stats = Arc::clone(dispatcher.stats());
         let busy_poll = (!config.busy_poll.is_zero()).then(|| {
             let busy_poll = Arc::new(BusyPoll::new(config.busy_poll, Arc::clone(&stats)));
@@ -210,8 +203,8 @@ impl Server {
             stop.abort.cancel();
             tracker.wait().await;
         }
-        if let Some(durable) = durable {
-            durable.close()?;
+        shard.close()?;
+        if shard.is_durable() {
             tracing::info!("the log is written and synced");
         }
         Ok(())

@@ -25,8 +25,10 @@ pub struct TestServer {
     pub address: SocketAddr,
     pub shutdown: CancellationToken,
     /// The server's task: its result says whether the log was written and synced at the end.
-    pub task: JoinHandle<Result<(), kv::storage::JournalError>>,
+    pub task: JoinHandle<Result<(), kv::shard::wal::LogFailed>>,
     pub registry: kv::Registry,
+    /// Weak: the shard (and its data directory's lock) goes when the server stops.
+    shard: std::sync::Weak<kv::shard::LocalShard>,
 }
 
 impl TestServer {
@@ -38,6 +40,7 @@ impl TestServer {
         let server = Server::bind(config).await.unwrap();
         let address = server.local_addr();
         let registry = server.registry().clone();
+        let shard = std::sync::Arc::downgrade(server.shard());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
         Self {
@@ -45,7 +48,13 @@ impl TestServer {
             shutdown,
             task,
             registry,
+            shard,
         }
+    }
+
+    /// The server's shard, while the server runs.
+    pub fn shard(&self) -> std::sync::Arc<kv::shard::LocalShard> {
+        self.shard.upgrade().expect("the server is running")
     }
 
     pub async fn default() -> Self {

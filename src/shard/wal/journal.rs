@@ -28,52 +28,13 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
 
-use super::record::Record;
-
-/// When the log is synced to disk, with Redis's `appendfsync` meanings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsyncPolicy {
-    /// A write is acknowledged only once it is on disk. Writes that arrive while one sync runs
-    /// share the next one (group commit).
-    Always,
-    /// The log is synced once a second: a power cut may lose about a second of writes, a
-    /// process crash loses nothing (every acknowledged write has reached the kernel).
-    EverySecond,
-    /// The operating system syncs when it likes.
-    No,
-}
-
-impl std::fmt::Display for FsyncPolicy {
-    /// The policy as `--fsync` spells it.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Always => "always",
-            Self::EverySecond => "everysec",
-            Self::No => "no",
-        })
-    }
-}
-
-impl std::str::FromStr for FsyncPolicy {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        match text {
-            "always" => Ok(Self::Always),
-            "everysec" => Ok(Self::EverySecond),
-            "no" => Ok(Self::No),
-            other => Err(format!("{other:?} is not always, everysec or no")),
-        }
-    }
-}
+use super::error::LogFailed;
+use super::record;
+use crate::change::{Change, ChangeLog, Refusal};
+use crate::config::FsyncPolicy;
 
 /// Most yields a round leader makes to gather changes before it writes and syncs.
 const MAX_ROUND_PASSES: usize = 16;
-
-/// Why the journal cannot take writes.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("the log cannot be written: {0}")]
-pub struct JournalError(pub String);
 
 struct Pending {
     buffer: Vec<u8>,
@@ -111,7 +72,7 @@ pub struct Journal {
     policy: FsyncPolicy,
     /// Off while the log is replayed at start: replayed changes are already in it.
     recording: AtomicBool,
-    failure: Mutex<Option<JournalError>>,
+    failure: Mutex<Option<LogFailed>>,
     failed: AtomicBool,
     /// Bytes in the current log file, for deciding when to compact.
     log_bytes: AtomicU64,
@@ -222,13 +183,13 @@ impl Journal {
         self.log_bytes.load(Ordering::Relaxed)
     }
 
-    /// Adds `record` to the log. Call it while holding the lock that orders the change.
-    pub fn append(&self, record: &Record<'_>) {
+    /// Adds `change` to the log. Call it while holding the lock that orders the change.
+    pub fn append(&self, change: &Change<'_>) {
         if !self.recording.load(Ordering::Acquire) {
             return;
         }
         let mut pending = self.pending.lock();
-        record.encode(&mut pending.buffer);
+        record::encode(change, &mut pending.buffer);
         pending.last += 1;
         self.appended.store(pending.last, Ordering::Release);
     }
@@ -237,7 +198,7 @@ impl Journal {
     ///
     /// # Errors
     /// If the log cannot be written.
-    pub async fn commit(&self) -> Result<(), JournalError> {
+    pub async fn commit(&self) -> Result<(), LogFailed> {
         let target = self.appended.load(Ordering::Acquire);
         if self.policy != FsyncPolicy::Always {
             return self.write_through(target);
@@ -273,7 +234,7 @@ impl Journal {
     /// as one pass of Redis's event loop takes in every ready client), then writes them all and
     /// syncs them. Syncing as soon as the first change arrives would cover only the few that
     /// came in during the previous sync, and every sync costs far more than a write.
-    async fn lead_round(&self) -> Result<(), JournalError> {
+    async fn lead_round(&self) -> Result<(), LogFailed> {
         // Bounded: under a constant stream of changes a round must still close.
         for _ in 0..MAX_ROUND_PASSES {
             let before = self.appended.load(Ordering::Acquire);
@@ -295,13 +256,13 @@ impl Journal {
     ///
     /// # Errors
     /// If the log cannot be written.
-    pub fn flush(&self) -> Result<(), JournalError> {
+    pub fn flush(&self) -> Result<(), LogFailed> {
         self.write_through(self.appended.load(Ordering::Acquire))
     }
 
     /// Hands every pending record up to at least `target` to the kernel. Whoever holds the
     /// writer writes for everyone waiting: concurrent committers share one `write`.
-    fn write_through(&self, target: u64) -> Result<(), JournalError> {
+    fn write_through(&self, target: u64) -> Result<(), LogFailed> {
         // Checked before the failure: after a failure, what was written stays written (and
         // once the unwritten is discarded, reads find nothing unlogged to wait for).
         if self.written.load(Ordering::Acquire) >= target {
@@ -318,7 +279,7 @@ impl Journal {
     }
 
     /// Writes everything pending to the current file. The caller holds the writer.
-    fn write_pending(&self, writer: &mut Writer) -> Result<(), JournalError> {
+    fn write_pending(&self, writer: &mut Writer) -> Result<(), LogFailed> {
         let (mut buffer, last) = {
             let mut pending = self.pending.lock();
             let spare = std::mem::take(&mut writer.spare);
@@ -326,13 +287,13 @@ impl Journal {
         };
         if !buffer.is_empty() {
             let Some(file) = writer.file.as_mut() else {
-                return Err(self.fail(&std::io::Error::other("no log file attached")));
+                return Err(self.fail(std::io::Error::other("no log file attached")));
             };
             if self.fail_next_write.swap(false, Ordering::AcqRel) {
-                return Err(self.fail(&std::io::Error::from(std::io::ErrorKind::StorageFull)));
+                return Err(self.fail(std::io::Error::from(std::io::ErrorKind::StorageFull)));
             }
             if let Err(error) = file.write_all(&buffer) {
-                return Err(self.fail(&error));
+                return Err(self.fail(error));
             }
             self.log_bytes
                 .fetch_add(buffer.len() as u64, Ordering::Relaxed);
@@ -345,9 +306,9 @@ impl Journal {
         Ok(())
     }
 
-    fn fail(&self, error: &std::io::Error) -> JournalError {
-        let failure = JournalError(error.to_string());
-        tracing::error!(%error, "writing the log failed; refusing all writes from now on");
+    fn fail(&self, error: std::io::Error) -> LogFailed {
+        let failure = LogFailed::new(error);
+        tracing::error!(error = %failure, "writing the log failed; refusing all writes from now on");
         *self.failure.lock() = Some(failure.clone());
         self.failed.store(true, Ordering::Release);
         // Wake committers waiting for a sync that will not come.
@@ -355,11 +316,11 @@ impl Journal {
         failure
     }
 
-    fn failure(&self) -> JournalError {
+    fn failure(&self) -> LogFailed {
         self.failure
             .lock()
             .clone()
-            .unwrap_or_else(|| JournalError("the log has failed".into()))
+            .unwrap_or_else(|| LogFailed::new(std::io::Error::other("the log has failed")))
     }
 
     /// Syncs what has been written so far and publishes it.
@@ -378,7 +339,7 @@ impl Journal {
                     .send_modify(|synced| *synced = (*synced).max(target));
             }
             Err(error) => {
-                self.fail(&error);
+                self.fail(error);
             }
         }
     }
@@ -411,12 +372,12 @@ impl Journal {
     ///
     /// # Errors
     /// If writing or syncing the old log fails.
-    pub fn rotate(&self, file: File) -> Result<(), JournalError> {
-        let sync_handle = Arc::new(file.try_clone().map_err(|error| self.fail(&error))?);
+    pub fn rotate(&self, file: File) -> Result<(), LogFailed> {
+        let sync_handle = Arc::new(file.try_clone().map_err(|error| self.fail(error))?);
         let mut writer = self.writer.lock();
         self.write_pending(&mut writer)?;
         if let Some(old) = writer.file.as_ref() {
-            old.sync_data().map_err(|error| self.fail(&error))?;
+            old.sync_data().map_err(|error| self.fail(error))?;
         }
         let last = self.written.load(Ordering::Acquire);
         self.synced
@@ -432,11 +393,11 @@ impl Journal {
     /// # Errors
     /// If the last write or sync fails, or a write failed earlier: then changes were refused
     /// while the server ran, and the stop is not a clean one.
-    pub fn close(&self) -> Result<(), JournalError> {
+    pub fn close(&self) -> Result<(), LogFailed> {
         let target = self.appended.load(Ordering::Acquire);
         let result = self.write_through(target).and_then(|()| {
             match self.writer.lock().sync_handle.clone() {
-                Some(handle) => handle.sync_data().map_err(|error| self.fail(&error)),
+                Some(handle) => handle.sync_data().map_err(|error| self.fail(error)),
                 None => Ok(()),
             }
         });
@@ -445,6 +406,26 @@ impl Journal {
             Ok(()) if self.is_failed() => Err(self.failure()),
             result => result,
         }
+    }
+}
+
+impl ChangeLog for Journal {
+    fn admit(&self, change: &Change<'_>) -> Result<(), Refusal> {
+        if self.is_failed() {
+            return Err(Refusal::LogFailed);
+        }
+        let size = record::size(change);
+        if size > record::MAX_CHANGE_LEN {
+            return Err(Refusal::TooLarge {
+                size,
+                limit: record::MAX_CHANGE_LEN,
+            });
+        }
+        Ok(())
+    }
+
+    fn record(&self, change: &Change<'_>) {
+        self.append(change);
     }
 }
 
@@ -505,7 +486,7 @@ mod tests {
     #[tokio::test]
     async fn a_round_leader_dropped_mid_round_leaves_no_one_waiting_for_it() {
         let (journal, _directory) = journal(FsyncPolicy::Always);
-        journal.append(&Record::Create { bucket: b"a" });
+        journal.append(&Change::Create { bucket: b"a" });
         // Polled once: it takes the leadership and yields to gather the round; then dropped.
         let mut abandoned = Box::pin(journal.commit());
         let mut context = std::task::Context::from_waker(std::task::Waker::noop());
@@ -519,7 +500,7 @@ mod tests {
         );
         drop(abandoned);
 
-        journal.append(&Record::Create { bucket: b"b" });
+        journal.append(&Change::Create { bucket: b"b" });
         tokio::time::timeout(Duration::from_secs(10), journal.commit())
             .await
             .expect("a later commit leads its own round")
@@ -531,7 +512,7 @@ mod tests {
     async fn commits_write_everything_appended_and_reuse_their_buffer() {
         let (journal, directory) = journal(FsyncPolicy::No);
         for round in 0..3u8 {
-            journal.append(&Record::Put {
+            journal.append(&Change::Put {
                 bucket: b"b",
                 key: &[round],
                 value: b"v",
@@ -540,7 +521,7 @@ mod tests {
         }
         let written = std::fs::read(directory.path().join("log")).unwrap();
         let mut records = 0;
-        super::super::record::scan(&written, |_, _| {
+        record::scan(&written, |_, _| {
             records += 1;
             Ok::<(), ()>(())
         })

@@ -1,4 +1,4 @@
-//! The log's records and their framing. Pure: no I/O, so every torn or corrupt shape can be
+//! The log's records: the framing of a [`Change`]. Pure: no I/O, so every torn or corrupt shape can be
 //! tested byte by byte.
 //!
 //! A frame is `length (u32 LE) ++ crc32c(length) ++ payload ++ crc32c(payload)`. The length
@@ -6,36 +6,8 @@
 //! corruption, not mistaken for a torn end (which would silently drop everything after it).
 //! A payload is an operation byte and its fields, each a varint length and bytes.
 
-/// A change to the store, as the log keeps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Record<'a> {
-    /// A bucket was created.
-    Create {
-        /// Its name.
-        bucket: &'a [u8],
-    },
-    /// A key was set.
-    Put {
-        /// The bucket.
-        bucket: &'a [u8],
-        /// The key.
-        key: &'a [u8],
-        /// The value.
-        value: &'a [u8],
-    },
-    /// A key was removed.
-    Delete {
-        /// The bucket.
-        bucket: &'a [u8],
-        /// The key.
-        key: &'a [u8],
-    },
-    /// A bucket was dropped, with all its keys.
-    Drop {
-        /// Its name.
-        bucket: &'a [u8],
-    },
-}
+use crate::change::Change;
+use crate::encoding::{read_varint, write_varint};
 
 const CREATE: u8 = 1;
 const PUT: u8 = 2;
@@ -48,101 +20,89 @@ const TRAILER_LEN: usize = 4;
 /// believe. Far above any record the server accepts (bulks are capped well below).
 const MAX_PAYLOAD: u32 = 1 << 30;
 
-impl Record<'_> {
-    /// The bucket the record is about.
-    #[must_use]
-    pub fn bucket(&self) -> &[u8] {
-        match self {
-            Self::Create { bucket }
-            | Self::Put { bucket, .. }
-            | Self::Delete { bucket, .. }
-            | Self::Drop { bucket } => bucket,
-        }
-    }
+/// The largest change the log can hold: a bound on what a client may store in a durable
+/// bucket (its key, value and bucket name together, with a few bytes of framing).
+pub const MAX_CHANGE_LEN: usize = MAX_PAYLOAD as usize - 64;
 
-    /// Appends this record's frame to `out`.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.extend_from_slice(&[0; HEADER_LEN]);
-        match *self {
-            Self::Create { bucket } => {
-                out.push(CREATE);
-                put_field(out, bucket);
-            }
-            Self::Put { bucket, key, value } => {
-                out.push(PUT);
-                put_field(out, bucket);
-                put_field(out, key);
-                put_field(out, value);
-            }
-            Self::Delete { bucket, key } => {
-                out.push(DELETE);
-                put_field(out, bucket);
-                put_field(out, key);
-            }
-            Self::Drop { bucket } => {
-                out.push(DROP);
-                put_field(out, bucket);
-            }
-        }
-        let payload_len = out.len() - start - HEADER_LEN;
-        let length = u32::try_from(payload_len).expect("records are bounded far below 4 GiB");
-        let length = length.to_le_bytes();
-        out[start..start + 4].copy_from_slice(&length);
-        out[start + 4..start + 8].copy_from_slice(&crc32c::crc32c(&length).to_le_bytes());
-        let checksum = crc32c::crc32c(&out[start + HEADER_LEN..]);
-        out.extend_from_slice(&checksum.to_le_bytes());
+/// The bytes of `change`'s fields: at most [`MAX_CHANGE_LEN`] for a change the log holds.
+#[must_use]
+pub fn size(change: &Change<'_>) -> usize {
+    match *change {
+        Change::Create { bucket } | Change::Drop { bucket } => bucket.len(),
+        Change::Put { bucket, key, value } => bucket.len() + key.len() + value.len(),
+        Change::Delete { bucket, key } => bucket.len() + key.len(),
     }
 }
 
-fn put_field(out: &mut Vec<u8>, field: &[u8]) {
-    let mut length = field.len();
-    while length >= 0x80 {
-        out.push((length as u8) | 0x80);
-        length >>= 7;
+/// Appends the frame of `change` to `out`. A change over [`MAX_CHANGE_LEN`] must have been
+/// refused before it was made.
+pub fn encode(change: &Change<'_>, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    match *change {
+        Change::Create { bucket } => {
+            out.push(CREATE);
+            put_field(out, bucket);
+        }
+        Change::Put { bucket, key, value } => {
+            out.push(PUT);
+            put_field(out, bucket);
+            put_field(out, key);
+            put_field(out, value);
+        }
+        Change::Delete { bucket, key } => {
+            out.push(DELETE);
+            put_field(out, bucket);
+            put_field(out, key);
+        }
+        Change::Drop { bucket } => {
+            out.push(DROP);
+            put_field(out, bucket);
+        }
     }
-    out.push(length as u8);
+    let payload_len = out.len() - start - HEADER_LEN;
+    let length = u32::try_from(payload_len)
+        .ok()
+        .filter(|&length| length <= MAX_PAYLOAD)
+        .expect("changes that do not fit a record are refused before they are made");
+    let length = length.to_le_bytes();
+    out[start..start + 4].copy_from_slice(&length);
+    out[start + 4..start + 8].copy_from_slice(&crc32c::crc32c(&length).to_le_bytes());
+    let checksum = crc32c::crc32c(&out[start + HEADER_LEN..]);
+    out.extend_from_slice(&checksum.to_le_bytes());
+}
+
+fn put_field(out: &mut Vec<u8>, field: &[u8]) {
+    write_varint(out, field.len());
     out.extend_from_slice(field);
 }
 
 /// Reads one field at `*at`, advancing it; `None` if the payload ends early or lies.
 fn take_field<'a>(payload: &'a [u8], at: &mut usize) -> Option<&'a [u8]> {
-    let mut length = 0usize;
-    let mut shift = 0;
-    loop {
-        let byte = *payload.get(*at)?;
-        *at += 1;
-        length |= usize::from(byte & 0x7f).checked_shl(shift)?;
-        if byte & 0x80 == 0 {
-            break;
-        }
-        shift += 7;
-        if shift > 63 {
-            return None;
-        }
-    }
-    let field = payload.get(*at..at.checked_add(length)?)?;
-    *at += length;
+    let (length, taken) = read_varint(payload.get(*at..)?)?;
+    let start = *at + taken;
+    let field = payload.get(start..start.checked_add(length)?)?;
+    *at = start + length;
     Some(field)
 }
 
-fn decode(payload: &[u8]) -> Option<Record<'_>> {
+fn decode(payload: &[u8]) -> Option<Change<'_>> {
     let (&operation, _) = payload.split_first()?;
     let mut at = 1;
     let record = match operation {
-        CREATE => Record::Create {
+        CREATE => Change::Create {
             bucket: take_field(payload, &mut at)?,
         },
-        PUT => Record::Put {
+        PUT => Change::Put {
             bucket: take_field(payload, &mut at)?,
             key: take_field(payload, &mut at)?,
             value: take_field(payload, &mut at)?,
         },
-        DELETE => Record::Delete {
+        DELETE => Change::Delete {
             bucket: take_field(payload, &mut at)?,
             key: take_field(payload, &mut at)?,
         },
-        DROP => Record::Drop {
+        DROP => Change::Drop {
             bucket: take_field(payload, &mut at)?,
         },
         _ => return None,
@@ -250,7 +210,7 @@ fn is_whole_but_its_header(rest: &[u8]) -> bool {
 /// Whatever `visit` returns.
 pub fn scan<'a, E>(
     bytes: &'a [u8],
-    mut visit: impl FnMut(Record<'a>, u64) -> Result<(), E>,
+    mut visit: impl FnMut(Change<'a>, u64) -> Result<(), E>,
 ) -> Result<ScanEnd, E> {
     let mut at = 0usize;
     while at < bytes.len() {
@@ -311,42 +271,42 @@ pub fn scan<'a, E>(
 mod tests {
     use super::*;
 
-    fn sample() -> Vec<Record<'static>> {
+    fn sample() -> Vec<Change<'static>> {
         vec![
-            Record::Create {
+            Change::Create {
                 bucket: b"shopping",
             },
-            Record::Put {
+            Change::Put {
                 bucket: b"shopping",
                 key: b"milk",
                 value: b"1",
             },
-            Record::Put {
+            Change::Put {
                 bucket: b"shopping",
                 key: &[0, 255, 13, 10],
                 value: &[7; 300],
             },
-            Record::Delete {
+            Change::Delete {
                 bucket: b"shopping",
                 key: b"milk",
             },
-            Record::Drop {
+            Change::Drop {
                 bucket: b"shopping",
             },
         ]
     }
 
-    fn encode_all(records: &[Record<'_>]) -> (Vec<u8>, Vec<usize>) {
+    fn encode_all(records: &[Change<'_>]) -> (Vec<u8>, Vec<usize>) {
         let mut bytes = Vec::new();
         let mut starts = Vec::new();
         for record in records {
             starts.push(bytes.len());
-            record.encode(&mut bytes);
+            encode(record, &mut bytes);
         }
         (bytes, starts)
     }
 
-    fn read_all(bytes: &[u8]) -> (Vec<Record<'_>>, ScanEnd) {
+    fn read_all(bytes: &[u8]) -> (Vec<Change<'_>>, ScanEnd) {
         let mut records = Vec::new();
         let end = scan(bytes, |record, _| {
             records.push(record);

@@ -16,49 +16,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::record::{Record, ScanEnd, scan};
+use super::error::{ReplayError, WalError};
+use super::record::{ScanEnd, scan};
+use crate::change::Change;
 
-/// Why the data directory could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    /// A file operation failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// What failed.
-        source: io::Error,
-    },
-    /// Another server holds the directory's lock.
-    #[error("data directory {0} is in use by another kv server (its LOCK file is held)")]
-    Locked(PathBuf),
-    /// A file is damaged in a way a crash cannot explain.
-    #[error(
-        "{file}: corrupt record at byte offset {offset} ({reason}); to start anyway, run with \
-         --truncate-corrupt-log, which cuts the log there and loses everything after it"
-    )]
-    Corrupt {
-        /// The damaged file.
-        file: PathBuf,
-        /// Where its first bad record starts.
-        offset: u64,
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// A record could not be applied.
-    #[error("{file} at byte offset {offset}: {message}")]
-    Replay {
-        /// The file.
-        file: PathBuf,
-        /// The record's offset.
-        offset: u64,
-        /// Why it could not be applied.
-        message: String,
-    },
-}
-
-fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
-    move |source| StorageError::Io {
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
+    move |source| WalError::Io {
         path: path.to_owned(),
         source,
     }
@@ -96,8 +59,8 @@ impl DataDir {
     /// Creates `path` if needed and takes its lock.
     ///
     /// # Errors
-    /// [`StorageError::Locked`] if another server uses it; I/O errors.
-    pub fn open(path: &Path) -> Result<Self, StorageError> {
+    /// [`WalError::Locked`] if another server uses it; I/O errors.
+    pub fn open(path: &Path) -> Result<Self, WalError> {
         fs::create_dir_all(path).map_err(io_error(path))?;
         let lock_path = path.join("LOCK");
         let lock = OpenOptions::new()
@@ -108,7 +71,7 @@ impl DataDir {
             .map_err(io_error(&lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => return Err(StorageError::Locked(path.into())),
+            Err(fs::TryLockError::WouldBlock) => return Err(WalError::Locked(path.into())),
             Err(fs::TryLockError::Error(error)) => return Err(io_error(&lock_path)(error)),
         }
         Ok(Self {
@@ -133,7 +96,7 @@ impl DataDir {
 
     /// Every snapshot and log, by kind and generation. Temporary files (a snapshot being
     /// written) are not listed.
-    fn files(&self) -> Result<Vec<(Kind, u64)>, StorageError> {
+    fn files(&self) -> Result<Vec<(Kind, u64)>, WalError> {
         let mut files = Vec::new();
         for entry in fs::read_dir(&self.path).map_err(io_error(&self.path))? {
             let entry = entry.map_err(io_error(&self.path))?;
@@ -159,7 +122,7 @@ impl DataDir {
 
     /// Removes snapshots whose writing a crash interrupted: never renamed, never used. Only at
     /// start, when no compaction can be writing one.
-    fn remove_temporaries(&self) -> Result<(), StorageError> {
+    fn remove_temporaries(&self) -> Result<(), WalError> {
         for entry in fs::read_dir(&self.path).map_err(io_error(&self.path))? {
             let path = entry.map_err(io_error(&self.path))?.path();
             if path.to_string_lossy().ends_with(".kv.tmp") {
@@ -171,7 +134,7 @@ impl DataDir {
 
     /// The files the state is made of, in replay order (the newest snapshot, then every log
     /// from its generation on), and the older files a finished compaction left behind.
-    fn state_files(&self) -> Result<(Vec<FileId>, Vec<FileId>), StorageError> {
+    fn state_files(&self) -> Result<(Vec<FileId>, Vec<FileId>), WalError> {
         let files = self.files()?;
         let snapshot = files
             .iter()
@@ -194,12 +157,12 @@ impl DataDir {
     /// later file; without it, corruption is an error naming the file and offset.
     ///
     /// # Errors
-    /// [`StorageError::Corrupt`], a failed `apply`, or I/O errors.
+    /// [`WalError::Corrupt`], a failed `apply`, or I/O errors.
     pub fn recover(
         &self,
         truncate_corrupt: bool,
-        apply: &mut dyn FnMut(Record<'_>) -> Result<(), String>,
-    ) -> Result<Recovered, StorageError> {
+        apply: &mut dyn FnMut(Change<'_>) -> Result<(), ReplayError>,
+    ) -> Result<Recovered, WalError> {
         self.remove_temporaries()?;
         let (mut replay, older) = self.state_files()?;
         // Files older than the newest snapshot belong to a compaction that finished.
@@ -216,11 +179,11 @@ impl DataDir {
             let bytes = fs::read(&path).map_err(io_error(&path))?;
             let mut failure = None;
             let end = scan(&bytes, |record, offset| {
-                apply(record).map_err(|message| {
-                    failure = Some(StorageError::Replay {
+                apply(record).map_err(|source| {
+                    failure = Some(WalError::Replay {
                         file: path.clone(),
                         offset,
-                        message,
+                        source,
                     });
                 })?;
                 records += 1;
@@ -247,7 +210,7 @@ impl DataDir {
                     Err(damage) => damage,
                 };
             if !truncate_corrupt {
-                return Err(StorageError::Corrupt {
+                return Err(WalError::Corrupt {
                     file: path,
                     offset,
                     reason,
@@ -298,12 +261,12 @@ impl DataDir {
     /// record at the very end (being appended right now) ends the read.
     ///
     /// # Errors
-    /// [`StorageError::Corrupt`] or I/O errors.
+    /// [`WalError::Corrupt`] or I/O errors.
     pub fn read_state(
         &self,
         before: Option<u64>,
-        visit: &mut dyn FnMut(Record<'_>),
-    ) -> Result<(), StorageError> {
+        visit: &mut dyn FnMut(Change<'_>),
+    ) -> Result<(), WalError> {
         let (mut replay, _) = self.state_files()?;
         if let Some(before) = before {
             replay.retain(|&(_, generation)| generation < before);
@@ -320,7 +283,7 @@ impl DataDir {
             // A torn end of the last file is a record being appended right now: the read
             // ends there.
             if let Err((offset, reason)) = judge(end, position == last) {
-                return Err(StorageError::Corrupt {
+                return Err(WalError::Corrupt {
                     file: path,
                     offset,
                     reason,
@@ -334,7 +297,7 @@ impl DataDir {
     ///
     /// # Errors
     /// I/O errors, or if it exists already.
-    pub fn create_log(&self, generation: u64) -> Result<File, StorageError> {
+    pub fn create_log(&self, generation: u64) -> Result<File, WalError> {
         let path = self.file(Kind::Log, generation);
         let file = OpenOptions::new()
             .create_new(true)
@@ -354,7 +317,7 @@ impl DataDir {
         &self,
         generation: u64,
         write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>,
-    ) -> Result<(), StorageError> {
+    ) -> Result<(), WalError> {
         let path = self.file(Kind::Snapshot, generation);
         let temporary = path.with_extension("kv.tmp");
         let file = File::create(&temporary).map_err(io_error(&temporary))?;
@@ -372,7 +335,7 @@ impl DataDir {
     ///
     /// # Errors
     /// I/O errors.
-    pub fn remove_before(&self, generation: u64) -> Result<(), StorageError> {
+    pub fn remove_before(&self, generation: u64) -> Result<(), WalError> {
         for (kind, older) in self.files()? {
             if older < generation {
                 let path = self.file(kind, older);
@@ -382,7 +345,7 @@ impl DataDir {
         self.sync_directory()
     }
 
-    fn sync_directory(&self) -> Result<(), StorageError> {
+    fn sync_directory(&self) -> Result<(), WalError> {
         File::open(&self.path)
             .and_then(|directory| directory.sync_all())
             .map_err(io_error(&self.path))
@@ -401,7 +364,7 @@ fn judge(end: ScanEnd, last_log: bool) -> Result<Option<(u64, &'static str)>, (u
     }
 }
 
-fn truncate(path: &Path, length: u64) -> Result<(), StorageError> {
+fn truncate(path: &Path, length: u64) -> Result<(), WalError> {
     let file = OpenOptions::new()
         .write(true)
         .open(path)

@@ -1,0 +1,32 @@
+//! `DEBUG CRASH|STOP bucket`: faults injected into a bucket, when the server allows them.
+
+use super::Dispatcher;
+use super::errors::{debug_disabled, registry_error};
+use crate::bucket::BucketFault;
+use crate::protocol::{DebugAction, Reply};
+
+impl Dispatcher {
+    /// Crashes or stops `bucket`'s task, and answers once the registry has taken its exit in.
+    pub(super) async fn debug(&self, action: DebugAction, bucket: &[u8]) -> Reply<'static> {
+        if !self.enable_debug_commands {
+            return Reply::Error(debug_disabled());
+        }
+        let Some(handle) = self.registry().lookup(bucket) else {
+            return Reply::NotFound;
+        };
+        let fault = match action {
+            DebugAction::Crash => BucketFault::Panic,
+            DebugAction::Stop => BucketFault::Stop,
+        };
+        if handle.inject_fault(fault).is_err() {
+            return Reply::NotFound;
+        }
+        // Answer once the bucket has ended and the registry has taken its exit in (and, with
+        // durability on, restarted it from disk), so the next request sees the outcome.
+        handle.stopped().await;
+        match self.registry().settle().await {
+            Ok(_) => Reply::Ok,
+            Err(error) => Reply::Error(registry_error(&error)),
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! From a parsed request to its encoded reply: the one bridge between the network and the
+//! shard. The batch path for requests on keys is in [`keyed`](self) (`keyed.rs`), `INFO` and
+//! `DEBUG` apart, and what each error becomes on the wire in `errors.rs`.
+
+mod debug;
+mod errors;
+mod info;
+mod keyed;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+
+pub(crate) use keyed::KeyedRequest;
+
+use crate::bucket::{BucketError, BucketHandle, BucketName};
+use crate::protocol::{Dialect, ErrorReply, ProtocolError, Reply, Request, encode};
+use crate::registry::Registry;
+use crate::shard::LocalShard;
+use crate::stats::Stats;
+
+use errors::{bucket_error, debug_disabled, missing, registry_error};
+use keyed::answer;
+
+/// What the connection does after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Go on reading requests.
+    Continue,
+    /// Flush the replies and close (`QUIT`).
+    Close,
+}
+
+/// Executes requests against a shard. Each connection holds its own clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    shard: Arc<LocalShard>,
+    stats: Arc<Stats>,
+    page_size: usize,
+    enable_debug_commands: bool,
+    /// The bucket this connection used for two requests in a row. Clients mostly talk to one
+    /// bucket at a time, and reusing its handle skips the name's hash, the registry's probe and
+    /// the prefetch of the bucket's block on every request. It is used only while it has not
+    /// stopped, so it is never stale: a dropped or crashed bucket's handle is stopped, and the
+    /// next request looks the name up.
+    last_bucket: Option<BucketHandle>,
+    /// The address of the bucket the last lookup found. A client that spreads its requests
+    /// over many buckets uses each one under the view's lock without taking a reference; only
+    /// a bucket found twice in a row is worth the reference count of caching it. An address,
+    /// not the bucket's id, because it is known without reading the bucket; should an ended
+    /// bucket's address be reused, a bucket found once is cached, which costs nothing else.
+    last_looked_up: Option<usize>,
+    /// Whether a request since the last [`take_changed`](Self::take_changed) changed the
+    /// store: then the replies must wait for the journal.
+    changed: bool,
+}
+
+impl Dispatcher {
+    /// A dispatcher over `shard` that counts into `stats`.
+    #[must_use]
+    pub fn new(
+        shard: Arc<LocalShard>,
+        stats: Arc<Stats>,
+        page_size: usize,
+        enable_debug_commands: bool,
+    ) -> Self {
+        Self {
+            shard,
+            stats,
+            page_size,
+            enable_debug_commands,
+            last_bucket: None,
+            last_looked_up: None,
+            changed: false,
+        }
+    }
+
+    /// Whether requests since the last call changed the store, resetting it.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// The counters this dispatcher reports.
+    #[must_use]
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// The shard requests go to.
+    #[must_use]
+    pub fn shard(&self) -> &Arc<LocalShard> {
+        &self.shard
+    }
+
+    /// The registry of the shard requests go to.
+    #[must_use]
+    pub fn registry(&self) -> &Registry {
+        self.shard.registry()
+    }
+
+    /// Executes `request` and appends its reply to `out`. Only `CREATE`, `DROP` and `DEBUG`
+    /// wait (for the registry); reads and writes of keys never do.
+    pub async fn execute(
+        &mut self,
+        request: Request<'_>,
+        dialect: Dialect,
+        out: &mut BytesMut,
+    ) -> Next {
+        // Requests on keys take the one path they take in batches.
+        if let Some(keyed) = KeyedRequest::of(&request) {
+            self.run_keyed(&[(keyed, dialect)], out, usize::MAX);
+            return Next::Continue;
+        }
+        // DEBUG logs nothing: a bucket restarted from disk is restored, not changed.
+        let may_change = matches!(request, Request::Create { .. } | Request::Drop { .. });
+        let reply = match request {
+            Request::Get { .. } | Request::Put { .. } | Request::Delete { .. } => {
+                unreachable!("requests on keys ran above")
+            }
+            Request::Create { bucket } => match self.registry().create(bucket).await {
+                Ok(_) => Reply::Ok,
+                Err(error) => Reply::Error(registry_error(&error)),
+            },
+            Request::Drop { bucket } => match self.registry().drop_bucket(bucket).await {
+                Ok(true) => Reply::Ok,
+                Ok(false) => Reply::NotFound,
+                Err(error) => Reply::Error(registry_error(&error)),
+            },
+            Request::Ping { message } => Reply::Pong(message),
+            Request::Quit => {
+                encode(&Reply::Ok, dialect, out);
+                return Next::Close;
+            }
+            Request::Info => {
+                let text = self.info();
+                encode(&Reply::Text(&text), dialect, out);
+                return Next::Continue;
+            }
+            Request::Buckets { after } => {
+                let names = self.registry().view().names(after, self.page_size);
+                let names: Vec<&[u8]> = names.iter().map(BucketName::as_bytes).collect();
+                encode(&Reply::List(&names), dialect, out);
+                return Next::Continue;
+            }
+            Request::Keys { bucket, cursor } => {
+                let page_size = self.page_size;
+                let page = self
+                    .registry()
+                    .lookup(bucket)
+                    .map(|handle| handle.scan(cursor, page_size));
+                match page {
+                    Some(Ok((next, keys))) => {
+                        let keys: Vec<&[u8]> = keys.iter().map(|key| &key[..]).collect();
+                        encode(
+                            &Reply::Page {
+                                cursor: next,
+                                items: &keys,
+                            },
+                            dialect,
+                            out,
+                        );
+                        return Next::Continue;
+                    }
+                    None | Some(Err(BucketError::Stopped)) => missing(
+                        bucket,
+                        self.registry()
+                            .view()
+                            .why_missing(bucket, self.registry().is_durable()),
+                    ),
+                    Some(Err(error)) => Reply::Error(bucket_error(error)),
+                }
+            }
+            Request::Debug { action, bucket } => self.debug(action, bucket).await,
+            Request::DebugPanic => {
+                if self.enable_debug_commands {
+                    panic!("DEBUG PANIC: a fault injected into a connection");
+                }
+                Reply::Error(debug_disabled())
+            }
+        };
+        answer(
+            &self.stats,
+            &mut self.changed,
+            &reply,
+            may_change,
+            dialect,
+            out,
+        );
+        Next::Continue
+    }
+
+    /// Appends the reply to a request that could not be parsed.
+    pub fn reject(&self, error: &ProtocolError, dialect: Dialect, out: &mut BytesMut) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let reply = match error {
+            ProtocolError::UnknownCommand => Reply::UnknownCommand,
+            other => Reply::Error(ErrorReply::from(other)),
+        };
+        encode(&reply, dialect, out);
+    }
+}

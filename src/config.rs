@@ -132,18 +132,6 @@ impl Default for ServerConfig {
     }
 }
 
-impl ServerConfig {
-    /// The bounds the protocol parsers enforce.
-    #[must_use]
-    pub fn parse_limits(&self) -> crate::protocol::ParseLimits {
-        crate::protocol::ParseLimits {
-            max_line_len: self.max_line_len,
-            max_bulk_len: self.max_bulk_len,
-            max_args: self.max_args,
-        }
-    }
-}
-
 /// How a durable server keeps its data.
 #[derive(Debug, Clone)]
 pub struct DurabilityConfig {

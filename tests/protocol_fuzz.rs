@@ -98,7 +98,7 @@ proptest! {
         prop_assert_eq!(
             parse(&encoded, &limits()),
             Parsed::Request {
-                request: Request::Put { bucket: &bucket, key: &key, value: &value },
+                request: Request::put(&bucket, &key, &value),
                 dialect: Dialect::Resp,
                 consumed: encoded.len(),
             }

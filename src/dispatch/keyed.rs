@@ -9,7 +9,7 @@ use smallvec::SmallVec;
 use super::Dispatcher;
 use super::errors::{bucket_error, missing};
 use crate::bucket::{BucketError, BucketHandle};
-use crate::protocol::{Dialect, Reply, Request, encode, encode_value};
+use crate::protocol::{Dialect, KeyAction, KeyRequest, Reply, encode, encode_value};
 use crate::registry::Down;
 use crate::stats::Stats;
 
@@ -23,7 +23,7 @@ impl Dispatcher {
     /// lookup at all.
     pub(crate) fn run_keyed(
         &mut self,
-        requests: &[(KeyedRequest<'_>, Dialect)],
+        requests: &[(KeyRequest<'_>, Dialect)],
         out: &mut BytesMut,
         output_limit: usize,
     ) -> usize {
@@ -88,11 +88,11 @@ impl Dispatcher {
                     }
                     bucket
                 };
-                let outcome = bucket.map(|bucket| request.run(bucket, dialect, out));
+                let outcome = bucket.map(|bucket| run(&request, bucket, dialect, out));
                 if let Some(reply) = keyed_reply(outcome, request.bucket, || {
                     names.why_missing(request.bucket, durable)
                 }) {
-                    answer(stats, changed, &reply, request.changes(), dialect, out);
+                    answer(stats, changed, &reply, changes(&request), dialect, out);
                 }
                 ran += 1;
             }
@@ -105,58 +105,26 @@ impl Dispatcher {
     }
 }
 
-/// A request on one key of one bucket: what a batch runs under one lookup of its buckets.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct KeyedRequest<'a> {
-    bucket: &'a [u8],
-    key: &'a [u8],
-    action: KeyAction<'a>,
+/// Whether `request` changes the store when it succeeds.
+fn changes(request: &KeyRequest<'_>) -> bool {
+    !matches!(request.action, KeyAction::Get)
 }
 
-#[derive(Debug, Clone, Copy)]
-enum KeyAction<'a> {
-    Get,
-    Put { value: &'a [u8] },
-    Delete,
-}
-
-impl<'a> KeyedRequest<'a> {
-    /// `request` if it is a `GET`, `PUT` or `DELETE`.
-    pub(crate) fn of(request: &Request<'a>) -> Option<Self> {
-        let (bucket, key, action) = match *request {
-            Request::Get { bucket, key } => (bucket, key, KeyAction::Get),
-            Request::Put { bucket, key, value } => (bucket, key, KeyAction::Put { value }),
-            Request::Delete { bucket, key } => (bucket, key, KeyAction::Delete),
-            _ => return None,
-        };
-        Some(Self {
-            bucket,
-            key,
-            action,
-        })
-    }
-
-    /// Whether the request changes the store when it succeeds.
-    fn changes(&self) -> bool {
-        !matches!(self.action, KeyAction::Get)
-    }
-
-    /// Runs the request on `bucket`. A value read is encoded into `out` at once, while the
-    /// table is locked for reading (`Ok(true)`: the reply is written); otherwise the reply is
-    /// still to be written.
-    fn run(
-        &self,
-        bucket: &BucketHandle,
-        dialect: Dialect,
-        out: &mut BytesMut,
-    ) -> Result<bool, BucketError> {
-        match self.action {
-            KeyAction::Get => bucket
-                .get_with(self.key, |value| encode_value(value, dialect, out))
-                .map(|()| true),
-            KeyAction::Put { value } => bucket.put(self.key, value).map(|()| false),
-            KeyAction::Delete => bucket.delete(self.key).map(|_| false),
-        }
+/// Runs `request` on `bucket`. A value read is encoded into `out` at once, while the table is
+/// locked for reading (`Ok(true)`: the reply is written); otherwise the reply is still to be
+/// written.
+fn run(
+    request: &KeyRequest<'_>,
+    bucket: &BucketHandle,
+    dialect: Dialect,
+    out: &mut BytesMut,
+) -> Result<bool, BucketError> {
+    match request.action {
+        KeyAction::Get => bucket
+            .get_with(request.key, |value| encode_value(value, dialect, out))
+            .map(|()| true),
+        KeyAction::Put { value } => bucket.put(request.key, value).map(|()| false),
+        KeyAction::Delete => bucket.delete(request.key).map(|_| false),
     }
 }
 

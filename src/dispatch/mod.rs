@@ -12,8 +12,6 @@ use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 
-pub(crate) use keyed::KeyedRequest;
-
 use crate::bucket::{BucketError, BucketHandle, BucketName};
 use crate::protocol::{Dialect, ErrorReply, ProtocolError, Reply, Request, encode};
 use crate::registry::Registry;
@@ -107,16 +105,13 @@ impl Dispatcher {
         dialect: Dialect,
         out: &mut BytesMut,
     ) -> Next {
-        // Requests on keys take the one path they take in batches.
-        if let Some(keyed) = KeyedRequest::of(&request) {
-            self.run_keyed(&[(keyed, dialect)], out, usize::MAX);
-            return Next::Continue;
-        }
         // DEBUG logs nothing: a bucket restarted from disk is restored, not changed.
         let may_change = matches!(request, Request::Create { .. } | Request::Drop { .. });
         let reply = match request {
-            Request::Get { .. } | Request::Put { .. } | Request::Delete { .. } => {
-                unreachable!("requests on keys ran above")
+            // Requests on keys take the one path they take in batches.
+            Request::Key(keyed) => {
+                self.run_keyed(&[(keyed, dialect)], out, usize::MAX);
+                return Next::Continue;
             }
             Request::Create { bucket } => match self.registry().create(bucket).await {
                 Ok(_) => Reply::Ok,

@@ -15,6 +15,32 @@ pub enum DebugAction {
     Stop,
 }
 
+/// A request on one key of one bucket: what a connection runs in batches, its buckets found
+/// together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRequest<'a> {
+    /// The bucket.
+    pub bucket: &'a [u8],
+    /// The key.
+    pub key: &'a [u8],
+    /// What to do with it.
+    pub action: KeyAction<'a>,
+}
+
+/// What a [`KeyRequest`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAction<'a> {
+    /// `GET bucket key`
+    Get,
+    /// `PUT bucket key value`
+    Put {
+        /// The value.
+        value: &'a [u8],
+    },
+    /// `DELETE bucket key`
+    Delete,
+}
+
 /// A request, its words borrowed from the read buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request<'a> {
@@ -23,29 +49,8 @@ pub enum Request<'a> {
         /// The bucket.
         bucket: &'a [u8],
     },
-    /// `PUT bucket key value`
-    Put {
-        /// The bucket.
-        bucket: &'a [u8],
-        /// The key.
-        key: &'a [u8],
-        /// The value.
-        value: &'a [u8],
-    },
-    /// `GET bucket key`
-    Get {
-        /// The bucket.
-        bucket: &'a [u8],
-        /// The key.
-        key: &'a [u8],
-    },
-    /// `DELETE bucket key`
-    Delete {
-        /// The bucket.
-        bucket: &'a [u8],
-        /// The key.
-        key: &'a [u8],
-    },
+    /// `GET`, `PUT` or `DELETE`: a request on one key of one bucket.
+    Key(KeyRequest<'a>),
     /// `DROP bucket`
     Drop {
         /// The bucket.
@@ -85,6 +90,36 @@ pub enum Request<'a> {
 }
 
 impl<'a> Request<'a> {
+    /// `GET bucket key`
+    #[must_use]
+    pub fn get(bucket: &'a [u8], key: &'a [u8]) -> Self {
+        Self::Key(KeyRequest {
+            bucket,
+            key,
+            action: KeyAction::Get,
+        })
+    }
+
+    /// `PUT bucket key value`
+    #[must_use]
+    pub fn put(bucket: &'a [u8], key: &'a [u8], value: &'a [u8]) -> Self {
+        Self::Key(KeyRequest {
+            bucket,
+            key,
+            action: KeyAction::Put { value },
+        })
+    }
+
+    /// `DELETE bucket key`
+    #[must_use]
+    pub fn delete(bucket: &'a [u8], key: &'a [u8]) -> Self {
+        Self::Key(KeyRequest {
+            bucket,
+            key,
+            action: KeyAction::Delete,
+        })
+    }
+
     /// Makes a request of its words. `words` holds at most [`MAX_WORDS`] words; `extra` says
     /// whether the request had more (which no command accepts).
     pub(super) fn from_words(words: &[&'a [u8]], extra: bool) -> Result<Self, ProtocolError> {
@@ -97,9 +132,9 @@ impl<'a> Request<'a> {
         let is = |name: &str| command.eq_ignore_ascii_case(name.as_bytes());
         let request = match arguments {
             [bucket] if is("CREATE") => Self::Create { bucket },
-            [bucket, key, value] if is("PUT") => Self::Put { bucket, key, value },
-            [bucket, key] if is("GET") => Self::Get { bucket, key },
-            [bucket, key] if is("DELETE") => Self::Delete { bucket, key },
+            [bucket, key, value] if is("PUT") => Self::put(bucket, key, value),
+            [bucket, key] if is("GET") => Self::get(bucket, key),
+            [bucket, key] if is("DELETE") => Self::delete(bucket, key),
             [bucket] if is("DROP") => Self::Drop { bucket },
             [] if is("PING") => Self::Ping { message: None },
             [message] if is("PING") => Self::Ping {
@@ -142,10 +177,7 @@ mod tests {
     fn names_are_case_insensitive_and_arity_is_checked() {
         assert_eq!(
             Request::from_words(&[b"get", b"shopping", b"milk"], false),
-            Ok(Request::Get {
-                bucket: b"shopping",
-                key: b"milk"
-            })
+            Ok(Request::get(b"shopping", b"milk"))
         );
         assert_eq!(
             Request::from_words(&[b"GET", b"shopping"], false),

@@ -59,6 +59,7 @@ pub(super) fn parse<'a>(input: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{KeyAction, KeyRequest};
 
     fn limits() -> ParseLimits {
         ParseLimits::default()
@@ -70,11 +71,7 @@ mod tests {
         assert_eq!(
             parsed,
             Parsed::Request {
-                request: Request::Put {
-                    bucket: b"shopping",
-                    key: b"milk",
-                    value: b"1"
-                },
+                request: Request::put(b"shopping", b"milk", b"1"),
                 dialect: Dialect::Line,
                 consumed: 21
             }
@@ -87,10 +84,11 @@ mod tests {
         assert!(matches!(
             parsed,
             Parsed::Request {
-                request: Request::Get {
+                request: Request::Key(KeyRequest {
                     bucket: b"shopping",
-                    key: b"milk"
-                },
+                    key: b"milk",
+                    action: KeyAction::Get,
+                }),
                 ..
             }
         ));

@@ -13,7 +13,7 @@ mod reply;
 mod resp;
 mod resp_reply;
 
-pub use command::{DebugAction, Request};
+pub use command::{DebugAction, KeyAction, KeyRequest, Request};
 pub use reply::{ErrorReply, Reply, encode, encode_value};
 pub use resp_reply::{ReplyValue, encode_request, parse_reply};
 

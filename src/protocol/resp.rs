@@ -186,11 +186,7 @@ mod tests {
         assert_eq!(
             parse(input, &limits()),
             Parsed::Request {
-                request: Request::Put {
-                    bucket: b"shopping",
-                    key: b"milk",
-                    value: b"\x00\r\n"
-                },
+                request: Request::put(b"shopping", b"milk", b"\x00\r\n"),
                 dialect: Dialect::Resp,
                 consumed: input.len()
             }

@@ -31,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::busy_poll::BusyPoll;
 use crate::config::ServerConfig;
-use crate::dispatch::{Dispatcher, KeyedRequest, Next};
-use crate::protocol::{Dialect, ErrorReply, ParseLimits, Parsed, Reply, encode, parse};
+use crate::dispatch::{Dispatcher, Next};
+use crate::protocol::{Dialect, ErrorReply, ParseLimits, Parsed, Reply, Request, encode, parse};
 use crate::stats::Stats;
 
 /// How many requests are parsed ahead of running them. Enough for a pipelining client's
@@ -201,7 +201,11 @@ pub(super) async fn serve(
         output: BytesMut::with_capacity(INITIAL_BUFFER),
         discarding: false,
         dispatcher,
-        limits: config.parse_limits(),
+        limits: ParseLimits {
+            max_line_len: config.max_line_len,
+            max_bulk_len: config.max_bulk_len,
+            max_args: config.max_args,
+        },
         max_pending_output: config.max_pending_output,
         max_connection_buffers: config.max_connection_buffers,
         dialect: Dialect::Line,
@@ -473,7 +477,10 @@ impl Connection {
             // Requests on keys run together, their buckets found once for all of them.
             let keyed: SmallVec<[_; LOOKAHEAD]> = batch[next..]
                 .iter()
-                .map_while(|(request, dialect, _)| Some((KeyedRequest::of(request)?, *dialect)))
+                .map_while(|&(request, dialect, _)| match request {
+                    Request::Key(keyed) => Some((keyed, dialect)),
+                    _ => None,
+                })
                 .collect();
             if !keyed.is_empty() {
                 let ran =

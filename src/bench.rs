@@ -9,12 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use crate::protocol::{Dialect, ReplyValue, encode_request, parse_reply};
+use crate::client::{Client, ClientError};
+use crate::protocol::{Dialect, ReplyValue};
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -22,15 +20,12 @@ pub enum BenchError {
     /// The connection failed.
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
-    /// The server closed a connection.
-    #[error("server closed the connection")]
-    Closed,
     /// Setting up buckets or keys failed.
     #[error("setup: {0}")]
     Setup(String),
-    /// A reply could not be parsed at all.
-    #[error("unparseable reply: {0}")]
-    Protocol(String),
+    /// A reply could not be read.
+    #[error(transparent)]
+    Client(#[from] ClientError),
     /// The operation mix is not `name=weight,…` with known names.
     #[error("bad operation mix {0:?}: expected e.g. get=0.9,put=0.1")]
     Mix(String),
@@ -210,21 +205,6 @@ impl Keyspace {
     }
 }
 
-fn encode(dialect: Dialect, words: &[&[u8]], out: &mut BytesMut) {
-    match dialect {
-        Dialect::Line => {
-            for (position, word) in words.iter().enumerate() {
-                if position > 0 {
-                    out.extend_from_slice(b" ");
-                }
-                out.extend_from_slice(word);
-            }
-            out.extend_from_slice(b"\n");
-        }
-        Dialect::Resp => encode_request(words, out),
-    }
-}
-
 /// A reply reduced to what the checks need.
 #[derive(Debug, PartialEq)]
 enum Outcome {
@@ -234,57 +214,13 @@ enum Outcome {
     Failure(String),
 }
 
-/// Reads one reply to `operation` from `input`, if it is all there.
-fn parse_outcome(
-    dialect: Dialect,
-    operation: Operation,
-    input: &[u8],
-) -> Result<Option<(Outcome, usize)>, BenchError> {
-    match dialect {
-        Dialect::Resp => {
-            let Some((reply, consumed)) = parse_reply(input, 1 << 30)
-                .map_err(|error| BenchError::Protocol(error.to_string()))?
-            else {
-                return Ok(None);
-            };
-            let outcome = match reply {
-                ReplyValue::Simple(text) if text == "OK" => Outcome::Ok,
-                ReplyValue::Bulk(Some(value)) => Outcome::Value(value.to_vec()),
-                ReplyValue::Bulk(None) => Outcome::Missing,
-                other => Outcome::Failure(format!("{other:?}")),
-            };
-            Ok(Some((outcome, consumed)))
-        }
-        Dialect::Line => {
-            let Some(first) = memchr::memchr(b'\n', input) else {
-                return Ok(None);
-            };
-            let line = input[..first]
-                .strip_suffix(b"\r")
-                .unwrap_or(&input[..first]);
-            if line == b"OK" && !matches!(operation, Operation::Get) {
-                return Ok(Some((Outcome::Ok, first + 1)));
-            }
-            if line == b"NOT FOUND" || line.starts_with(b"ERROR") || line == b"UNKNOWN COMMAND" {
-                let text = String::from_utf8_lossy(line).into_owned();
-                return Ok(Some((Outcome::Failure(text), first + 1)));
-            }
-            // A GET: the value line, then OK.
-            let rest = &input[first + 1..];
-            let Some(second) = memchr::memchr(b'\n', rest) else {
-                return Ok(None);
-            };
-            if &rest[..second] != b"OK\r" {
-                let text = String::from_utf8_lossy(&input[..first + 1 + second]).into_owned();
-                return Ok(Some((Outcome::Failure(text), first + second + 2)));
-            }
-            let outcome = if line.is_empty() {
-                Outcome::Missing
-            } else {
-                Outcome::Value(line.to_vec())
-            };
-            Ok(Some((outcome, first + second + 2)))
-        }
+/// What the checks need of a reply.
+fn outcome(reply: ReplyValue) -> Outcome {
+    match reply {
+        ReplyValue::Simple(text) if text == "OK" => Outcome::Ok,
+        ReplyValue::Bulk(Some(value)) => Outcome::Value(value.to_vec()),
+        ReplyValue::Bulk(None) => Outcome::Missing,
+        other => Outcome::Failure(format!("{other:?}")),
     }
 }
 
@@ -411,10 +347,7 @@ async fn setup(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchErr
 
 /// Setup requests sent in batches on one connection; every one must answer `OK`.
 struct Setup {
-    dialect: Dialect,
-    stream: TcpStream,
-    input: BytesMut,
-    output: BytesMut,
+    client: Client,
     unanswered: usize,
 }
 
@@ -423,19 +356,14 @@ impl Setup {
     const BATCH: usize = 512;
 
     async fn connect(config: &BenchConfig) -> Result<Self, BenchError> {
-        let stream = TcpStream::connect(&config.address).await?;
-        stream.set_nodelay(true)?;
         Ok(Self {
-            dialect: config.dialect,
-            stream,
-            input: BytesMut::with_capacity(64 * 1024),
-            output: BytesMut::with_capacity(64 * 1024),
+            client: Client::connect_with(&config.address, config.dialect).await?,
             unanswered: 0,
         })
     }
 
     async fn request(&mut self, words: &[&[u8]]) -> Result<(), BenchError> {
-        encode(self.dialect, words, &mut self.output);
+        self.client.queue(words);
         self.unanswered += 1;
         if self.unanswered == Self::BATCH {
             self.flush().await?;
@@ -445,21 +373,11 @@ impl Setup {
 
     /// Sends what is queued and checks an `OK` for each.
     async fn flush(&mut self) -> Result<(), BenchError> {
-        self.stream.write_all(&self.output).await?;
-        self.output.clear();
-        while self.unanswered > 0 {
-            // `Put` stands for any request whose only good reply is `OK`.
-            match parse_outcome(self.dialect, Operation::Put, &self.input)? {
-                Some((Outcome::Ok, consumed)) => {
-                    self.input.advance(consumed);
-                    self.unanswered -= 1;
-                }
-                Some((outcome, _)) => return Err(BenchError::Setup(format!("{outcome:?}"))),
-                None => {
-                    if self.stream.read_buf(&mut self.input).await? == 0 {
-                        return Err(BenchError::Closed);
-                    }
-                }
+        self.unanswered = 0;
+        for reply in self.client.flush().await? {
+            match outcome(reply) {
+                Outcome::Ok => {}
+                other => return Err(BenchError::Setup(format!("{other:?}"))),
             }
         }
         Ok(())
@@ -470,12 +388,9 @@ impl Setup {
 async fn connection(shared: Arc<Shared>, seed: u64) -> Result<Histogram<u64>, BenchError> {
     let config = &shared.config;
     let keyspace = &shared.keyspace;
-    let mut stream = TcpStream::connect(&config.address).await?;
-    stream.set_nodelay(true)?;
+    let mut client = Client::connect_with(&config.address, config.dialect).await?;
     let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED);
     let mut histogram = new_histogram();
-    let mut input = BytesMut::with_capacity(64 * 1024);
-    let mut output = BytesMut::with_capacity(64 * 1024);
     let mut batch: Vec<(Operation, u64)> = Vec::with_capacity(config.pipeline);
     let mut value = Vec::with_capacity(keyspace.value_size);
     let may_be_missing = !config.preload || config.mix.delete > 0.0;
@@ -507,35 +422,19 @@ async fn connection(shared: Arc<Shared>, seed: u64) -> Result<Histogram<u64>, Be
             let bucket = keyspace.bucket(index);
             let key = Keyspace::key(index);
             match operation {
-                Operation::Get => encode(config.dialect, &[b"GET", &bucket, &key], &mut output),
+                Operation::Get => client.queue(&[b"GET", &bucket, &key]),
                 Operation::Put => {
                     keyspace.value(index, &mut value);
-                    encode(
-                        config.dialect,
-                        &[b"PUT", &bucket, &key, &value],
-                        &mut output,
-                    );
+                    client.queue(&[b"PUT", &bucket, &key, &value]);
                 }
-                Operation::Delete => {
-                    encode(config.dialect, &[b"DELETE", &bucket, &key], &mut output);
-                }
+                Operation::Delete => client.queue(&[b"DELETE", &bucket, &key]),
             }
             batch.push((operation, index));
         }
         let sent = Instant::now();
-        stream.write_all(&output).await?;
-        output.clear();
+        client.send().await?;
         for &(operation, index) in &batch {
-            let outcome = loop {
-                if let Some((outcome, consumed)) = parse_outcome(config.dialect, operation, &input)?
-                {
-                    input.advance(consumed);
-                    break outcome;
-                }
-                if stream.read_buf(&mut input).await? == 0 {
-                    return Err(BenchError::Closed);
-                }
-            };
+            let outcome = outcome(client.read_reply().await?);
             let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
             histogram.saturating_record(micros.max(1));
             check(
@@ -600,7 +499,12 @@ mod tests {
 
     #[test]
     fn line_replies_are_read_whole() {
-        let parse = |input: &[u8]| parse_outcome(Dialect::Line, Operation::Get, input).unwrap();
+        use crate::protocol::{LineReplyShape, parse_line_reply};
+        let parse = |input: &[u8]| {
+            parse_line_reply(input, LineReplyShape::Value, 1024)
+                .unwrap()
+                .map(|(reply, used)| (outcome(reply), used))
+        };
         assert_eq!(
             parse(b"12\r\nOK\r\n"),
             Some((Outcome::Value(b"12".to_vec()), 8))

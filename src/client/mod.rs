@@ -1,10 +1,12 @@
-//! A RESP client for kv, used by `kv cli`, `kv bench` and the tests.
+//! A client for kv, used by `kv cli`, `kv bench` and the tests.
 //!
-//! It speaks RESP so that keys and values are binary-safe, and it can pipeline: queue several
-//! requests, send them in one write, then read their replies in order.
+//! It speaks RESP by default, so that keys and values are binary-safe, or the guide's line
+//! protocol; either way it can pipeline: queue several requests, send them in one write, then
+//! read their replies in order, each as the [`ReplyValue`] RESP would give.
 
 mod render;
 
+use std::collections::VecDeque;
 use std::io;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -13,7 +15,10 @@ use tokio::net::{TcpStream, ToSocketAddrs};
 
 pub use render::render;
 
-use crate::protocol::{ProtocolError, ReplyValue, encode_request, parse_reply};
+use crate::protocol::{
+    Dialect, LineReplyShape, ProtocolError, ReplyValue, encode_request, parse_line_reply,
+    parse_reply,
+};
 
 /// The largest reply the client accepts: a bound against a misbehaving server.
 const MAX_REPLY_LEN: usize = 512 * 1024 * 1024;
@@ -39,6 +44,9 @@ pub enum ClientError {
     /// A reply of a kind the command never gives.
     #[error("unexpected reply {0:?}")]
     Unexpected(ReplyValue),
+    /// A word the line protocol cannot carry (empty, or holding a blank or a line break).
+    #[error("the line protocol cannot send an empty word or one with blanks or line breaks")]
+    Unsendable,
 }
 
 /// A connection to a kv server.
@@ -55,42 +63,99 @@ pub enum ClientError {
 /// ```
 pub struct Client {
     stream: TcpStream,
+    dialect: Dialect,
     input: BytesMut,
     output: BytesMut,
+    /// Requests queued and not yet sent.
     queued: usize,
+    /// Replies sent for and not yet read, each with its shape (which the line protocol needs
+    /// to read it).
+    unread: VecDeque<LineReplyShape>,
+    /// A request the line protocol cannot carry was queued: the next send fails.
+    unsendable: bool,
 }
 
 impl Client {
-    /// Connects to `address`.
+    /// Connects to `address`, to speak RESP.
     ///
     /// # Errors
     /// If the connection cannot be made.
     pub async fn connect(address: impl ToSocketAddrs) -> Result<Self, ClientError> {
+        Self::connect_with(address, Dialect::Resp).await
+    }
+
+    /// Connects to `address`, to speak `dialect`.
+    ///
+    /// # Errors
+    /// If the connection cannot be made.
+    pub async fn connect_with(
+        address: impl ToSocketAddrs,
+        dialect: Dialect,
+    ) -> Result<Self, ClientError> {
         let stream = TcpStream::connect(address).await?;
         stream.set_nodelay(true)?;
         Ok(Self {
             stream,
+            dialect,
             input: BytesMut::with_capacity(16 * 1024),
             output: BytesMut::with_capacity(16 * 1024),
             queued: 0,
+            unread: VecDeque::new(),
+            unsendable: false,
         })
     }
 
-    /// Queues a request (an array of bulk strings) without sending it.
-    pub fn queue(&mut self, arguments: &[&[u8]]) {
-        encode_request(arguments, &mut self.output);
+    /// Queues a request (its words) without sending it.
+    pub fn queue(&mut self, words: &[&[u8]]) {
+        match self.dialect {
+            Dialect::Resp => encode_request(words, &mut self.output),
+            Dialect::Line => {
+                let carried = |word: &&[u8]| {
+                    !word.is_empty()
+                        && !word
+                            .iter()
+                            .any(|byte| matches!(byte, b' ' | b'\t' | b'\r' | b'\n'))
+                };
+                self.unsendable |= !words.iter().all(carried);
+                for (position, word) in words.iter().enumerate() {
+                    if position > 0 {
+                        self.output.extend_from_slice(b" ");
+                    }
+                    self.output.extend_from_slice(word);
+                }
+                self.output.extend_from_slice(b"\n");
+            }
+        }
+        self.unread.push_back(LineReplyShape::of(words));
         self.queued += 1;
+    }
+
+    /// Sends every queued request in one write; returns how many there were. Their replies are
+    /// read with [`read_reply`](Self::read_reply), in order.
+    ///
+    /// # Errors
+    /// If the connection fails, or a queued request cannot be sent in the line protocol
+    /// (then nothing is sent).
+    pub async fn send(&mut self) -> Result<usize, ClientError> {
+        if std::mem::take(&mut self.unsendable) {
+            self.output.clear();
+            let sent_before = self.unread.len() - self.queued;
+            self.unread.truncate(sent_before);
+            self.queued = 0;
+            return Err(ClientError::Unsendable);
+        }
+        self.stream.write_all(&self.output).await?;
+        self.output.clear();
+        Ok(std::mem::take(&mut self.queued))
     }
 
     /// Sends every queued request in one write and reads their replies, in order.
     ///
     /// # Errors
-    /// If the connection fails or a reply is not RESP. Error replies are returned as
+    /// If the connection fails or a reply is malformed. Error replies are returned as
     /// [`ReplyValue::Error`], not as errors.
     pub async fn flush(&mut self) -> Result<Vec<ReplyValue>, ClientError> {
-        self.stream.write_all(&self.output).await?;
-        self.output.clear();
-        let count = std::mem::take(&mut self.queued);
+        let count = self.send().await?;
         let mut replies = Vec::with_capacity(count);
         while replies.len() < count {
             replies.push(self.read_reply().await?);
@@ -101,17 +166,31 @@ impl Client {
     /// Sends one request and returns its reply as it came.
     ///
     /// # Errors
-    /// If the connection fails or the reply is not RESP.
-    pub async fn call(&mut self, arguments: &[&[u8]]) -> Result<ReplyValue, ClientError> {
-        self.queue(arguments);
+    /// If the connection fails or the reply is malformed.
+    pub async fn call(&mut self, words: &[&[u8]]) -> Result<ReplyValue, ClientError> {
+        self.queue(words);
         let mut replies = self.flush().await?;
         replies.pop().ok_or(ClientError::Closed)
     }
 
-    async fn read_reply(&mut self) -> Result<ReplyValue, ClientError> {
+    /// The reply to the oldest request sent and not yet answered.
+    ///
+    /// # Errors
+    /// If the connection fails or closes, or the reply is malformed.
+    pub async fn read_reply(&mut self) -> Result<ReplyValue, ClientError> {
+        let shape = self
+            .unread
+            .front()
+            .copied()
+            .unwrap_or(LineReplyShape::Status);
         loop {
-            if let Some((reply, consumed)) = parse_reply(&self.input, MAX_REPLY_LEN)? {
+            let parsed = match self.dialect {
+                Dialect::Resp => parse_reply(&self.input, MAX_REPLY_LEN)?,
+                Dialect::Line => parse_line_reply(&self.input, shape, MAX_REPLY_LEN)?,
+            };
+            if let Some((reply, consumed)) = parsed {
                 self.input.advance(consumed);
+                self.unread.pop_front();
                 return Ok(reply);
             }
             if self.stream.read_buf(&mut self.input).await? == 0 {

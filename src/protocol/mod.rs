@@ -9,11 +9,13 @@
 
 mod command;
 mod line;
+mod line_reply;
 mod reply;
 mod resp;
 mod resp_reply;
 
 pub use command::{DebugAction, KeyAction, KeyRequest, Request};
+pub use line_reply::{LineReplyShape, parse_line_reply};
 pub use reply::{ErrorReply, Reply, encode, encode_value};
 pub use resp_reply::{ReplyValue, encode_request, parse_reply};
 

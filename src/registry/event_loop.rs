@@ -1,4 +1,5 @@
-//! The registry loop: its messages, its state, and how it handles each.
+//! The registry's event loop (the guide's GenServer): its messages, its state, and how it
+//! handles each. The only writer of the names.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +34,7 @@ pub(super) enum Request {
         reply: oneshot::Sender<RegistryCounts>,
     },
     /// The log failed: what the tables hold may not all be in it, so every bucket is rebuilt
-    /// from the files, and what never reached them is forgotten.
+    /// from the files.
     ReloadFromDisk { reply: oneshot::Sender<()> },
     /// Fault injection: the loop panics, as a bug in it would make it.
     Panic,

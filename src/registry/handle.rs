@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::server::{self, Request, State};
+use super::event_loop::{self, Request, State};
 use super::view::{ReadNames, RegistryView};
 use super::{DurableState, RegistryError};
 use crate::bucket::{BucketHandle, BucketName, MemoryBudget};
@@ -293,7 +293,7 @@ impl ChildGroup for RegistryGroup {
             Arc::clone(&shared.durable_state),
             shared.status.borrow().starts > 0,
         );
-        let main_task = tokio::spawn(server::run(mailbox, state));
+        let main_task = tokio::spawn(event_loop::run(mailbox, state));
         *shared.mailbox.write() = Some(sender);
         shared.status.send_modify(|status| {
             status.starts += 1;

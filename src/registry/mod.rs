@@ -21,8 +21,8 @@
 //!   bucket is read back its name is [`Down::Restarting`]: requests get "try again", never
 //!   "not found", and the loop serves other calls meanwhile (the files are read off it).
 
+mod event_loop;
 mod handle;
-mod server;
 mod view;
 
 pub use handle::{Registry, RegistryCounts, RegistryStatus};

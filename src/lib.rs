@@ -53,6 +53,7 @@ pub mod bench;
 mod bucket;
 pub mod change;
 pub mod client;
+pub mod cluster;
 pub mod config;
 mod dispatch;
 mod encoding;

@@ -179,3 +179,22 @@ async fn an_announced_bulk_is_not_reserved_before_it_arrives() {
     );
     server.still_serves().await;
 }
+
+#[tokio::test]
+async fn cluster_keyslot_gives_redis_clusters_slot_in_both_protocols() {
+    let server = TestServer::default().await;
+    let mut client = server.client().await;
+    // The slots Redis 7 gives: hash tags route buckets as they route Redis keys.
+    for (name, slot) in [
+        (&b"somekey"[..], 11058),
+        (b"foo", 12182),
+        (b"{user1000}.following", 3443),
+        (b"{user1000}.followers", 3443),
+    ] {
+        let reply = client.call(&[b"CLUSTER", b"KEYSLOT", name]).await.unwrap();
+        assert_eq!(reply, kv::protocol::ReplyValue::Integer(slot), "{name:?}");
+    }
+    let mut line = server.connect().await;
+    line.send(b"cluster keyslot foo\n").await;
+    line.expect(b"12182\r\nOK\r\n").await;
+}

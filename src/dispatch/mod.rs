@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use bytes::BytesMut;
 
 use crate::bucket::{BucketError, BucketHandle, BucketName};
+use crate::cluster::slot::slot_of;
 use crate::protocol::{Dialect, ErrorReply, ProtocolError, Reply, Request, encode};
 use crate::registry::Registry;
 use crate::shard::LocalShard;
@@ -123,6 +124,7 @@ impl Dispatcher {
                 Err(error) => Reply::Error(registry_error(&error)),
             },
             Request::Ping { message } => Reply::Pong(message),
+            Request::ClusterKeySlot { name } => Reply::Integer(i64::from(slot_of(name))),
             Request::Quit => {
                 encode(&Reply::Ok, dialect, out);
                 return Next::Close;

@@ -65,6 +65,12 @@ pub enum Request<'a> {
     Quit,
     /// `INFO`
     Info,
+    /// `CLUSTER KEYSLOT name`: the slot a bucket of that name belongs to, as Redis Cluster
+    /// computes it.
+    ClusterKeySlot {
+        /// The bucket's name.
+        name: &'a [u8],
+    },
     /// `BUCKETS [after]`: one page of bucket names greater than `after`.
     Buckets {
         /// The last name of the previous page.
@@ -142,6 +148,9 @@ impl<'a> Request<'a> {
             },
             [] if is("QUIT") => Self::Quit,
             [] if is("INFO") => Self::Info,
+            [subcommand, name] if is("CLUSTER") && subcommand.eq_ignore_ascii_case(b"KEYSLOT") => {
+                Self::ClusterKeySlot { name }
+            }
             [] if is("BUCKETS") => Self::Buckets { after: None },
             [after] if is("BUCKETS") => Self::Buckets { after: Some(after) },
             [bucket] if is("KEYS") => Self::Keys { bucket, cursor: 0 },

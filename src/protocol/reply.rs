@@ -42,6 +42,8 @@ pub enum Reply<'a> {
     /// A `GET` result: the value then `OK` (an empty line for a missing key), or a bulk string
     /// (null for a missing key).
     Value(Option<&'a [u8]>),
+    /// A number: on a line then `OK`, or a RESP integer.
+    Integer(i64),
     /// `PONG`, or the message `PING` was given.
     Pong(Option<&'a [u8]>),
     /// Lines of text (`INFO`): each line then `OK`, or one bulk string.
@@ -73,6 +75,14 @@ pub fn encode(reply: &Reply<'_>, dialect: Dialect, out: &mut BytesMut) {
             out.put_slice(b"-ERR unknown command or wrong number of arguments\r\n");
         }
         (Reply::Value(value), _) => encode_value(*value, dialect, out),
+        (Reply::Integer(number), Dialect::Line) => {
+            encode_lines(&[itoa::Buffer::new().format(*number).as_bytes()], out);
+        }
+        (Reply::Integer(number), Dialect::Resp) => {
+            out.put_u8(b':');
+            out.put_slice(itoa::Buffer::new().format(*number).as_bytes());
+            out.put_slice(b"\r\n");
+        }
         (Reply::Pong(None), Dialect::Line) => out.put_slice(b"PONG\r\n"),
         (Reply::Pong(None), Dialect::Resp) => out.put_slice(b"+PONG\r\n"),
         (Reply::Pong(Some(message)), Dialect::Line) => encode_lines(&[message], out),

@@ -1,5 +1,6 @@
-//! The cluster: which shard a bucket belongs to, and (to come) the shards replicated over
-//! several nodes with openraft, any node answering any request. Without `--peers`, nothing
-//! here is on a request's path.
+//! The cluster: which shard a bucket belongs to and which nodes hold it; to come, the shards
+//! replicated over those nodes with openraft, any node answering any request (the plan is
+//! `docs/cluster.md`). Without `--peers`, nothing here is on a request's path.
 
+pub mod placement;
 pub mod slot;

@@ -1,0 +1,111 @@
+//! Which nodes hold each shard, and which of them should lead it: decided by every node alike
+//! from the members, the number of shards and of replicas, with nothing to agree on at run
+//! time.
+//!
+//! Replicas are picked by rendezvous hashing: a shard's replicas are the members with the
+//! highest weight for it, so each node gets an even share, and a member added or removed moves
+//! only the replicas it gains or held (about 1/N of them). The preferred leader rotates through
+//! a shard's replicas with the shard's index, so that leaders spread evenly over the nodes.
+
+/// A node's identity in the cluster (`--node-id`).
+pub type NodeId = u64;
+
+/// The replicas of `shard`: the `replicas` members (all of them, if fewer) of the highest
+/// weight for it, in ascending node id.
+#[must_use]
+pub fn replicas_of(shard: u16, members: &[NodeId], replicas: usize) -> Vec<NodeId> {
+    let mut weighted: Vec<(u64, NodeId)> = members
+        .iter()
+        .map(|&node| (weight(shard, node), node))
+        .collect();
+    weighted.sort_unstable_by(|a, b| b.cmp(a));
+    let mut chosen: Vec<NodeId> = weighted
+        .into_iter()
+        .take(replicas)
+        .map(|(_, node)| node)
+        .collect();
+    chosen.sort_unstable();
+    chosen
+}
+
+/// The replica that should lead `shard`: its replicas in node order, rotated by the shard's
+/// index.
+#[must_use]
+pub fn preferred_leader(shard: u16, replicas: &[NodeId]) -> Option<NodeId> {
+    (!replicas.is_empty()).then(|| replicas[usize::from(shard) % replicas.len()])
+}
+
+/// A stable pseudo-random weight of `node` for `shard`, the same on every node and every
+/// version: SplitMix64's finaliser over both (a hasher seeded per process would not do).
+fn weight(shard: u16, node: NodeId) -> u64 {
+    let mut mixed = (u64::from(shard) << 48) ^ node.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    mixed ^ (mixed >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn counts(shards: u16, members: &[NodeId], replicas: usize) -> BTreeMap<NodeId, usize> {
+        let mut counts = BTreeMap::new();
+        for shard in 0..shards {
+            for node in replicas_of(shard, members, replicas) {
+                *counts.entry(node).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn every_shard_gets_its_replicas_and_shares_are_even() {
+        let members = [1, 2, 3, 4, 5];
+        for shard in 0..64 {
+            let chosen = replicas_of(shard, &members, 3);
+            assert_eq!(chosen.len(), 3);
+            assert!(chosen.windows(2).all(|pair| pair[0] < pair[1]));
+        }
+        assert_eq!(replicas_of(7, &[1, 2], 3), [1, 2], "every node if fewer");
+        let shares = counts(1000, &members, 3);
+        for (&node, &share) in &shares {
+            // 600 each if perfectly even.
+            assert!((520..=680).contains(&share), "node {node} holds {share}");
+        }
+    }
+
+    #[test]
+    fn a_node_added_takes_about_its_share_and_nothing_else_moves() {
+        let before: Vec<NodeId> = vec![1, 2, 3, 4];
+        let after: Vec<NodeId> = vec![1, 2, 3, 4, 5];
+        let mut moved = 0;
+        for shard in 0..1000 {
+            let old = replicas_of(shard, &before, 3);
+            let new = replicas_of(shard, &after, 3);
+            for node in &new {
+                if !old.contains(node) {
+                    assert_eq!(*node, 5, "shard {shard}: only the new node gains replicas");
+                    moved += 1;
+                }
+            }
+        }
+        // 3,000 replicas, a fifth of them to the new node.
+        assert!((500..=700).contains(&moved), "{moved} replicas moved");
+    }
+
+    #[test]
+    fn leaders_spread_evenly_when_every_node_holds_every_shard() {
+        let members = [1, 2, 3];
+        let mut leads = BTreeMap::<NodeId, usize>::new();
+        for shard in 0..9 {
+            let replicas = replicas_of(shard, &members, 3);
+            *leads
+                .entry(preferred_leader(shard, &replicas).unwrap())
+                .or_default() += 1;
+        }
+        assert_eq!(leads, BTreeMap::from([(1, 3), (2, 3), (3, 3)]));
+        assert_eq!(preferred_leader(0, &[]), None);
+    }
+}

@@ -3,4 +3,5 @@
 //! `docs/cluster.md`). Without `--peers`, nothing here is on a request's path.
 
 pub mod placement;
+pub mod raft;
 pub mod slot;

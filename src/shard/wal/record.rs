@@ -37,8 +37,11 @@ pub fn size(change: &Change<'_>) -> usize {
 /// Appends the frame of `change` to `out`. A change over [`MAX_CHANGE_LEN`] must have been
 /// refused before it was made.
 pub fn encode(change: &Change<'_>, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.extend_from_slice(&[0; HEADER_LEN]);
+    encode_frame(out, |out| encode_change(change, out));
+}
+
+/// Appends `change` as a payload, unframed: what a Raft entry of the cluster carries.
+pub fn encode_change(change: &Change<'_>, out: &mut Vec<u8>) {
     match *change {
         Change::Create { bucket } => {
             out.push(CREATE);
@@ -60,11 +63,21 @@ pub fn encode(change: &Change<'_>, out: &mut Vec<u8>) {
             put_field(out, bucket);
         }
     }
+}
+
+/// Appends a frame whose payload `write` appends: the framing of every file kv logs to.
+///
+/// # Panics
+/// If the payload passes the frame's limit: callers refuse such payloads before they exist.
+pub fn encode_frame(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    write(out);
     let payload_len = out.len() - start - HEADER_LEN;
     let length = u32::try_from(payload_len)
         .ok()
         .filter(|&length| length <= MAX_PAYLOAD)
-        .expect("changes that do not fit a record are refused before they are made");
+        .expect("payloads that do not fit a frame are refused before they are made");
     let length = length.to_le_bytes();
     out[start..start + 4].copy_from_slice(&length);
     out[start + 4..start + 8].copy_from_slice(&crc32c::crc32c(&length).to_le_bytes());
@@ -86,7 +99,9 @@ fn take_field<'a>(payload: &'a [u8], at: &mut usize) -> Option<&'a [u8]> {
     Some(field)
 }
 
-fn decode(payload: &[u8]) -> Option<Change<'_>> {
+/// The change a payload of [`encode_change`] holds; `None` if it is not one.
+#[must_use]
+pub fn decode_change(payload: &[u8]) -> Option<Change<'_>> {
     let (&operation, _) = payload.split_first()?;
     let mut at = 1;
     let record = match operation {
@@ -210,7 +225,20 @@ fn is_whole_but_its_header(rest: &[u8]) -> bool {
 /// Whatever `visit` returns.
 pub fn scan<'a, E>(
     bytes: &'a [u8],
-    mut visit: impl FnMut(Change<'a>, u64) -> Result<(), E>,
+    visit: impl FnMut(Change<'a>, u64) -> Result<(), E>,
+) -> Result<ScanEnd, E> {
+    scan_frames(bytes, decode_change, visit)
+}
+
+/// [`scan`] for frames of any payload: `decode` makes each payload a `T` (`None`: the payload
+/// is not one, which is corruption).
+///
+/// # Errors
+/// Whatever `visit` returns.
+pub fn scan_frames<'a, T, E>(
+    bytes: &'a [u8],
+    decode: impl Fn(&'a [u8]) -> Option<T>,
+    mut visit: impl FnMut(T, u64) -> Result<(), E>,
 ) -> Result<ScanEnd, E> {
     let mut at = 0usize;
     while at < bytes.len() {

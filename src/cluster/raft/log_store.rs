@@ -1,0 +1,308 @@
+//! A shard's Raft log on disk: every entry, the vote, the committed index, truncations and
+//! purges, as checksummed frames (the single-node log's framing) in one append-only file, with
+//! the unpurged entries kept in memory for reading.
+//!
+//! Invariants:
+//! - Replaying the file from the start rebuilds exactly the state the last write left: every
+//!   operation is one frame, written before it is reported done.
+//! - A vote is synced before `save_vote` returns; entries are synced before their append is
+//!   reported flushed under `--fsync always` (otherwise written to the system, as the
+//!   single-node log does): a replica never acknowledges what a crash of its process loses.
+//! - The file is rewritten (to a temporary file, synced, renamed) once purged entries make up
+//!   most of it, so it stays near the size of the unpurged log.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write as _};
+use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::ShardRaft;
+use crate::config::FsyncPolicy;
+use crate::shard::wal::record::{ScanEnd, encode_frame, scan_frames};
+
+/// The log file's name in a shard's directory.
+const FILE: &str = "raft-log.kv";
+
+/// Rewrite the file once it holds this many frames and more than twice what is live.
+const REWRITE_AT: usize = 4096;
+
+/// One operation on the log, as the file keeps it.
+#[derive(Serialize, Deserialize)]
+enum Saved {
+    Entry(EntryOf<ShardRaft>),
+    TruncateAfter(Option<LogIdOf<ShardRaft>>),
+    Purge(LogIdOf<ShardRaft>),
+    Vote(VoteOf<ShardRaft>),
+    Committed(Option<LogIdOf<ShardRaft>>),
+}
+
+/// A shard's Raft log. Cheap to clone: clones share one log (the reader openraft asks for is a
+/// clone).
+#[derive(Clone)]
+pub struct ShardLog {
+    inner: Arc<Mutex<Inner>>,
+}
+
+struct Inner {
+    directory: PathBuf,
+    file: File,
+    fsync: FsyncPolicy,
+    frames: usize,
+    vote: Option<VoteOf<ShardRaft>>,
+    committed: Option<LogIdOf<ShardRaft>>,
+    last_purged: Option<LogIdOf<ShardRaft>>,
+    entries: BTreeMap<u64, EntryOf<ShardRaft>>,
+}
+
+fn invalid(error: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error.to_string())
+}
+
+impl ShardLog {
+    /// Opens (or creates) the log in `directory`, replaying what it holds. A torn last frame
+    /// (a crash mid-write) is cut off; damage elsewhere is an error.
+    ///
+    /// # Errors
+    /// I/O errors, or a damaged file.
+    pub fn open(directory: &Path, fsync: FsyncPolicy) -> io::Result<Self> {
+        std::fs::create_dir_all(directory)?;
+        let path = directory.join(FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(error) => return Err(error),
+        };
+        let mut state = Replayed::default();
+        let end = scan_frames(
+            &bytes,
+            |payload| postcard::from_bytes::<Saved>(payload).ok(),
+            |saved, _| {
+                state.apply(saved);
+                Ok::<(), ()>(())
+            },
+        )
+        .unwrap_or(ScanEnd::Clean);
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        match end {
+            ScanEnd::Clean => {}
+            ScanEnd::Torn { offset, reason } => {
+                tracing::warn!(file = %path.display(), offset, reason, "the Raft log ends in a torn write; cutting it off");
+                file.set_len(offset)?;
+                file.sync_all()?;
+            }
+            ScanEnd::Corrupt { offset, reason } => {
+                return Err(invalid(format!(
+                    "{}: corrupt frame at byte offset {offset} ({reason})",
+                    path.display()
+                )));
+            }
+        }
+        Ok(Self {
+            inner: Arc::new(Mutex::new(Inner {
+                directory: directory.to_owned(),
+                file,
+                fsync,
+                frames: state.frames,
+                vote: state.vote,
+                committed: state.committed,
+                last_purged: state.last_purged,
+                entries: state.entries,
+            })),
+        })
+    }
+}
+
+/// The state a replay of the file builds.
+#[derive(Default)]
+struct Replayed {
+    frames: usize,
+    vote: Option<VoteOf<ShardRaft>>,
+    committed: Option<LogIdOf<ShardRaft>>,
+    last_purged: Option<LogIdOf<ShardRaft>>,
+    entries: BTreeMap<u64, EntryOf<ShardRaft>>,
+}
+
+impl Replayed {
+    fn apply(&mut self, saved: Saved) {
+        self.frames += 1;
+        match saved {
+            Saved::Entry(entry) => {
+                self.entries.insert(entry.index(), entry);
+            }
+            Saved::TruncateAfter(last) => {
+                let from = last.map_or(0, |last| last.index() + 1);
+                self.entries.split_off(&from);
+            }
+            Saved::Purge(upto) => {
+                self.entries = self.entries.split_off(&(upto.index() + 1));
+                self.last_purged = Some(upto);
+            }
+            Saved::Vote(vote) => self.vote = Some(vote),
+            Saved::Committed(committed) => self.committed = committed,
+        }
+    }
+}
+
+impl Inner {
+    /// Writes `operations` as frames, in one write, and syncs them if `sync`.
+    fn write(&mut self, operations: &[Saved], sync: bool) -> io::Result<()> {
+        let mut buffer = Vec::new();
+        for saved in operations {
+            let payload = postcard::to_stdvec(saved).map_err(invalid)?;
+            encode_frame(&mut buffer, |out| out.extend_from_slice(&payload));
+        }
+        self.file.write_all(&buffer)?;
+        if sync {
+            self.file.sync_data()?;
+        }
+        self.frames += operations.len();
+        Ok(())
+    }
+
+    /// Rewrites the file as what is live now, once purged entries make up most of it.
+    fn rewrite_if_mostly_purged(&mut self) -> io::Result<()> {
+        let live = self.entries.len() + 3;
+        if self.frames < REWRITE_AT || self.frames < 2 * live {
+            return Ok(());
+        }
+        let mut operations = Vec::with_capacity(live);
+        operations.extend(self.vote.map(Saved::Vote));
+        operations.push(Saved::Committed(self.committed));
+        operations.extend(self.last_purged.map(Saved::Purge));
+        operations.extend(self.entries.values().cloned().map(Saved::Entry));
+        let path = self.directory.join(FILE);
+        let temporary = self.directory.join(format!("{FILE}.tmp"));
+        let mut buffer = Vec::new();
+        for saved in &operations {
+            let payload = postcard::to_stdvec(saved).map_err(invalid)?;
+            encode_frame(&mut buffer, |out| out.extend_from_slice(&payload));
+        }
+        let mut file = File::create(&temporary)?;
+        file.write_all(&buffer)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, &path)?;
+        File::open(&self.directory)?.sync_all()?;
+        self.file = OpenOptions::new().append(true).open(&path)?;
+        self.frames = operations.len();
+        Ok(())
+    }
+}
+
+impl RaftLogReader<ShardRaft> for ShardLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<EntryOf<ShardRaft>>, io::Error> {
+        let inner = self.inner.lock().await;
+        Ok(inner
+            .entries
+            .range(range)
+            .map(|(_, entry)| entry.clone())
+            .collect())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<VoteOf<ShardRaft>>, io::Error> {
+        Ok(self.inner.lock().await.vote)
+    }
+}
+
+impl RaftLogStorage<ShardRaft> for ShardLog {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<ShardRaft>, io::Error> {
+        let inner = self.inner.lock().await;
+        let last_purged_log_id = inner.last_purged;
+        let last_log_id = inner
+            .entries
+            .values()
+            .next_back()
+            .map(RaftEntry::log_id)
+            .or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &VoteOf<ShardRaft>) -> Result<(), io::Error> {
+        let mut inner = self.inner.lock().await;
+        inner.write(&[Saved::Vote(*vote)], true)?;
+        inner.vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogIdOf<ShardRaft>>,
+    ) -> Result<(), io::Error> {
+        let mut inner = self.inner.lock().await;
+        inner.write(&[Saved::Committed(committed)], false)?;
+        inner.committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogIdOf<ShardRaft>>, io::Error> {
+        Ok(self.inner.lock().await.committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<ShardRaft>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = EntryOf<ShardRaft>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut inner = self.inner.lock().await;
+        let entries: Vec<_> = entries.into_iter().collect();
+        let operations: Vec<Saved> = entries.iter().cloned().map(Saved::Entry).collect();
+        let sync = inner.fsync == FsyncPolicy::Always;
+        let written = inner.write(&operations, sync);
+        if written.is_ok() {
+            for entry in entries {
+                inner.entries.insert(entry.index(), entry);
+            }
+        }
+        // Both the callback and the caller are told of a failure; `io::Error` does not clone.
+        let reported = match &written {
+            Ok(()) => Ok(()),
+            Err(error) => Err(io::Error::new(error.kind(), error.to_string())),
+        };
+        callback.io_completed(reported);
+        written
+    }
+
+    async fn truncate_after(
+        &mut self,
+        last_log_id: Option<LogIdOf<ShardRaft>>,
+    ) -> Result<(), io::Error> {
+        let mut inner = self.inner.lock().await;
+        inner.write(&[Saved::TruncateAfter(last_log_id)], false)?;
+        let from = last_log_id.map_or(0, |last| last.index() + 1);
+        inner.entries.split_off(&from);
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogIdOf<ShardRaft>) -> Result<(), io::Error> {
+        let mut inner = self.inner.lock().await;
+        inner.write(&[Saved::Purge(log_id)], false)?;
+        let kept = inner.entries.split_off(&(log_id.index() + 1));
+        inner.entries = kept;
+        inner.last_purged = Some(log_id);
+        inner.rewrite_if_mostly_purged()
+    }
+}

@@ -1,0 +1,283 @@
+//! A shard's state machine: a registry holding the shard's buckets, changed only by applying
+//! committed entries, the same way on every replica.
+//!
+//! Applying a change is what recovery's replay does on a single node: no limit is checked
+//! again (the leader checked them before proposing; replicas must not decide differently), and
+//! nothing is logged (the Raft log is the log). A snapshot is the buckets in the single-node
+//! snapshot format: a `Create` and the `Put`s of each bucket.
+
+use std::io;
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use openraft::EntryPayload;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use tokio::sync::Mutex;
+
+use super::{Outcome, ShardCommand, ShardRaft};
+use crate::change::Change;
+use crate::config::CoreConfig;
+use crate::registry::Registry;
+use crate::shard::wal::record::{self, ScanEnd, scan};
+
+/// What a snapshot's bytes are: records of the single-node log.
+pub type SnapshotBytes = Vec<u8>;
+
+/// A shard's state machine. Cheap to clone: clones share one state (the snapshot builder is a
+/// clone).
+#[derive(Clone)]
+pub struct ShardStateMachine {
+    inner: Arc<Mutex<Inner>>,
+}
+
+struct Inner {
+    registry: Registry,
+    last_applied: Option<LogIdOf<ShardRaft>>,
+    membership: StoredMembershipOf<ShardRaft>,
+    snapshot: Option<(SnapshotMetaOf<ShardRaft>, SnapshotBytes)>,
+}
+
+impl ShardStateMachine {
+    /// An empty state machine whose registry has `core`'s limits (for what a replica keeps in
+    /// memory; the limits clients meet are checked before a change is proposed).
+    #[must_use]
+    pub fn new(core: CoreConfig) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                registry: Registry::start(core),
+                last_applied: None,
+                membership: StoredMembershipOf::<ShardRaft>::default(),
+                snapshot: None,
+            })),
+        }
+    }
+
+    /// The registry of the shard's buckets, for reads.
+    pub async fn registry(&self) -> Registry {
+        self.inner.lock().await.registry.clone()
+    }
+}
+
+impl Inner {
+    async fn apply(&mut self, command: &ShardCommand) -> Outcome {
+        let Some(change) = command.change() else {
+            return Outcome::NotAChange;
+        };
+        apply_change(&self.registry, change).await
+    }
+
+    /// The buckets as snapshot bytes, each copied under its read lock.
+    fn export(&self) -> SnapshotBytes {
+        let mut bytes = Vec::new();
+        for bucket in self.registry.view().buckets() {
+            let name = bucket.name().as_bytes();
+            let start = bytes.len();
+            record::encode(&Change::Create { bucket: name }, &mut bytes);
+            let copied = bucket.for_each_entry(|key, value| {
+                record::encode(
+                    &Change::Put {
+                        bucket: name,
+                        key,
+                        value,
+                    },
+                    &mut bytes,
+                );
+            });
+            if copied.is_err() {
+                // Dropped while being copied: not in the snapshot.
+                bytes.truncate(start);
+            }
+        }
+        bytes
+    }
+
+    /// Replaces every bucket with those of `bytes`.
+    async fn install(&mut self, bytes: &[u8]) -> io::Result<()> {
+        for bucket in self.registry.view().buckets() {
+            self.registry
+                .drop_bucket(bucket.name().as_bytes())
+                .await
+                .map_err(io::Error::other)?;
+        }
+        let mut changes = Vec::new();
+        let end = scan(bytes, |change, _| {
+            changes.push(change);
+            Ok::<(), ()>(())
+        })
+        .unwrap_or(ScanEnd::Clean);
+        if end != ScanEnd::Clean {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a snapshot that does not read whole: {end:?}"),
+            ));
+        }
+        for change in changes {
+            apply_change(&self.registry, change).await;
+        }
+        Ok(())
+    }
+}
+
+/// Applies one committed change to `registry`, as every replica does.
+async fn apply_change(registry: &Registry, change: Change<'_>) -> Outcome {
+    match change {
+        Change::Create { bucket } => match registry.create_from_log(bucket).await {
+            Ok(_) => Outcome::Done,
+            Err(error) => {
+                tracing::error!(%error, "a committed CREATE could not be applied");
+                Outcome::Done
+            }
+        },
+        Change::Drop { bucket } => match registry.drop_bucket(bucket).await {
+            Ok(true) => Outcome::Done,
+            Ok(false) => Outcome::NothingToDrop,
+            Err(error) => {
+                tracing::error!(%error, "a committed DROP could not be applied");
+                Outcome::Done
+            }
+        },
+        Change::Put { bucket, key, value } => match registry.lookup(bucket) {
+            Some(handle) if handle.restore(key, value).is_ok() => Outcome::Done,
+            _ => Outcome::NoSuchBucket,
+        },
+        Change::Delete { bucket, key } => match registry.lookup(bucket) {
+            Some(handle) if handle.delete(key).is_ok() => Outcome::Done,
+            _ => Outcome::NoSuchBucket,
+        },
+    }
+}
+
+impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
+    type SnapshotData = SnapshotBytes;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<ShardRaft, SnapshotBytes>, io::Error> {
+        let mut inner = self.inner.lock().await;
+        let bytes = inner.export();
+        let meta = SnapshotMetaOf::<ShardRaft> {
+            last_log_id: inner.last_applied,
+            last_membership: inner.membership.clone(),
+        };
+        inner.snapshot = Some((meta.clone(), bytes.clone()));
+        Ok(SnapshotOf::<ShardRaft, SnapshotBytes> {
+            meta,
+            snapshot: bytes,
+        })
+    }
+}
+
+impl RaftStateMachine<ShardRaft> for ShardStateMachine {
+    type SnapshotData = SnapshotBytes;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogIdOf<ShardRaft>>, StoredMembershipOf<ShardRaft>), io::Error> {
+        let inner = self.inner.lock().await;
+        Ok((inner.last_applied, inner.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<ShardRaft>, io::Error>> + Unpin + Send,
+    {
+        let mut inner = self.inner.lock().await;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            inner.last_applied = Some(entry.log_id);
+            let outcome = match &entry.payload {
+                EntryPayload::Blank => Outcome::Done,
+                EntryPayload::Normal(command) => inner.apply(command).await,
+                EntryPayload::Membership(membership) => {
+                    inner.membership = StoredMembershipOf::<ShardRaft>::new(
+                        Some(entry.log_id),
+                        membership.clone(),
+                    );
+                    Outcome::Done
+                }
+            };
+            if let Some(responder) = responder {
+                responder.send(outcome);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<ShardRaft>,
+        snapshot: SnapshotBytes,
+    ) -> Result<(), io::Error> {
+        let mut inner = self.inner.lock().await;
+        inner.install(&snapshot).await?;
+        inner.last_applied = meta.last_log_id;
+        inner.membership = meta.last_membership.clone();
+        inner.snapshot = Some((meta.clone(), snapshot));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<SnapshotOf<ShardRaft, SnapshotBytes>>, io::Error> {
+        let inner = self.inner.lock().await;
+        Ok(inner
+            .snapshot
+            .clone()
+            .map(|(meta, snapshot)| SnapshotOf::<ShardRaft, SnapshotBytes> { meta, snapshot }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn each_change_answers_what_it_did() {
+        let registry = Registry::start(CoreConfig::default());
+        let changes = [
+            Change::Create { bucket: b"s" },
+            Change::Create { bucket: b"s" },
+            Change::Put {
+                bucket: b"s",
+                key: b"k",
+                value: b"v",
+            },
+            Change::Delete {
+                bucket: b"s",
+                key: b"k",
+            },
+            Change::Put {
+                bucket: b"nowhere",
+                key: b"k",
+                value: b"v",
+            },
+            Change::Delete {
+                bucket: b"nowhere",
+                key: b"k",
+            },
+            Change::Drop { bucket: b"s" },
+            Change::Drop { bucket: b"s" },
+        ];
+        let mut outcomes = Vec::new();
+        for change in changes {
+            outcomes.push(apply_change(&registry, change).await);
+        }
+        use Outcome::{Done, NoSuchBucket, NothingToDrop};
+        assert_eq!(
+            outcomes,
+            [
+                Done,
+                Done,
+                Done,
+                Done,
+                NoSuchBucket,
+                NoSuchBucket,
+                Done,
+                NothingToDrop
+            ]
+        );
+    }
+}

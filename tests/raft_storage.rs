@@ -1,0 +1,198 @@
+//! A shard's Raft storage (its log on disk, its registry as the state machine) against
+//! openraft's own storage suite, and what survives a reopen of the log.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use kv::cluster::raft::{ShardLog, ShardRaft, ShardStateMachine};
+use kv::config::{CoreConfig, FsyncPolicy};
+use openraft::StorageError;
+use openraft::testing::log::{StoreBuilder, Suite};
+
+struct Builder;
+
+impl StoreBuilder<ShardRaft, ShardLog, ShardStateMachine, tempfile::TempDir> for Builder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, ShardLog, ShardStateMachine), StorageError<ShardRaft>> {
+        let directory = tempfile::tempdir().unwrap();
+        // Syncing is not what the suite checks; a vote is synced whatever the policy.
+        let log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
+        Ok((
+            directory,
+            log,
+            ShardStateMachine::new(CoreConfig::default()),
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shard_storage_passes_openrafts_suite() {
+    Suite::test_all(Builder).await.unwrap();
+}
+
+/// Appends `entries` and waits until the log says they are flushed.
+async fn append(
+    log: &mut ShardLog,
+    entries: Vec<openraft::type_config::alias::EntryOf<ShardRaft>>,
+) {
+    use openraft::storage::RaftLogStorageExt;
+    log.blocking_append(entries).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_log_has_its_vote_entries_truncations_and_purges() {
+    use openraft::storage::{RaftLogReader, RaftLogStorage};
+    use openraft::testing::{blank_ent, log_id};
+    use openraft::type_config::alias::VoteOf;
+
+    let directory = tempfile::tempdir().unwrap();
+    let vote = VoteOf::<ShardRaft>::new(3, 2);
+    {
+        let mut log = ShardLog::open(directory.path(), FsyncPolicy::Always).unwrap();
+        append(
+            &mut log,
+            (1..=10)
+                .map(|index| blank_ent::<ShardRaft>(1, 1, index))
+                .collect(),
+        )
+        .await;
+        log.save_vote(&vote).await.unwrap();
+        log.truncate_after(Some(log_id::<ShardRaft>(1, 1, 8)))
+            .await
+            .unwrap();
+        log.purge(log_id::<ShardRaft>(1, 1, 3)).await.unwrap();
+        log.save_committed(Some(log_id::<ShardRaft>(1, 1, 6)))
+            .await
+            .unwrap();
+    }
+    // A crash mid-write leaves a torn frame at the end: cut off at the next open.
+    let file = directory.path().join("raft-log.kv");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.extend_from_slice(&[0x10, 0, 0, 0, 1, 2]);
+    std::fs::write(&file, &bytes).unwrap();
+
+    let mut log = ShardLog::open(directory.path(), FsyncPolicy::Always).unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id::<ShardRaft>(1, 1, 3)));
+    assert_eq!(state.last_log_id, Some(log_id::<ShardRaft>(1, 1, 8)));
+    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    assert_eq!(
+        log.read_committed().await.unwrap(),
+        Some(log_id::<ShardRaft>(1, 1, 6))
+    );
+    let indexes: Vec<u64> = log
+        .try_get_log_entries(0..100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|entry| entry.log_id.index)
+        .collect();
+    assert_eq!(indexes, [4, 5, 6, 7, 8]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_mostly_purged_is_rewritten_and_reads_back_the_same() {
+    use openraft::storage::{RaftLogReader, RaftLogStorage};
+    use openraft::testing::{blank_ent, log_id};
+
+    let directory = tempfile::tempdir().unwrap();
+    {
+        let mut log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
+        append(
+            &mut log,
+            (1..=5000)
+                .map(|index| blank_ent::<ShardRaft>(1, 1, index))
+                .collect(),
+        )
+        .await;
+        let before = std::fs::metadata(directory.path().join("raft-log.kv"))
+            .unwrap()
+            .len();
+        log.purge(log_id::<ShardRaft>(1, 1, 4990)).await.unwrap();
+        let after = std::fs::metadata(directory.path().join("raft-log.kv"))
+            .unwrap()
+            .len();
+        assert!(
+            after * 100 < before,
+            "rewritten: {before} bytes, then {after}"
+        );
+    }
+    let mut log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(
+        state.last_purged_log_id,
+        Some(log_id::<ShardRaft>(1, 1, 4990))
+    );
+    assert_eq!(state.last_log_id, Some(log_id::<ShardRaft>(1, 1, 5000)));
+    assert_eq!(log.try_get_log_entries(0..10_000).await.unwrap().len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_apply_to_the_shards_buckets_and_travel_in_a_snapshot() {
+    use kv::change::Change;
+    use kv::cluster::raft::ShardCommand;
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::testing::log_id;
+
+    let changes = [
+        Change::Create { bucket: b"s" },
+        Change::Put {
+            bucket: b"s",
+            key: b"milk",
+            value: b"1",
+        },
+        Change::Put {
+            bucket: b"s",
+            key: b"eggs",
+            value: b"3",
+        },
+        Change::Delete {
+            bucket: b"s",
+            key: b"eggs",
+        },
+        Change::Put {
+            bucket: b"nowhere",
+            key: b"k",
+            value: b"v",
+        },
+        Change::Create { bucket: b"gone" },
+        Change::Drop { bucket: b"gone" },
+        Change::Drop { bucket: b"gone" },
+    ];
+    let mut machine = ShardStateMachine::new(CoreConfig::default());
+    let entries = changes.iter().enumerate().map(|(index, change)| {
+        Ok((
+            openraft::Entry {
+                log_id: log_id::<ShardRaft>(1, 1, index as u64 + 1),
+                payload: openraft::EntryPayload::Normal(ShardCommand::new(change)),
+            },
+            None,
+        ))
+    });
+    machine.apply(futures::stream::iter(entries)).await.unwrap();
+    let applied = machine.registry().await;
+    assert!(applied.lookup(b"gone").is_none());
+    assert!(applied.lookup(b"nowhere").is_none());
+
+    let snapshot = machine
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let mut follower = ShardStateMachine::new(CoreConfig::default());
+    follower
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    let registry = follower.registry().await;
+    let names: Vec<_> = registry.view().names(None, 10);
+    assert_eq!(names.len(), 1);
+    let bucket = registry.lookup(b"s").unwrap();
+    assert_eq!(bucket.get(b"milk").unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(bucket.get(b"eggs").unwrap(), None);
+    assert_eq!(
+        follower.applied_state().await.unwrap().0,
+        Some(log_id::<ShardRaft>(1, 1, 8))
+    );
+}

@@ -1,0 +1,184 @@
+//! A cluster node: the Raft groups of the shards placed on it, and the peer listener that
+//! answers the other nodes' replicas of them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::BasicNode;
+use openraft::error::{InitializeError, RaftError};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::network::{Peers, ShardNetwork};
+use super::peer::{self, Groups, PeerClient, ShardGroup};
+use super::placement::{NodeId, replicas_of};
+use super::raft::{ShardLog, ShardStateMachine};
+use crate::config::{CoreConfig, FsyncPolicy};
+
+/// How a node joins the cluster and what it holds.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id (`--node-id`).
+    pub id: NodeId,
+    /// Every initial member's cluster address, this node's included (`--peers`).
+    pub members: BTreeMap<NodeId, SocketAddr>,
+    /// How many shards the slots are cut into (`--shards`).
+    pub shards: u16,
+    /// Replicas per shard (`--replicas`).
+    pub replicas: usize,
+    /// Where the shards' logs live: `DIR/shards/<shard>/`.
+    pub data_dir: PathBuf,
+    /// When the Raft logs are synced.
+    pub fsync: FsyncPolicy,
+    /// A leader's heartbeat interval.
+    pub heartbeat: Duration,
+    /// The range an election timeout is drawn from.
+    pub election_timeout: (Duration, Duration),
+    /// The limits of each shard's registry.
+    pub core: CoreConfig,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A shard's log could not be opened.
+    #[error("shard {shard}: {source}")]
+    Log {
+        /// The shard.
+        shard: u16,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// openraft refused the configuration or failed.
+    #[error("shard {shard}: {message}")]
+    Raft {
+        /// The shard.
+        shard: u16,
+        /// What openraft said.
+        message: String,
+    },
+    /// This node is not among the members.
+    #[error("node {0} is not in --peers")]
+    NotAMember(NodeId),
+}
+
+/// A running node.
+pub struct Node {
+    groups: Groups,
+    machines: HashMap<u16, ShardStateMachine>,
+    shutdown: CancellationToken,
+}
+
+impl Node {
+    /// Opens every shard placed on this node, starts its Raft group, initialises the groups
+    /// this node is the first replica of (a restart finds them initialised and skips that),
+    /// and answers peers on `listener`.
+    ///
+    /// # Errors
+    /// If a log cannot be opened or openraft refuses to start.
+    pub async fn start(config: NodeConfig, listener: TcpListener) -> Result<Self, NodeError> {
+        if !config.members.contains_key(&config.id) {
+            return Err(NodeError::NotAMember(config.id));
+        }
+        let peers: Peers = Arc::new(
+            config
+                .members
+                .iter()
+                .filter(|(id, _)| **id != config.id)
+                .map(|(&id, &address)| (id, Arc::new(PeerClient::new(address))))
+                .collect(),
+        );
+        let raft_config = Arc::new(
+            openraft::Config {
+                cluster_name: "kv".into(),
+                heartbeat_interval: millis(config.heartbeat),
+                election_timeout_min: millis(config.election_timeout.0),
+                election_timeout_max: millis(config.election_timeout.1),
+                // Snapshots are kept in memory only so far: a replica restarted after its log
+                // was purged would come back empty. Until they are written to disk, the log
+                // is kept whole (docs/cluster.md).
+                snapshot_policy: openraft::SnapshotPolicy::Never,
+                ..openraft::Config::default()
+            }
+            .validate()
+            .map_err(|error| NodeError::Raft {
+                shard: 0,
+                message: error.to_string(),
+            })?,
+        );
+        let member_ids: Vec<NodeId> = config.members.keys().copied().collect();
+        let mut groups = HashMap::new();
+        let mut machines = HashMap::new();
+        for shard in 0..config.shards {
+            let replicas = replicas_of(shard, &member_ids, config.replicas);
+            if !replicas.contains(&config.id) {
+                continue;
+            }
+            let directory = config.data_dir.join("shards").join(shard.to_string());
+            let log = ShardLog::open(&directory, config.fsync)
+                .map_err(|source| NodeError::Log { shard, source })?;
+            let machine = ShardStateMachine::new(config.core.clone());
+            machines.insert(shard, machine.clone());
+            let network = ShardNetwork::new(shard, Arc::clone(&peers));
+            let group = ShardGroup::new(config.id, Arc::clone(&raft_config), network, log, machine)
+                .await
+                .map_err(|error| NodeError::Raft {
+                    shard,
+                    message: error.to_string(),
+                })?;
+            if replicas.first() == Some(&config.id) {
+                let members: BTreeMap<NodeId, BasicNode> = replicas
+                    .iter()
+                    .map(|id| (*id, BasicNode::new(config.members[id].to_string())))
+                    .collect();
+                match group.initialize(members).await {
+                    Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                    Err(error) => {
+                        return Err(NodeError::Raft {
+                            shard,
+                            message: error.to_string(),
+                        });
+                    }
+                }
+            }
+            groups.insert(shard, group);
+        }
+        let groups: Groups = Arc::new(groups);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(peer::serve(listener, Arc::clone(&groups), shutdown.clone()));
+        Ok(Self {
+            groups,
+            machines,
+            shutdown,
+        })
+    }
+
+    /// The Raft group of `shard`, if this node holds a replica of it.
+    #[must_use]
+    pub fn group(&self, shard: u16) -> Option<&ShardGroup> {
+        self.groups.get(&shard)
+    }
+
+    /// The state of `shard` as this node's replica has applied it.
+    #[must_use]
+    pub fn state(&self, shard: u16) -> Option<&ShardStateMachine> {
+        self.machines.get(&shard)
+    }
+
+    /// Stops answering peers and shuts every group down.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for group in self.groups.values() {
+            if let Err(error) = group.shutdown().await {
+                tracing::warn!(%error, "a Raft group did not shut down cleanly");
+            }
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}

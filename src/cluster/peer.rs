@@ -1,0 +1,287 @@
+//! Node to node: one TCP connection per pair of nodes, shared by every shard's Raft traffic.
+//!
+//! Frames are length-delimited (at most [`MAX_FRAME`]) and hold a request id and a message,
+//! serialised with serde and postcard. A client sends requests as they come and matches the
+//! replies by id, so many shards' RPCs are in flight on one connection at once.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use openraft::Raft;
+use openraft::error::RaftError;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::type_config::alias::{SnapshotMetaOf, VoteOf};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+
+use super::raft::{ShardRaft, ShardStateMachine, SnapshotBytes};
+
+/// The largest frame a node sends or accepts: a whole snapshot travels in one.
+pub const MAX_FRAME: usize = 1 << 30;
+
+/// Requests in flight on one connection before a sender waits.
+const IN_FLIGHT: usize = 1024;
+
+/// A shard's Raft group as this node runs it.
+pub type ShardGroup = Raft<ShardRaft, ShardStateMachine>;
+
+/// A request from a replica on one node to a replica of the same shard on another.
+#[derive(Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Raft's append-entries (and heartbeat).
+    AppendEntries(u16, AppendEntriesRequest<ShardRaft>),
+    /// Raft's vote request.
+    Vote(u16, VoteRequest<ShardRaft>),
+    /// A whole snapshot, for a replica too far behind for the log.
+    Snapshot(
+        u16,
+        VoteOf<ShardRaft>,
+        SnapshotMetaOf<ShardRaft>,
+        SnapshotBytes,
+    ),
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Serialize, Deserialize)]
+pub enum PeerResponse {
+    /// To [`PeerRequest::AppendEntries`].
+    AppendEntries(Result<AppendEntriesResponse<ShardRaft>, RaftError<ShardRaft>>),
+    /// To [`PeerRequest::Vote`].
+    Vote(Result<VoteResponse<ShardRaft>, RaftError<ShardRaft>>),
+    /// To [`PeerRequest::Snapshot`].
+    Snapshot(Result<SnapshotResponse<ShardRaft>, String>),
+    /// This node holds no replica of the shard.
+    NoSuchShard,
+}
+
+/// Why a request to a peer got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The connection could not be made, or broke.
+    #[error("peer {address}: {source}")]
+    Io {
+        /// The peer.
+        address: SocketAddr,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// A frame that is not a message.
+    #[error("peer {0}: a frame that is not a message")]
+    Malformed(SocketAddr),
+    /// The connection closed before the answer came.
+    #[error("peer {0}: connection closed")]
+    Closed(SocketAddr),
+}
+
+/// A connection to one peer, opened on first use and again after it breaks.
+pub struct PeerClient {
+    address: SocketAddr,
+    connection: Mutex<Option<mpsc::Sender<Call>>>,
+}
+
+type Call = (
+    PeerRequest,
+    oneshot::Sender<Result<PeerResponse, PeerError>>,
+);
+
+impl PeerClient {
+    /// A client of the peer at `address`; nothing is connected until the first request.
+    #[must_use]
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            connection: Mutex::new(None),
+        }
+    }
+
+    /// Sends `request` and waits for its answer.
+    ///
+    /// # Errors
+    /// If the peer cannot be reached or the connection breaks first.
+    pub async fn call(&self, request: PeerRequest) -> Result<PeerResponse, PeerError> {
+        let sender = self.connected().await?;
+        let (reply, answer) = oneshot::channel();
+        if sender.send((request, reply)).await.is_err() {
+            *self.connection.lock().await = None;
+            return Err(PeerError::Closed(self.address));
+        }
+        let answered = answer.await.unwrap_or(Err(PeerError::Closed(self.address)));
+        if answered.is_err() {
+            *self.connection.lock().await = None;
+        }
+        answered
+    }
+
+    async fn connected(&self) -> Result<mpsc::Sender<Call>, PeerError> {
+        let mut connection = self.connection.lock().await;
+        if let Some(sender) = connection.as_ref().filter(|sender| !sender.is_closed()) {
+            return Ok(sender.clone());
+        }
+        let stream = TcpStream::connect(self.address)
+            .await
+            .map_err(|source| PeerError::Io {
+                address: self.address,
+                source,
+            })?;
+        stream.set_nodelay(true).map_err(|source| PeerError::Io {
+            address: self.address,
+            source,
+        })?;
+        let (sender, calls) = mpsc::channel(IN_FLIGHT);
+        tokio::spawn(drive(self.address, framed(stream), calls));
+        *connection = Some(sender.clone());
+        Ok(sender)
+    }
+}
+
+fn framed(stream: TcpStream) -> Framed<TcpStream, LengthDelimitedCodec> {
+    Framed::new(
+        stream,
+        LengthDelimitedCodec::builder()
+            .max_frame_length(MAX_FRAME)
+            .new_codec(),
+    )
+}
+
+/// One connection's life on the client side: sends each call with a fresh id, answers each
+/// caller when its id comes back, and fails every caller left when the connection ends.
+async fn drive(
+    address: SocketAddr,
+    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    mut calls: mpsc::Receiver<Call>,
+) {
+    let (mut sink, mut stream) = framed.split();
+    let mut waiting: HashMap<u64, oneshot::Sender<Result<PeerResponse, PeerError>>> =
+        HashMap::new();
+    let mut next_id = 0u64;
+    let failure = loop {
+        tokio::select! {
+            call = calls.recv() => {
+                let Some((request, reply)) = call else { break None };
+                next_id += 1;
+                let Ok(frame) = postcard::to_stdvec(&(next_id, request)) else {
+                    let _ = reply.send(Err(PeerError::Malformed(address)));
+                    continue;
+                };
+                if let Err(source) = sink.send(Bytes::from(frame)).await {
+                    let _ = reply.send(Err(PeerError::Io { address, source }));
+                    break Some(());
+                }
+                waiting.insert(next_id, reply);
+            }
+            frame = stream.next() => {
+                let Some(Ok(frame)) = frame else { break Some(()) };
+                let Ok((id, response)) = postcard::from_bytes::<(u64, PeerResponse)>(&frame) else {
+                    break Some(());
+                };
+                if let Some(reply) = waiting.remove(&id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+        }
+    };
+    if failure.is_some() {
+        tracing::debug!(%address, "peer connection ended");
+    }
+    for (_, reply) in waiting {
+        let _ = reply.send(Err(PeerError::Closed(address)));
+    }
+}
+
+/// The shards this node runs, by index: what peers' requests are answered from.
+pub type Groups = Arc<HashMap<u16, ShardGroup>>;
+
+/// Answers peers on `listener` until `shutdown`: every request runs on its own task, so that
+/// one slow shard never holds up another's on the same connection.
+pub async fn serve(listener: TcpListener, groups: Groups, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(answer(
+                    framed(stream),
+                    Arc::clone(&groups),
+                    shutdown.clone(),
+                ));
+            }
+            Err(error) => tracing::warn!(%error, "accepting a peer failed"),
+        }
+    }
+}
+
+async fn answer(
+    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    groups: Groups,
+    shutdown: CancellationToken,
+) {
+    let (mut sink, mut stream) = framed.split();
+    let (answers, mut outgoing) = mpsc::channel::<Bytes>(IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = outgoing.recv().await {
+            if sink.send(frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    loop {
+        let frame = tokio::select! {
+            () = shutdown.cancelled() => break,
+            frame = stream.next() => frame,
+        };
+        let Some(Ok(frame)) = frame else { break };
+        let Ok((id, request)) = postcard::from_bytes::<(u64, PeerRequest)>(&frame) else {
+            tracing::warn!("a peer sent a frame that is not a request; closing its connection");
+            break;
+        };
+        let groups = Arc::clone(&groups);
+        let answers = answers.clone();
+        tokio::spawn(async move {
+            let response = handle(&groups, request).await;
+            if let Ok(frame) = postcard::to_stdvec(&(id, response)) {
+                let _ = answers.send(Bytes::from(frame)).await;
+            }
+        });
+    }
+    drop(answers);
+    let _ = writer.await;
+}
+
+async fn handle(groups: &HashMap<u16, ShardGroup>, request: PeerRequest) -> PeerResponse {
+    match request {
+        PeerRequest::AppendEntries(shard, rpc) => match groups.get(&shard) {
+            Some(group) => PeerResponse::AppendEntries(group.append_entries(rpc).await),
+            None => PeerResponse::NoSuchShard,
+        },
+        PeerRequest::Vote(shard, rpc) => match groups.get(&shard) {
+            Some(group) => PeerResponse::Vote(group.vote(rpc).await),
+            None => PeerResponse::NoSuchShard,
+        },
+        PeerRequest::Snapshot(shard, vote, meta, data) => match groups.get(&shard) {
+            Some(group) => {
+                let snapshot = openraft::type_config::alias::SnapshotOf::<ShardRaft, SnapshotBytes> {
+                    meta,
+                    snapshot: data,
+                };
+                PeerResponse::Snapshot(
+                    group
+                        .install_full_snapshot(vote, snapshot)
+                        .await
+                        .map_err(|error| error.to_string()),
+                )
+            }
+            None => PeerResponse::NoSuchShard,
+        },
+    }
+}

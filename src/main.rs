@@ -1,5 +1,6 @@
 //! The `kv` binary: `kv serve` runs the server, `kv cli` talks to one.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kv::client::{Client, render};
-use kv::config::{CoreConfig, DurabilityConfig, FsyncPolicy, ServerConfig};
+use kv::config::{ClusterConfig, CoreConfig, DurabilityConfig, FsyncPolicy, ServerConfig};
 use kv::protocol::ReplyValue;
 use kv::server::Server;
 
@@ -144,6 +145,52 @@ struct ServeArgs {
     /// core too: more busy threads than cores only adds switching.
     #[arg(long)]
     threads: Option<usize>,
+    /// Join a cluster: every initial member's id and cluster address, this node's included,
+    /// as `1=127.0.0.1:7401,2=127.0.0.1:7402,3=127.0.0.1:7403`. Needs --node-id,
+    /// --cluster-bind and --data-dir.
+    #[arg(long, value_parser = parse_peers, requires_all = ["node_id", "cluster_bind", "data_dir"])]
+    peers: Option<BTreeMap<u64, SocketAddr>>,
+    /// This node's id among --peers.
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Where this node listens for the other nodes of the cluster.
+    #[arg(long)]
+    cluster_bind: Option<SocketAddr>,
+    /// How many shards (Raft groups) the slots are cut into.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16384))]
+    shards: u16,
+    /// Replicas of each shard (every node, if there are fewer).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    replicas: u64,
+    /// A shard leader's heartbeat interval, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    heartbeat_ms: u64,
+    /// The shortest election timeout, in milliseconds (the longest is twice it): how long a
+    /// shard waits after its leader falls silent before electing another.
+    #[arg(long, default_value_t = 1000)]
+    election_timeout_ms: u64,
+}
+
+/// Parses `--peers`: `id=host:port`, comma-separated, each id once.
+fn parse_peers(text: &str) -> Result<BTreeMap<u64, SocketAddr>, String> {
+    let mut peers = BTreeMap::new();
+    for member in text.split(',') {
+        let (id, address) = member
+            .split_once('=')
+            .ok_or_else(|| format!("{member:?} is not id=host:port"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("{id:?} is not a node id"))?;
+        let address: SocketAddr = address
+            .trim()
+            .parse()
+            .map_err(|_| format!("{address:?} is not host:port"))?;
+        if peers.insert(id, address).is_some() {
+            return Err(format!("node {id} is listed twice"));
+        }
+    }
+    Ok(peers)
 }
 
 #[derive(Args)]
@@ -192,7 +239,7 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
@@ -220,6 +267,7 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
             compact_min_bytes: arguments.compact_min_bytes,
             ..DurabilityConfig::new(data_dir)
         }),
+        cluster: cluster_config(&arguments)?,
         ..ServerConfig::default()
     };
     let server = Server::bind(config.clone()).await?;
@@ -248,6 +296,33 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
         .context("stopping: the log could not be written and synced")?;
     tracing::info!("kv stopped");
     Ok(())
+}
+
+/// The cluster this node joins, if `--peers` says it does.
+fn cluster_config(arguments: &ServeArgs) -> anyhow::Result<Option<ClusterConfig>> {
+    let Some(peers) = arguments.peers.clone() else {
+        return Ok(None);
+    };
+    let node_id = arguments.node_id.context("--peers needs --node-id")?;
+    let bind = arguments
+        .cluster_bind
+        .context("--peers needs --cluster-bind")?;
+    anyhow::ensure!(
+        peers.get(&node_id) == Some(&bind),
+        "--peers must list this node ({node_id}) at its --cluster-bind ({bind})"
+    );
+    let election = Duration::from_millis(arguments.election_timeout_ms);
+    anyhow::ensure!(
+        arguments.heartbeat_ms * 2 < arguments.election_timeout_ms,
+        "--heartbeat-ms must be well under --election-timeout-ms"
+    );
+    Ok(Some(ClusterConfig {
+        shards: arguments.shards,
+        replicas: usize::try_from(arguments.replicas).unwrap_or(usize::MAX),
+        heartbeat: Duration::from_millis(arguments.heartbeat_ms),
+        election_timeout: (election, election * 2),
+        ..ClusterConfig::new(node_id, bind, peers)
+    }))
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

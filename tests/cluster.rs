@@ -33,7 +33,7 @@ async fn start(
     directory: &Path,
     listeners: Vec<TcpListener>,
     members: &BTreeMap<u64, std::net::SocketAddr>,
-) -> Vec<Node> {
+) -> Vec<std::sync::Arc<Node>> {
     let mut nodes = Vec::new();
     for (index, listener) in listeners.into_iter().enumerate() {
         let id = index as u64 + 1;
@@ -55,7 +55,7 @@ async fn start(
 
 /// Waits until a node leads shard 0 with a quorum's acknowledgement fresh enough for it to
 /// take writes; returns its index in `nodes`.
-async fn leader(nodes: &[Node]) -> usize {
+async fn leader(nodes: &[std::sync::Arc<Node>]) -> usize {
     let metrics = nodes[0]
         .group(0)
         .unwrap()
@@ -84,7 +84,7 @@ async fn leader(nodes: &[Node]) -> usize {
 
 /// Proposes `change` to the leader of shard 0 until one takes it (a leader whose lease lapsed,
 /// or that lost its leadership meanwhile, refuses); returns what applying it did and its index.
-async fn write(nodes: &[Node], change: &Change<'_>) -> (Outcome, u64) {
+async fn write(nodes: &[std::sync::Arc<Node>], change: &Change<'_>) -> (Outcome, u64) {
     within(async {
         loop {
             let leader = leader(nodes).await;
@@ -105,7 +105,7 @@ async fn write(nodes: &[Node], change: &Change<'_>) -> (Outcome, u64) {
 
 /// Waits until every node has applied `index`, then reads `key` of `bucket` on each.
 async fn read_everywhere(
-    nodes: &[Node],
+    nodes: &[std::sync::Arc<Node>],
     index: u64,
     bucket: &[u8],
     key: &[u8],
@@ -183,5 +183,84 @@ async fn three_nodes_replicate_changes_and_come_back_whole_after_a_restart() {
     );
     for node in nodes {
         node.stop().await;
+    }
+}
+
+/// Three `kv serve`s in this process forming a cluster on loopback ports.
+async fn three_servers(directory: &Path) -> Vec<common::TestServer> {
+    use kv::config::{ClusterConfig, DurabilityConfig, ServerConfig};
+    let (bound, members) = listeners(3).await;
+    // The ports are free again for the servers to bind.
+    drop(bound);
+    let mut servers = Vec::new();
+    for (&id, &address) in &members {
+        let cluster = ClusterConfig {
+            heartbeat: Duration::from_millis(50),
+            election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
+            ..ClusterConfig::new(id, address, members.clone())
+        };
+        let durability = DurabilityConfig {
+            fsync: FsyncPolicy::No,
+            ..DurabilityConfig::new(directory.join(id.to_string()))
+        };
+        servers.push(
+            common::TestServer::start(ServerConfig {
+                durability: Some(durability),
+                cluster: Some(cluster),
+                ..ServerConfig::default()
+            })
+            .await,
+        );
+    }
+    servers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_answers_every_request_as_one_node_would() {
+    let directory = tempfile::tempdir().unwrap();
+    let servers = three_servers(directory.path()).await;
+    let mut first = servers[0].connect().await;
+    let mut second = servers[1].connect().await;
+    let mut third = servers[2].connect().await;
+
+    first
+        .send(b"CREATE shopping\nPUT shopping milk 1\nPUT shopping eggs 3\n")
+        .await;
+    first.expect(b"OK\r\nOK\r\nOK\r\n").await;
+    // Every node reads what was written through another, whichever leads the shard.
+    second
+        .send(b"GET shopping milk\nGET shopping bread\n")
+        .await;
+    second.expect(b"1\r\nOK\r\n\r\nOK\r\n").await;
+    third
+        .send(b"DELETE shopping eggs\nGET shopping eggs\nGET nowhere milk\n")
+        .await;
+    third.expect(b"OK\r\n\r\nOK\r\nNOT FOUND\r\n").await;
+    // Buckets hash to different shards, each led somewhere.
+    for bucket in ["a", "b", "c", "d", "e", "f"] {
+        first
+            .send(format!("CREATE {bucket}\nPUT {bucket} k {bucket}\n").as_bytes())
+            .await;
+        first.expect(b"OK\r\nOK\r\n").await;
+        third.send(format!("GET {bucket} k\n").as_bytes()).await;
+        third.expect(format!("{bucket}\r\nOK\r\n").as_bytes()).await;
+    }
+    second.send(b"DROP shopping\nDROP shopping\n").await;
+    second.expect(b"OK\r\nNOT FOUND\r\n").await;
+    first.send(b"GET shopping milk\n").await;
+    first.expect(b"NOT FOUND\r\n").await;
+
+    // RESP, through the client library, on the third node.
+    let mut client = servers[2].client().await;
+    client.create(b"binary").await.unwrap();
+    client.put(b"binary", b"k\x00", b"\r\nv\xff").await.unwrap();
+    let mut other = servers[0].client().await;
+    assert_eq!(
+        other.get(b"binary", b"k\x00").await.unwrap().as_deref(),
+        Some(&b"\r\nv\xff"[..])
+    );
+    for server in servers {
+        server.shutdown.cancel();
+        within(server.task).await.unwrap().unwrap();
     }
 }

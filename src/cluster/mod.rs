@@ -7,4 +7,5 @@ pub mod node;
 pub mod peer;
 pub mod placement;
 pub mod raft;
+pub mod router;
 pub mod slot;

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::network::{Peers, ShardNetwork};
-use super::peer::{self, Groups, PeerClient, ShardGroup};
+use super::peer::{self, Groups, PeerClient, PeerHandler, PeerRequest, PeerResponse, ShardGroup};
 use super::placement::{NodeId, replicas_of};
 use super::raft::{ShardLog, ShardStateMachine};
 use crate::config::{CoreConfig, FsyncPolicy};
@@ -67,19 +67,32 @@ pub enum NodeError {
 
 /// A running node.
 pub struct Node {
+    id: NodeId,
     groups: Groups,
     machines: HashMap<u16, ShardStateMachine>,
+    peers: Peers,
+    shards: u16,
     shutdown: CancellationToken,
 }
 
 impl Node {
-    /// Opens every shard placed on this node, starts its Raft group, initialises the groups
-    /// this node is the first replica of (a restart finds them initialised and skips that),
-    /// and answers peers on `listener`.
+    /// [`open`](Self::open)s the node and answers its peers' Raft traffic on `listener`.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub async fn start(config: NodeConfig, listener: TcpListener) -> Result<Arc<Self>, NodeError> {
+        let node = Arc::new(Self::open(config).await?);
+        node.serve(listener, Arc::clone(&node));
+        Ok(node)
+    }
+
+    /// Opens every shard placed on this node, starts its Raft group, and initialises the
+    /// groups this node is the first replica of (a restart finds them initialised and skips
+    /// that). Peers are answered once [`serve`](Self::serve) is called.
     ///
     /// # Errors
     /// If a log cannot be opened or openraft refuses to start.
-    pub async fn start(config: NodeConfig, listener: TcpListener) -> Result<Self, NodeError> {
+    pub async fn open(config: NodeConfig) -> Result<Self, NodeError> {
         if !config.members.contains_key(&config.id) {
             return Err(NodeError::NotAMember(config.id));
         }
@@ -146,14 +159,43 @@ impl Node {
             }
             groups.insert(shard, group);
         }
-        let groups: Groups = Arc::new(groups);
-        let shutdown = CancellationToken::new();
-        tokio::spawn(peer::serve(listener, Arc::clone(&groups), shutdown.clone()));
         Ok(Self {
-            groups,
+            id: config.id,
+            groups: Arc::new(groups),
             machines,
-            shutdown,
+            peers,
+            shards: config.shards,
+            shutdown: CancellationToken::new(),
         })
+    }
+
+    /// Answers peers on `listener` with `handler`, until the node stops.
+    pub fn serve<H: PeerHandler>(&self, listener: TcpListener, handler: Arc<H>) {
+        tokio::spawn(peer::serve(listener, handler, self.shutdown.clone()));
+    }
+
+    /// This node's id.
+    #[must_use]
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// How many shards the slots are cut into.
+    #[must_use]
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    /// The Raft groups of the shards this node holds.
+    #[must_use]
+    pub fn groups(&self) -> &Groups {
+        &self.groups
+    }
+
+    /// The connections to the other nodes.
+    #[must_use]
+    pub fn peers(&self) -> &Peers {
+        &self.peers
     }
 
     /// The Raft group of `shard`, if this node holds a replica of it.
@@ -169,7 +211,7 @@ impl Node {
     }
 
     /// Stops answering peers and shuts every group down.
-    pub async fn stop(self) {
+    pub async fn stop(&self) {
         self.shutdown.cancel();
         for group in self.groups.values() {
             if let Err(error) = group.shutdown().await {
@@ -181,4 +223,13 @@ impl Node {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl PeerHandler for Node {
+    /// Raft traffic only: a node without a router forwards nothing.
+    async fn handle(&self, request: PeerRequest) -> PeerResponse {
+        peer::handle_raft(&self.groups, request)
+            .await
+            .unwrap_or(PeerResponse::NoSuchShard)
+    }
 }

@@ -5,6 +5,7 @@
 //! replies by id, so many shards' RPCs are in flight on one connection at once.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -47,6 +48,14 @@ pub enum PeerRequest {
         SnapshotMetaOf<ShardRaft>,
         SnapshotBytes,
     ),
+    /// A client's request, for the node that leads its bucket's shard: the request as RESP,
+    /// and whether the reply is wanted in RESP (or in the line protocol).
+    Forward {
+        /// The request, encoded as RESP.
+        request: Vec<u8>,
+        /// Whether the client speaks RESP.
+        resp: bool,
+    },
 }
 
 /// The answer to a [`PeerRequest`].
@@ -58,8 +67,19 @@ pub enum PeerResponse {
     Vote(Result<VoteResponse<ShardRaft>, RaftError<ShardRaft>>),
     /// To [`PeerRequest::Snapshot`].
     Snapshot(Result<SnapshotResponse<ShardRaft>, String>),
+    /// To [`PeerRequest::Forward`]: the reply, encoded for the client.
+    Forwarded(Vec<u8>),
+    /// To [`PeerRequest::Forward`]: this node does not lead the shard (the one it believes
+    /// does, if any); the sender tries again.
+    NotLeader(Option<u64>),
     /// This node holds no replica of the shard.
     NoSuchShard,
+}
+
+/// What answers the requests that come from peers.
+pub trait PeerHandler: Send + Sync + 'static {
+    /// The answer to `request`.
+    fn handle(&self, request: PeerRequest) -> impl Future<Output = PeerResponse> + Send;
 }
 
 /// Why a request to a peer got no answer.
@@ -201,7 +221,11 @@ pub type Groups = Arc<HashMap<u16, ShardGroup>>;
 
 /// Answers peers on `listener` until `shutdown`: every request runs on its own task, so that
 /// one slow shard never holds up another's on the same connection.
-pub async fn serve(listener: TcpListener, groups: Groups, shutdown: CancellationToken) {
+pub async fn serve<H: PeerHandler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -212,7 +236,7 @@ pub async fn serve(listener: TcpListener, groups: Groups, shutdown: Cancellation
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(answer(
                     framed(stream),
-                    Arc::clone(&groups),
+                    Arc::clone(&handler),
                     shutdown.clone(),
                 ));
             }
@@ -221,9 +245,9 @@ pub async fn serve(listener: TcpListener, groups: Groups, shutdown: Cancellation
     }
 }
 
-async fn answer(
+async fn answer<H: PeerHandler>(
     framed: Framed<TcpStream, LengthDelimitedCodec>,
-    groups: Groups,
+    handler: Arc<H>,
     shutdown: CancellationToken,
 ) {
     let (mut sink, mut stream) = framed.split();
@@ -245,10 +269,10 @@ async fn answer(
             tracing::warn!("a peer sent a frame that is not a request; closing its connection");
             break;
         };
-        let groups = Arc::clone(&groups);
+        let handler = Arc::clone(&handler);
         let answers = answers.clone();
         tokio::spawn(async move {
-            let response = handle(&groups, request).await;
+            let response = handler.handle(request).await;
             if let Ok(frame) = postcard::to_stdvec(&(id, response)) {
                 let _ = answers.send(Bytes::from(frame)).await;
             }
@@ -258,8 +282,12 @@ async fn answer(
     let _ = writer.await;
 }
 
-async fn handle(groups: &HashMap<u16, ShardGroup>, request: PeerRequest) -> PeerResponse {
-    match request {
+/// Answers a Raft RPC from `groups`; `None` for a request that is not one.
+pub async fn handle_raft(
+    groups: &HashMap<u16, ShardGroup>,
+    request: PeerRequest,
+) -> Option<PeerResponse> {
+    let response = match request {
         PeerRequest::AppendEntries(shard, rpc) => match groups.get(&shard) {
             Some(group) => PeerResponse::AppendEntries(group.append_entries(rpc).await),
             None => PeerResponse::NoSuchShard,
@@ -283,5 +311,7 @@ async fn handle(groups: &HashMap<u16, ShardGroup>, request: PeerRequest) -> Peer
             }
             None => PeerResponse::NoSuchShard,
         },
-    }
+        PeerRequest::Forward { .. } => return None,
+    };
+    Some(response)
 }

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use bytes::BytesMut;
 
 use crate::bucket::{BucketError, BucketHandle, BucketName};
+use crate::cluster::router::Router;
 use crate::cluster::slot::slot_of;
 use crate::protocol::{Dialect, ErrorReply, ProtocolError, Reply, Request, encode};
 use crate::registry::Registry;
@@ -35,6 +36,8 @@ pub enum Next {
 #[derive(Clone)]
 pub struct Dispatcher {
     shard: Arc<LocalShard>,
+    /// In a cluster, where requests on buckets go instead of the local shard.
+    router: Option<Arc<Router>>,
     stats: Arc<Stats>,
     page_size: usize,
     enable_debug_commands: bool,
@@ -66,6 +69,7 @@ impl Dispatcher {
     ) -> Self {
         Self {
             shard,
+            router: None,
             stats,
             page_size,
             enable_debug_commands,
@@ -73,6 +77,20 @@ impl Dispatcher {
             last_looked_up: None,
             changed: false,
         }
+    }
+
+    /// Sends requests on buckets to `router` (a cluster's) instead of the local shard.
+    #[must_use]
+    pub fn with_router(mut self, router: Arc<Router>) -> Self {
+        self.router = Some(router);
+        self
+    }
+
+    /// Whether requests on buckets go to a cluster's router (then they run one at a time,
+    /// not in the local batch path).
+    #[must_use]
+    pub fn is_clustered(&self) -> bool {
+        self.router.is_some()
     }
 
     /// Whether requests since the last call changed the store, resetting it.
@@ -106,6 +124,14 @@ impl Dispatcher {
         dialect: Dialect,
         out: &mut BytesMut,
     ) -> Next {
+        if let Some(router) = &self.router
+            && Router::routes(&request)
+        {
+            if router.run(&request, dialect, out).await {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            return Next::Continue;
+        }
         // DEBUG logs nothing: a bucket restarted from disk is restored, not changed.
         let may_change = matches!(request, Request::Create { .. } | Request::Drop { .. });
         let reply = match request {

@@ -474,11 +474,13 @@ impl Connection {
                 // The rest stays in the buffer until the replies are written.
                 break;
             }
-            // Requests on keys run together, their buckets found once for all of them.
+            // Requests on keys run together, their buckets found once for all of them (on a
+            // single node; in a cluster each goes where its shard is led).
+            let clustered = self.dispatcher.is_clustered();
             let keyed: SmallVec<[_; LOOKAHEAD]> = batch[next..]
                 .iter()
                 .map_while(|&(request, dialect, _)| match request {
-                    Request::Key(keyed) => Some((keyed, dialect)),
+                    Request::Key(keyed) if !clustered => Some((keyed, dialect)),
                     _ => None,
                 })
                 .collect();

@@ -14,7 +14,9 @@ use tokio_util::task::TaskTracker;
 
 use super::busy_poll::BusyPoll;
 use super::connection::{self, Stop};
-use crate::config::ServerConfig;
+use crate::cluster::node::{Node, NodeConfig, NodeError};
+use crate::cluster::router::Router;
+use crate::config::{ClusterConfig, CoreConfig, DurabilityConfig, ServerConfig};
 use crate::dispatch::Dispatcher;
 use crate::protocol::{Dialect, ErrorReply};
 use crate::registry::Registry;
@@ -49,6 +51,8 @@ pub struct Server {
     local_addr: SocketAddr,
     dispatcher: Dispatcher,
     config: Arc<ServerConfig>,
+    /// In a cluster, this node's Raft groups.
+    node: Option<Arc<Node>>,
 }
 
 /// Why a server could not start.
@@ -65,6 +69,12 @@ pub enum StartError {
     /// The data directory could not be used.
     #[error(transparent)]
     Storage(#[from] WalError),
+    /// The cluster could not be joined.
+    #[error(transparent)]
+    Cluster(#[from] NodeError),
+    /// A cluster node needs a data directory.
+    #[error("--peers needs --data-dir: a replica's log must outlive the process")]
+    ClusterWithoutDataDir,
 }
 
 impl Server {
@@ -81,8 +91,14 @@ impl Server {
         };
         let listener = TcpListener::bind(config.bind).await.map_err(bind_error)?;
         let local_addr = listener.local_addr().map_err(bind_error)?;
-        let (shard, recovered) =
-            LocalShard::open(config.core.clone(), config.durability.clone()).await?;
+        // In a cluster the data directory holds the shards' Raft logs; the local shard (INFO,
+        // what is not routed) stays in memory.
+        let local_durability = if config.cluster.is_some() {
+            None
+        } else {
+            config.durability.clone()
+        };
+        let (shard, recovered) = LocalShard::open(config.core.clone(), local_durability).await?;
         if let (Some(report), Some(durability)) = (recovered, &config.durability) {
             tracing::info!(
                 data_dir = %durability.data_dir.display(),
@@ -94,17 +110,30 @@ impl Server {
                 "recovered the data directory"
             );
         }
-        let dispatcher = Dispatcher::new(
+        let mut dispatcher = Dispatcher::new(
             Arc::new(shard),
             Arc::new(Stats::default()),
             config.page_size,
             config.enable_debug_commands,
         );
+        let node = match &config.cluster {
+            None => None,
+            Some(cluster) => {
+                let durability = config
+                    .durability
+                    .as_ref()
+                    .ok_or(StartError::ClusterWithoutDataDir)?;
+                let (node, router) = join_cluster(cluster, durability, &config.core).await?;
+                dispatcher = dispatcher.with_router(router);
+                Some(node)
+            }
+        };
         Ok(Self {
             listener,
             local_addr,
             dispatcher,
             config: Arc::new(config),
+            node,
         })
     }
 
@@ -139,6 +168,7 @@ impl Server {
             listener,
             dispatcher,
             config,
+            node,
             ..
         } = self;
         let shard = Arc::clone(dispatcher.shard());
@@ -203,12 +233,58 @@ impl Server {
             stop.abort.cancel();
             tracker.wait().await;
         }
+        if let Some(node) = node {
+            node.stop().await;
+        }
         shard.close()?;
         if shard.is_durable() {
             tracing::info!("the log is written and synced");
         }
         Ok(())
     }
+}
+
+/// Opens this node's shards, answers the other nodes on the cluster address, and returns the
+/// router that requests on buckets go through.
+async fn join_cluster(
+    cluster: &ClusterConfig,
+    durability: &DurabilityConfig,
+    core: &CoreConfig,
+) -> Result<(Arc<Node>, Arc<Router>), StartError> {
+    let listener = TcpListener::bind(cluster.bind)
+        .await
+        .map_err(|source| StartError::Bind {
+            address: cluster.bind,
+            source,
+        })?;
+    let node = Arc::new(
+        Node::open(NodeConfig {
+            id: cluster.node_id,
+            members: cluster.peers.clone(),
+            shards: cluster.shards,
+            replicas: cluster.replicas,
+            data_dir: durability.data_dir.clone(),
+            fsync: durability.fsync,
+            heartbeat: cluster.heartbeat,
+            election_timeout: cluster.election_timeout,
+            core: core.clone(),
+        })
+        .await?,
+    );
+    let router = Arc::new(Router::new(
+        Arc::clone(&node),
+        cluster.peers.keys().copied().collect(),
+        cluster.replicas,
+    ));
+    node.serve(listener, Arc::clone(&router));
+    tracing::info!(
+        node = cluster.node_id,
+        cluster_bind = %cluster.bind,
+        shards = cluster.shards,
+        replicas = cluster.replicas,
+        "joined the cluster"
+    );
+    Ok((node, router))
 }
 
 /// Tells a client over the limit why it is being closed, in its own dialect if it speaks

@@ -1,0 +1,295 @@
+//! The guide's `KV.Router`: a request on a bucket goes to the leader of its shard. This node
+//! runs it if it leads the shard; otherwise it forwards it to the leader and relays the reply.
+//!
+//! - Writes (`CREATE`, `DROP`, `PUT`, `DELETE`) are proposed to the shard's Raft group and
+//!   answered once committed and applied: on a majority of the shard's logs.
+//! - Reads (`GET`, `KEYS`) are linearizable by ReadIndex: the leader confirms with a quorum
+//!   that it still leads, and waits until it has applied everything committed before it reads.
+//!   A lease would save that round trip but trusts clocks and pauses: an old leader stopped and
+//!   woken later must not answer from what it had.
+//! - While a shard has no leader (a failover), a request waits up to [`UNAVAILABLE_AFTER`] for
+//!   one, then is answered `cluster unavailable, try again` (`-TRYAGAIN` in RESP).
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use openraft::ReadPolicy;
+
+use super::node::Node;
+use super::peer::{self, PeerHandler, PeerRequest, PeerResponse};
+use super::placement::{NodeId, replicas_of};
+use super::raft::{Outcome, ShardCommand};
+use super::slot::{shard_of, slot_of};
+use crate::change::Change;
+use crate::protocol::{
+    Dialect, ErrorReply, KeyAction, KeyRequest, ParseLimits, Parsed, Reply, Request, encode,
+    encode_request, encode_value, parse,
+};
+
+/// How long a request waits for its shard to have a reachable leader before it is refused.
+pub const UNAVAILABLE_AFTER: Duration = Duration::from_secs(5);
+
+/// A pause between tries while a shard elects a leader.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Routes requests on buckets to their shard's leader.
+pub struct Router {
+    node: std::sync::Arc<Node>,
+    members: Vec<NodeId>,
+    replicas: usize,
+}
+
+/// Why this node could not run a request as its shard's leader.
+enum NotHere {
+    /// Another node leads the shard (if this one knows which).
+    Leader(Option<NodeId>),
+}
+
+impl Router {
+    /// A router over `node`'s shards.
+    #[must_use]
+    pub fn new(node: std::sync::Arc<Node>, members: Vec<NodeId>, replicas: usize) -> Self {
+        Self {
+            node,
+            members,
+            replicas,
+        }
+    }
+
+    /// Whether `request` is one the router runs: a request on a bucket.
+    #[must_use]
+    pub fn routes(request: &Request<'_>) -> bool {
+        matches!(
+            request,
+            Request::Key(_) | Request::Create { .. } | Request::Drop { .. } | Request::Keys { .. }
+        )
+    }
+
+    /// Runs `request` where its shard is led and appends the reply, in `dialect`, to `out`.
+    /// Returns whether the reply is an error.
+    pub async fn run(&self, request: &Request<'_>, dialect: Dialect, out: &mut BytesMut) -> bool {
+        let Some(bucket) = bucket_of(request) else {
+            encode(&Reply::UnknownCommand, dialect, out);
+            return true;
+        };
+        let shard = shard_of(slot_of(bucket), self.node.shards());
+        let deadline = tokio::time::Instant::now() + UNAVAILABLE_AFTER;
+        loop {
+            let leader = match self.run_here(shard, request, dialect, out).await {
+                Ok(failed) => return failed,
+                Err(NotHere::Leader(leader)) => leader,
+            };
+            let target = leader.or_else(|| {
+                replicas_of(shard, &self.members, self.replicas)
+                    .into_iter()
+                    .find(|&node| node != self.node.id())
+            });
+            if let Some(target) = target.filter(|&node| node != self.node.id())
+                && let Some(reply) = self.forward(target, request, dialect).await
+            {
+                out.extend_from_slice(&reply);
+                return reply.first() == Some(&b'-') || reply.starts_with(b"ERROR");
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let error = ErrorReply {
+                    code: "TRYAGAIN",
+                    message: "cluster unavailable, try again".into(),
+                };
+                encode(&Reply::Error(error), dialect, out);
+                return true;
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// Runs `request` on this node, if it leads `shard`; `Ok(failed)` once the reply is in
+    /// `out`.
+    async fn run_here(
+        &self,
+        shard: u16,
+        request: &Request<'_>,
+        dialect: Dialect,
+        out: &mut BytesMut,
+    ) -> Result<bool, NotHere> {
+        let Some(group) = self.node.group(shard) else {
+            return Err(NotHere::Leader(None));
+        };
+        let leader = group.current_leader().await;
+        if leader != Some(self.node.id()) {
+            return Err(NotHere::Leader(leader));
+        }
+        let not_leader = |error: &dyn std::fmt::Display| {
+            tracing::debug!(%error, shard, "not the leader after all");
+            NotHere::Leader(None)
+        };
+        if let Some(change) = change_of(request) {
+            let response = group
+                .client_write(ShardCommand::new(&change))
+                .await
+                .map_err(|error| not_leader(&error))?;
+            let reply = match response.data {
+                Outcome::Done => Reply::Ok,
+                Outcome::NoSuchBucket | Outcome::NothingToDrop => Reply::NotFound,
+                Outcome::NotAChange => Reply::Error(ErrorReply::new("not a change")),
+            };
+            encode(&reply, dialect, out);
+            return Ok(!matches!(reply, Reply::Ok));
+        }
+        group
+            .ensure_linearizable(ReadPolicy::ReadIndex)
+            .await
+            .map_err(|error| not_leader(&error))?;
+        let Some(machine) = self.node.state(shard) else {
+            return Err(NotHere::Leader(None));
+        };
+        let registry = machine.registry().await;
+        let found = bucket_of(request).and_then(|bucket| registry.lookup(bucket));
+        let Some(bucket) = found else {
+            encode(&Reply::NotFound, dialect, out);
+            return Ok(true);
+        };
+        match *request {
+            Request::Key(KeyRequest { key, .. }) => {
+                if bucket
+                    .get_with(key, |value| encode_value(value, dialect, out))
+                    .is_err()
+                {
+                    encode(&Reply::NotFound, dialect, out);
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+            Request::Keys { cursor, .. } => match bucket.scan(cursor, 100) {
+                Ok((next, keys)) => {
+                    let keys: Vec<&[u8]> = keys.iter().map(|key| &key[..]).collect();
+                    encode(
+                        &Reply::Page {
+                            cursor: next,
+                            items: &keys,
+                        },
+                        dialect,
+                        out,
+                    );
+                    Ok(false)
+                }
+                Err(_) => {
+                    encode(&Reply::NotFound, dialect, out);
+                    Ok(true)
+                }
+            },
+            _ => {
+                encode(&Reply::UnknownCommand, dialect, out);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Sends `request` to `target` and returns its encoded reply; `None` if it could not be
+    /// reached.
+    async fn forward(
+        &self,
+        target: NodeId,
+        request: &Request<'_>,
+        dialect: Dialect,
+    ) -> Option<Vec<u8>> {
+        let client = self.node.peers().get(&target)?;
+        let words = words_of(request)?;
+        let words: Vec<&[u8]> = words.iter().map(Vec::as_slice).collect();
+        let mut bytes = BytesMut::new();
+        encode_request(&words, &mut bytes);
+        let forwarded = PeerRequest::Forward {
+            request: bytes.to_vec(),
+            resp: dialect == Dialect::Resp,
+        };
+        match client.call(forwarded).await {
+            Ok(PeerResponse::Forwarded(reply)) => Some(reply),
+            // Not the leader (any more), or out of reach: the caller tries again.
+            _ => None,
+        }
+    }
+}
+
+impl PeerHandler for Router {
+    async fn handle(&self, request: PeerRequest) -> PeerResponse {
+        let PeerRequest::Forward { request, resp } = request else {
+            return peer::handle_raft(self.node.groups(), request)
+                .await
+                .unwrap_or(PeerResponse::NoSuchShard);
+        };
+        let dialect = if resp { Dialect::Resp } else { Dialect::Line };
+        let mut out = BytesMut::new();
+        match parse(&request, &ParseLimits::default()) {
+            Parsed::Request { request, .. } => {
+                let Some(bucket) = bucket_of(&request) else {
+                    return PeerResponse::NoSuchShard;
+                };
+                let shard = shard_of(slot_of(bucket), self.node.shards());
+                // One hop only: a node that does not lead the shard says so rather than
+                // forwarding on, so that requests never circle; the sender tries again.
+                if let Err(NotHere::Leader(leader)) =
+                    self.run_here(shard, &request, dialect, &mut out).await
+                {
+                    return PeerResponse::NotLeader(leader);
+                }
+            }
+            _ => encode(&Reply::UnknownCommand, dialect, &mut out),
+        }
+        PeerResponse::Forwarded(out.to_vec())
+    }
+}
+
+/// The bucket a routed request is about.
+fn bucket_of<'a>(request: &Request<'a>) -> Option<&'a [u8]> {
+    match *request {
+        Request::Key(KeyRequest { bucket, .. })
+        | Request::Create { bucket }
+        | Request::Drop { bucket }
+        | Request::Keys { bucket, .. } => Some(bucket),
+        _ => None,
+    }
+}
+
+/// The change a write request makes; `None` for a read.
+fn change_of<'a>(request: &Request<'a>) -> Option<Change<'a>> {
+    match *request {
+        Request::Create { bucket } => Some(Change::Create { bucket }),
+        Request::Drop { bucket } => Some(Change::Drop { bucket }),
+        Request::Key(KeyRequest {
+            bucket,
+            key,
+            action: KeyAction::Put { value },
+        }) => Some(Change::Put { bucket, key, value }),
+        Request::Key(KeyRequest {
+            bucket,
+            key,
+            action: KeyAction::Delete,
+        }) => Some(Change::Delete { bucket, key }),
+        _ => None,
+    }
+}
+
+/// The words of a routed request, to forward it.
+fn words_of(request: &Request<'_>) -> Option<Vec<Vec<u8>>> {
+    let words: Vec<&[u8]> = match *request {
+        Request::Create { bucket } => vec![b"CREATE", bucket],
+        Request::Drop { bucket } => vec![b"DROP", bucket],
+        Request::Key(KeyRequest {
+            bucket,
+            key,
+            action,
+        }) => match action {
+            KeyAction::Get => vec![b"GET", bucket, key],
+            KeyAction::Put { value } => vec![b"PUT", bucket, key, value],
+            KeyAction::Delete => vec![b"DELETE", bucket, key],
+        },
+        Request::Keys { bucket, cursor } => {
+            return Some(vec![
+                b"KEYS".to_vec(),
+                bucket.to_vec(),
+                cursor.to_string().into_bytes(),
+            ]);
+        }
+        _ => return None,
+    };
+    Some(words.into_iter().map(<[u8]>::to_vec).collect())
+}

@@ -264,3 +264,138 @@ async fn any_node_answers_every_request_as_one_node_would() {
         within(server.task).await.unwrap().unwrap();
     }
 }
+
+/// A free loopback address for a node's cluster port.
+fn free_address() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// `kv serve` as node `id` of `peers`, its data in `directory`.
+fn node_process(
+    id: u64,
+    peers: &str,
+    bind: std::net::SocketAddr,
+    directory: &Path,
+) -> common::Binary {
+    common::Binary::start(&[
+        "--node-id",
+        &id.to_string(),
+        "--cluster-bind",
+        &bind.to_string(),
+        "--peers",
+        peers,
+        "--data-dir",
+        directory.join(id.to_string()).to_str().unwrap(),
+        "--fsync",
+        "always",
+        "--heartbeat-ms",
+        "50",
+        "--election-timeout-ms",
+        "300",
+    ])
+}
+
+/// Sends `request` until it is answered with something other than "try again" (a shard
+/// without a leader); returns the answer.
+async fn until_answered(
+    client: &mut kv::client::Client,
+    request: &[&[u8]],
+) -> kv::protocol::ReplyValue {
+    within(async {
+        loop {
+            match client.call(request).await.unwrap() {
+                kv::protocol::ReplyValue::Error(message) if message.starts_with("TRYAGAIN") => {}
+                reply => return reply,
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
+    use kv::protocol::ReplyValue;
+    let directory = tempfile::tempdir().unwrap();
+    let binds: Vec<_> = (0..3).map(|_| free_address()).collect();
+    let peers = binds
+        .iter()
+        .enumerate()
+        .map(|(index, bind)| format!("{}={bind}", index + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes: Vec<Option<common::Binary>> = (0..3)
+        .map(|index| {
+            Some(node_process(
+                index as u64 + 1,
+                &peers,
+                binds[index],
+                directory.path(),
+            ))
+        })
+        .collect();
+    let ok = ReplyValue::Simple("OK".into());
+    let mut second = kv::client::Client::connect(nodes[1].as_ref().unwrap().address)
+        .await
+        .unwrap();
+    for bucket in ["a", "b", "c", "d"] {
+        assert_eq!(
+            until_answered(&mut second, &[b"CREATE", bucket.as_bytes()]).await,
+            ok
+        );
+    }
+    let key = |index: usize| format!("k{index}").into_bytes();
+    let bucket = |index: usize| ["a", "b", "c", "d"][index % 4].as_bytes().to_vec();
+    for index in 0..40 {
+        let reply = until_answered(
+            &mut second,
+            &[b"PUT", &bucket(index), &key(index), &key(index)],
+        )
+        .await;
+        assert_eq!(reply, ok, "write {index}");
+    }
+
+    // Node 1 dies without a word; it led some of the shards.
+    let first = nodes[0].take().unwrap();
+    first.signal("KILL");
+    first.wait().await;
+    let mut third = kv::client::Client::connect(nodes[2].as_ref().unwrap().address)
+        .await
+        .unwrap();
+    for index in 40..80 {
+        let reply = until_answered(
+            &mut third,
+            &[b"PUT", &bucket(index), &key(index), &key(index)],
+        )
+        .await;
+        assert_eq!(reply, ok, "write {index} after the kill");
+    }
+    for index in 0..80 {
+        let reply = until_answered(&mut second, &[b"GET", &bucket(index), &key(index)]).await;
+        assert_eq!(
+            reply,
+            ReplyValue::Bulk(Some(key(index).into())),
+            "read {index}"
+        );
+    }
+
+    // It comes back on its directory and catches up.
+    nodes[0] = Some(node_process(1, &peers, binds[0], directory.path()));
+    let mut first = kv::client::Client::connect(nodes[0].as_ref().unwrap().address)
+        .await
+        .unwrap();
+    for index in 0..80 {
+        let reply = until_answered(&mut first, &[b"GET", &bucket(index), &key(index)]).await;
+        assert_eq!(
+            reply,
+            ReplyValue::Bulk(Some(key(index).into())),
+            "read {index} on the returned node"
+        );
+    }
+    for node in nodes.into_iter().flatten() {
+        node.signal("TERM");
+        assert!(node.wait().await.success());
+    }
+}

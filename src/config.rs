@@ -221,6 +221,9 @@ pub struct ClusterConfig {
     /// The range a follower's election timeout is drawn from: how long a shard goes without a
     /// leader after its leader dies, at least.
     pub election_timeout: (Duration, Duration),
+    /// Entries between two snapshots of a shard, after which its log is purged: the bound on a
+    /// shard's log.
+    pub snapshot_every: u64,
 }
 
 impl ClusterConfig {
@@ -241,6 +244,7 @@ impl ClusterConfig {
             replicas: 3,
             heartbeat: Duration::from_millis(250),
             election_timeout: (Duration::from_millis(1000), Duration::from_millis(2000)),
+            snapshot_every: 10_000,
         }
     }
 }

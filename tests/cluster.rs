@@ -17,6 +17,10 @@ use kv::config::{CoreConfig, FsyncPolicy};
 use openraft::Instant as _;
 use tokio::net::TcpListener;
 
+/// The tests here pick free ports and bind them again a moment later: run one at a time, so
+/// that one test cannot take a port another has just picked.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Binds a cluster port for each of `count` nodes.
 async fn listeners(count: u64) -> (Vec<TcpListener>, BTreeMap<u64, std::net::SocketAddr>) {
     let mut listeners = Vec::new();
@@ -47,6 +51,8 @@ async fn start(
             heartbeat: Duration::from_millis(50),
             election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
             core: CoreConfig::default(),
+            // Small, so that the test sees snapshots taken and logs purged.
+            snapshot_every: 20,
         };
         nodes.push(Node::start(config, listener).await.unwrap());
     }
@@ -131,6 +137,7 @@ async fn read_everywhere(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_replicate_changes_and_come_back_whole_after_a_restart() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let directory = tempfile::tempdir().unwrap();
     let (bound, members) = listeners(3).await;
     let nodes = start(directory.path(), bound, &members).await;
@@ -157,6 +164,27 @@ async fn three_nodes_replicate_changes_and_come_back_whole_after_a_restart() {
         vec![Some(b"1".to_vec()); 3]
     );
 
+    // Enough changes for snapshots, after which every replica purges its log.
+    for index in 0..60u32 {
+        let key = format!("k{index}");
+        let put = Change::Put {
+            bucket: b"s",
+            key: key.as_bytes(),
+            value: key.as_bytes(),
+        };
+        assert_eq!(write(&nodes, &put).await.0, Outcome::Done);
+    }
+    for node in &nodes {
+        node.group(0)
+            .unwrap()
+            .wait(Some(PATIENCE))
+            .metrics(
+                |metrics| metrics.purged.is_some(),
+                "a snapshot, then a purge",
+            )
+            .await
+            .unwrap();
+    }
     // Every node stops; they restart on the same ports and directories.
     for node in nodes {
         node.stop().await;
@@ -180,6 +208,15 @@ async fn three_nodes_replicate_changes_and_come_back_whole_after_a_restart() {
     assert_eq!(
         read_everywhere(&nodes, index, b"s", b"eggs").await,
         vec![Some(b"3".to_vec()); 3]
+    );
+    // What only a snapshot holds now (the log was purged past it) came back too.
+    assert_eq!(
+        read_everywhere(&nodes, index, b"s", b"k0").await,
+        vec![Some(b"k0".to_vec()); 3]
+    );
+    assert_eq!(
+        read_everywhere(&nodes, index, b"s", b"k59").await,
+        vec![Some(b"k59".to_vec()); 3]
     );
     for node in nodes {
         node.stop().await;
@@ -217,6 +254,7 @@ async fn three_servers(directory: &Path) -> Vec<common::TestServer> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_node_answers_every_request_as_one_node_would() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let directory = tempfile::tempdir().unwrap();
     let servers = three_servers(directory.path()).await;
     let mut first = servers[0].connect().await;
@@ -317,6 +355,7 @@ async fn until_answered(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     use kv::protocol::ReplyValue;
     let directory = tempfile::tempdir().unwrap();
     let binds: Vec<_> = (0..3).map(|_| free_address()).collect();

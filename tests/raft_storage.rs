@@ -196,3 +196,55 @@ async fn changes_apply_to_the_shards_buckets_and_travel_in_a_snapshot() {
         Some(log_id::<ShardRaft>(1, 1, 8))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_from_it() {
+    use kv::change::Change;
+    use kv::cluster::raft::ShardCommand;
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::testing::log_id;
+
+    let directory = tempfile::tempdir().unwrap();
+    let mut machine = ShardStateMachine::open(directory.path(), CoreConfig::default())
+        .await
+        .unwrap();
+    let changes = [
+        Change::Create { bucket: b"s" },
+        Change::Put {
+            bucket: b"s",
+            key: b"k",
+            value: b"v",
+        },
+    ];
+    let entries = changes.iter().enumerate().map(|(index, change)| {
+        Ok((
+            openraft::Entry {
+                log_id: log_id::<ShardRaft>(1, 1, index as u64 + 1),
+                payload: openraft::EntryPayload::Normal(ShardCommand::new(change)),
+            },
+            None,
+        ))
+    });
+    machine.apply(futures::stream::iter(entries)).await.unwrap();
+    let built = machine
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    assert!(directory.path().join("snapshot.kv").exists());
+
+    let mut reopened = ShardStateMachine::open(directory.path(), CoreConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        reopened.applied_state().await.unwrap().0,
+        built.meta.last_log_id
+    );
+    let registry = reopened.registry().await;
+    assert_eq!(
+        registry.lookup(b"s").unwrap().get(b"k").unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    assert!(reopened.get_current_snapshot().await.unwrap().is_some());
+}

@@ -39,6 +39,8 @@ pub struct NodeConfig {
     pub election_timeout: (Duration, Duration),
     /// The limits of each shard's registry.
     pub core: CoreConfig,
+    /// Entries between two snapshots of a shard (after which its log is purged).
+    pub snapshot_every: u64,
 }
 
 /// Why a node could not start.
@@ -110,10 +112,10 @@ impl Node {
                 heartbeat_interval: millis(config.heartbeat),
                 election_timeout_min: millis(config.election_timeout.0),
                 election_timeout_max: millis(config.election_timeout.1),
-                // Snapshots are kept in memory only so far: a replica restarted after its log
-                // was purged would come back empty. Until they are written to disk, the log
-                // is kept whole (docs/cluster.md).
-                snapshot_policy: openraft::SnapshotPolicy::Never,
+                // A snapshot every so many entries lets the log be purged up to it (each
+                // snapshot is on disk before it counts): a shard's log stays bounded.
+                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+                max_in_snapshot_log_to_keep: config.snapshot_every / 10,
                 ..openraft::Config::default()
             }
             .validate()
@@ -133,7 +135,9 @@ impl Node {
             let directory = config.data_dir.join("shards").join(shard.to_string());
             let log = ShardLog::open(&directory, config.fsync)
                 .map_err(|source| NodeError::Log { shard, source })?;
-            let machine = ShardStateMachine::new(config.core.clone());
+            let machine = ShardStateMachine::open(&directory, config.core.clone())
+                .await
+                .map_err(|source| NodeError::Log { shard, source })?;
             machines.insert(shard, machine.clone());
             let network = ShardNetwork::new(shard, Arc::clone(&peers));
             let group = ShardGroup::new(config.id, Arc::clone(&raft_config), network, log, machine)

@@ -268,6 +268,7 @@ async fn join_cluster(
             heartbeat: cluster.heartbeat,
             election_timeout: cluster.election_timeout,
             core: core.clone(),
+            snapshot_every: cluster.snapshot_every,
         })
         .await?,
     );

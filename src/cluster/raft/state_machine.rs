@@ -5,8 +5,14 @@
 //! again (the leader checked them before proposing; replicas must not decide differently), and
 //! nothing is logged (the Raft log is the log). A snapshot is the buckets in the single-node
 //! snapshot format: a `Create` and the `Put`s of each bucket.
+//!
+//! With a directory, every snapshot built or installed is written there before it counts
+//! (`snapshot.kv`: a frame with its metadata, then its records; written to a temporary file,
+//! synced, renamed), and opening the state machine starts from it: the shard's log can then be
+//! purged up to it without losing what it held.
 
-use std::io;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::{Stream, TryStreamExt};
@@ -32,6 +38,8 @@ pub struct ShardStateMachine {
 }
 
 struct Inner {
+    /// Where snapshots are kept; `None`: in memory only.
+    directory: Option<PathBuf>,
     registry: Registry,
     last_applied: Option<LogIdOf<ShardRaft>>,
     membership: StoredMembershipOf<ShardRaft>,
@@ -45,6 +53,7 @@ impl ShardStateMachine {
     pub fn new(core: CoreConfig) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Inner {
+                directory: None,
                 registry: Registry::start(core),
                 last_applied: None,
                 membership: StoredMembershipOf::<ShardRaft>::default(),
@@ -53,13 +62,84 @@ impl ShardStateMachine {
         }
     }
 
+    /// A state machine that keeps its snapshots in `directory`, starting from the one there
+    /// (if any).
+    ///
+    /// # Errors
+    /// If the snapshot there cannot be read.
+    pub async fn open(directory: &Path, core: CoreConfig) -> io::Result<Self> {
+        std::fs::create_dir_all(directory)?;
+        let machine = Self::new(core);
+        {
+            let mut inner = machine.inner.lock().await;
+            inner.directory = Some(directory.to_owned());
+            match std::fs::read(directory.join(SNAPSHOT_FILE)) {
+                Ok(bytes) => {
+                    let (meta, data) = split_snapshot(&bytes)?;
+                    inner.install(data).await?;
+                    inner.last_applied = meta.last_log_id;
+                    inner.membership = meta.last_membership.clone();
+                    inner.snapshot = Some((meta, data.to_vec()));
+                }
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(machine)
+    }
+
     /// The registry of the shard's buckets, for reads.
     pub async fn registry(&self) -> Registry {
         self.inner.lock().await.registry.clone()
     }
 }
 
+/// The snapshot file's name in a shard's directory.
+const SNAPSHOT_FILE: &str = "snapshot.kv";
+
+/// A snapshot file's metadata and its records.
+fn split_snapshot(bytes: &[u8]) -> io::Result<(SnapshotMetaOf<ShardRaft>, &[u8])> {
+    let mut first = None;
+    let mut data_at = bytes.len();
+    let _ = record::scan_frames(bytes, Some, |payload: &[u8], offset| {
+        if first.is_none() {
+            first = Some(payload);
+            Ok(())
+        } else {
+            data_at = offset as usize;
+            Err(())
+        }
+    });
+    let meta = first
+        .and_then(|payload| postcard::from_bytes(payload).ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a snapshot file without its metadata",
+            )
+        })?;
+    Ok((meta, &bytes[data_at..]))
+}
+
 impl Inner {
+    /// Writes the snapshot to the directory, if there is one, before it counts.
+    fn persist(&self, meta: &SnapshotMetaOf<ShardRaft>, data: &[u8]) -> io::Result<()> {
+        let Some(directory) = &self.directory else {
+            return Ok(());
+        };
+        let encoded = postcard::to_stdvec(meta)
+            .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
+        let mut bytes = Vec::with_capacity(encoded.len() + data.len() + 16);
+        record::encode_frame(&mut bytes, |out| out.extend_from_slice(&encoded));
+        bytes.extend_from_slice(data);
+        let temporary = directory.join(format!("{SNAPSHOT_FILE}.tmp"));
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, directory.join(SNAPSHOT_FILE))?;
+        std::fs::File::open(directory)?.sync_all()
+    }
+
     async fn apply(&mut self, command: &ShardCommand) -> Outcome {
         let Some(change) = command.change() else {
             return Outcome::NotAChange;
@@ -158,6 +238,7 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
             last_log_id: inner.last_applied,
             last_membership: inner.membership.clone(),
         };
+        inner.persist(&meta, &bytes)?;
         inner.snapshot = Some((meta.clone(), bytes.clone()));
         Ok(SnapshotOf::<ShardRaft, SnapshotBytes> {
             meta,
@@ -212,6 +293,7 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
         snapshot: SnapshotBytes,
     ) -> Result<(), io::Error> {
         let mut inner = self.inner.lock().await;
+        inner.persist(meta, &snapshot)?;
         inner.install(&snapshot).await?;
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();

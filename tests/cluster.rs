@@ -297,6 +297,67 @@ async fn any_node_answers_every_request_as_one_node_would() {
         other.get(b"binary", b"k\x00").await.unwrap().as_deref(),
         Some(&b"\r\nv\xff"[..])
     );
+
+    // What Redis Cluster clients route with.
+    use kv::protocol::ReplyValue;
+    let myid = other.call(&[b"CLUSTER", b"MYID"]).await.unwrap();
+    assert_eq!(myid, ReplyValue::Bulk(Some(format!("{:040x}", 1).into())));
+    let info = within(async {
+        loop {
+            let ReplyValue::Bulk(Some(info)) = other.call(&[b"CLUSTER", b"INFO"]).await.unwrap()
+            else {
+                panic!("CLUSTER INFO is text");
+            };
+            let info = String::from_utf8(info.to_vec()).unwrap();
+            if info.contains("cluster_state:ok") {
+                return info;
+            }
+        }
+    })
+    .await;
+    assert!(info.contains("cluster_slots_ok:16384"), "{info}");
+    assert!(info.contains("cluster_known_nodes:3"), "{info}");
+    let ReplyValue::Array(Some(ranges)) = other.call(&[b"CLUSTER", b"SLOTS"]).await.unwrap() else {
+        panic!("CLUSTER SLOTS is an array");
+    };
+    let ports: Vec<i64> = servers
+        .iter()
+        .map(|server| i64::from(server.address.port()))
+        .collect();
+    let mut covered = 0;
+    for range in &ranges {
+        let ReplyValue::Array(Some(range)) = range else {
+            panic!("{range:?}")
+        };
+        let [
+            ReplyValue::Integer(first),
+            ReplyValue::Integer(last),
+            nodes @ ..,
+        ] = &range[..]
+        else {
+            panic!("{range:?}")
+        };
+        assert_eq!(*first, covered, "ranges follow one another");
+        covered = last + 1;
+        assert_eq!(nodes.len(), 3, "every shard on every node");
+        for node in nodes {
+            let ReplyValue::Array(Some(node)) = node else {
+                panic!("{node:?}")
+            };
+            let ReplyValue::Integer(port) = &node[1] else {
+                panic!("{node:?}")
+            };
+            assert!(ports.contains(port), "a client port: {port}");
+        }
+    }
+    assert_eq!(covered, 16384);
+    let ReplyValue::Bulk(Some(nodes)) = other.call(&[b"CLUSTER", b"NODES"]).await.unwrap() else {
+        panic!("CLUSTER NODES is text");
+    };
+    let nodes = String::from_utf8(nodes.to_vec()).unwrap();
+    assert_eq!(nodes.lines().count(), 3, "{nodes}");
+    assert_eq!(nodes.matches("myself").count(), 1, "{nodes}");
+
     for server in servers {
         server.shutdown.cancel();
         within(server.task).await.unwrap().unwrap();

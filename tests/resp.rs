@@ -197,4 +197,12 @@ async fn cluster_keyslot_gives_redis_clusters_slot_in_both_protocols() {
     let mut line = server.connect().await;
     line.send(b"cluster keyslot foo\n").await;
     line.expect(b"12182\r\nOK\r\n").await;
+    // A single node says it is not in a cluster, as Redis does.
+    let error = client.call(&[b"CLUSTER", b"INFO"]).await.unwrap();
+    assert_eq!(
+        error,
+        kv::protocol::ReplyValue::Error(
+            "ERR This instance has cluster support disabled; start it with --peers".into()
+        )
+    );
 }

@@ -48,6 +48,8 @@ pub enum PeerRequest {
         SnapshotMetaOf<ShardRaft>,
         SnapshotBytes,
     ),
+    /// What the receiving node's client address is (for `CLUSTER SLOTS` and `NODES`).
+    Describe,
     /// A client's request, for the node that leads its bucket's shard: the request as RESP,
     /// and whether the reply is wanted in RESP (or in the line protocol).
     Forward {
@@ -67,6 +69,8 @@ pub enum PeerResponse {
     Vote(Result<VoteResponse<ShardRaft>, RaftError<ShardRaft>>),
     /// To [`PeerRequest::Snapshot`].
     Snapshot(Result<SnapshotResponse<ShardRaft>, String>),
+    /// To [`PeerRequest::Describe`]: where the node's clients connect.
+    Described(SocketAddr),
     /// To [`PeerRequest::Forward`]: the reply, encoded for the client.
     Forwarded(Vec<u8>),
     /// To [`PeerRequest::Forward`]: this node does not lead the shard (the one it believes
@@ -311,7 +315,7 @@ pub async fn handle_raft(
             }
             None => PeerResponse::NoSuchShard,
         },
-        PeerRequest::Forward { .. } => return None,
+        PeerRequest::Forward { .. } | PeerRequest::Describe => return None,
     };
     Some(response)
 }

@@ -10,20 +10,24 @@
 //! - While a shard has no leader (a failover), a request waits up to [`UNAVAILABLE_AFTER`] for
 //!   one, then is answered `cluster unavailable, try again` (`-TRYAGAIN` in RESP).
 
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use openraft::ReadPolicy;
+use openraft::type_config::async_runtime::WatchReceiver as _;
 
 use super::node::Node;
 use super::peer::{self, PeerHandler, PeerRequest, PeerResponse};
 use super::placement::{NodeId, replicas_of};
 use super::raft::{Outcome, ShardCommand};
-use super::slot::{shard_of, slot_of};
+use super::slot::{shard_of, slot_of, slots_of};
 use crate::change::Change;
 use crate::protocol::{
-    Dialect, ErrorReply, KeyAction, KeyRequest, ParseLimits, Parsed, Reply, Request, encode,
-    encode_request, encode_value, parse,
+    ClusterQuery, Dialect, ErrorReply, KeyAction, KeyRequest, ParseLimits, Parsed, Reply, Request,
+    SlotRange, encode, encode_request, encode_value, parse,
 };
 
 /// How long a request waits for its shard to have a reachable leader before it is refused.
@@ -37,6 +41,10 @@ pub struct Router {
     node: std::sync::Arc<Node>,
     members: Vec<NodeId>,
     replicas: usize,
+    /// Where this node's clients connect.
+    client_address: SocketAddr,
+    /// Where each node's clients connect, as far as they have said.
+    client_addresses: tokio::sync::Mutex<HashMap<NodeId, SocketAddr>>,
 }
 
 /// Why this node could not run a request as its shard's leader.
@@ -48,12 +56,137 @@ enum NotHere {
 impl Router {
     /// A router over `node`'s shards.
     #[must_use]
-    pub fn new(node: std::sync::Arc<Node>, members: Vec<NodeId>, replicas: usize) -> Self {
+    pub fn new(
+        node: std::sync::Arc<Node>,
+        members: Vec<NodeId>,
+        replicas: usize,
+        client_address: SocketAddr,
+    ) -> Self {
         Self {
             node,
             members,
             replicas,
+            client_address,
+            client_addresses: tokio::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Answers `CLUSTER INFO|MYID|SLOTS|NODES` from this node's view of the shards.
+    pub async fn query(&self, query: ClusterQuery, dialect: Dialect, out: &mut BytesMut) {
+        match query {
+            ClusterQuery::MyId => {
+                encode_value(Some(node_name(self.node.id()).as_bytes()), dialect, out);
+            }
+            ClusterQuery::Info => {
+                let shards = self.shards().await;
+                let led = shards.iter().filter(|shard| shard.leader.is_some()).count();
+                let slots_ok: usize = shards
+                    .iter()
+                    .filter(|shard| shard.leader.is_some())
+                    .map(|shard| shard.slots.len())
+                    .sum();
+                let term = shards.iter().map(|shard| shard.term).max().unwrap_or(0);
+                let state = if led == shards.len() { "ok" } else { "fail" };
+                let text = format!(
+                    "cluster_state:{state}\ncluster_slots_assigned:{}\ncluster_slots_ok:{slots_ok}\n\
+                     cluster_slots_pfail:0\ncluster_slots_fail:{}\ncluster_known_nodes:{}\n\
+                     cluster_size:{}\ncluster_current_epoch:{term}\ncluster_my_epoch:{term}\n",
+                    super::slot::SLOTS,
+                    usize::from(super::slot::SLOTS) - slots_ok,
+                    self.members.len(),
+                    shards.len(),
+                );
+                encode(&Reply::Text(&text), dialect, out);
+            }
+            ClusterQuery::Slots => {
+                let mut ranges = Vec::new();
+                for shard in self.shards().await {
+                    let mut nodes = Vec::new();
+                    let ordered = shard.leader.into_iter().chain(
+                        shard
+                            .replicas
+                            .iter()
+                            .copied()
+                            .filter(|&id| Some(id) != shard.leader),
+                    );
+                    for id in ordered {
+                        if let Some(address) = self.client_address_of(id).await {
+                            nodes.push((address.ip().to_string(), address.port(), node_name(id)));
+                        }
+                    }
+                    ranges.push(SlotRange {
+                        first: *shard.slots.start(),
+                        last: *shard.slots.end(),
+                        nodes,
+                    });
+                }
+                encode(&Reply::Slots(&ranges), dialect, out);
+            }
+            ClusterQuery::Nodes => {
+                let shards = self.shards().await;
+                let mut text = String::new();
+                for &id in &self.members {
+                    let address = self.client_address_of(id).await;
+                    let address =
+                        address.map_or_else(|| ":0".to_owned(), |address| address.to_string());
+                    let flags = if id == self.node.id() {
+                        "myself,master"
+                    } else {
+                        "master"
+                    };
+                    let term = shards.iter().map(|shard| shard.term).max().unwrap_or(0);
+                    let _ = write!(
+                        text,
+                        "{} {address}@0 {flags} - 0 0 {term} connected",
+                        node_name(id)
+                    );
+                    for shard in shards.iter().filter(|shard| shard.leader == Some(id)) {
+                        let _ = write!(text, " {}-{}", shard.slots.start(), shard.slots.end());
+                    }
+                    text.push('\n');
+                }
+                encode(&Reply::Text(&text), dialect, out);
+            }
+        }
+    }
+
+    /// Every shard's slots, replicas, leader (as this node knows it) and term.
+    async fn shards(&self) -> Vec<ShardView> {
+        let count = self.node.shards();
+        let mut shards = Vec::with_capacity(usize::from(count));
+        for shard in 0..count {
+            let replicas = replicas_of(shard, &self.members, self.replicas);
+            let (leader, term) = match self.node.group(shard) {
+                Some(group) => {
+                    let metrics = group.metrics().borrow_watched().clone();
+                    (metrics.current_leader, metrics.current_term)
+                }
+                None => (None, 0),
+            };
+            shards.push(ShardView {
+                slots: slots_of(shard, count),
+                replicas,
+                leader,
+                term,
+            });
+        }
+        shards
+    }
+
+    /// Where node `id`'s clients connect: asked once of the node itself.
+    async fn client_address_of(&self, id: NodeId) -> Option<SocketAddr> {
+        if id == self.node.id() {
+            return Some(self.client_address);
+        }
+        if let Some(&address) = self.client_addresses.lock().await.get(&id) {
+            return Some(address);
+        }
+        let client = self.node.peers().get(&id)?;
+        let Ok(PeerResponse::Described(address)) = client.call(PeerRequest::Describe).await else {
+            return None;
+        };
+        self.client_addresses.lock().await.insert(id, address);
+        Some(address)
     }
 
     /// Whether `request` is one the router runs: a request on a bucket.
@@ -209,8 +342,24 @@ impl Router {
     }
 }
 
+/// A shard as `CLUSTER` shows it.
+struct ShardView {
+    slots: std::ops::RangeInclusive<u16>,
+    replicas: Vec<NodeId>,
+    leader: Option<NodeId>,
+    term: u64,
+}
+
+/// A node's id as Redis Cluster clients expect one: forty hexadecimal digits.
+fn node_name(id: NodeId) -> String {
+    format!("{id:040x}")
+}
+
 impl PeerHandler for Router {
     async fn handle(&self, request: PeerRequest) -> PeerResponse {
+        if matches!(request, PeerRequest::Describe) {
+            return PeerResponse::Described(self.client_address);
+        }
         let PeerRequest::Forward { request, resp } = request else {
             return peer::handle_raft(self.node.groups(), request)
                 .await

@@ -151,6 +151,15 @@ impl Dispatcher {
             },
             Request::Ping { message } => Reply::Pong(message),
             Request::ClusterKeySlot { name } => Reply::Integer(i64::from(slot_of(name))),
+            Request::Cluster(query) => match &self.router {
+                Some(router) => {
+                    router.query(query, dialect, out).await;
+                    return Next::Continue;
+                }
+                None => Reply::Error(ErrorReply::new(
+                    "This instance has cluster support disabled; start it with --peers",
+                )),
+            },
             Request::Quit => {
                 encode(&Reply::Ok, dialect, out);
                 return Next::Close;

@@ -15,6 +15,19 @@ pub enum DebugAction {
     Stop,
 }
 
+/// What `CLUSTER` is asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterQuery {
+    /// `CLUSTER INFO`: `cluster_state` and the counts Redis gives.
+    Info,
+    /// `CLUSTER MYID`: this node's id.
+    MyId,
+    /// `CLUSTER SLOTS`: each shard's slots and the nodes holding them, its leader first.
+    Slots,
+    /// `CLUSTER NODES`: every node, with the slots of the shards it leads.
+    Nodes,
+}
+
 /// A request on one key of one bucket: what a connection runs in batches, its buckets found
 /// together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +84,8 @@ pub enum Request<'a> {
         /// The bucket's name.
         name: &'a [u8],
     },
+    /// `CLUSTER INFO|MYID|SLOTS|NODES`: the cluster as Redis Cluster clients read it.
+    Cluster(ClusterQuery),
     /// `BUCKETS [after]`: one page of bucket names greater than `after`.
     Buckets {
         /// The last name of the previous page.
@@ -150,6 +165,19 @@ impl<'a> Request<'a> {
             [] if is("INFO") => Self::Info,
             [subcommand, name] if is("CLUSTER") && subcommand.eq_ignore_ascii_case(b"KEYSLOT") => {
                 Self::ClusterKeySlot { name }
+            }
+            [subcommand] if is("CLUSTER") => {
+                let query = [
+                    ("INFO", ClusterQuery::Info),
+                    ("MYID", ClusterQuery::MyId),
+                    ("SLOTS", ClusterQuery::Slots),
+                    ("NODES", ClusterQuery::Nodes),
+                ]
+                .into_iter()
+                .find(|(name, _)| subcommand.eq_ignore_ascii_case(name.as_bytes()))
+                .ok_or(ProtocolError::UnknownCommand)?
+                .1;
+                Self::Cluster(query)
             }
             [] if is("BUCKETS") => Self::Buckets { after: None },
             [after] if is("BUCKETS") => Self::Buckets { after: Some(after) },

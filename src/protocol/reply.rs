@@ -30,6 +30,17 @@ impl From<&ProtocolError> for ErrorReply {
     }
 }
 
+/// A range of slots and the nodes that hold it, its leader first: `(host, port, id)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotRange {
+    /// The first slot.
+    pub first: u16,
+    /// The last slot.
+    pub last: u16,
+    /// The nodes: client host, client port, node id.
+    pub nodes: Vec<(String, u16, String)>,
+}
+
 /// A reply to one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply<'a> {
@@ -50,6 +61,9 @@ pub enum Reply<'a> {
     Text(&'a str),
     /// A page of names or keys: one per line then `OK`, or an array of bulk strings.
     List(&'a [&'a [u8]]),
+    /// `CLUSTER SLOTS`: for each range of slots, its nodes (the leader first) as `host`,
+    /// `port` and id: nested arrays in RESP, a line a range in the line protocol.
+    Slots(&'a [SlotRange]),
     /// A page of a listing and where the next page starts (`0`: this was the last): the cursor
     /// on a line, then the items one per line, then `OK`; or, as Redis's `SCAN`, an array of the
     /// cursor (a bulk string) and an array of the items.
@@ -98,6 +112,40 @@ pub fn encode(reply: &Reply<'_>, dialect: Dialect, out: &mut BytesMut) {
             for item in *items {
                 put_bulk(item, out);
             }
+        }
+        (Reply::Slots(ranges), Dialect::Resp) => {
+            put_header(b'*', ranges.len(), out);
+            for range in *ranges {
+                put_header(b'*', 2 + range.nodes.len(), out);
+                for bound in [range.first, range.last] {
+                    out.put_u8(b':');
+                    out.put_slice(itoa::Buffer::new().format(bound).as_bytes());
+                    out.put_slice(b"\r\n");
+                }
+                for (host, port, id) in &range.nodes {
+                    put_header(b'*', 3, out);
+                    put_bulk(host.as_bytes(), out);
+                    out.put_u8(b':');
+                    out.put_slice(itoa::Buffer::new().format(*port).as_bytes());
+                    out.put_slice(b"\r\n");
+                    put_bulk(id.as_bytes(), out);
+                }
+            }
+        }
+        (Reply::Slots(ranges), Dialect::Line) => {
+            let lines: Vec<String> = ranges
+                .iter()
+                .map(|range| {
+                    let nodes: Vec<String> = range
+                        .nodes
+                        .iter()
+                        .map(|(host, port, id)| format!("{host}:{port}@{id}"))
+                        .collect();
+                    format!("{}-{} {}", range.first, range.last, nodes.join(" "))
+                })
+                .collect();
+            let lines: Vec<&[u8]> = lines.iter().map(String::as_bytes).collect();
+            encode_lines(&lines, out);
         }
         (Reply::Page { cursor, items }, Dialect::Line) => {
             let mut number = itoa::Buffer::new();

@@ -123,7 +123,8 @@ impl Server {
                     .durability
                     .as_ref()
                     .ok_or(StartError::ClusterWithoutDataDir)?;
-                let (node, router) = join_cluster(cluster, durability, &config.core).await?;
+                let (node, router) =
+                    join_cluster(cluster, durability, &config.core, local_addr).await?;
                 dispatcher = dispatcher.with_router(router);
                 Some(node)
             }
@@ -250,6 +251,7 @@ async fn join_cluster(
     cluster: &ClusterConfig,
     durability: &DurabilityConfig,
     core: &CoreConfig,
+    client_address: SocketAddr,
 ) -> Result<(Arc<Node>, Arc<Router>), StartError> {
     let listener = TcpListener::bind(cluster.bind)
         .await
@@ -276,6 +278,7 @@ async fn join_cluster(
         Arc::clone(&node),
         cluster.peers.keys().copied().collect(),
         cluster.replicas,
+        client_address,
     ));
     node.serve(listener, Arc::clone(&router));
     tracing::info!(

@@ -351,6 +351,35 @@ async fn any_node_answers_every_request_as_one_node_would() {
         }
     }
     assert_eq!(covered, 16384);
+    // Leadership spreads: each node comes to lead one of the three shards.
+    within(async {
+        loop {
+            let ReplyValue::Array(Some(ranges)) =
+                other.call(&[b"CLUSTER", b"SLOTS"]).await.unwrap()
+            else {
+                panic!("CLUSTER SLOTS is an array");
+            };
+            // Each range's first node is its shard's leader: [first, last, [host, port, id], …].
+            let leader_port = |range: &ReplyValue| match range {
+                ReplyValue::Array(Some(range)) => match range.get(2) {
+                    Some(ReplyValue::Array(Some(node))) => match node.get(1) {
+                        Some(ReplyValue::Integer(port)) => *port,
+                        _ => 0,
+                    },
+                    _ => 0,
+                },
+                _ => 0,
+            };
+            let mut leaders: Vec<i64> = ranges.iter().map(leader_port).collect();
+            leaders.sort();
+            leaders.dedup();
+            if leaders.len() == 3 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     let ReplyValue::Bulk(Some(nodes)) = other.call(&[b"CLUSTER", b"NODES"]).await.unwrap() else {
         panic!("CLUSTER NODES is text");
     };

@@ -9,7 +9,8 @@ use openraft::BasicNode;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::{SnapshotOf, VoteOf};
 
@@ -112,6 +113,25 @@ impl RaftNetworkV2<ShardRaft> for ShardPeer {
         {
             PeerResponse::Vote(Ok(response)) => Ok(response),
             PeerResponse::Vote(Err(error)) => Err(RPCError::Network(NetworkError::new(&error))),
+            _ => Err(RPCError::Network(NetworkError::from_string(
+                "an answer to another request",
+            ))),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        rpc: TransferLeaderRequest<ShardRaft>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<ShardRaft>, RPCError<ShardRaft>> {
+        match self
+            .call(PeerRequest::TransferLeader(self.shard, rpc), &option)
+            .await?
+        {
+            PeerResponse::TransferLeader(Ok(response)) => Ok(response),
+            PeerResponse::TransferLeader(Err(error)) => {
+                Err(RPCError::Network(NetworkError::from_string(error)))
+            }
             _ => Err(RPCError::Network(NetworkError::from_string(
                 "an answer to another request",
             ))),

@@ -9,14 +9,18 @@ use std::time::Duration;
 
 use openraft::BasicNode;
 use openraft::error::{InitializeError, RaftError};
+use openraft::type_config::async_runtime::WatchReceiver as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::network::{Peers, ShardNetwork};
 use super::peer::{self, Groups, PeerClient, PeerHandler, PeerRequest, PeerResponse, ShardGroup};
-use super::placement::{NodeId, replicas_of};
+use super::placement::{NodeId, preferred_leader, replicas_of};
 use super::raft::{ShardLog, ShardStateMachine};
 use crate::config::{CoreConfig, FsyncPolicy};
+
+/// How often a node looks for shards to hand to their preferred leader.
+const BALANCE_EVERY: Duration = Duration::from_secs(1);
 
 /// How a node joins the cluster and what it holds.
 #[derive(Debug, Clone)]
@@ -71,6 +75,8 @@ pub enum NodeError {
 pub struct Node {
     id: NodeId,
     groups: Groups,
+    /// Each local shard's replicas.
+    replicas: HashMap<u16, Vec<NodeId>>,
     machines: HashMap<u16, ShardStateMachine>,
     peers: Peers,
     shards: u16,
@@ -127,6 +133,7 @@ impl Node {
         let member_ids: Vec<NodeId> = config.members.keys().copied().collect();
         let mut groups = HashMap::new();
         let mut machines = HashMap::new();
+        let mut replica_sets = HashMap::new();
         for shard in 0..config.shards {
             let replicas = replicas_of(shard, &member_ids, config.replicas);
             if !replicas.contains(&config.id) {
@@ -162,10 +169,12 @@ impl Node {
                 }
             }
             groups.insert(shard, group);
+            replica_sets.insert(shard, replicas);
         }
         Ok(Self {
             id: config.id,
             groups: Arc::new(groups),
+            replicas: replica_sets,
             machines,
             peers,
             shards: config.shards,
@@ -173,9 +182,48 @@ impl Node {
         })
     }
 
-    /// Answers peers on `listener` with `handler`, until the node stops.
-    pub fn serve<H: PeerHandler>(&self, listener: TcpListener, handler: Arc<H>) {
+    /// Answers peers on `listener` with `handler`, and keeps leadership spread, until the
+    /// node stops.
+    pub fn serve<H: PeerHandler>(self: &Arc<Self>, listener: TcpListener, handler: Arc<H>) {
         tokio::spawn(peer::serve(listener, handler, self.shutdown.clone()));
+        tokio::spawn(Arc::clone(self).spread_leadership());
+    }
+
+    /// Every second: a shard this node leads whose preferred leader (see
+    /// [`preferred_leader`]) is another replica that has every entry hands its leadership to
+    /// that one. Leaders spread evenly this way, and come back to even after a node returns.
+    async fn spread_leadership(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(BALANCE_EVERY);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for (&shard, group) in self.groups.iter() {
+                let metrics = group.metrics().borrow_watched().clone();
+                if metrics.current_leader != Some(self.id) {
+                    continue;
+                }
+                let Some(preferred) = preferred_leader(shard, &self.replicas[&shard]) else {
+                    continue;
+                };
+                let caught_up = metrics.replication.as_ref().is_some_and(|replication| {
+                    replication
+                        .get(&preferred)
+                        .is_some_and(|matched| *matched == metrics.last_applied)
+                });
+                if preferred != self.id && caught_up {
+                    tracing::info!(
+                        shard,
+                        to = preferred,
+                        "handing leadership to the shard's preferred leader"
+                    );
+                    if let Err(error) = group.trigger().transfer_leader(preferred).await {
+                        tracing::warn!(%error, shard, "could not hand leadership over");
+                    }
+                }
+            }
+        }
     }
 
     /// This node's id.

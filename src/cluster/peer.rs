@@ -14,7 +14,8 @@ use futures::{SinkExt, StreamExt};
 use openraft::Raft;
 use openraft::error::RaftError;
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::{SnapshotMetaOf, VoteOf};
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,8 @@ pub enum PeerRequest {
         SnapshotMetaOf<ShardRaft>,
         SnapshotBytes,
     ),
+    /// Raft's leader transfer: the receiver should campaign now.
+    TransferLeader(u16, TransferLeaderRequest<ShardRaft>),
     /// What the receiving node's client address is (for `CLUSTER SLOTS` and `NODES`).
     Describe,
     /// A client's request, for the node that leads its bucket's shard: the request as RESP,
@@ -69,6 +72,8 @@ pub enum PeerResponse {
     Vote(Result<VoteResponse<ShardRaft>, RaftError<ShardRaft>>),
     /// To [`PeerRequest::Snapshot`].
     Snapshot(Result<SnapshotResponse<ShardRaft>, String>),
+    /// To [`PeerRequest::TransferLeader`].
+    TransferLeader(Result<TransferLeaderResponse<ShardRaft>, String>),
     /// To [`PeerRequest::Describe`]: where the node's clients connect.
     Described(SocketAddr),
     /// To [`PeerRequest::Forward`]: the reply, encoded for the client.
@@ -313,6 +318,15 @@ pub async fn handle_raft(
                         .map_err(|error| error.to_string()),
                 )
             }
+            None => PeerResponse::NoSuchShard,
+        },
+        PeerRequest::TransferLeader(shard, rpc) => match groups.get(&shard) {
+            Some(group) => PeerResponse::TransferLeader(
+                group
+                    .handle_transfer_leader(rpc)
+                    .await
+                    .map_err(|error| error.to_string()),
+            ),
             None => PeerResponse::NoSuchShard,
         },
         PeerRequest::Forward { .. } | PeerRequest::Describe => return None,

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -15,18 +17,6 @@ use kv::shard::LocalShard;
 use kv::shard::wal::WalError;
 use kv::shard::wal::record::{ScanEnd, scan};
 
-/// Opens a durable shard of `durability` with the limits of `core`.
-async fn open_shard(
-    durability: DurabilityConfig,
-    core: CoreConfig,
-) -> Result<(Arc<LocalShard>, kv::shard::RecoveryReport), kv::shard::wal::WalError> {
-    let (shard, report) = LocalShard::open(core, Some(durability)).await?;
-    Ok((
-        Arc::new(shard),
-        report.expect("a durable shard reports its recovery"),
-    ))
-}
-
 type State = BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>>;
 
 fn config(directory: &Path) -> DurabilityConfig {
@@ -37,7 +27,7 @@ fn config(directory: &Path) -> DurabilityConfig {
 }
 
 async fn open(directory: &Path) -> Arc<LocalShard> {
-    open_shard(config(directory), CoreConfig::default())
+    common::open_shard(config(directory), CoreConfig::default())
         .await
         .unwrap()
         .0
@@ -122,7 +112,7 @@ async fn a_directory_recovers_at_the_bucket_limit_it_ran_under() {
         max_buckets: 2,
         ..CoreConfig::default()
     };
-    let durable = open_shard(config(directory.path()), limits.clone())
+    let durable = common::open_shard(config(directory.path()), limits.clone())
         .await
         .unwrap()
         .0;
@@ -139,7 +129,7 @@ async fn a_directory_recovers_at_the_bucket_limit_it_ran_under() {
     drop(durable);
 
     for _restart in 0..3 {
-        let (durable, _) = open_shard(config(directory.path()), limits.clone())
+        let (durable, _) = common::open_shard(config(directory.path()), limits.clone())
             .await
             .expect("a directory the server kept within its limits starts under them");
         let state = contents(durable.registry());
@@ -194,7 +184,7 @@ async fn a_snapshot_ahead_of_its_log_recovers_at_the_memory_limit() {
         max_memory: 60_000,
         ..CoreConfig::default()
     };
-    let (durable, _) = open_shard(config(directory.path()), limits)
+    let (durable, _) = common::open_shard(config(directory.path()), limits)
         .await
         .expect("replay is not refused by the memory limit");
     let bucket = durable.registry().lookup(b"s").unwrap();
@@ -209,7 +199,7 @@ async fn a_snapshot_ahead_of_its_log_recovers_at_the_memory_limit() {
 async fn two_servers_cannot_share_a_directory() {
     let directory = tempfile::tempdir().unwrap();
     let _first = open(directory.path()).await;
-    let second = open_shard(config(directory.path()), CoreConfig::default()).await;
+    let second = common::open_shard(config(directory.path()), CoreConfig::default()).await;
     assert!(matches!(second, Err(WalError::Locked(_))));
 }
 
@@ -261,7 +251,7 @@ async fn a_log_torn_at_any_byte_of_its_last_records_starts_with_every_whole_reco
         let directory = tempfile::tempdir().unwrap();
         let copy = directory.path().join(log.file_name().unwrap());
         std::fs::write(&copy, &bytes[..cut]).unwrap();
-        let (durable, report) = open_shard(config(directory.path()), CoreConfig::default())
+        let (durable, report) = common::open_shard(config(directory.path()), CoreConfig::default())
             .await
             .unwrap_or_else(|error| panic!("cut at {cut}: {error}"));
         let whole = ends.iter().filter(|&&end| end <= cut).count();
@@ -287,7 +277,7 @@ async fn a_corrupt_record_in_the_middle_stops_the_start_unless_told_to_truncate(
     bytes[start + 10] ^= 0x20;
     std::fs::write(&log, &bytes).unwrap();
 
-    let error = open_shard(config(directory.path()), CoreConfig::default())
+    let error = common::open_shard(config(directory.path()), CoreConfig::default())
         .await
         .err()
         .expect("corruption stops the start");
@@ -303,7 +293,7 @@ async fn a_corrupt_record_in_the_middle_stops_the_start_unless_told_to_truncate(
     assert!(message.contains(&format!("offset {start}")), "{message}");
     assert!(message.contains("--truncate-corrupt-log"), "{message}");
 
-    let (durable, _) = open_shard(
+    let (durable, _) = common::open_shard(
         DurabilityConfig {
             truncate_corrupt_log: true,
             ..config(directory.path())
@@ -327,7 +317,7 @@ async fn a_whole_last_record_that_fails_its_checksum_is_corruption_not_a_tear() 
     bytes[last + 10] ^= 0x01;
     std::fs::write(&log, &bytes).unwrap();
 
-    let error = open_shard(config(directory.path()), CoreConfig::default())
+    let error = common::open_shard(config(directory.path()), CoreConfig::default())
         .await
         .err()
         .expect("an acknowledged write is not dropped silently");
@@ -336,7 +326,7 @@ async fn a_whole_last_record_that_fails_its_checksum_is_corruption_not_a_tear() 
         "{error}"
     );
     assert!(error.to_string().contains("whole"), "{error}");
-    let (durable, _) = open_shard(
+    let (durable, _) = common::open_shard(
         DurabilityConfig {
             truncate_corrupt_log: true,
             ..config(directory.path())
@@ -358,7 +348,7 @@ async fn garbage_after_the_last_record_is_cut_off_as_a_torn_tail() {
     bytes.extend((0..40u8).map(|byte| byte.wrapping_mul(151).wrapping_add(7)));
     std::fs::write(&log, &bytes).unwrap();
 
-    let (durable, _) = open_shard(config(directory.path()), CoreConfig::default())
+    let (durable, _) = common::open_shard(config(directory.path()), CoreConfig::default())
         .await
         .expect("a tail that holds no whole record is a torn write");
     assert_eq!(&contents(durable.registry()), states.last().unwrap());

@@ -14,20 +14,8 @@ use kv::registry::BUCKET_RESTARTS;
 use kv::shard::LocalShard;
 use kv::{BucketError, BucketFault, RegistryError};
 
-/// Opens a durable shard of `durability` with the limits of `core`.
-async fn open_shard(
-    durability: DurabilityConfig,
-    core: CoreConfig,
-) -> Result<(Arc<LocalShard>, kv::shard::RecoveryReport), kv::shard::wal::WalError> {
-    let (shard, report) = LocalShard::open(core, Some(durability)).await?;
-    Ok((
-        Arc::new(shard),
-        report.expect("a durable shard reports its recovery"),
-    ))
-}
-
 async fn open(directory: &std::path::Path) -> Arc<LocalShard> {
-    open_shard(
+    common::open_shard(
         DurabilityConfig::new(directory.to_owned()),
         CoreConfig::default(),
     )

@@ -27,7 +27,7 @@ use super::slot::{shard_of, slot_of, slots_of};
 use crate::change::Change;
 use crate::protocol::{
     ClusterQuery, Dialect, ErrorReply, KeyAction, KeyRequest, ParseLimits, Parsed, Reply, Request,
-    SlotRange, encode, encode_request, encode_value, parse,
+    SlotRange, encode, encode_page, encode_request, encode_value, parse,
 };
 
 /// How long a request waits for its shard to have a reachable leader before it is refused.
@@ -43,6 +43,8 @@ pub struct Router {
     replicas: usize,
     /// Where this node's clients connect.
     client_address: SocketAddr,
+    /// Keys in one page of `KEYS`.
+    page_size: usize,
     /// Where each node's clients connect, as far as they have said.
     client_addresses: tokio::sync::Mutex<HashMap<NodeId, SocketAddr>>,
 }
@@ -61,12 +63,14 @@ impl Router {
         members: Vec<NodeId>,
         replicas: usize,
         client_address: SocketAddr,
+        page_size: usize,
     ) -> Self {
         Self {
             node,
             members,
             replicas,
             client_address,
+            page_size,
             client_addresses: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -292,17 +296,9 @@ impl Router {
                 }
                 Ok(false)
             }
-            Request::Keys { cursor, .. } => match bucket.scan(cursor, 100) {
+            Request::Keys { cursor, .. } => match bucket.scan(cursor, self.page_size) {
                 Ok((next, keys)) => {
-                    let keys: Vec<&[u8]> = keys.iter().map(|key| &key[..]).collect();
-                    encode(
-                        &Reply::Page {
-                            cursor: next,
-                            items: &keys,
-                        },
-                        dialect,
-                        out,
-                    );
+                    encode_page(next, &keys, dialect, out);
                     Ok(false)
                 }
                 Err(_) => {

@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use crate::bucket::{BucketError, BucketHandle, BucketName};
 use crate::cluster::router::Router;
 use crate::cluster::slot::slot_of;
-use crate::protocol::{Dialect, ErrorReply, ProtocolError, Reply, Request, encode};
+use crate::protocol::{Dialect, ErrorReply, ProtocolError, Reply, Request, encode, encode_page};
 use crate::registry::Registry;
 use crate::shard::LocalShard;
 use crate::stats::Stats;
@@ -183,15 +183,7 @@ impl Dispatcher {
                     .map(|handle| handle.scan(cursor, page_size));
                 match page {
                     Some(Ok((next, keys))) => {
-                        let keys: Vec<&[u8]> = keys.iter().map(|key| &key[..]).collect();
-                        encode(
-                            &Reply::Page {
-                                cursor: next,
-                                items: &keys,
-                            },
-                            dialect,
-                            out,
-                        );
+                        encode_page(next, &keys, dialect, out);
                         return Next::Continue;
                     }
                     None | Some(Err(BucketError::Stopped)) => missing(

@@ -16,7 +16,7 @@ mod resp_reply;
 
 pub use command::{ClusterQuery, DebugAction, KeyAction, KeyRequest, Request};
 pub use line_reply::{LineReplyShape, parse_line_reply};
-pub use reply::{ErrorReply, Reply, SlotRange, encode, encode_value};
+pub use reply::{ErrorReply, Reply, SlotRange, encode, encode_page, encode_value};
 pub use resp_reply::{ReplyValue, encode_request, parse_reply};
 
 /// Which protocol a request came in, and so which one its reply goes out in.

@@ -175,6 +175,19 @@ pub fn encode(reply: &Reply<'_>, dialect: Dialect, out: &mut BytesMut) {
     }
 }
 
+/// Appends a page of a listing (see [`Reply::Page`]) whose items are owned byte strings.
+pub fn encode_page(cursor: u64, items: &[bytes::Bytes], dialect: Dialect, out: &mut BytesMut) {
+    let items: Vec<&[u8]> = items.iter().map(|item| &item[..]).collect();
+    encode(
+        &Reply::Page {
+            cursor,
+            items: &items,
+        },
+        dialect,
+        out,
+    );
+}
+
 /// Appends the reply to a `GET`: the hot path, so it takes the value as a borrowed slice and
 /// can run while the bucket's table is locked.
 pub fn encode_value(value: Option<&[u8]>, dialect: Dialect, out: &mut BytesMut) {

@@ -16,7 +16,7 @@ use super::busy_poll::BusyPoll;
 use super::connection::{self, Stop};
 use crate::cluster::node::{Node, NodeConfig, NodeError};
 use crate::cluster::router::Router;
-use crate::config::{ClusterConfig, CoreConfig, DurabilityConfig, ServerConfig};
+use crate::config::{ClusterConfig, DurabilityConfig, ServerConfig};
 use crate::dispatch::Dispatcher;
 use crate::protocol::{Dialect, ErrorReply};
 use crate::registry::Registry;
@@ -123,8 +123,7 @@ impl Server {
                     .durability
                     .as_ref()
                     .ok_or(StartError::ClusterWithoutDataDir)?;
-                let (node, router) =
-                    join_cluster(cluster, durability, &config.core, local_addr).await?;
+                let (node, router) = join_cluster(cluster, durability, &config, local_addr).await?;
                 dispatcher = dispatcher.with_router(router);
                 Some(node)
             }
@@ -250,7 +249,7 @@ impl Server {
 async fn join_cluster(
     cluster: &ClusterConfig,
     durability: &DurabilityConfig,
-    core: &CoreConfig,
+    config: &ServerConfig,
     client_address: SocketAddr,
 ) -> Result<(Arc<Node>, Arc<Router>), StartError> {
     let listener = TcpListener::bind(cluster.bind)
@@ -269,7 +268,7 @@ async fn join_cluster(
             fsync: durability.fsync,
             heartbeat: cluster.heartbeat,
             election_timeout: cluster.election_timeout,
-            core: core.clone(),
+            core: config.core.clone(),
             snapshot_every: cluster.snapshot_every,
         })
         .await?,
@@ -279,6 +278,7 @@ async fn join_cluster(
         cluster.peers.keys().copied().collect(),
         cluster.replicas,
         client_address,
+        config.page_size,
     ));
     node.serve(listener, Arc::clone(&router));
     tracing::info!(

@@ -179,3 +179,21 @@ impl Binary {
             .unwrap()
     }
 }
+
+/// Opens a durable shard of `durability` with the limits of `core`.
+pub async fn open_shard(
+    durability: kv::config::DurabilityConfig,
+    core: kv::config::CoreConfig,
+) -> Result<
+    (
+        std::sync::Arc<kv::shard::LocalShard>,
+        kv::shard::RecoveryReport,
+    ),
+    kv::shard::wal::WalError,
+> {
+    let (shard, report) = kv::shard::LocalShard::open(core, Some(durability)).await?;
+    Ok((
+        std::sync::Arc::new(shard),
+        report.expect("a durable shard reports its recovery"),
+    ))
+}

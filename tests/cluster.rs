@@ -380,6 +380,12 @@ async fn any_node_answers_every_request_as_one_node_would() {
         }
     })
     .await;
+    // INFO says which shards this node leads and follows, and how far each has got.
+    let info = other.info().await.unwrap();
+    assert!(info.contains("cluster_node:1"), "{info}");
+    assert!(info.contains("cluster_shards_led:1"), "{info}");
+    assert!(info.contains("cluster_shards_followed:2"), "{info}");
+    assert_eq!(info.matches("shard_").count(), 3, "{info}");
     let ReplyValue::Bulk(Some(nodes)) = other.call(&[b"CLUSTER", b"NODES"]).await.unwrap() else {
         panic!("CLUSTER NODES is text");
     };

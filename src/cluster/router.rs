@@ -154,6 +154,49 @@ impl Router {
         }
     }
 
+    /// Appends the cluster's lines of `INFO`: this node, and for each shard it holds its role,
+    /// leader, term, last log, committed and applied index, and (if it leads) how far each
+    /// follower has replicated.
+    pub fn info(&self, text: &mut String) {
+        let _ = writeln!(text, "cluster_node:{}", self.node.id());
+        let _ = writeln!(text, "cluster_shards:{}", self.node.shards());
+        let mut led = 0;
+        let mut followed = 0;
+        for shard in 0..self.node.shards() {
+            let Some(group) = self.node.group(shard) else {
+                continue;
+            };
+            let metrics = group.metrics().borrow_watched().clone();
+            let role = if metrics.current_leader == Some(self.node.id()) {
+                led += 1;
+                "leader"
+            } else {
+                followed += 1;
+                "follower"
+            };
+            let index = |log_id: Option<
+                &openraft::type_config::alias::LogIdOf<super::raft::ShardRaft>,
+            >| { log_id.map_or(0, |log_id| log_id.index) };
+            let _ = write!(
+                text,
+                "shard_{shard}:role={role},leader={},term={},last_log={},committed={},applied={}",
+                metrics.current_leader.map_or(0, |leader| leader),
+                metrics.current_term,
+                metrics.last_log_index.unwrap_or(0),
+                index(metrics.cluster_committed.as_ref()),
+                index(metrics.last_applied.as_ref()),
+            );
+            if let Some(replication) = &metrics.replication {
+                for (follower, matched) in replication {
+                    let _ = write!(text, ",matched_{follower}={}", index(matched.as_ref()));
+                }
+            }
+            text.push('\n');
+        }
+        let _ = writeln!(text, "cluster_shards_led:{led}");
+        let _ = writeln!(text, "cluster_shards_followed:{followed}");
+    }
+
     /// Every shard's slots, replicas, leader (as this node knows it) and term.
     async fn shards(&self) -> Vec<ShardView> {
         let count = self.node.shards();

@@ -1,4 +1,5 @@
-//! `INFO`: the counters, the registry's state, memory and the log, as `name:value` lines.
+//! `INFO`: the counters, the registry's state, memory, the log and (in a cluster) each shard's
+//! Raft state, as `name:value` lines.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -45,6 +46,9 @@ impl Dispatcher {
             line("log_bytes", &log.bytes);
             line("log_syncs", &log.syncs);
             line("log_failed", &u8::from(log.failed));
+        }
+        if let Some(router) = &self.router {
+            router.info(&mut text);
         }
         text
     }

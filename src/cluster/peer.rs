@@ -261,6 +261,7 @@ async fn answer<H: PeerHandler>(
 ) {
     let (mut sink, mut stream) = framed.split();
     let (answers, mut outgoing) = mpsc::channel::<Bytes>(IN_FLIGHT);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let writer = tokio::spawn(async move {
         while let Some(frame) = outgoing.recv().await {
             if sink.send(frame).await.is_err() {
@@ -278,9 +279,15 @@ async fn answer<H: PeerHandler>(
             tracing::warn!("a peer sent a frame that is not a request; closing its connection");
             break;
         };
+        // A peer's requests in flight are bounded: past the bound, its connection is not read
+        // until one is answered.
+        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+            break;
+        };
         let handler = Arc::clone(&handler);
         let answers = answers.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let response = handler.handle(request).await;
             if let Ok(frame) = postcard::to_stdvec(&(id, response)) {
                 let _ = answers.send(Bytes::from(frame)).await;

@@ -130,7 +130,6 @@ async fn a_log_mostly_purged_is_rewritten_and_reads_back_the_same() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_apply_to_the_shards_buckets_and_travel_in_a_snapshot() {
     use kv::change::Change;
-    use kv::cluster::raft::ShardCommand;
     use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
     use openraft::testing::log_id;
 
@@ -160,16 +159,7 @@ async fn changes_apply_to_the_shards_buckets_and_travel_in_a_snapshot() {
         Change::Drop { bucket: b"gone" },
     ];
     let mut machine = ShardStateMachine::new(CoreConfig::default());
-    let entries = changes.iter().enumerate().map(|(index, change)| {
-        Ok((
-            openraft::Entry {
-                log_id: log_id::<ShardRaft>(1, 1, index as u64 + 1),
-                payload: openraft::EntryPayload::Normal(ShardCommand::new(change)),
-            },
-            None,
-        ))
-    });
-    machine.apply(futures::stream::iter(entries)).await.unwrap();
+    apply_changes(&mut machine, &changes).await;
     let applied = machine.registry().await;
     assert!(applied.lookup(b"gone").is_none());
     assert!(applied.lookup(b"nowhere").is_none());
@@ -200,9 +190,7 @@ async fn changes_apply_to_the_shards_buckets_and_travel_in_a_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_from_it() {
     use kv::change::Change;
-    use kv::cluster::raft::ShardCommand;
     use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
-    use openraft::testing::log_id;
 
     let directory = tempfile::tempdir().unwrap();
     let mut machine = ShardStateMachine::open(directory.path(), CoreConfig::default())
@@ -216,16 +204,7 @@ async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_fr
             value: b"v",
         },
     ];
-    let entries = changes.iter().enumerate().map(|(index, change)| {
-        Ok((
-            openraft::Entry {
-                log_id: log_id::<ShardRaft>(1, 1, index as u64 + 1),
-                payload: openraft::EntryPayload::Normal(ShardCommand::new(change)),
-            },
-            None,
-        ))
-    });
-    machine.apply(futures::stream::iter(entries)).await.unwrap();
+    apply_changes(&mut machine, &changes).await;
     let built = machine
         .get_snapshot_builder()
         .await
@@ -247,4 +226,20 @@ async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_fr
         Some(&b"v"[..])
     );
     assert!(reopened.get_current_snapshot().await.unwrap().is_some());
+}
+
+/// Applies `changes` to `machine` as committed entries 1, 2, …
+async fn apply_changes(machine: &mut ShardStateMachine, changes: &[kv::change::Change<'_>]) {
+    use kv::cluster::raft::ShardCommand;
+    use openraft::storage::RaftStateMachine;
+    let entries = changes.iter().enumerate().map(|(index, change)| {
+        Ok((
+            openraft::Entry {
+                log_id: openraft::testing::log_id::<ShardRaft>(1, 1, index as u64 + 1),
+                payload: openraft::EntryPayload::Normal(ShardCommand::new(change)),
+            },
+            None,
+        ))
+    });
+    machine.apply(futures::stream::iter(entries)).await.unwrap();
 }

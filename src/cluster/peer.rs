@@ -25,6 +25,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use super::raft::{ShardRaft, ShardStateMachine, SnapshotBytes};
+use super::router::Replies;
 
 /// The largest frame a node sends or accepts: a whole snapshot travels in one.
 pub const MAX_FRAME: usize = 1 << 30;
@@ -53,11 +54,14 @@ pub enum PeerRequest {
     TransferLeader(u16, TransferLeaderRequest<ShardRaft>),
     /// What the receiving node's client address is (for `CLUSTER SLOTS` and `NODES`).
     Describe,
-    /// A client's request, for the node that leads its bucket's shard: the request as RESP,
-    /// and whether the reply is wanted in RESP (or in the line protocol).
+    /// A client's requests on buckets of one shard, for the node that leads it, to run in
+    /// order: the requests as RESP, and whether the replies are wanted in RESP (or in the line
+    /// protocol).
     Forward {
-        /// The request, encoded as RESP.
-        request: Vec<u8>,
+        /// The shard the requests' buckets belong to.
+        shard: u16,
+        /// The requests, encoded as RESP one after another.
+        requests: Bytes,
         /// Whether the client speaks RESP.
         resp: bool,
     },
@@ -76,11 +80,9 @@ pub enum PeerResponse {
     TransferLeader(Result<TransferLeaderResponse<ShardRaft>, String>),
     /// To [`PeerRequest::Describe`]: where the node's clients connect.
     Described(SocketAddr),
-    /// To [`PeerRequest::Forward`]: the reply, encoded for the client.
-    Forwarded(Vec<u8>),
-    /// To [`PeerRequest::Forward`]: this node does not lead the shard (the one it believes
-    /// does, if any); the sender tries again.
-    NotLeader(Option<u64>),
+    /// To [`PeerRequest::Forward`]: the replies, encoded for the client, to the first of the
+    /// requests or all of them (see [`Replies::not_led`]).
+    Forwarded(Replies),
     /// This node holds no replica of the shard.
     NoSuchShard,
 }
@@ -94,7 +96,8 @@ pub trait PeerHandler: Send + Sync + 'static {
 /// Why a request to a peer got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    /// The connection could not be made, or broke.
+    /// The connection could not be made, or the request could not be written: the peer never
+    /// got it.
     #[error("peer {address}: {source}")]
     Io {
         /// The peer.
@@ -105,7 +108,7 @@ pub enum PeerError {
     /// A frame that is not a message.
     #[error("peer {0}: a frame that is not a message")]
     Malformed(SocketAddr),
-    /// The connection closed before the answer came.
+    /// The connection closed before the answer came: the peer may have got the request.
     #[error("peer {0}: connection closed")]
     Closed(SocketAddr),
 }

@@ -116,6 +116,23 @@ impl Dispatcher {
         self.shard.registry()
     }
 
+    /// In a cluster, runs `requests` (consecutive requests on buckets, in one dialect) where
+    /// their shards are led and appends their replies to `out`, in order. On a single node
+    /// there is no router, and nothing is run.
+    pub async fn run_routed(
+        &mut self,
+        requests: &[Request<'_>],
+        dialect: Dialect,
+        out: &mut BytesMut,
+    ) {
+        if let Some(router) = &self.router {
+            let errors = router.run(requests, dialect, out).await;
+            self.stats
+                .errors
+                .fetch_add(u64::from(errors), Ordering::Relaxed);
+        }
+    }
+
     /// Executes `request` and appends its reply to `out`. Only `CREATE`, `DROP` and `DEBUG`
     /// wait (for the registry); reads and writes of keys never do.
     pub async fn execute(
@@ -124,12 +141,8 @@ impl Dispatcher {
         dialect: Dialect,
         out: &mut BytesMut,
     ) -> Next {
-        if let Some(router) = &self.router
-            && Router::routes(&request)
-        {
-            if router.run(&request, dialect, out).await {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
+        if self.router.is_some() && Router::routes(&request) {
+            self.run_routed(&[request], dialect, out).await;
             return Next::Continue;
         }
         // DEBUG logs nothing: a bucket restarted from disk is restored, not changed.

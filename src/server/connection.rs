@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::busy_poll::BusyPoll;
+use crate::cluster::router::Router;
 use crate::config::ServerConfig;
 use crate::dispatch::{Dispatcher, Next};
 use crate::protocol::{Dialect, ErrorReply, ParseLimits, Parsed, Reply, Request, encode, parse};
@@ -474,13 +475,34 @@ impl Connection {
                 // The rest stays in the buffer until the replies are written.
                 break;
             }
-            // Requests on keys run together, their buckets found once for all of them (on a
-            // single node; in a cluster each goes where its shard is led).
-            let clustered = self.dispatcher.is_clustered();
+            // In a cluster, requests on buckets go to their shards' leaders together: each
+            // shard's share in one proposal or one forwarded message.
+            if self.dispatcher.is_clustered() {
+                let dialect = batch[next].1;
+                let routed: SmallVec<[_; LOOKAHEAD]> = batch[next..]
+                    .iter()
+                    .map_while(|&(request, same, consumed)| {
+                        (same == dialect && Router::routes(&request)).then_some((request, consumed))
+                    })
+                    .collect();
+                if !routed.is_empty() {
+                    let requests: SmallVec<[_; LOOKAHEAD]> =
+                        routed.iter().map(|&(request, _)| request).collect();
+                    self.dispatcher
+                        .run_routed(&requests, dialect, &mut self.output)
+                        .await;
+                    ran_bytes += routed.iter().map(|&(_, consumed)| consumed).sum::<usize>();
+                    *answered += routed.len() as u64;
+                    next += routed.len();
+                    continue;
+                }
+            }
+            // On a single node, requests on keys run together, their buckets found once for
+            // all of them.
             let keyed: SmallVec<[_; LOOKAHEAD]> = batch[next..]
                 .iter()
                 .map_while(|&(request, dialect, _)| match request {
-                    Request::Key(keyed) if !clustered => Some((keyed, dialect)),
+                    Request::Key(keyed) => Some((keyed, dialect)),
                     _ => None,
                 })
                 .collect();

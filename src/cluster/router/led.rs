@@ -1,0 +1,144 @@
+//! Running a shard's requests on the node that leads it: a batch's consecutive writes become
+//! one proposal, a batch's consecutive reads share one ReadIndex round.
+
+use futures::StreamExt as _;
+use openraft::ReadPolicy;
+use openraft::error::{ClientWriteError, LinearizableReadError};
+use tokio::time::{Instant, timeout_at};
+
+use super::{NotLed, Router, bucket_of, change_of};
+use crate::cluster::raft::{Outcome, ShardCommand};
+use crate::protocol::{Dialect, ErrorReply, KeyRequest, Reply, Request, encode_page, encode_value};
+
+use super::replies::Replies;
+
+impl Router {
+    /// Runs `requests`, all on buckets of `shard`, in order, if this node leads the shard, and
+    /// answers them in `replies`.
+    ///
+    /// - Consecutive writes are proposed together and answered once committed (on a majority
+    ///   of the shard's logs) and applied here.
+    /// - Consecutive reads wait for one ReadIndex round (the leader confirms with a quorum
+    ///   that it still leads, then has applied everything committed before the reads came)
+    ///   and then read the shard's buckets. Reads right after this batch's own writes need no
+    ///   round of their own: those writes committed in this leader's term after the reads
+    ///   arrived, which is the confirmation ReadIndex would seek, and they are applied.
+    ///
+    /// `Err(NotLed)` when this node does not lead the shard: the requests after those answered
+    /// were neither proposed nor read, and may be run elsewhere. Past `deadline`, requests are
+    /// answered unavailable, and so are writes whose fate cannot be known (leadership lost
+    /// after they were proposed): they may yet commit, so they are never proposed again.
+    pub(super) async fn run_led(
+        &self,
+        shard: u16,
+        requests: &[Request<'_>],
+        dialect: Dialect,
+        deadline: Instant,
+        replies: &mut Replies,
+    ) -> Result<(), NotLed> {
+        let group = self.node.group(shard).ok_or(NotLed(None))?;
+        let first = replies.len();
+        let mut writes_committed = false;
+        while replies.len() - first < requests.len() {
+            let rest = &requests[replies.len() - first..];
+            let changes: Vec<ShardCommand> = rest
+                .iter()
+                .map_while(change_of)
+                .map(|change| ShardCommand::new(&change))
+                .collect();
+            if !changes.is_empty() {
+                let proposed = changes.len();
+                let Ok(mut outcomes) = group.client_write_many(changes).await else {
+                    // The group has stopped (the node is shutting down): nothing was proposed.
+                    return Err(NotLed(None));
+                };
+                writes_committed = true;
+                for answered in 0..proposed {
+                    let outcome = match timeout_at(deadline, outcomes.next()).await {
+                        Ok(Some(Ok(Ok(written)))) => written.response,
+                        Ok(Some(Ok(Err(ClientWriteError::ForwardToLeader(forward)))))
+                            if answered == 0 =>
+                        {
+                            // Refused before anything was appended: a batch is appended
+                            // whole or not at all.
+                            return Err(NotLed(forward.leader_id));
+                        }
+                        // Lost leadership after proposing, a group that stopped, or no
+                        // commit in time: these writes may or may not be made.
+                        _ => {
+                            replies.push_unavailable(
+                                requests.len() - (replies.len() - first),
+                                dialect,
+                            );
+                            return Ok(());
+                        }
+                    };
+                    let reply = match outcome {
+                        Outcome::Done => Reply::Ok,
+                        Outcome::NoSuchBucket | Outcome::NothingToDrop => Reply::NotFound,
+                        Outcome::NotAChange => Reply::Error(ErrorReply::new("not a change")),
+                    };
+                    replies.push(&reply, dialect);
+                }
+                continue;
+            }
+            if !writes_committed {
+                match timeout_at(deadline, group.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => {
+                        let leader = match error.api_error() {
+                            Some(LinearizableReadError::ForwardToLeader(forward)) => {
+                                forward.leader_id
+                            }
+                            _ => None,
+                        };
+                        return Err(NotLed(leader));
+                    }
+                    Err(_) => {
+                        replies.push_unavailable(requests.len() - (replies.len() - first), dialect);
+                        return Ok(());
+                    }
+                }
+            }
+            let machine = self.node.state(shard).ok_or(NotLed(None))?;
+            let registry = machine.registry().await;
+            for request in rest
+                .iter()
+                .take_while(|request| change_of(request).is_none())
+            {
+                self.read(&registry, request, dialect, replies);
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers the read `request` from `registry`.
+    fn read(
+        &self,
+        registry: &crate::registry::Registry,
+        request: &Request<'_>,
+        dialect: Dialect,
+        replies: &mut Replies,
+    ) {
+        let found = bucket_of(request).and_then(|bucket| registry.lookup(bucket));
+        let Some(bucket) = found else {
+            replies.push(&Reply::NotFound, dialect);
+            return;
+        };
+        match *request {
+            Request::Key(KeyRequest { key, .. }) => {
+                let read = replies.try_push_with(|out| {
+                    bucket.get_with(key, |found| encode_value(found, dialect, out))
+                });
+                if read.is_err() {
+                    replies.push(&Reply::NotFound, dialect);
+                }
+            }
+            Request::Keys { cursor, .. } => match bucket.scan(cursor, self.page_size) {
+                Ok((next, keys)) => replies.push_with(|out| encode_page(next, &keys, dialect, out)),
+                Err(_) => replies.push(&Reply::NotFound, dialect),
+            },
+            _ => replies.push(&Reply::UnknownCommand, dialect),
+        }
+    }
+}

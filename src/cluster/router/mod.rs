@@ -1,0 +1,349 @@
+//! The guide's `KV.Router`: a request on a bucket goes to the leader of its shard. This node
+//! runs it if it leads the shard; otherwise it forwards it to the leader and relays the reply.
+//!
+//! A connection hands the router its pipelined requests in batches. The router splits a batch
+//! by shard, runs each shard's share at once (on this node, or forwarded to the leader in one
+//! message over the kept peer connection), and puts the replies back in the requests' order.
+//! Within a shard the requests run in order; across shards they touch different buckets, so
+//! running them side by side changes nothing a client can see.
+//!
+//! - Writes (`CREATE`, `DROP`, `PUT`, `DELETE`) are proposed to the shard's Raft group, a
+//!   batch's consecutive writes in one proposal, and answered once committed and applied: on
+//!   a majority of the shard's logs.
+//! - Reads (`GET`, `KEYS`) are linearizable by ReadIndex: the leader confirms with a quorum
+//!   that it still leads, and waits until it has applied everything committed before it reads.
+//!   A lease would save that round trip but trusts clocks and pauses: an old leader stopped and
+//!   woken later must not answer from what it had.
+//! - While a shard has no leader (a failover), its requests wait up to [`UNAVAILABLE_AFTER`]
+//!   for one, then are answered `cluster unavailable, try again` (`-TRYAGAIN` in RESP). A
+//!   write is proposed at most once: if its fate cannot be known (the leader was lost after
+//!   it was sent), it is answered that way too rather than sent again.
+
+mod led;
+mod replies;
+mod views;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use smallvec::SmallVec;
+use tokio::time::{Instant, timeout_at};
+
+use super::node::Node;
+use super::peer::{self, PeerError, PeerHandler, PeerRequest, PeerResponse};
+use super::placement::{NodeId, replicas_of};
+use super::slot::{shard_of, slot_of};
+use crate::change::Change;
+use crate::config::MAX_BULK_LEN_LIMIT;
+use crate::protocol::{
+    Dialect, KeyAction, KeyRequest, ParseLimits, Parsed, Request, encode_request, parse,
+};
+
+pub use replies::Replies;
+
+/// How long a request waits for its shard to have a reachable leader before it is refused.
+pub const UNAVAILABLE_AFTER: Duration = Duration::from_secs(5);
+
+/// A pause between tries while a shard elects a leader.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Most requests a forwarded batch may carry (a connection sends far fewer at once).
+pub const MAX_FORWARDED: usize = 4096;
+
+/// Routes requests on buckets to their shard's leader.
+pub struct Router {
+    node: std::sync::Arc<Node>,
+    members: Vec<NodeId>,
+    replicas: usize,
+    /// Where this node's clients connect.
+    client_address: SocketAddr,
+    /// Keys in one page of `KEYS`.
+    page_size: usize,
+    /// Where each node's clients connect, as far as they have said.
+    client_addresses: tokio::sync::Mutex<HashMap<NodeId, SocketAddr>>,
+}
+
+/// This node does not lead the shard (this node does, as far as it knows): the requests not
+/// yet answered were neither proposed nor read, and may be run elsewhere.
+struct NotLed(Option<NodeId>);
+
+impl Router {
+    /// A router over `node`'s shards.
+    #[must_use]
+    pub fn new(
+        node: std::sync::Arc<Node>,
+        members: Vec<NodeId>,
+        replicas: usize,
+        client_address: SocketAddr,
+        page_size: usize,
+    ) -> Self {
+        Self {
+            node,
+            members,
+            replicas,
+            client_address,
+            page_size,
+            client_addresses: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `request` is one the router runs: a request on a bucket.
+    #[must_use]
+    pub fn routes(request: &Request<'_>) -> bool {
+        bucket_of(request).is_some()
+    }
+
+    /// Runs `requests` (a connection's consecutive requests on buckets, in one dialect) where
+    /// their shards are led, and appends their replies to `out` in the requests' order.
+    /// Returns how many replies are errors.
+    pub async fn run(&self, requests: &[Request<'_>], dialect: Dialect, out: &mut BytesMut) -> u32 {
+        let shards = self.node.shards();
+        let shard_of_request: SmallVec<[u16; 16]> = requests
+            .iter()
+            .map(|request| bucket_of(request).map_or(0, |bucket| shard_of(slot_of(bucket), shards)))
+            .collect();
+        let mut by_shard: SmallVec<[(u16, Vec<Request<'_>>); 4]> = SmallVec::new();
+        for (request, &shard) in requests.iter().zip(&shard_of_request) {
+            match by_shard.iter_mut().find(|(known, _)| *known == shard) {
+                Some((_, share)) => share.push(*request),
+                None => by_shard.push((shard, vec![*request])),
+            }
+        }
+        if let [(shard, share)] = by_shard.as_slice() {
+            let replies = self.run_shard(*shard, share, dialect).await;
+            out.extend_from_slice(replies.bytes());
+            return replies.errors();
+        }
+        let answers = futures::future::join_all(
+            by_shard
+                .iter()
+                .map(|(shard, share)| self.run_shard(*shard, share, dialect)),
+        )
+        .await;
+        let mut taken = vec![0; answers.len()];
+        for shard in shard_of_request {
+            let at = by_shard
+                .iter()
+                .position(|(known, _)| *known == shard)
+                .unwrap_or_default();
+            out.extend_from_slice(answers[at].get(taken[at]));
+            taken[at] += 1;
+        }
+        answers.iter().map(Replies::errors).sum()
+    }
+
+    /// Runs one shard's requests, in order, where the shard is led: here, or forwarded to the
+    /// leader in one message. Waits up to [`UNAVAILABLE_AFTER`] for a leader, then answers
+    /// what is left unavailable.
+    async fn run_shard(&self, shard: u16, requests: &[Request<'_>], dialect: Dialect) -> Replies {
+        let deadline = Instant::now() + UNAVAILABLE_AFTER;
+        let mut replies = Replies::default();
+        let mut hint = None;
+        for attempt in 0usize.. {
+            let rest = &requests[replies.len()..];
+            let leader = match self.node.group(shard) {
+                Some(group) => group.current_leader().await,
+                None => None,
+            };
+            let ran = if leader == Some(self.node.id()) {
+                self.run_led(shard, rest, dialect, deadline, &mut replies)
+                    .await
+            } else {
+                // Whom the last node asked named, else whom this node believes leads, else
+                // each replica in turn.
+                let replicas = replicas_of(shard, &self.members, self.replicas);
+                let target = hint
+                    .take()
+                    .or(leader)
+                    .or_else(|| replicas.get(attempt % replicas.len().max(1)).copied())
+                    .filter(|&target| target != self.node.id());
+                match target {
+                    Some(target) => {
+                        self.forward(target, shard, rest, dialect, deadline, &mut replies)
+                            .await
+                    }
+                    None => Err(NotLed(None)),
+                }
+            };
+            match ran {
+                Ok(()) => return replies,
+                Err(NotLed(leader)) => hint = leader,
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+        replies.push_unavailable(requests.len() - replies.len(), dialect);
+        replies
+    }
+
+    /// Sends `requests` to `target` in one message and appends the replies it gives.
+    /// `Err(NotLed)` if it answered only some (or none): it does not lead the shard, and the
+    /// rest may be run elsewhere. Requests that may have reached it but got no answer are
+    /// answered unavailable if any is a write (it may have been made, and is never made
+    /// twice); reads are simply tried again.
+    async fn forward(
+        &self,
+        target: NodeId,
+        shard: u16,
+        requests: &[Request<'_>],
+        dialect: Dialect,
+        deadline: Instant,
+        replies: &mut Replies,
+    ) -> Result<(), NotLed> {
+        let client = self.node.peers().get(&target).ok_or(NotLed(None))?;
+        let mut encoded = BytesMut::new();
+        for request in requests {
+            encode_routed(request, &mut encoded);
+        }
+        let forwarded = PeerRequest::Forward {
+            shard,
+            requests: encoded.freeze(),
+            resp: dialect == Dialect::Resp,
+        };
+        let fate_unknown = match timeout_at(deadline, client.call(forwarded)).await {
+            Ok(Ok(PeerResponse::Forwarded(answer))) => {
+                let answered = answer.len();
+                let not_led = answer.not_led();
+                if answered > requests.len() || replies.append(&answer).is_none() {
+                    tracing::warn!(target, "a peer answered a forwarded batch with nonsense");
+                    true
+                } else if answered == requests.len() {
+                    return Ok(());
+                } else {
+                    return Err(NotLed(not_led.flatten()));
+                }
+            }
+            // Never sent: the peer could not be reached.
+            Ok(Err(PeerError::Io { .. })) => return Err(NotLed(None)),
+            Ok(Ok(PeerResponse::NoSuchShard)) => return Err(NotLed(None)),
+            // Sent, and no answer came (in time).
+            _ => true,
+        };
+        if fate_unknown && requests.iter().any(|request| change_of(request).is_some()) {
+            replies.push_unavailable(requests.len(), dialect);
+            return Ok(());
+        }
+        Err(NotLed(None))
+    }
+}
+
+impl PeerHandler for Router {
+    async fn handle(&self, request: PeerRequest) -> PeerResponse {
+        match request {
+            PeerRequest::Describe => PeerResponse::Described(self.client_address),
+            PeerRequest::Forward {
+                shard,
+                requests,
+                resp,
+            } => {
+                let dialect = if resp { Dialect::Resp } else { Dialect::Line };
+                let deadline = Instant::now() + UNAVAILABLE_AFTER;
+                match parse_forwarded(&requests, shard, self.node.shards()) {
+                    Some(requests) => {
+                        let mut replies = Replies::default();
+                        // One hop only: a node that does not lead the shard says so rather
+                        // than forwarding on, so that requests never circle.
+                        if let Err(NotLed(leader)) = self
+                            .run_led(shard, &requests, dialect, deadline, &mut replies)
+                            .await
+                        {
+                            replies.stop_short(leader);
+                        }
+                        PeerResponse::Forwarded(replies)
+                    }
+                    None => PeerResponse::NoSuchShard,
+                }
+            }
+            raft => peer::handle_raft(self.node.groups(), raft)
+                .await
+                .unwrap_or(PeerResponse::NoSuchShard),
+        }
+    }
+}
+
+/// The requests of a forwarded batch; `None` unless every one is a well-formed request on a
+/// bucket of `shard`, and there are at most [`MAX_FORWARDED`].
+fn parse_forwarded(bytes: &[u8], shard: u16, shards: u16) -> Option<Vec<Request<'_>>> {
+    // Peers forward what their clients sent within their own limits; these only keep a
+    // malformed batch from growing without bound.
+    let limits = ParseLimits {
+        max_line_len: 64 * 1024,
+        max_bulk_len: MAX_BULK_LEN_LIMIT,
+        max_args: 8,
+    };
+    let mut requests = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let Parsed::Request {
+            request, consumed, ..
+        } = parse(&bytes[at..], &limits)
+        else {
+            return None;
+        };
+        let bucket = bucket_of(&request)?;
+        if shard_of(slot_of(bucket), shards) != shard || requests.len() == MAX_FORWARDED {
+            return None;
+        }
+        requests.push(request);
+        at += consumed;
+    }
+    Some(requests)
+}
+
+/// The bucket a routed request is about.
+fn bucket_of<'a>(request: &Request<'a>) -> Option<&'a [u8]> {
+    match *request {
+        Request::Key(KeyRequest { bucket, .. })
+        | Request::Create { bucket }
+        | Request::Drop { bucket }
+        | Request::Keys { bucket, .. } => Some(bucket),
+        _ => None,
+    }
+}
+
+/// The change a write request makes; `None` for a read.
+fn change_of<'a>(request: &Request<'a>) -> Option<Change<'a>> {
+    match *request {
+        Request::Create { bucket } => Some(Change::Create { bucket }),
+        Request::Drop { bucket } => Some(Change::Drop { bucket }),
+        Request::Key(KeyRequest {
+            bucket,
+            key,
+            action: KeyAction::Put { value },
+        }) => Some(Change::Put { bucket, key, value }),
+        Request::Key(KeyRequest {
+            bucket,
+            key,
+            action: KeyAction::Delete,
+        }) => Some(Change::Delete { bucket, key }),
+        _ => None,
+    }
+}
+
+/// Appends a routed request to `out` as RESP, to forward it.
+fn encode_routed(request: &Request<'_>, out: &mut BytesMut) {
+    let mut digits = itoa::Buffer::new();
+    match *request {
+        Request::Create { bucket } => encode_request(&[b"CREATE", bucket], out),
+        Request::Drop { bucket } => encode_request(&[b"DROP", bucket], out),
+        Request::Key(KeyRequest {
+            bucket,
+            key,
+            action,
+        }) => match action {
+            KeyAction::Get => encode_request(&[b"GET", bucket, key], out),
+            KeyAction::Put { value } => encode_request(&[b"PUT", bucket, key, value], out),
+            KeyAction::Delete => encode_request(&[b"DELETE", bucket, key], out),
+        },
+        Request::Keys { bucket, cursor } => {
+            let cursor = digits.format(cursor).as_bytes();
+            encode_request(&[b"KEYS", bucket, cursor], out);
+        }
+        // Only requests on buckets are routed.
+        _ => {}
+    }
+}

@@ -1,0 +1,190 @@
+//! What a node tells of the cluster: `CLUSTER INFO|MYID|SLOTS|NODES`, and `INFO`'s cluster
+//! section.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use bytes::BytesMut;
+use openraft::type_config::async_runtime::WatchReceiver as _;
+
+use super::Router;
+use crate::cluster::peer::{PeerRequest, PeerResponse};
+use crate::cluster::placement::{NodeId, replicas_of};
+use crate::cluster::slot::{self, slots_of};
+use crate::protocol::{ClusterQuery, Dialect, Reply, SlotRange, encode, encode_value};
+
+impl Router {
+    /// Answers `CLUSTER INFO|MYID|SLOTS|NODES` from this node's view of the shards.
+    pub async fn query(&self, query: ClusterQuery, dialect: Dialect, out: &mut BytesMut) {
+        match query {
+            ClusterQuery::MyId => {
+                encode_value(Some(node_name(self.node.id()).as_bytes()), dialect, out);
+            }
+            ClusterQuery::Info => {
+                let shards = self.shards().await;
+                let led = shards.iter().filter(|shard| shard.leader.is_some()).count();
+                let slots_ok: usize = shards
+                    .iter()
+                    .filter(|shard| shard.leader.is_some())
+                    .map(|shard| shard.slots.len())
+                    .sum();
+                let term = shards.iter().map(|shard| shard.term).max().unwrap_or(0);
+                let state = if led == shards.len() { "ok" } else { "fail" };
+                let text = format!(
+                    "cluster_state:{state}\ncluster_slots_assigned:{}\ncluster_slots_ok:{slots_ok}\n\
+                     cluster_slots_pfail:0\ncluster_slots_fail:{}\ncluster_known_nodes:{}\n\
+                     cluster_size:{}\ncluster_current_epoch:{term}\ncluster_my_epoch:{term}\n",
+                    slot::SLOTS,
+                    usize::from(slot::SLOTS) - slots_ok,
+                    self.members.len(),
+                    shards.len(),
+                );
+                encode(&Reply::Text(&text), dialect, out);
+            }
+            ClusterQuery::Slots => {
+                let mut ranges = Vec::new();
+                for shard in self.shards().await {
+                    let mut nodes = Vec::new();
+                    let ordered = shard.leader.into_iter().chain(
+                        shard
+                            .replicas
+                            .iter()
+                            .copied()
+                            .filter(|&id| Some(id) != shard.leader),
+                    );
+                    for id in ordered {
+                        if let Some(address) = self.client_address_of(id).await {
+                            nodes.push((address.ip().to_string(), address.port(), node_name(id)));
+                        }
+                    }
+                    ranges.push(SlotRange {
+                        first: *shard.slots.start(),
+                        last: *shard.slots.end(),
+                        nodes,
+                    });
+                }
+                encode(&Reply::Slots(&ranges), dialect, out);
+            }
+            ClusterQuery::Nodes => {
+                let shards = self.shards().await;
+                let mut text = String::new();
+                for &id in &self.members {
+                    let address = self.client_address_of(id).await;
+                    let address =
+                        address.map_or_else(|| ":0".to_owned(), |address| address.to_string());
+                    let flags = if id == self.node.id() {
+                        "myself,master"
+                    } else {
+                        "master"
+                    };
+                    let term = shards.iter().map(|shard| shard.term).max().unwrap_or(0);
+                    let _ = write!(
+                        text,
+                        "{} {address}@0 {flags} - 0 0 {term} connected",
+                        node_name(id)
+                    );
+                    for shard in shards.iter().filter(|shard| shard.leader == Some(id)) {
+                        let _ = write!(text, " {}-{}", shard.slots.start(), shard.slots.end());
+                    }
+                    text.push('\n');
+                }
+                encode(&Reply::Text(&text), dialect, out);
+            }
+        }
+    }
+
+    /// Appends the cluster's lines of `INFO`: this node, and for each shard it holds its role,
+    /// leader, term, last log, committed and applied index, and (if it leads) how far each
+    /// follower has replicated.
+    pub fn info(&self, text: &mut String) {
+        let _ = writeln!(text, "cluster_node:{}", self.node.id());
+        let _ = writeln!(text, "cluster_shards:{}", self.node.shards());
+        let mut led = 0;
+        let mut followed = 0;
+        for shard in 0..self.node.shards() {
+            let Some(group) = self.node.group(shard) else {
+                continue;
+            };
+            let metrics = group.metrics().borrow_watched().clone();
+            let role = if metrics.current_leader == Some(self.node.id()) {
+                led += 1;
+                "leader"
+            } else {
+                followed += 1;
+                "follower"
+            };
+            let index = |log_id: Option<
+                &openraft::type_config::alias::LogIdOf<crate::cluster::raft::ShardRaft>,
+            >| { log_id.map_or(0, |log_id| log_id.index) };
+            let _ = write!(
+                text,
+                "shard_{shard}:role={role},leader={},term={},last_log={},committed={},applied={}",
+                metrics.current_leader.map_or(0, |leader| leader),
+                metrics.current_term,
+                metrics.last_log_index.unwrap_or(0),
+                index(metrics.cluster_committed.as_ref()),
+                index(metrics.last_applied.as_ref()),
+            );
+            if let Some(replication) = &metrics.replication {
+                for (follower, matched) in replication {
+                    let _ = write!(text, ",matched_{follower}={}", index(matched.as_ref()));
+                }
+            }
+            text.push('\n');
+        }
+        let _ = writeln!(text, "cluster_shards_led:{led}");
+        let _ = writeln!(text, "cluster_shards_followed:{followed}");
+    }
+
+    /// Every shard's slots, replicas, leader (as this node knows it) and term.
+    async fn shards(&self) -> Vec<ShardView> {
+        let count = self.node.shards();
+        let mut shards = Vec::with_capacity(usize::from(count));
+        for shard in 0..count {
+            let replicas = replicas_of(shard, &self.members, self.replicas);
+            let (leader, term) = match self.node.group(shard) {
+                Some(group) => {
+                    let metrics = group.metrics().borrow_watched().clone();
+                    (metrics.current_leader, metrics.current_term)
+                }
+                None => (None, 0),
+            };
+            shards.push(ShardView {
+                slots: slots_of(shard, count),
+                replicas,
+                leader,
+                term,
+            });
+        }
+        shards
+    }
+
+    /// Where node `id`'s clients connect: asked once of the node itself.
+    async fn client_address_of(&self, id: NodeId) -> Option<SocketAddr> {
+        if id == self.node.id() {
+            return Some(self.client_address);
+        }
+        if let Some(&address) = self.client_addresses.lock().await.get(&id) {
+            return Some(address);
+        }
+        let client = self.node.peers().get(&id)?;
+        let Ok(PeerResponse::Described(address)) = client.call(PeerRequest::Describe).await else {
+            return None;
+        };
+        self.client_addresses.lock().await.insert(id, address);
+        Some(address)
+    }
+}
+
+/// A shard as `CLUSTER` shows it.
+struct ShardView {
+    slots: std::ops::RangeInclusive<u16>,
+    replicas: Vec<NodeId>,
+    leader: Option<NodeId>,
+    term: u64,
+}
+
+/// A node's id as Redis Cluster clients expect one: forty hexadecimal digits.
+fn node_name(id: NodeId) -> String {
+    format!("{id:040x}")
+}

@@ -221,8 +221,9 @@ pub struct ClusterConfig {
     /// The range a follower's election timeout is drawn from: how long a shard goes without a
     /// leader after its leader dies, at least.
     pub election_timeout: (Duration, Duration),
-    /// Entries between two snapshots of a shard, after which its log is purged: the bound on a
-    /// shard's log.
+    /// The fewest entries between two snapshots of a shard, after which its log is purged; a
+    /// shard snapshots once its log has grown by as many entries as its last snapshot holds
+    /// records, so its log stays within about twice its data.
     pub snapshot_every: u64,
 }
 

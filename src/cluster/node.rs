@@ -43,7 +43,8 @@ pub struct NodeConfig {
     pub election_timeout: (Duration, Duration),
     /// The limits of each shard's registry.
     pub core: CoreConfig,
-    /// Entries between two snapshots of a shard (after which its log is purged).
+    /// The fewest entries between two snapshots of a shard (after which its log is purged); a
+    /// shard snapshots less often the more it holds (see `Node::compact_logs`).
     pub snapshot_every: u64,
 }
 
@@ -80,6 +81,8 @@ pub struct Node {
     machines: HashMap<u16, ShardStateMachine>,
     peers: Peers,
     shards: u16,
+    /// The fewest entries between two snapshots of a shard.
+    snapshot_every: u64,
     shutdown: CancellationToken,
 }
 
@@ -118,9 +121,8 @@ impl Node {
                 heartbeat_interval: millis(config.heartbeat),
                 election_timeout_min: millis(config.election_timeout.0),
                 election_timeout_max: millis(config.election_timeout.1),
-                // A snapshot every so many entries lets the log be purged up to it (each
-                // snapshot is on disk before it counts): a shard's log stays bounded.
-                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+                // Snapshots are taken by `compact_logs`, at a pace set by their cost.
+                snapshot_policy: openraft::SnapshotPolicy::Never,
                 max_in_snapshot_log_to_keep: config.snapshot_every / 10,
                 ..openraft::Config::default()
             }
@@ -178,6 +180,7 @@ impl Node {
             machines,
             peers,
             shards: config.shards,
+            snapshot_every: config.snapshot_every,
             shutdown: CancellationToken::new(),
         })
     }
@@ -187,6 +190,33 @@ impl Node {
     pub fn serve<H: PeerHandler>(self: &Arc<Self>, listener: TcpListener, handler: Arc<H>) {
         tokio::spawn(peer::serve(listener, handler, self.shutdown.clone()));
         tokio::spawn(Arc::clone(self).spread_leadership());
+        tokio::spawn(Arc::clone(self).compact_logs());
+    }
+
+    /// Every second: each shard whose log has grown since its last snapshot by as many
+    /// entries as that snapshot holds records (and at least `snapshot_every`) takes a new one,
+    /// and its log is purged behind it. So a shard's log stays within about twice its data,
+    /// and the cost of a snapshot, which copies every key, is spread over as many writes as it
+    /// copies keys; a fixed number of entries would copy a large shard over and over.
+    async fn compact_logs(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(BALANCE_EVERY);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for (&shard, group) in self.groups.iter() {
+                let metrics = group.metrics().borrow_watched().clone();
+                let applied = metrics.last_applied.map_or(0, |log_id| log_id.index);
+                let snapshot = metrics.snapshot.map_or(0, |log_id| log_id.index);
+                let records = self.machines[&shard].snapshot_records().await;
+                if applied.saturating_sub(snapshot) >= self.snapshot_every.max(records)
+                    && let Err(error) = group.trigger().snapshot().await
+                {
+                    tracing::warn!(%error, shard, "could not start a snapshot");
+                }
+            }
+        }
     }
 
     /// Every second: a shard this node leads whose preferred leader (see

@@ -44,6 +44,8 @@ struct Inner {
     last_applied: Option<LogIdOf<ShardRaft>>,
     membership: StoredMembershipOf<ShardRaft>,
     snapshot: Option<(SnapshotMetaOf<ShardRaft>, SnapshotBytes)>,
+    /// How many records (buckets and keys) the latest snapshot holds.
+    snapshot_records: u64,
 }
 
 impl ShardStateMachine {
@@ -58,6 +60,7 @@ impl ShardStateMachine {
                 last_applied: None,
                 membership: StoredMembershipOf::<ShardRaft>::default(),
                 snapshot: None,
+                snapshot_records: 0,
             })),
         }
     }
@@ -86,6 +89,12 @@ impl ShardStateMachine {
             }
         }
         Ok(machine)
+    }
+
+    /// How many records (buckets and keys) the latest snapshot holds: what building the next
+    /// one costs.
+    pub async fn snapshot_records(&self) -> u64 {
+        self.inner.lock().await.snapshot_records
     }
 
     /// The registry of the shard's buckets, for reads.
@@ -147,14 +156,18 @@ impl Inner {
         apply_change(&self.registry, change).await
     }
 
-    /// The buckets as snapshot bytes, each copied under its read lock.
-    fn export(&self) -> SnapshotBytes {
+    /// The buckets as snapshot bytes, each copied under its read lock, and how many records
+    /// they are.
+    fn export(&self) -> (SnapshotBytes, u64) {
         let mut bytes = Vec::new();
+        let mut records = 0;
         for bucket in self.registry.view().buckets() {
             let name = bucket.name().as_bytes();
             let start = bytes.len();
+            let mut copied_records = 1;
             record::encode(&Change::Create { bucket: name }, &mut bytes);
             let copied = bucket.for_each_entry(|key, value| {
+                copied_records += 1;
                 record::encode(
                     &Change::Put {
                         bucket: name,
@@ -167,9 +180,11 @@ impl Inner {
             if copied.is_err() {
                 // Dropped while being copied: not in the snapshot.
                 bytes.truncate(start);
+            } else {
+                records += copied_records;
             }
         }
-        bytes
+        (bytes, records)
     }
 
     /// Replaces every bucket with those of `bytes`.
@@ -192,6 +207,7 @@ impl Inner {
                 format!("a snapshot that does not read whole: {end:?}"),
             ));
         }
+        self.snapshot_records = changes.len() as u64;
         for change in changes {
             apply_change(&self.registry, change).await;
         }
@@ -233,7 +249,8 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<ShardRaft, SnapshotBytes>, io::Error> {
         let mut inner = self.inner.lock().await;
-        let bytes = inner.export();
+        let (bytes, records) = inner.export();
+        inner.snapshot_records = records;
         let meta = SnapshotMetaOf::<ShardRaft> {
             last_log_id: inner.last_applied,
             last_membership: inner.membership.clone(),

@@ -15,7 +15,9 @@ use bytes::BytesMut;
 use crate::bucket::{BucketError, BucketHandle, BucketName};
 use crate::cluster::router::Router;
 use crate::cluster::slot::slot_of;
-use crate::protocol::{Dialect, ErrorReply, ProtocolError, Reply, Request, encode, encode_page};
+use crate::protocol::{
+    Dialect, ErrorReply, ProtocolError, Reply, Request, describe_commands, encode, encode_page,
+};
 use crate::registry::Registry;
 use crate::shard::LocalShard;
 use crate::stats::Stats;
@@ -173,6 +175,10 @@ impl Dispatcher {
                     "This instance has cluster support disabled; start it with --peers",
                 )),
             },
+            Request::Command(query) => {
+                encode(&Reply::Tree(&describe_commands(&query)), dialect, out);
+                return Next::Continue;
+            }
             Request::Quit => {
                 encode(&Reply::Ok, dialect, out);
                 return Next::Close;

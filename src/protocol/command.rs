@@ -1,6 +1,7 @@
 //! Requests, as both dialects give them once split into words.
 
 use super::ProtocolError;
+use super::commands::CommandQuery;
 
 /// Most words any command takes; a request with more is an unknown command. Words are kept on
 /// the stack up to this count.
@@ -26,6 +27,8 @@ pub enum ClusterQuery {
     Slots,
     /// `CLUSTER NODES`: every node, with the slots of the shards it leads.
     Nodes,
+    /// `CLUSTER SHARDS`: each shard's slots and its nodes, the leader as master.
+    Shards,
 }
 
 /// A request on one key of one bucket: what a connection runs in batches, its buckets found
@@ -84,8 +87,10 @@ pub enum Request<'a> {
         /// The bucket's name.
         name: &'a [u8],
     },
-    /// `CLUSTER INFO|MYID|SLOTS|NODES`: the cluster as Redis Cluster clients read it.
+    /// `CLUSTER INFO|MYID|SLOTS|NODES|SHARDS`: the cluster as Redis Cluster clients read it.
     Cluster(ClusterQuery),
+    /// `COMMAND [COUNT|INFO name…|DOCS]`: kv's commands as Redis describes its own.
+    Command(CommandQuery<'a>),
     /// `BUCKETS [after]`: one page of bucket names greater than `after`.
     Buckets {
         /// The last name of the previous page.
@@ -172,12 +177,29 @@ impl<'a> Request<'a> {
                     ("MYID", ClusterQuery::MyId),
                     ("SLOTS", ClusterQuery::Slots),
                     ("NODES", ClusterQuery::Nodes),
+                    ("SHARDS", ClusterQuery::Shards),
                 ]
                 .into_iter()
                 .find(|(name, _)| subcommand.eq_ignore_ascii_case(name.as_bytes()))
                 .ok_or(ProtocolError::UnknownCommand)?
                 .1;
                 Self::Cluster(query)
+            }
+            [] if is("COMMAND") => Self::Command(CommandQuery::All),
+            [subcommand, names @ ..] if is("COMMAND") => {
+                let is_sub = |name: &str| subcommand.eq_ignore_ascii_case(name.as_bytes());
+                Self::Command(match names {
+                    [] if is_sub("COUNT") => CommandQuery::Count,
+                    _ if is_sub("DOCS") => CommandQuery::Docs,
+                    _ if is_sub("INFO") => {
+                        let mut asked = [None; 3];
+                        for (slot, name) in asked.iter_mut().zip(names) {
+                            *slot = Some(*name);
+                        }
+                        CommandQuery::Info(asked)
+                    }
+                    _ => return Err(ProtocolError::UnknownCommand),
+                })
             }
             [] if is("BUCKETS") => Self::Buckets { after: None },
             [after] if is("BUCKETS") => Self::Buckets { after: Some(after) },

@@ -8,6 +8,7 @@
 //! of bulk strings; anything else is a line.
 
 mod command;
+mod commands;
 mod line;
 mod line_reply;
 mod reply;
@@ -15,6 +16,7 @@ mod resp;
 mod resp_reply;
 
 pub use command::{ClusterQuery, DebugAction, KeyAction, KeyRequest, Request};
+pub use commands::{COMMANDS, CommandQuery, CommandSpec, describe_commands};
 pub use line_reply::{LineReplyShape, parse_line_reply};
 pub use reply::{ErrorReply, Reply, SlotRange, encode, encode_page, encode_value};
 pub use resp_reply::{ReplyValue, encode_request, parse_reply};

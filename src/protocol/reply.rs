@@ -2,7 +2,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::{Dialect, ProtocolError};
+use super::{Dialect, ProtocolError, ReplyValue};
 
 /// An error reply: `ERROR <message>` in the line protocol, `-<code> <message>` in RESP.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +73,9 @@ pub enum Reply<'a> {
         /// The page's items.
         items: &'a [&'a [u8]],
     },
+    /// A nested answer (`COMMAND`, `CLUSTER SHARDS`): as it is in RESP; in the line protocol,
+    /// its leaves one per line (a nil as an empty line), then `OK`.
+    Tree(&'a ReplyValue),
     /// Anything that went wrong.
     Error(ErrorReply),
 }
@@ -162,6 +165,13 @@ pub fn encode(reply: &Reply<'_>, dialect: Dialect, out: &mut BytesMut) {
                 put_bulk(item, out);
             }
         }
+        (Reply::Tree(tree), Dialect::Resp) => put_tree(tree, out),
+        (Reply::Tree(tree), Dialect::Line) => {
+            let mut leaves = Vec::new();
+            flatten(tree, &mut leaves);
+            let lines: Vec<&[u8]> = leaves.iter().map(Vec::as_slice).collect();
+            encode_lines(&lines, out);
+        }
         (Reply::Error(error), Dialect::Line) => {
             out.put_slice(b"ERROR ");
             put_single_line(error.message.as_bytes(), out);
@@ -227,6 +237,51 @@ fn put_single_line(text: &[u8], out: &mut BytesMut) {
         }
     }));
     out.put_slice(b"\r\n");
+}
+
+/// `tree` in RESP2.
+fn put_tree(tree: &ReplyValue, out: &mut BytesMut) {
+    match tree {
+        ReplyValue::Simple(text) => {
+            out.put_u8(b'+');
+            put_single_line(text.as_bytes(), out);
+        }
+        ReplyValue::Error(text) => {
+            out.put_u8(b'-');
+            put_single_line(text.as_bytes(), out);
+        }
+        ReplyValue::Integer(number) => {
+            out.put_u8(b':');
+            out.put_slice(itoa::Buffer::new().format(*number).as_bytes());
+            out.put_slice(b"\r\n");
+        }
+        ReplyValue::Bulk(Some(bytes)) => put_bulk(bytes, out),
+        ReplyValue::Bulk(None) => out.put_slice(b"$-1\r\n"),
+        ReplyValue::Array(Some(elements)) => {
+            put_header(b'*', elements.len(), out);
+            for element in elements {
+                put_tree(element, out);
+            }
+        }
+        ReplyValue::Array(None) => out.put_slice(b"*-1\r\n"),
+    }
+}
+
+/// The leaves of `tree`, depth first, as lines.
+fn flatten(tree: &ReplyValue, leaves: &mut Vec<Vec<u8>>) {
+    match tree {
+        ReplyValue::Simple(text) | ReplyValue::Error(text) => leaves.push(text.as_bytes().to_vec()),
+        ReplyValue::Integer(number) => {
+            leaves.push(itoa::Buffer::new().format(*number).as_bytes().to_vec());
+        }
+        ReplyValue::Bulk(bytes) => leaves.push(bytes.as_ref().map_or_else(Vec::new, |b| b.to_vec())),
+        ReplyValue::Array(Some(elements)) => {
+            for element in elements {
+                flatten(element, leaves);
+            }
+        }
+        ReplyValue::Array(None) => leaves.push(Vec::new()),
+    }
 }
 
 fn put_header(kind: u8, length: usize, out: &mut BytesMut) {

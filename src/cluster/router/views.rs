@@ -11,10 +11,12 @@ use super::Router;
 use crate::cluster::peer::{PeerRequest, PeerResponse};
 use crate::cluster::placement::{NodeId, replicas_of};
 use crate::cluster::slot::{self, slots_of};
-use crate::protocol::{ClusterQuery, Dialect, Reply, SlotRange, encode, encode_value};
+use crate::protocol::{
+    ClusterQuery, Dialect, Reply, ReplyValue, SlotRange, encode, encode_value,
+};
 
 impl Router {
-    /// Answers `CLUSTER INFO|MYID|SLOTS|NODES` from this node's view of the shards.
+    /// Answers `CLUSTER INFO|MYID|SLOTS|NODES|SHARDS` from this node's view of the shards.
     pub async fn query(&self, query: ClusterQuery, dialect: Dialect, out: &mut BytesMut) {
         match query {
             ClusterQuery::MyId => {
@@ -64,6 +66,42 @@ impl Router {
                     });
                 }
                 encode(&Reply::Slots(&ranges), dialect, out);
+            }
+            ClusterQuery::Shards => {
+                let mut described = Vec::new();
+                for shard in self.shards().await {
+                    let mut nodes = Vec::new();
+                    for &id in &shard.replicas {
+                        let Some(address) = self.client_address_of(id).await else {
+                            continue;
+                        };
+                        let role = if shard.leader == Some(id) {
+                            "master"
+                        } else {
+                            "replica"
+                        };
+                        nodes.push(map(vec![
+                            ("id", bulk(node_name(id))),
+                            ("port", ReplyValue::Integer(i64::from(address.port()))),
+                            ("ip", bulk(address.ip().to_string())),
+                            ("endpoint", bulk(address.ip().to_string())),
+                            ("role", bulk(role.to_owned())),
+                            ("replication-offset", ReplyValue::Integer(0)),
+                            ("health", bulk("online".to_owned())),
+                        ]));
+                    }
+                    described.push(map(vec![
+                        (
+                            "slots",
+                            ReplyValue::Array(Some(vec![
+                                ReplyValue::Integer(i64::from(*shard.slots.start())),
+                                ReplyValue::Integer(i64::from(*shard.slots.end())),
+                            ])),
+                        ),
+                        ("nodes", ReplyValue::Array(Some(nodes))),
+                    ]));
+                }
+                encode(&Reply::Tree(&ReplyValue::Array(Some(described))), dialect, out);
             }
             ClusterQuery::Nodes => {
                 let shards = self.shards().await;
@@ -187,4 +225,19 @@ struct ShardView {
 /// A node's id as Redis Cluster clients expect one: forty hexadecimal digits.
 fn node_name(id: NodeId) -> String {
     format!("{id:040x}")
+}
+
+/// A bulk string of `text`.
+fn bulk(text: String) -> ReplyValue {
+    ReplyValue::Bulk(Some(bytes::Bytes::from(text)))
+}
+
+/// A map as RESP2 gives one: an array of its names and values, in turn.
+fn map(entries: Vec<(&'static str, ReplyValue)>) -> ReplyValue {
+    ReplyValue::Array(Some(
+        entries
+            .into_iter()
+            .flat_map(|(name, value)| [bulk(name.to_owned()), value])
+            .collect(),
+    ))
 }

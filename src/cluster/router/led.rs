@@ -2,7 +2,8 @@
 //! one proposal, a batch's consecutive reads share one ReadIndex round.
 
 use futures::StreamExt as _;
-use openraft::error::ClientWriteError;
+use openraft::ReadPolicy;
+use openraft::error::{ClientWriteError, LinearizableReadError};
 use tokio::time::{Instant, timeout_at};
 
 use super::{NotLed, Router, bucket_of, change_of};
@@ -18,11 +19,11 @@ impl Router {
     /// - Consecutive writes are proposed together and answered once committed (on a majority
     ///   of the shard's logs) and applied here.
     /// - Consecutive reads wait for one ReadIndex round (the leader confirms with a quorum
-    ///   that it still leads, then has applied everything committed before the reads came),
-    ///   shared with other connections' reads (see `reads`), and then read the shard's
-    ///   buckets. Reads right after this batch's own writes need no
+    ///   that it still leads, then has applied everything committed before the reads came)
+    ///   and then read the shard's buckets. Reads right after this batch's own writes need no
     ///   round of their own: those writes committed in this leader's term after the reads
     ///   arrived, which is the confirmation ReadIndex would seek, and they are applied.
+    ///   Concurrent reads share the heartbeat rounds that confirm them (openraft's doing).
     ///
     /// `Err(NotLed)` when this node does not lead the shard: the requests after those answered
     /// were neither proposed nor read, and may be run elsewhere. Past `deadline`, requests are
@@ -83,9 +84,17 @@ impl Router {
                 continue;
             }
             if !writes_committed {
-                match timeout_at(deadline, self.reads.confirm(shard, group)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(leader)) => return Err(NotLed(leader)),
+                match timeout_at(deadline, group.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => {
+                        let leader = match error.api_error() {
+                            Some(LinearizableReadError::ForwardToLeader(forward)) => {
+                                forward.leader_id
+                            }
+                            _ => None,
+                        };
+                        return Err(NotLed(leader));
+                    }
                     Err(_) => {
                         replies.push_unavailable(requests.len() - (replies.len() - first), dialect);
                         return Ok(());

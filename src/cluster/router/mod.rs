@@ -20,7 +20,6 @@
 //!   it was sent), it is answered that way too rather than sent again.
 
 mod led;
-mod reads;
 mod replies;
 mod views;
 
@@ -64,8 +63,6 @@ pub struct Router {
     page_size: usize,
     /// Where each node's clients connect, as far as they have said.
     client_addresses: tokio::sync::Mutex<HashMap<NodeId, SocketAddr>>,
-    /// The ReadIndex rounds reads share.
-    reads: reads::ReadRounds,
 }
 
 /// This node does not lead the shard (this node does, as far as it knows): the requests not
@@ -83,7 +80,6 @@ impl Router {
         page_size: usize,
     ) -> Self {
         Self {
-            reads: reads::ReadRounds::new(node.shards()),
             node,
             members,
             replicas,

@@ -226,6 +226,7 @@ async fn three_nodes_replicate_changes_and_come_back_whole_after_a_restart() {
 /// Three `kv serve`s in this process forming a cluster on loopback ports.
 async fn three_servers(directory: &Path) -> Vec<common::TestServer> {
     use kv::config::{ClusterConfig, DurabilityConfig, ServerConfig};
+    // DEBUG CRASH is allowed, for the supervision test.
     let (bound, members) = listeners(3).await;
     // The ports are free again for the servers to bind.
     drop(bound);
@@ -244,12 +245,55 @@ async fn three_servers(directory: &Path) -> Vec<common::TestServer> {
             common::TestServer::start(ServerConfig {
                 durability: Some(durability),
                 cluster: Some(cluster),
+                enable_debug_commands: true,
                 ..ServerConfig::default()
             })
             .await,
         );
     }
     servers
+}
+
+/// The guide's supervision on every replica: `DEBUG CRASH` crashes the bucket in the node's own
+/// replica, which restarts it from what every replica has. Crashed on each node in turn with
+/// writes between, the bucket still holds every write, whichever replica answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_crashed_on_each_replica_in_turn_keeps_every_write() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let directory = tempfile::tempdir().unwrap();
+    let servers = three_servers(directory.path()).await;
+    let mut clients = Vec::new();
+    for server in &servers {
+        clients.push(server.connect().await);
+    }
+    clients[0].send(b"CREATE pantry\n").await;
+    clients[0].expect(b"OK\r\n").await;
+    for round in 0..3 {
+        for (index, client) in clients.iter_mut().enumerate() {
+            client
+                .send(format!("PUT pantry k{round}{index} v{round}{index}\n").as_bytes())
+                .await;
+            client.expect(b"OK\r\n").await;
+        }
+        clients[round].send(b"DEBUG CRASH pantry\n").await;
+        clients[round].expect(b"OK\r\n").await;
+        for client in &mut clients {
+            for written in 0..=round {
+                for by in 0..3 {
+                    client
+                        .send(format!("GET pantry k{written}{by}\n").as_bytes())
+                        .await;
+                    client
+                        .expect(format!("v{written}{by}\r\nOK\r\n").as_bytes())
+                        .await;
+                }
+            }
+        }
+    }
+    for server in servers {
+        server.shutdown.cancel();
+        within(server.task).await.unwrap().unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

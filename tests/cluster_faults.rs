@@ -105,7 +105,10 @@ impl Cluster {
         common::within(async {
             loop {
                 let mut client = self.client(asked).await;
-                let slot = match client.call(&[b"CLUSTER", b"KEYSLOT", bucket.as_bytes()]).await {
+                let slot = match client
+                    .call(&[b"CLUSTER", b"KEYSLOT", bucket.as_bytes()])
+                    .await
+                {
                     Ok(ReplyValue::Integer(slot)) => slot,
                     other => panic!("CLUSTER KEYSLOT: {other:?}"),
                 };
@@ -173,7 +176,13 @@ async fn client(
             return;
         }
         let Some(client) = connection.as_mut() else {
-            let live: Vec<SocketAddr> = addresses.lock().unwrap().iter().flatten().copied().collect();
+            let live: Vec<SocketAddr> = addresses
+                .lock()
+                .unwrap()
+                .iter()
+                .flatten()
+                .copied()
+                .collect();
             if !live.is_empty() {
                 let address = live[random.usize(..live.len())];
                 if let Ok(Ok(client)) =
@@ -188,12 +197,21 @@ async fn client(
         };
         let bucket = BUCKETS[random.usize(..BUCKETS.len())];
         let key = KEYS[random.usize(..KEYS.len())];
-        let write = random.bool().then(|| format!("{id}-{sequence}").into_bytes());
+        let write = random
+            .bool()
+            .then(|| format!("{id}-{sequence}").into_bytes());
         let words = request(bucket, key, write.as_deref());
         let invoked = Instant::now();
         let answer = tokio::time::timeout(ANSWER_WITHIN, client.call(&words)).await;
         let answered = matches!(answer, Ok(Ok(_)));
-        note(&record, bucket, key, write, invoked, answer.ok().and_then(Result::ok));
+        note(
+            &record,
+            bucket,
+            key,
+            write,
+            invoked,
+            answer.ok().and_then(Result::ok),
+        );
         if !answered {
             // No answer, or the connection broke: the node may be gone or paused. Try another.
             connection = None;

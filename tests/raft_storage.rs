@@ -193,7 +193,8 @@ async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_fr
     use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 
     let directory = tempfile::tempdir().unwrap();
-    let mut machine = ShardStateMachine::open(directory.path(), CoreConfig::default())
+    let log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
+    let mut machine = ShardStateMachine::open(directory.path(), CoreConfig::default(), log.clone())
         .await
         .unwrap();
     let changes = [
@@ -213,7 +214,7 @@ async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_fr
         .unwrap();
     assert!(directory.path().join("snapshot.kv").exists());
 
-    let mut reopened = ShardStateMachine::open(directory.path(), CoreConfig::default())
+    let mut reopened = ShardStateMachine::open(directory.path(), CoreConfig::default(), log)
         .await
         .unwrap();
     assert_eq!(
@@ -230,16 +231,104 @@ async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_fr
 
 /// Applies `changes` to `machine` as committed entries 1, 2, …
 async fn apply_changes(machine: &mut ShardStateMachine, changes: &[kv::change::Change<'_>]) {
-    use kv::cluster::raft::ShardCommand;
     use openraft::storage::RaftStateMachine;
-    let entries = changes.iter().enumerate().map(|(index, change)| {
-        Ok((
-            openraft::Entry {
-                log_id: openraft::testing::log_id::<ShardRaft>(1, 1, index as u64 + 1),
-                payload: openraft::EntryPayload::Normal(ShardCommand::new(change)),
-            },
-            None,
-        ))
-    });
+    let entries = entries_of(changes, 1)
+        .into_iter()
+        .map(|entry| Ok((entry, None)));
     machine.apply(futures::stream::iter(entries)).await.unwrap();
+}
+
+/// `changes` as entries of term 1, the first at index `first`.
+fn entries_of(
+    changes: &[kv::change::Change<'_>],
+    first: u64,
+) -> Vec<openraft::type_config::alias::EntryOf<ShardRaft>> {
+    use kv::cluster::raft::ShardCommand;
+    changes
+        .iter()
+        .zip(first..)
+        .map(|(change, index)| openraft::Entry {
+            log_id: openraft::testing::log_id::<ShardRaft>(1, 1, index),
+            payload: openraft::EntryPayload::Normal(ShardCommand::new(change)),
+        })
+        .collect()
+}
+
+/// The guide's supervision on a replica: a bucket that crashes is restarted from the shard's
+/// snapshot and the entries applied since, so it comes back with everything every replica
+/// has; changes committed meanwhile wait for it and are made too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_that_crashes_on_a_replica_comes_back_with_what_every_replica_has() {
+    use kv::change::Change;
+    use openraft::storage::{RaftLogStorageExt, RaftSnapshotBuilder, RaftStateMachine};
+
+    let directory = tempfile::tempdir().unwrap();
+    let mut log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
+    let mut machine = ShardStateMachine::open(directory.path(), CoreConfig::default(), log.clone())
+        .await
+        .unwrap();
+    let put = |key: &'static [u8], value: &'static [u8]| Change::Put {
+        bucket: b"s",
+        key,
+        value,
+    };
+    // Some of the bucket is in a snapshot, the rest only in the log.
+    let before = [
+        Change::Create { bucket: b"s" },
+        put(b"a", b"1"),
+        put(b"b", b"2"),
+    ];
+    let entries = entries_of(&before, 1);
+    log.blocking_append(entries.clone()).await.unwrap();
+    apply_changes(&mut machine, &before).await;
+    machine
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let after = [
+        put(b"b", b"3"),
+        Change::Delete {
+            bucket: b"s",
+            key: b"a",
+        },
+        put(b"c", b"4"),
+    ];
+    let entries = entries_of(&after, 4);
+    log.blocking_append(entries.clone()).await.unwrap();
+    machine
+        .apply(futures::stream::iter(
+            entries.into_iter().map(|entry| Ok((entry, None))),
+        ))
+        .await
+        .unwrap();
+
+    let registry = machine.registry().await;
+    let crashed = registry.lookup(b"s").unwrap();
+    crashed.inject_fault(kv::BucketFault::Panic).unwrap();
+    crashed.stopped().await;
+    // A change committed while the bucket restarts waits for it, then is made.
+    let next = entries_of(&[put(b"d", b"5")], 7);
+    log.blocking_append(next.clone()).await.unwrap();
+    machine
+        .apply(futures::stream::iter(
+            next.into_iter().map(|entry| Ok((entry, None))),
+        ))
+        .await
+        .unwrap();
+
+    // Applying the change waited for the restart: the bucket is back.
+    let restarted = registry.lookup(b"s").expect("restarted");
+    assert_ne!(restarted.id(), crashed.id());
+    let mut contents = Vec::new();
+    restarted
+        .for_each_entry(|key, value| contents.push((key.to_vec(), value.to_vec())))
+        .unwrap();
+    contents.sort();
+    let expected: Vec<(Vec<u8>, Vec<u8>)> = [(b"b", b"3"), (b"c", b"4"), (b"d", b"5")]
+        .iter()
+        .map(|(key, value)| (key.to_vec(), value.to_vec()))
+        .collect();
+    assert_eq!(contents, expected);
 }

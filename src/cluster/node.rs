@@ -144,7 +144,7 @@ impl Node {
             let directory = config.data_dir.join("shards").join(shard.to_string());
             let log = ShardLog::open(&directory, config.fsync)
                 .map_err(|source| NodeError::Log { shard, source })?;
-            let machine = ShardStateMachine::open(&directory, config.core.clone())
+            let machine = ShardStateMachine::open(&directory, config.core.clone(), log.clone())
                 .await
                 .map_err(|source| NodeError::Log { shard, source })?;
             machines.insert(shard, machine.clone());

@@ -3,15 +3,28 @@
 use super::Dispatcher;
 use super::errors::{debug_disabled, registry_error};
 use crate::bucket::BucketFault;
-use crate::protocol::{DebugAction, Reply};
+use crate::protocol::{DebugAction, ErrorReply, Reply};
 
 impl Dispatcher {
     /// Crashes or stops `bucket`'s task, and answers once the registry has taken its exit in.
+    /// In a cluster, the bucket is this node's replica of it: the guide's supervision restarts
+    /// it there from what every replica has.
     pub(super) async fn debug(&self, action: DebugAction, bucket: &[u8]) -> Reply<'static> {
         if !self.enable_debug_commands {
             return Reply::Error(debug_disabled());
         }
-        let Some(handle) = self.registry().lookup(bucket) else {
+        let registry = match &self.router {
+            None => self.registry().clone(),
+            Some(router) => match router.replica_registry(bucket).await {
+                Some(registry) => registry,
+                None => {
+                    return Reply::Error(ErrorReply::new(
+                        "this node holds no replica of the bucket's shard",
+                    ));
+                }
+            },
+        };
+        let Some(handle) = registry.lookup(bucket) else {
             return Reply::NotFound;
         };
         let fault = match action {
@@ -24,7 +37,7 @@ impl Dispatcher {
         // Answer once the bucket has ended and the registry has taken its exit in (and, with
         // durability on, restarted it from disk), so the next request sees the outcome.
         handle.stopped().await;
-        match self.registry().settle().await {
+        match registry.settle().await {
             Ok(_) => Reply::Ok,
             Err(error) => Reply::Error(registry_error(&error)),
         }

@@ -274,7 +274,9 @@ fn flatten(tree: &ReplyValue, leaves: &mut Vec<Vec<u8>>) {
         ReplyValue::Integer(number) => {
             leaves.push(itoa::Buffer::new().format(*number).as_bytes().to_vec());
         }
-        ReplyValue::Bulk(bytes) => leaves.push(bytes.as_ref().map_or_else(Vec::new, |b| b.to_vec())),
+        ReplyValue::Bulk(bytes) => {
+            leaves.push(bytes.as_ref().map_or_else(Vec::new, |b| b.to_vec()));
+        }
         ReplyValue::Array(Some(elements)) => {
             for element in elements {
                 flatten(element, leaves);

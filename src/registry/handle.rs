@@ -200,6 +200,13 @@ impl Registry {
         let _ = self.shared.durable_state.set(state);
     }
 
+    /// Whether a bucket that crashes is restarted from durable state (see
+    /// [`set_durable_state`](Self::set_durable_state)) rather than forgotten.
+    #[must_use]
+    pub fn restarts_crashed_buckets(&self) -> bool {
+        self.shared.durable_state.get().is_some()
+    }
+
     /// Whether changes are logged: then a bucket that crashes comes back from disk.
     #[must_use]
     pub fn is_durable(&self) -> bool {

@@ -73,7 +73,10 @@ fn linearizable(operations: &[&Operation]) -> bool {
     let mut steps: Vec<Step<'_>> = operations
         .iter()
         .filter_map(|operation| match &operation.action {
-            Action::Write { value, acknowledged } => Some(Step {
+            Action::Write {
+                value,
+                acknowledged,
+            } => Some(Step {
                 invoked: operation.invoked,
                 completed: if *acknowledged {
                     operation.completed

@@ -197,6 +197,22 @@ impl Inner {
     }
 }
 
+impl ShardLog {
+    /// The entries at `indexes` that the log holds, for a caller on a blocking thread (it
+    /// waits for the log's lock without yielding).
+    pub fn entries_blocking(
+        &self,
+        indexes: std::ops::RangeInclusive<u64>,
+    ) -> Vec<EntryOf<ShardRaft>> {
+        self.inner
+            .blocking_lock()
+            .entries
+            .range(indexes)
+            .map(|(_, entry)| entry.clone())
+            .collect()
+    }
+}
+
 impl RaftLogReader<ShardRaft> for ShardLog {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,

@@ -3,6 +3,7 @@
 //! state machine). openraft is pinned at one exact alpha (`Cargo.toml`): its API changes
 //! between alphas, and its wire encoding is not stable across them.
 
+mod applied;
 mod log_store;
 mod state_machine;
 

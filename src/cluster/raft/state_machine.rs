@@ -21,10 +21,13 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use tokio::sync::Mutex;
 
+use super::applied::Applied;
+use super::log_store::ShardLog;
 use super::{Outcome, ShardCommand, ShardRaft};
+use crate::bucket::{BucketError, BucketHandle};
 use crate::change::Change;
 use crate::config::CoreConfig;
-use crate::registry::Registry;
+use crate::registry::{Down, Registry, RegistryError};
 use crate::shard::wal::record::{self, ScanEnd, scan};
 
 /// What a snapshot's bytes are: records of the single-node log.
@@ -43,7 +46,10 @@ struct Inner {
     registry: Registry,
     last_applied: Option<LogIdOf<ShardRaft>>,
     membership: StoredMembershipOf<ShardRaft>,
-    snapshot: Option<(SnapshotMetaOf<ShardRaft>, SnapshotBytes)>,
+    snapshot: Option<(SnapshotMetaOf<ShardRaft>, Arc<SnapshotBytes>)>,
+    /// The latest snapshot and how far this replica has applied, which a crashed bucket is
+    /// restarted from; `None` in memory only (a crashed bucket is then lost).
+    applied: Option<Applied>,
     /// How many records (buckets and keys) the latest snapshot holds.
     snapshot_records: u64,
 }
@@ -60,33 +66,40 @@ impl ShardStateMachine {
                 last_applied: None,
                 membership: StoredMembershipOf::<ShardRaft>::default(),
                 snapshot: None,
+                applied: None,
                 snapshot_records: 0,
             })),
         }
     }
 
     /// A state machine that keeps its snapshots in `directory`, starting from the one there
-    /// (if any).
+    /// (if any), and restarts a crashed bucket from that snapshot and the entries of `log` it
+    /// has applied since.
     ///
     /// # Errors
     /// If the snapshot there cannot be read.
-    pub async fn open(directory: &Path, core: CoreConfig) -> io::Result<Self> {
+    pub async fn open(directory: &Path, core: CoreConfig, log: ShardLog) -> io::Result<Self> {
         std::fs::create_dir_all(directory)?;
         let machine = Self::new(core);
         {
             let mut inner = machine.inner.lock().await;
             inner.directory = Some(directory.to_owned());
+            let applied = Applied::new(log);
             match std::fs::read(directory.join(SNAPSHOT_FILE)) {
                 Ok(bytes) => {
                     let (meta, data) = split_snapshot(&bytes)?;
                     inner.install(data).await?;
+                    let data = Arc::new(data.to_vec());
+                    applied.snapshot_taken(meta.last_log_id.map(|id| id.index), Arc::clone(&data));
                     inner.last_applied = meta.last_log_id;
                     inner.membership = meta.last_membership.clone();
-                    inner.snapshot = Some((meta, data.to_vec()));
+                    inner.snapshot = Some((meta, data));
                 }
                 Err(error) if error.kind() == io::ErrorKind::NotFound => {}
                 Err(error) => return Err(error),
             }
+            inner.registry.set_durable_state(Arc::new(applied.clone()));
+            inner.applied = Some(applied);
         }
         Ok(machine)
     }
@@ -149,9 +162,9 @@ impl Inner {
         std::fs::File::open(directory)?.sync_all()
     }
 
-    async fn apply(&mut self, command: &ShardCommand) -> Outcome {
+    async fn apply(&mut self, command: &ShardCommand) -> io::Result<Outcome> {
         let Some(change) = command.change() else {
-            return Outcome::NotAChange;
+            return Ok(Outcome::NotAChange);
         };
         apply_change(&self.registry, change).await
     }
@@ -209,38 +222,110 @@ impl Inner {
         }
         self.snapshot_records = changes.len() as u64;
         for change in changes {
-            apply_change(&self.registry, change).await;
+            apply_change(&self.registry, change).await?;
         }
         Ok(())
     }
 }
 
-/// Applies one committed change to `registry`, as every replica does.
-async fn apply_change(registry: &Registry, change: Change<'_>) -> Outcome {
-    match change {
-        Change::Create { bucket } => match registry.create_from_log(bucket).await {
-            Ok(_) => Outcome::Done,
-            Err(error) => {
-                tracing::error!(%error, "a committed CREATE could not be applied");
-                Outcome::Done
+/// Applies one committed change to `registry`, as every replica does. A bucket that is
+/// restarting (it crashed; it comes back from the replicated state) is waited for, so the
+/// change is made on every replica alike.
+///
+/// # Errors
+/// If the change cannot be made here (the bucket failed for good, the registry stopped): the
+/// replica stops applying rather than diverge from the others.
+async fn apply_change(registry: &Registry, change: Change<'_>) -> io::Result<Outcome> {
+    loop {
+        let made = match change {
+            Change::Create { bucket } => registry
+                .create_from_log(bucket)
+                .await
+                .map(|_| Outcome::Done)
+                .map_err(Retry::from),
+            Change::Drop { bucket } => match registry.drop_bucket(bucket).await {
+                Ok(true) => Ok(Outcome::Done),
+                Ok(false) => Ok(Outcome::NothingToDrop),
+                Err(error) => Err(Retry::from(error)),
+            },
+            Change::Put { bucket, key, value } => match live(registry, bucket).await? {
+                Some(handle) => handle
+                    .restore(key, value)
+                    .map(|()| Outcome::Done)
+                    .map_err(Retry::from),
+                None => Ok(Outcome::NoSuchBucket),
+            },
+            Change::Delete { bucket, key } => match live(registry, bucket).await? {
+                Some(handle) => handle
+                    .delete(key)
+                    .map(|_| Outcome::Done)
+                    .map_err(Retry::from),
+                None => Ok(Outcome::NoSuchBucket),
+            },
+        };
+        match made {
+            Ok(outcome) => return Ok(outcome),
+            Err(Retry::Later) => tokio::time::sleep(RESTART_POLL).await,
+            Err(Retry::Never(error)) => {
+                tracing::error!(%error, ?change, "a committed change could not be applied; the replica stops");
+                return Err(error);
             }
-        },
-        Change::Drop { bucket } => match registry.drop_bucket(bucket).await {
-            Ok(true) => Outcome::Done,
-            Ok(false) => Outcome::NothingToDrop,
-            Err(error) => {
-                tracing::error!(%error, "a committed DROP could not be applied");
-                Outcome::Done
+        }
+    }
+}
+
+/// How often applying waits to see whether a restarting bucket (or registry) is back.
+const RESTART_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Why a change was not made this time.
+enum Retry {
+    /// The bucket or the registry is restarting: try again shortly.
+    Later,
+    /// It cannot be made here.
+    Never(io::Error),
+}
+
+impl From<RegistryError> for Retry {
+    fn from(error: RegistryError) -> Self {
+        match error {
+            RegistryError::Unavailable | RegistryError::Restarting(_) => Self::Later,
+            other => Self::Never(io::Error::other(other)),
+        }
+    }
+}
+
+impl From<BucketError> for Retry {
+    fn from(error: BucketError) -> Self {
+        match error {
+            // It crashed or stopped just now: its restart is under way.
+            BucketError::Stopped => Self::Later,
+            other => Self::Never(io::Error::other(other)),
+        }
+    }
+}
+
+/// The live bucket `name`, once any restart of it is over; `None` if there is no such bucket.
+///
+/// # Errors
+/// If the bucket failed too often to be restarted.
+async fn live(registry: &Registry, name: &[u8]) -> io::Result<Option<BucketHandle>> {
+    loop {
+        if let Some(handle) = registry.lookup(name) {
+            return Ok(Some(handle));
+        }
+        match registry
+            .view()
+            .why_missing(name, registry.restarts_crashed_buckets())
+        {
+            None => return Ok(None),
+            Some(Down::Restarting) => tokio::time::sleep(RESTART_POLL).await,
+            Some(Down::Failed) => {
+                return Err(io::Error::other(format!(
+                    "bucket {} failed and stays down",
+                    String::from_utf8_lossy(name)
+                )));
             }
-        },
-        Change::Put { bucket, key, value } => match registry.lookup(bucket) {
-            Some(handle) if handle.restore(key, value).is_ok() => Outcome::Done,
-            _ => Outcome::NoSuchBucket,
-        },
-        Change::Delete { bucket, key } => match registry.lookup(bucket) {
-            Some(handle) if handle.delete(key).is_ok() => Outcome::Done,
-            _ => Outcome::NoSuchBucket,
-        },
+        }
     }
 }
 
@@ -256,10 +341,14 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
             last_membership: inner.membership.clone(),
         };
         inner.persist(&meta, &bytes)?;
-        inner.snapshot = Some((meta.clone(), bytes.clone()));
+        let bytes = Arc::new(bytes);
+        if let Some(applied) = &inner.applied {
+            applied.snapshot_taken(meta.last_log_id.map(|id| id.index), Arc::clone(&bytes));
+        }
+        inner.snapshot = Some((meta.clone(), Arc::clone(&bytes)));
         Ok(SnapshotOf::<ShardRaft, SnapshotBytes> {
             meta,
-            snapshot: bytes,
+            snapshot: (*bytes).clone(),
         })
     }
 }
@@ -284,7 +373,7 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
             inner.last_applied = Some(entry.log_id);
             let outcome = match &entry.payload {
                 EntryPayload::Blank => Outcome::Done,
-                EntryPayload::Normal(command) => inner.apply(command).await,
+                EntryPayload::Normal(command) => inner.apply(command).await?,
                 EntryPayload::Membership(membership) => {
                     inner.membership = StoredMembershipOf::<ShardRaft>::new(
                         Some(entry.log_id),
@@ -293,6 +382,9 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
                     Outcome::Done
                 }
             };
+            if let Some(applied) = &inner.applied {
+                applied.applied(entry.log_id.index);
+            }
             if let Some(responder) = responder {
                 responder.send(outcome);
             }
@@ -312,6 +404,10 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
         let mut inner = self.inner.lock().await;
         inner.persist(meta, &snapshot)?;
         inner.install(&snapshot).await?;
+        let snapshot = Arc::new(snapshot);
+        if let Some(applied) = &inner.applied {
+            applied.snapshot_taken(meta.last_log_id.map(|id| id.index), Arc::clone(&snapshot));
+        }
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
         inner.snapshot = Some((meta.clone(), snapshot));
@@ -325,7 +421,10 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
         Ok(inner
             .snapshot
             .clone()
-            .map(|(meta, snapshot)| SnapshotOf::<ShardRaft, SnapshotBytes> { meta, snapshot }))
+            .map(|(meta, snapshot)| SnapshotOf::<ShardRaft, SnapshotBytes> {
+                meta,
+                snapshot: (*snapshot).clone(),
+            }))
     }
 }
 
@@ -362,7 +461,7 @@ mod tests {
         ];
         let mut outcomes = Vec::new();
         for change in changes {
-            outcomes.push(apply_change(&registry, change).await);
+            outcomes.push(apply_change(&registry, change).await.unwrap());
         }
         use Outcome::{Done, NoSuchBucket, NothingToDrop};
         assert_eq!(

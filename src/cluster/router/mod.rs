@@ -95,6 +95,13 @@ impl Router {
         bucket_of(request).is_some()
     }
 
+    /// This node's replica of the shard of `bucket` (what `DEBUG CRASH` acts on in a
+    /// cluster); `None` if this node holds none.
+    pub async fn replica_registry(&self, bucket: &[u8]) -> Option<crate::registry::Registry> {
+        let shard = shard_of(slot_of(bucket), self.node.shards());
+        Some(self.node.state(shard)?.registry().await)
+    }
+
     /// Runs `requests` (a connection's consecutive requests on buckets, in one dialect) where
     /// their shards are led, and appends their replies to `out` in the requests' order.
     /// Returns how many replies are errors.

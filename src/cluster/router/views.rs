@@ -11,9 +11,7 @@ use super::Router;
 use crate::cluster::peer::{PeerRequest, PeerResponse};
 use crate::cluster::placement::{NodeId, replicas_of};
 use crate::cluster::slot::{self, slots_of};
-use crate::protocol::{
-    ClusterQuery, Dialect, Reply, ReplyValue, SlotRange, encode, encode_value,
-};
+use crate::protocol::{ClusterQuery, Dialect, Reply, ReplyValue, SlotRange, encode, encode_value};
 
 impl Router {
     /// Answers `CLUSTER INFO|MYID|SLOTS|NODES|SHARDS` from this node's view of the shards.
@@ -101,7 +99,11 @@ impl Router {
                         ("nodes", ReplyValue::Array(Some(nodes))),
                     ]));
                 }
-                encode(&Reply::Tree(&ReplyValue::Array(Some(described))), dialect, out);
+                encode(
+                    &Reply::Tree(&ReplyValue::Array(Some(described))),
+                    dialect,
+                    out,
+                );
             }
             ClusterQuery::Nodes => {
                 let shards = self.shards().await;

@@ -124,7 +124,7 @@ async fn read_everywhere(
             .applied_index_at_least(Some(index), "applied")
             .await
             .unwrap();
-        let registry = node.state(0).unwrap().registry().await;
+        let registry = node.state(0).unwrap().registry();
         values.push(
             registry
                 .lookup(bucket)
@@ -225,6 +225,11 @@ async fn three_nodes_replicate_changes_and_come_back_whole_after_a_restart() {
 
 /// Three `kv serve`s in this process forming a cluster on loopback ports.
 async fn three_servers(directory: &Path) -> Vec<common::TestServer> {
+    three_servers_with(directory, CoreConfig::default()).await
+}
+
+/// Three in-process servers forming a cluster, with the limits of `core`.
+async fn three_servers_with(directory: &Path, core: CoreConfig) -> Vec<common::TestServer> {
     use kv::config::{ClusterConfig, DurabilityConfig, ServerConfig};
     // DEBUG CRASH is allowed, for the supervision test.
     let (bound, members) = listeners(3).await;
@@ -246,12 +251,83 @@ async fn three_servers(directory: &Path) -> Vec<common::TestServer> {
                 durability: Some(durability),
                 cluster: Some(cluster),
                 enable_debug_commands: true,
+                core: core.clone(),
                 ..ServerConfig::default()
             })
             .await,
         );
     }
     servers
+}
+
+/// Limits hold in a cluster as on one node: the leader refuses a change past them, with the
+/// same reply, and never proposes it (replicas apply whatever is committed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_refuses_changes_past_the_limits_as_one_node_does() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let core = CoreConfig {
+        max_buckets: 2,
+        max_name_len: 8,
+        max_memory: 8 * 1024,
+        ..CoreConfig::default()
+    };
+    let single = common::TestServer::start(kv::config::ServerConfig {
+        core: core.clone(),
+        ..kv::config::ServerConfig::default()
+    })
+    .await;
+    let directory = tempfile::tempdir().unwrap();
+    let servers = three_servers_with(directory.path(), core).await;
+    let big = "v".repeat(2000);
+    let requests = [
+        "CREATE a-name-too-long".to_owned(),
+        "CREATE one".to_owned(),
+        "CREATE two".to_owned(),
+        "CREATE three".to_owned(),
+        format!("PUT one k1 {big}"),
+        format!("PUT one k2 {big}"),
+        format!("PUT one k3 {big}"),
+        format!("PUT one k1 {big}"),
+        "DELETE one k2".to_owned(),
+        format!("PUT one k3 {big}"),
+        "GET one k3".to_owned(),
+    ];
+    let mut on_single = single.connect().await;
+    let mut on_cluster = servers[1].connect().await;
+    let mut refused = Vec::new();
+    for request in &requests {
+        let request = format!("{request}\n");
+        on_single.send(request.as_bytes()).await;
+        let expected = on_single.line().await;
+        on_cluster.send(request.as_bytes()).await;
+        let answered = on_cluster.line().await;
+        assert_eq!(
+            String::from_utf8_lossy(&answered),
+            String::from_utf8_lossy(&expected),
+            "{request}"
+        );
+        if answered.starts_with(b"ERROR") {
+            refused.push(
+                request
+                    .split_whitespace()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+        if request.starts_with("GET") {
+            assert_eq!(on_cluster.line().await, on_single.line().await);
+        }
+    }
+    assert_eq!(
+        refused,
+        ["CREATE a-name-too-long", "CREATE three", "PUT one k3"],
+        "the limits were met"
+    );
+    for server in servers {
+        server.shutdown.cancel();
+        within(server.task).await.unwrap().unwrap();
+    }
 }
 
 /// The guide's supervision on every replica: `DEBUG CRASH` crashes the bucket in the node's own

@@ -160,7 +160,7 @@ async fn changes_apply_to_the_shards_buckets_and_travel_in_a_snapshot() {
     ];
     let mut machine = ShardStateMachine::new(CoreConfig::default());
     apply_changes(&mut machine, &changes).await;
-    let applied = machine.registry().await;
+    let applied = machine.registry().clone();
     assert!(applied.lookup(b"gone").is_none());
     assert!(applied.lookup(b"nowhere").is_none());
 
@@ -175,7 +175,7 @@ async fn changes_apply_to_the_shards_buckets_and_travel_in_a_snapshot() {
         .install_snapshot(&snapshot.meta, snapshot.snapshot)
         .await
         .unwrap();
-    let registry = follower.registry().await;
+    let registry = follower.registry().clone();
     let names: Vec<_> = registry.view().names(None, 10);
     assert_eq!(names.len(), 1);
     let bucket = registry.lookup(b"s").unwrap();
@@ -194,9 +194,14 @@ async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_fr
 
     let directory = tempfile::tempdir().unwrap();
     let log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
-    let mut machine = ShardStateMachine::open(directory.path(), CoreConfig::default(), log.clone())
-        .await
-        .unwrap();
+    let mut machine = ShardStateMachine::open(
+        directory.path(),
+        CoreConfig::default(),
+        budget(),
+        log.clone(),
+    )
+    .await
+    .unwrap();
     let changes = [
         Change::Create { bucket: b"s" },
         Change::Put {
@@ -214,14 +219,15 @@ async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_fr
         .unwrap();
     assert!(directory.path().join("snapshot.kv").exists());
 
-    let mut reopened = ShardStateMachine::open(directory.path(), CoreConfig::default(), log)
-        .await
-        .unwrap();
+    let mut reopened =
+        ShardStateMachine::open(directory.path(), CoreConfig::default(), budget(), log)
+            .await
+            .unwrap();
     assert_eq!(
         reopened.applied_state().await.unwrap().0,
         built.meta.last_log_id
     );
-    let registry = reopened.registry().await;
+    let registry = reopened.registry().clone();
     assert_eq!(
         registry.lookup(b"s").unwrap().get(b"k").unwrap().as_deref(),
         Some(&b"v"[..])
@@ -264,9 +270,14 @@ async fn a_bucket_that_crashes_on_a_replica_comes_back_with_what_every_replica_h
 
     let directory = tempfile::tempdir().unwrap();
     let mut log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
-    let mut machine = ShardStateMachine::open(directory.path(), CoreConfig::default(), log.clone())
-        .await
-        .unwrap();
+    let mut machine = ShardStateMachine::open(
+        directory.path(),
+        CoreConfig::default(),
+        budget(),
+        log.clone(),
+    )
+    .await
+    .unwrap();
     let put = |key: &'static [u8], value: &'static [u8]| Change::Put {
         bucket: b"s",
         key,
@@ -304,7 +315,7 @@ async fn a_bucket_that_crashes_on_a_replica_comes_back_with_what_every_replica_h
         .await
         .unwrap();
 
-    let registry = machine.registry().await;
+    let registry = machine.registry().clone();
     let crashed = registry.lookup(b"s").unwrap();
     crashed.inject_fault(kv::BucketFault::Panic).unwrap();
     crashed.stopped().await;
@@ -331,4 +342,8 @@ async fn a_bucket_that_crashes_on_a_replica_comes_back_with_what_every_replica_h
         .map(|(key, value)| (key.to_vec(), value.to_vec()))
         .collect();
     assert_eq!(contents, expected);
+}
+
+fn budget() -> std::sync::Arc<kv::MemoryBudget> {
+    std::sync::Arc::new(kv::MemoryBudget::new(CoreConfig::default().max_memory))
 }

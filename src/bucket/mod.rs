@@ -43,6 +43,7 @@ pub use handle::{BucketFault, BucketHandle, BucketId};
 pub(crate) use handle::{cost, start};
 pub use name::BucketName;
 pub use table::MemoryBudget;
+pub(crate) use table::charge;
 
 /// Why an operation on a bucket failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

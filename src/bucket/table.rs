@@ -28,7 +28,8 @@ use crate::change::{Change, ChangeLog};
 /// measure it exactly.
 const ENTRY_OVERHEAD: usize = 16;
 
-fn charge(key: &[u8], value: &[u8]) -> usize {
+/// What an entry counts against the memory budget.
+pub(crate) fn charge(key: &[u8], value: &[u8]) -> usize {
     slab::stored_size(slab::encoded_len(key, value)) + ENTRY_OVERHEAD
 }
 

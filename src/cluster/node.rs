@@ -17,6 +17,7 @@ use super::network::{Peers, ShardNetwork};
 use super::peer::{self, Groups, PeerClient, PeerHandler, PeerRequest, PeerResponse, ShardGroup};
 use super::placement::{NodeId, preferred_leader, replicas_of};
 use super::raft::{ShardLog, ShardStateMachine};
+use crate::bucket::MemoryBudget;
 use crate::config::{CoreConfig, FsyncPolicy};
 
 /// How often a node looks for shards to hand to their preferred leader.
@@ -133,6 +134,8 @@ impl Node {
             })?,
         );
         let member_ids: Vec<NodeId> = config.members.keys().copied().collect();
+        // Memory is the node's: its shards' buckets draw on one budget.
+        let budget = Arc::new(MemoryBudget::new(config.core.max_memory));
         let mut groups = HashMap::new();
         let mut machines = HashMap::new();
         let mut replica_sets = HashMap::new();
@@ -144,9 +147,14 @@ impl Node {
             let directory = config.data_dir.join("shards").join(shard.to_string());
             let log = ShardLog::open(&directory, config.fsync)
                 .map_err(|source| NodeError::Log { shard, source })?;
-            let machine = ShardStateMachine::open(&directory, config.core.clone(), log.clone())
-                .await
-                .map_err(|source| NodeError::Log { shard, source })?;
+            let machine = ShardStateMachine::open(
+                &directory,
+                config.core.clone(),
+                Arc::clone(&budget),
+                log.clone(),
+            )
+            .await
+            .map_err(|source| NodeError::Log { shard, source })?;
             machines.insert(shard, machine.clone());
             let network = ShardNetwork::new(shard, Arc::clone(&peers));
             let group = ShardGroup::new(config.id, Arc::clone(&raft_config), network, log, machine)
@@ -254,6 +262,15 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// How many buckets this node's replicas hold, across its shards.
+    #[must_use]
+    pub fn buckets(&self) -> usize {
+        self.machines
+            .values()
+            .map(|machine| machine.registry().view().len())
+            .sum()
     }
 
     /// This node's id.

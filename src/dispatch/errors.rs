@@ -29,7 +29,7 @@ pub(super) fn bucket_error(error: BucketError) -> ErrorReply {
     }
 }
 
-pub(super) fn registry_error(error: &RegistryError) -> ErrorReply {
+pub(crate) fn registry_error(error: &RegistryError) -> ErrorReply {
     match error {
         RegistryError::Restarting(_) => ErrorReply {
             code: "TRYAGAIN",

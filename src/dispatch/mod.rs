@@ -3,7 +3,7 @@
 //! `DEBUG` apart, and what each error becomes on the wire in `errors.rs`.
 
 mod debug;
-mod errors;
+pub(crate) mod errors;
 mod info;
 mod keyed;
 

@@ -92,13 +92,32 @@ impl Registry {
     /// If called outside a tokio runtime.
     #[must_use]
     pub fn start_logged(config: CoreConfig, log: Option<Arc<dyn ChangeLog>>) -> Self {
+        let budget = Arc::new(MemoryBudget::new(config.max_memory));
+        Self::start_with(config, log, budget)
+    }
+
+    /// Starts a registry whose buckets draw on `budget`, which other registries share (a
+    /// cluster node's shards share the node's memory).
+    ///
+    /// # Panics
+    /// If called outside a tokio runtime.
+    #[must_use]
+    pub fn start_sharing(config: CoreConfig, budget: Arc<MemoryBudget>) -> Self {
+        Self::start_with(config, None, budget)
+    }
+
+    fn start_with(
+        config: CoreConfig,
+        log: Option<Arc<dyn ChangeLog>>,
+        budget: Arc<MemoryBudget>,
+    ) -> Self {
         let intensity = config.restart_intensity;
         let (status, _) = watch::channel(RegistryStatus {
             starts: 0,
             running: false,
         });
         let shared = Arc::new(Shared {
-            budget: Arc::new(MemoryBudget::new(config.max_memory)),
+            budget,
             config,
             view: RegistryView::default(),
             next_bucket_id: Arc::new(AtomicU64::new(0)),
@@ -198,6 +217,67 @@ impl Registry {
     /// every bucket) from. Set once, after recovery; later calls are ignored.
     pub fn set_durable_state(&self, state: Arc<dyn DurableState>) {
         let _ = self.shared.durable_state.set(state);
+    }
+
+    /// Whether a client's `change` passes this registry's limits now, without making it: what
+    /// a cluster's leader asks before proposing a change, since every replica applies what is
+    /// committed whatever its limits (so that none decides differently). Changes proposed
+    /// together are checked against the same state, so they may pass the memory limit by what
+    /// they add up to.
+    ///
+    /// # Errors
+    /// The error the change would get on a single node: [`RegistryError::NameTooLong`],
+    /// [`RegistryError::TooManyBuckets`], or [`RegistryError::OutOfMemory`].
+    /// `buckets` is how many buckets count against the bucket limit (a cluster node's, across
+    /// its shards).
+    pub fn check_limits(
+        &self,
+        change: &crate::change::Change<'_>,
+        buckets: usize,
+    ) -> Result<(), RegistryError> {
+        use crate::change::Change;
+        let config = &self.shared.config;
+        let budget = &self.shared.budget;
+        let fits = |bytes: usize| {
+            if budget.used().saturating_add(bytes) > budget.limit() {
+                Err(RegistryError::OutOfMemory {
+                    limit: budget.limit(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        match *change {
+            Change::Create { bucket } => {
+                if bucket.len() > config.max_name_len {
+                    return Err(RegistryError::NameTooLong {
+                        length: bucket.len(),
+                        limit: config.max_name_len,
+                    });
+                }
+                if self.lookup(bucket).is_some() {
+                    return Ok(());
+                }
+                if buckets >= config.max_buckets {
+                    return Err(RegistryError::TooManyBuckets {
+                        limit: config.max_buckets,
+                    });
+                }
+                fits(crate::bucket::cost(&BucketName::from(bucket)))
+            }
+            Change::Put { bucket, key, value } => {
+                let Some(handle) = self.lookup(bucket) else {
+                    return Ok(());
+                };
+                let old = handle
+                    .get_with(key, |old| {
+                        old.map_or(0, |old| crate::bucket::charge(key, old))
+                    })
+                    .unwrap_or(0);
+                fits(crate::bucket::charge(key, value).saturating_sub(old))
+            }
+            Change::Drop { .. } | Change::Delete { .. } => Ok(()),
+        }
     }
 
     /// Whether a bucket that crashes is restarted from durable state (see

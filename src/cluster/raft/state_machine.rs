@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 use super::applied::Applied;
 use super::log_store::ShardLog;
 use super::{Outcome, ShardCommand, ShardRaft};
-use crate::bucket::{BucketError, BucketHandle};
+use crate::bucket::{BucketError, BucketHandle, MemoryBudget};
 use crate::change::Change;
 use crate::config::CoreConfig;
 use crate::registry::{Down, Registry, RegistryError};
@@ -38,6 +38,9 @@ pub type SnapshotBytes = Vec<u8>;
 #[derive(Clone)]
 pub struct ShardStateMachine {
     inner: Arc<Mutex<Inner>>,
+    /// The registry of `inner`, for reads without its lock: it stays the same registry for
+    /// the machine's life (a snapshot installed replaces its buckets, not it).
+    registry: Registry,
 }
 
 struct Inner {
@@ -59,10 +62,19 @@ impl ShardStateMachine {
     /// memory; the limits clients meet are checked before a change is proposed).
     #[must_use]
     pub fn new(core: CoreConfig) -> Self {
+        let budget = Arc::new(MemoryBudget::new(core.max_memory));
+        Self::sharing(core, budget)
+    }
+
+    /// An empty state machine whose buckets draw on `budget` (a node's, shared by its shards).
+    #[must_use]
+    pub fn sharing(core: CoreConfig, budget: Arc<MemoryBudget>) -> Self {
+        let registry = Registry::start_sharing(core, budget);
         Self {
+            registry: registry.clone(),
             inner: Arc::new(Mutex::new(Inner {
                 directory: None,
-                registry: Registry::start(core),
+                registry,
                 last_applied: None,
                 membership: StoredMembershipOf::<ShardRaft>::default(),
                 snapshot: None,
@@ -78,9 +90,14 @@ impl ShardStateMachine {
     ///
     /// # Errors
     /// If the snapshot there cannot be read.
-    pub async fn open(directory: &Path, core: CoreConfig, log: ShardLog) -> io::Result<Self> {
+    pub async fn open(
+        directory: &Path,
+        core: CoreConfig,
+        budget: Arc<MemoryBudget>,
+        log: ShardLog,
+    ) -> io::Result<Self> {
         std::fs::create_dir_all(directory)?;
-        let machine = Self::new(core);
+        let machine = Self::sharing(core, budget);
         {
             let mut inner = machine.inner.lock().await;
             inner.directory = Some(directory.to_owned());
@@ -111,8 +128,9 @@ impl ShardStateMachine {
     }
 
     /// The registry of the shard's buckets, for reads.
-    pub async fn registry(&self) -> Registry {
-        self.inner.lock().await.registry.clone()
+    #[must_use]
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 

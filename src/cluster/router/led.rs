@@ -8,6 +8,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::{NotLed, Router, bucket_of, change_of};
 use crate::cluster::raft::{Outcome, ShardCommand};
+use crate::dispatch::errors::registry_error;
 use crate::protocol::{Dialect, ErrorReply, KeyRequest, Reply, Request, encode_page, encode_value};
 
 use super::replies::Replies;
@@ -38,13 +39,24 @@ impl Router {
         replies: &mut Replies,
     ) -> Result<(), NotLed> {
         let group = self.node.group(shard).ok_or(NotLed(None))?;
+        let registry = self.node.state(shard).ok_or(NotLed(None))?.registry();
+        let buckets = self.node.buckets();
         let first = replies.len();
         let mut writes_committed = false;
         while replies.len() - first < requests.len() {
             let rest = &requests[replies.len() - first..];
+            // A write past a limit is refused here, as a single node refuses it, and never
+            // proposed: replicas apply whatever is committed.
+            if let Some(change) = change_of(&rest[0])
+                && let Err(refused) = registry.check_limits(&change, buckets)
+            {
+                replies.push(&Reply::Error(registry_error(&refused)), dialect);
+                continue;
+            }
             let changes: Vec<ShardCommand> = rest
                 .iter()
                 .map_while(change_of)
+                .take_while(|change| registry.check_limits(change, buckets).is_ok())
                 .map(|change| ShardCommand::new(&change))
                 .collect();
             if !changes.is_empty() {
@@ -101,13 +113,11 @@ impl Router {
                     }
                 }
             }
-            let machine = self.node.state(shard).ok_or(NotLed(None))?;
-            let registry = machine.registry().await;
             for request in rest
                 .iter()
                 .take_while(|request| change_of(request).is_none())
             {
-                self.read(&registry, request, dialect, replies);
+                self.read(registry, request, dialect, replies);
             }
         }
         Ok(())

@@ -99,7 +99,7 @@ impl Router {
     /// cluster); `None` if this node holds none.
     pub async fn replica_registry(&self, bucket: &[u8]) -> Option<crate::registry::Registry> {
         let shard = shard_of(slot_of(bucket), self.node.shards());
-        Some(self.node.state(shard)?.registry().await)
+        Some(self.node.state(shard)?.registry().clone())
     }
 
     /// Runs `requests` (a connection's consecutive requests on buckets, in one dialect) where

@@ -403,6 +403,13 @@ async fn any_node_answers_every_request_as_one_node_would() {
         third.send(format!("GET {bucket} k\n").as_bytes()).await;
         third.expect(format!("{bucket}\r\nOK\r\n").as_bytes()).await;
     }
+    // Every shard's buckets, in byte order, through any node; and from a given name on.
+    second.send(b"BUCKETS\nBUCKETS c\n").await;
+    second
+        .expect(
+            b"a\r\nb\r\nc\r\nd\r\ne\r\nf\r\nshopping\r\nOK\r\nd\r\ne\r\nf\r\nshopping\r\nOK\r\n",
+        )
+        .await;
     second.send(b"DROP shopping\nDROP shopping\n").await;
     second.expect(b"OK\r\nNOT FOUND\r\n").await;
     first.send(b"GET shopping milk\n").await;

@@ -80,6 +80,9 @@ pub struct Node {
     /// Each local shard's replicas.
     replicas: HashMap<u16, Vec<NodeId>>,
     machines: HashMap<u16, ShardStateMachine>,
+    /// Each local shard's log, and whether to sync them every second (`--fsync everysec`).
+    logs: HashMap<u16, ShardLog>,
+    sync_every_second: bool,
     peers: Peers,
     shards: u16,
     /// The fewest entries between two snapshots of a shard.
@@ -138,6 +141,7 @@ impl Node {
         let budget = Arc::new(MemoryBudget::new(config.core.max_memory));
         let mut groups = HashMap::new();
         let mut machines = HashMap::new();
+        let mut logs = HashMap::new();
         let mut replica_sets = HashMap::new();
         for shard in 0..config.shards {
             let replicas = replicas_of(shard, &member_ids, config.replicas);
@@ -156,6 +160,7 @@ impl Node {
             .await
             .map_err(|source| NodeError::Log { shard, source })?;
             machines.insert(shard, machine.clone());
+            logs.insert(shard, log.clone());
             let network = ShardNetwork::new(shard, Arc::clone(&peers));
             let group = ShardGroup::new(config.id, Arc::clone(&raft_config), network, log, machine)
                 .await
@@ -186,6 +191,8 @@ impl Node {
             groups: Arc::new(groups),
             replicas: replica_sets,
             machines,
+            logs,
+            sync_every_second: config.fsync == FsyncPolicy::EverySecond,
             peers,
             shards: config.shards,
             snapshot_every: config.snapshot_every,
@@ -199,6 +206,26 @@ impl Node {
         tokio::spawn(peer::serve(listener, handler, self.shutdown.clone()));
         tokio::spawn(Arc::clone(self).spread_leadership());
         tokio::spawn(Arc::clone(self).compact_logs());
+        if self.sync_every_second {
+            tokio::spawn(Arc::clone(self).sync_logs());
+        }
+    }
+
+    /// Under `--fsync everysec`: syncs every shard's log once a second, so a power cut loses
+    /// at most about a second of what this replica wrote.
+    async fn sync_logs(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for (&shard, log) in &self.logs {
+                if let Err(error) = log.sync().await {
+                    tracing::error!(%error, shard, "syncing a shard's log failed");
+                }
+            }
+        }
     }
 
     /// Every second: each shard whose log has grown since its last snapshot by as many

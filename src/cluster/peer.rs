@@ -54,6 +54,16 @@ pub enum PeerRequest {
     TransferLeader(u16, TransferLeaderRequest<ShardRaft>),
     /// What the receiving node's client address is (for `CLUSTER SLOTS` and `NODES`).
     Describe,
+    /// `BUCKETS`' share of one shard, for the node that leads it: up to `limit` names after
+    /// `after`, read after a ReadIndex round.
+    ListBuckets {
+        /// The shard.
+        shard: u16,
+        /// The last name of the previous page.
+        after: Option<Vec<u8>>,
+        /// Most names to give.
+        limit: u32,
+    },
     /// A client's requests on buckets of one shard, for the node that leads it, to run in
     /// order: the requests as RESP, and whether the replies are wanted in RESP (or in the line
     /// protocol).
@@ -83,6 +93,9 @@ pub enum PeerResponse {
     /// To [`PeerRequest::Forward`]: the replies, encoded for the client, to the first of the
     /// requests or all of them (see [`Replies::not_led`]).
     Forwarded(Replies),
+    /// To [`PeerRequest::ListBuckets`]: the names, or (`Err`) this node does not lead the
+    /// shard (the node it believes does, if any).
+    Buckets(Result<Vec<Vec<u8>>, Option<u64>>),
     /// This node holds no replica of the shard.
     NoSuchShard,
 }
@@ -339,7 +352,9 @@ pub async fn handle_raft(
             ),
             None => PeerResponse::NoSuchShard,
         },
-        PeerRequest::Forward { .. } | PeerRequest::Describe => return None,
+        PeerRequest::Forward { .. } | PeerRequest::ListBuckets { .. } | PeerRequest::Describe => {
+            return None;
+        }
     };
     Some(response)
 }

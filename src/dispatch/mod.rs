@@ -189,6 +189,10 @@ impl Dispatcher {
                 return Next::Continue;
             }
             Request::Buckets { after } => {
+                if let Some(router) = &self.router {
+                    router.buckets(after, dialect, out).await;
+                    return Next::Continue;
+                }
                 let names = self.registry().view().names(after, self.page_size);
                 let names: Vec<&[u8]> = names.iter().map(BucketName::as_bytes).collect();
                 encode(&Reply::List(&names), dialect, out);

@@ -6,8 +6,9 @@
 //! - Replaying the file from the start rebuilds exactly the state the last write left: every
 //!   operation is one frame, written before it is reported done.
 //! - A vote is synced before `save_vote` returns; entries are synced before their append is
-//!   reported flushed under `--fsync always` (otherwise written to the system, as the
-//!   single-node log does): a replica never acknowledges what a crash of its process loses.
+//!   reported flushed under `--fsync always` (otherwise written to the system, and synced once
+//!   a second under `everysec`, as the single-node log does): a replica never acknowledges what
+//!   a crash of its process loses.
 //! - The file is rewritten (to a temporary file, synced, renamed) once purged entries make up
 //!   most of it, so it stays near the size of the unpurged log.
 
@@ -198,6 +199,18 @@ impl Inner {
 }
 
 impl ShardLog {
+    /// Syncs what has been written to the file (`--fsync everysec` does once a second). The
+    /// log's lock is held only to take a handle: appends go on while the sync runs.
+    ///
+    /// # Errors
+    /// If the sync fails.
+    pub async fn sync(&self) -> io::Result<()> {
+        let file = self.inner.lock().await.file.try_clone()?;
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(io::Error::other)?
+    }
+
     /// The entries at `indexes` that the log holds, for a caller on a blocking thread (it
     /// waits for the log's lock without yielding).
     pub fn entries_blocking(

@@ -19,6 +19,7 @@
 //!   write is proposed at most once: if its fate cannot be known (the leader was lost after
 //!   it was sent), it is answered that way too rather than sent again.
 
+mod buckets;
 mod led;
 mod replies;
 mod views;
@@ -242,6 +243,20 @@ impl PeerHandler for Router {
     async fn handle(&self, request: PeerRequest) -> PeerResponse {
         match request {
             PeerRequest::Describe => PeerResponse::Described(self.client_address),
+            PeerRequest::ListBuckets {
+                shard,
+                after,
+                limit,
+            } => {
+                let limit = usize::try_from(limit)
+                    .unwrap_or(usize::MAX)
+                    .min(self.page_size);
+                PeerResponse::Buckets(
+                    self.list_led(shard, after.as_deref(), limit)
+                        .await
+                        .map_err(|NotLed(leader)| leader),
+                )
+            }
             PeerRequest::Forward {
                 shard,
                 requests,

@@ -1,0 +1,106 @@
+//! `BUCKETS` in a cluster: every shard's page of names, each read where the shard is led
+//! (after a ReadIndex round, as any read), merged in byte order into the page a single node
+//! would give.
+
+use bytes::BytesMut;
+use openraft::ReadPolicy;
+use openraft::error::LinearizableReadError;
+use tokio::time::{Instant, timeout_at};
+
+use super::{NotLed, RETRY_PAUSE, Router, UNAVAILABLE_AFTER, replies};
+use crate::cluster::peer::{PeerRequest, PeerResponse};
+use crate::cluster::placement::replicas_of;
+use crate::protocol::{Dialect, Reply, encode};
+
+impl Router {
+    /// Appends one page of `BUCKETS`: up to a page of names after `after`, in byte order, from
+    /// every shard; or unavailable if some shard has no reachable leader in time.
+    pub async fn buckets(&self, after: Option<&[u8]>, dialect: Dialect, out: &mut BytesMut) {
+        let pages = futures::future::join_all(
+            (0..self.node.shards()).map(|shard| self.shard_buckets(shard, after)),
+        )
+        .await;
+        let Some(pages) = pages.into_iter().collect::<Option<Vec<_>>>() else {
+            encode(&Reply::Error(replies::unavailable()), dialect, out);
+            return;
+        };
+        let mut names: Vec<Vec<u8>> = pages.into_iter().flatten().collect();
+        names.sort_unstable();
+        names.truncate(self.page_size);
+        let names: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+        encode(&Reply::List(&names), dialect, out);
+    }
+
+    /// One shard's share of a page: read here if this node leads it, else asked of the leader;
+    /// `None` if no leader answered in time.
+    async fn shard_buckets(&self, shard: u16, after: Option<&[u8]>) -> Option<Vec<Vec<u8>>> {
+        let deadline = Instant::now() + UNAVAILABLE_AFTER;
+        let mut hint = None;
+        for attempt in 0usize.. {
+            let leader = match self.node.group(shard) {
+                Some(group) => group.current_leader().await,
+                None => None,
+            };
+            if leader == Some(self.node.id()) {
+                match self.list_led(shard, after, self.page_size).await {
+                    Ok(names) => return Some(names),
+                    Err(NotLed(leader)) => hint = leader,
+                }
+            } else {
+                let replicas = replicas_of(shard, &self.members, self.replicas);
+                let target = hint
+                    .take()
+                    .or(leader)
+                    .or_else(|| replicas.get(attempt % replicas.len().max(1)).copied())
+                    .filter(|&target| target != self.node.id());
+                if let Some(client) = target.and_then(|target| self.node.peers().get(&target)) {
+                    let asked = PeerRequest::ListBuckets {
+                        shard,
+                        after: after.map(<[u8]>::to_vec),
+                        limit: u32::try_from(self.page_size).unwrap_or(u32::MAX),
+                    };
+                    match timeout_at(deadline, client.call(asked)).await {
+                        Ok(Ok(PeerResponse::Buckets(Ok(names)))) => return Some(names),
+                        Ok(Ok(PeerResponse::Buckets(Err(leader)))) => hint = leader,
+                        _ => {}
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+        None
+    }
+
+    /// Up to `limit` names after `after` in `shard`, if this node leads it, read after a
+    /// ReadIndex round.
+    pub(super) async fn list_led(
+        &self,
+        shard: u16,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, NotLed> {
+        let group = self.node.group(shard).ok_or(NotLed(None))?;
+        let deadline = Instant::now() + UNAVAILABLE_AFTER;
+        match timeout_at(deadline, group.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                return Err(NotLed(match error.api_error() {
+                    Some(LinearizableReadError::ForwardToLeader(forward)) => forward.leader_id,
+                    _ => None,
+                }));
+            }
+            Err(_) => return Err(NotLed(None)),
+        }
+        let machine = self.node.state(shard).ok_or(NotLed(None))?;
+        Ok(machine
+            .registry()
+            .view()
+            .names(after, limit)
+            .iter()
+            .map(|name| name.as_bytes().to_vec())
+            .collect())
+    }
+}

@@ -85,8 +85,9 @@ impl std::str::FromStr for Mix {
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
-    /// `host:port` of the server.
-    pub address: String,
+    /// `host:port` of the server; several for a cluster, connections spread over them in
+    /// turn (set-up goes to the first).
+    pub addresses: Vec<String>,
     /// Connections, each sending batches of `pipeline` requests.
     pub connections: usize,
     /// Requests per batch (pipeline depth).
@@ -109,6 +110,17 @@ pub struct BenchConfig {
     pub preload: bool,
     /// Print progress to stderr once a second.
     pub progress: bool,
+}
+
+impl BenchConfig {
+    /// The address connection `index` uses: the addresses in turn.
+    #[must_use]
+    pub fn address(&self, index: usize) -> &str {
+        if self.addresses.is_empty() {
+            return "127.0.0.1:4040";
+        }
+        &self.addresses[index % self.addresses.len()]
+    }
 }
 
 /// What a run measured.
@@ -357,7 +369,7 @@ impl Setup {
 
     async fn connect(config: &BenchConfig) -> Result<Self, BenchError> {
         Ok(Self {
-            client: Client::connect_with(&config.address, config.dialect).await?,
+            client: Client::connect_with(config.address(0), config.dialect).await?,
             unanswered: 0,
         })
     }
@@ -388,7 +400,8 @@ impl Setup {
 async fn connection(shared: Arc<Shared>, seed: u64) -> Result<Histogram<u64>, BenchError> {
     let config = &shared.config;
     let keyspace = &shared.keyspace;
-    let mut client = Client::connect_with(&config.address, config.dialect).await?;
+    let index = usize::try_from(seed).unwrap_or_default();
+    let mut client = Client::connect_with(config.address(index), config.dialect).await?;
     let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED);
     let mut histogram = new_histogram();
     let mut batch: Vec<(Operation, u64)> = Vec::with_capacity(config.pipeline);

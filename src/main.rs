@@ -46,6 +46,10 @@ struct BenchArgs {
     /// Server port.
     #[arg(long, env = "PORT", default_value_t = 4040)]
     port: u16,
+    /// Several nodes of a cluster, as `host:port,host:port,…`, instead of --host and --port:
+    /// connections spread over them in turn.
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
     /// Connections.
     #[arg(long, short = 'c', default_value_t = 50)]
     connections: usize,
@@ -201,6 +205,10 @@ struct CliArgs {
     /// Server port.
     #[arg(long, env = "PORT", default_value_t = 4040)]
     port: u16,
+    /// Several nodes of a cluster, as `host:port,host:port,…`, instead of --host and --port:
+    /// the first that answers is used, and the next when it stops answering.
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
     /// A command to send; without one, an interactive prompt starts.
     command: Vec<String>,
 }
@@ -345,8 +353,13 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 async fn bench(arguments: BenchArgs) -> anyhow::Result<()> {
+    let addresses = if arguments.nodes.is_empty() {
+        vec![format!("{}:{}", arguments.host, arguments.port)]
+    } else {
+        arguments.nodes.clone()
+    };
     let config = kv::bench::BenchConfig {
-        address: format!("{}:{}", arguments.host, arguments.port),
+        addresses,
         connections: arguments.connections,
         pipeline: arguments.pipeline,
         requests: arguments.requests,
@@ -389,12 +402,29 @@ async fn bench(arguments: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A connection to the first of `nodes` that accepts one, trying them in turn from `from`;
+/// which one it is.
+async fn connect_to_any(nodes: &[String], from: usize) -> anyhow::Result<(usize, Client)> {
+    let mut last_error = None;
+    for offset in 0..nodes.len() {
+        let at = (from + offset) % nodes.len();
+        match Client::connect(&nodes[at]).await {
+            Ok(client) => return Ok((at, client)),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    let error = last_error.map_or_else(|| "no node given".to_owned(), |error| error.to_string());
+    anyhow::bail!("connecting to {}: {error}", nodes.join(", "))
+}
+
 /// Runs `kv cli`; returns the exit code: 0, or 1 if the one command got an error reply.
 async fn talk(arguments: CliArgs) -> anyhow::Result<i32> {
-    let address = format!("{}:{}", arguments.host, arguments.port);
-    let mut client = Client::connect(&address)
-        .await
-        .with_context(|| format!("connecting to {address}"))?;
+    let nodes = if arguments.nodes.is_empty() {
+        vec![format!("{}:{}", arguments.host, arguments.port)]
+    } else {
+        arguments.nodes.clone()
+    };
+    let (mut at, mut client) = connect_to_any(&nodes, 0).await?;
     if !arguments.command.is_empty() {
         let words: Vec<&[u8]> = arguments.command.iter().map(String::as_bytes).collect();
         let reply = client.call(&words).await?;
@@ -406,8 +436,8 @@ async fn talk(arguments: CliArgs) -> anyhow::Result<i32> {
     if let Some(history) = &history {
         let _ = editor.load_history(history);
     }
-    let prompt = format!("{address}> ");
     loop {
+        let prompt = format!("{}> ", nodes[at]);
         let line = match editor.readline(&prompt) {
             Ok(line) => line,
             Err(
@@ -432,8 +462,13 @@ async fn talk(arguments: CliArgs) -> anyhow::Result<i32> {
                 show(&reply);
             }
             Err(error) => {
-                eprintln!("(error) {error}");
-                break;
+                // Not sent again: a write may have been made before the connection broke.
+                eprintln!("(error) {error}; the command may or may not have run");
+                if nodes.len() == 1 {
+                    break;
+                }
+                (at, client) = connect_to_any(&nodes, at + 1).await?;
+                eprintln!("(connected to {})", nodes[at]);
             }
         }
         if words[0].eq_ignore_ascii_case(b"quit") {

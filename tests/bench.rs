@@ -10,7 +10,7 @@ use kv::protocol::Dialect;
 
 fn config(server: &TestServer, dialect: Dialect) -> BenchConfig {
     BenchConfig {
-        address: server.address.to_string(),
+        addresses: vec![server.address.to_string()],
         connections: 4,
         pipeline: 8,
         requests: 2000,

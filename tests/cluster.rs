@@ -260,6 +260,51 @@ async fn three_servers_with(directory: &Path, core: CoreConfig) -> Vec<common::T
     servers
 }
 
+/// `kv bench` spreads its connections over several nodes, every reply checked; `kv cli` uses
+/// the first node that answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_bench_and_kv_cli_take_several_nodes() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let directory = tempfile::tempdir().unwrap();
+    let servers = three_servers(directory.path()).await;
+    let addresses: Vec<String> = servers
+        .iter()
+        .map(|server| server.address.to_string())
+        .collect();
+    let report = within(kv::bench::run(kv::bench::BenchConfig {
+        addresses: addresses.clone(),
+        connections: 6,
+        pipeline: 8,
+        requests: 3000,
+        duration: None,
+        keys: 60,
+        value_size: 16,
+        buckets: 6,
+        mix: "get=0.6,put=0.3,delete=0.1".parse().unwrap(),
+        dialect: kv::protocol::Dialect::Resp,
+        preload: true,
+        progress: false,
+    }))
+    .await
+    .unwrap();
+    assert_eq!(report.errors, 0, "{:?}", report.first_error);
+    assert_eq!(report.requests, 3000);
+
+    // The first node listed is not listening: the next one answers.
+    let closed = free_address();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kv"))
+        .args(["cli", "--nodes", &format!("{closed},{}", addresses[1])])
+        .args(["GET", "bench-0", "key:000000000000"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(!output.stdout.is_empty());
+    for server in servers {
+        server.shutdown.cancel();
+        within(server.task).await.unwrap().unwrap();
+    }
+}
+
 /// Limits hold in a cluster as on one node: the leader refuses a change past them, with the
 /// same reply, and never proposes it (replicas apply whatever is committed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,6 +29,8 @@ ROUNDS = int(os.environ.get("ROUNDS", "3"))
 # that the tick moves a result by a few per cent at most.
 REQUESTS = int(os.environ.get("REQUESTS", "2000000"))
 DEPTH1_REQUESTS = int(os.environ.get("DEPTH1_REQUESTS", "300000"))
+# Extra `kv serve` flags for the cluster's nodes, e.g. KV_FLAGS="--threads 1".
+KV_FLAGS = os.environ.get("KV_FLAGS", "").split()
 CLIENTS = 50
 KEYSPACE = 100000
 VALUE = "v" * 32
@@ -168,7 +170,7 @@ def start_kv_node(servers, i, peers):
     os.makedirs(directory, exist_ok=True)
     servers.start(f"kv{i + 1}", [KV, "serve", "--port", str(KV_PORTS[i]), "--node-id", str(i + 1),
                                  "--cluster-bind", f"127.0.0.1:{KV_PEER_PORTS[i]}", "--peers", peers,
-                                 "--data-dir", directory], f"kv{i + 1}.log")
+                                 "--data-dir", directory, *KV_FLAGS], f"kv{i + 1}.log")
 
 
 def led_slots(nodes_text):
@@ -242,6 +244,7 @@ def kv_failover(servers, tags):
     stop = threading.Event()
     for first, _ in led:
         bucket = "b" + tags[first]
+        call(survivor, "CREATE", bucket)
 
         def put(_tag, sequence, bucket=bucket):
             return call(survivor, "PUT", bucket, f"failover:{sequence}", "v", timeout=10)

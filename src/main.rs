@@ -167,12 +167,18 @@ struct ServeArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     replicas: u64,
     /// A shard leader's heartbeat interval, in milliseconds.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = default_cluster().heartbeat.as_millis() as u64)]
     heartbeat_ms: u64,
-    /// The shortest election timeout, in milliseconds (the longest is twice it): how long a
-    /// shard waits after its leader falls silent before electing another.
-    #[arg(long, default_value_t = 1000)]
+    /// The shortest election timeout, in milliseconds (the longest is twice it). A follower
+    /// that hears nothing from its leader for the longest timeout plus a random one in between
+    /// starts an election.
+    #[arg(long, default_value_t = default_cluster().election_timeout.0.as_millis() as u64)]
     election_timeout_ms: u64,
+}
+
+/// The cluster settings `kv serve` defaults to.
+fn default_cluster() -> kv::config::ClusterConfig {
+    kv::config::ClusterConfig::new(0, SocketAddr::from(([127, 0, 0, 1], 0)), BTreeMap::new())
 }
 
 /// Parses `--peers`: `id=host:port`, comma-separated, each id once.
@@ -246,8 +252,10 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
+            // openraft warns at every heartbeat a peer misses; the peer connection reports a
+            // peer that goes away once (and when it is back).
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error")),
         )
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)

@@ -130,6 +130,9 @@ pub enum PeerError {
 pub struct PeerClient {
     address: SocketAddr,
     connection: Mutex<Option<mpsc::Sender<Call>>>,
+    /// Whether the last attempt to connect succeeded: a peer that goes away is reported once,
+    /// not at every heartbeat that cannot reach it.
+    reachable: std::sync::atomic::AtomicBool,
 }
 
 type Call = (
@@ -144,6 +147,7 @@ impl PeerClient {
         Self {
             address,
             connection: Mutex::new(None),
+            reachable: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -170,12 +174,24 @@ impl PeerClient {
         if let Some(sender) = connection.as_ref().filter(|sender| !sender.is_closed()) {
             return Ok(sender.clone());
         }
-        let stream = TcpStream::connect(self.address)
-            .await
-            .map_err(|source| PeerError::Io {
-                address: self.address,
-                source,
-            })?;
+        use std::sync::atomic::Ordering;
+        let stream = match TcpStream::connect(self.address).await {
+            Ok(stream) => {
+                if !self.reachable.swap(true, Ordering::Relaxed) {
+                    tracing::info!(peer = %self.address, "peer reachable again");
+                }
+                stream
+            }
+            Err(source) => {
+                if self.reachable.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(peer = %self.address, error = %source, "peer unreachable; trying again as Raft needs it");
+                }
+                return Err(PeerError::Io {
+                    address: self.address,
+                    source,
+                });
+            }
+        };
         stream.set_nodelay(true).map_err(|source| PeerError::Io {
             address: self.address,
             source,

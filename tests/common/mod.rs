@@ -129,8 +129,9 @@ impl Raw {
 }
 
 /// A `kv serve` process, started with `PORT=0`; its address is read from its startup line.
+/// Killed when dropped, so that a failing test leaves no server behind.
 pub struct Binary {
-    pub child: std::process::Child,
+    child: Option<std::process::Child>,
     pub address: SocketAddr,
 }
 
@@ -159,24 +160,40 @@ impl Binary {
         };
         // Keep draining the logs so the server never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        Self { child, address }
+        Self {
+            child: Some(child),
+            address,
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
     }
 
     pub fn signal(&self, name: &str) {
         let status = std::process::Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
+            .args([format!("-{name}"), self.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
     }
 
     /// Waits for the process to exit and returns its status.
-    pub async fn wait(self) -> std::process::ExitStatus {
-        let mut child = self.child;
+    pub async fn wait(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
         within(tokio::task::spawn_blocking(move || child.wait()))
             .await
             .unwrap()
             .unwrap()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -222,8 +222,8 @@ pub struct ClusterConfig {
     /// leader after its leader dies, at least.
     pub election_timeout: (Duration, Duration),
     /// The fewest entries between two snapshots of a shard, after which its log is purged; a
-    /// shard snapshots once its log has grown by as many entries as its last snapshot holds
-    /// records, so its log stays within about twice its data.
+    /// shard snapshots once its log has grown by twice as many entries as its last snapshot
+    /// holds records, so its log stays within about three times its data.
     pub snapshot_every: u64,
 }
 

@@ -228,11 +228,12 @@ impl Node {
         }
     }
 
-    /// Every second: each shard whose log has grown since its last snapshot by as many
+    /// Every second: each shard whose log has grown since its last snapshot by twice as many
     /// entries as that snapshot holds records (and at least `snapshot_every`) takes a new one,
-    /// and its log is purged behind it. So a shard's log stays within about twice its data,
-    /// and the cost of a snapshot, which copies every key, is spread over as many writes as it
-    /// copies keys; a fixed number of entries would copy a large shard over and over.
+    /// and its log is purged behind it. So a shard's log stays within about three times its
+    /// data, and the cost of a snapshot, which copies every key, is spread over twice as many
+    /// writes as it copies keys; a fixed number of entries would copy a large shard over and
+    /// over.
     async fn compact_logs(self: Arc<Self>) {
         let mut tick = tokio::time::interval(BALANCE_EVERY);
         loop {
@@ -245,7 +246,7 @@ impl Node {
                 let applied = metrics.last_applied.map_or(0, |log_id| log_id.index);
                 let snapshot = metrics.snapshot.map_or(0, |log_id| log_id.index);
                 let records = self.machines[&shard].snapshot_records().await;
-                if applied.saturating_sub(snapshot) >= self.snapshot_every.max(records)
+                if applied.saturating_sub(snapshot) >= self.snapshot_every.max(records * 2)
                     && let Err(error) = group.trigger().snapshot().await
                 {
                     tracing::warn!(%error, shard, "could not start a snapshot");

@@ -266,6 +266,11 @@ impl Registry {
                 fits(crate::bucket::cost(&BucketName::from(bucket)))
             }
             Change::Put { bucket, key, value } => {
+                let charge = crate::bucket::charge(key, value);
+                // Far from the limit, the key need not be looked up (a lookup is a cache miss).
+                if fits(charge).is_ok() {
+                    return Ok(());
+                }
                 let Some(handle) = self.lookup(bucket) else {
                     return Ok(());
                 };
@@ -274,7 +279,7 @@ impl Registry {
                         old.map_or(0, |old| crate::bucket::charge(key, old))
                     })
                     .unwrap_or(0);
-                fits(crate::bucket::charge(key, value).saturating_sub(old))
+                fits(charge.saturating_sub(old))
             }
             Change::Drop { .. } | Change::Delete { .. } => Ok(()),
         }

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use futures::{Stream, TryStreamExt};
 use openraft::EntryPayload;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
-use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::type_config::alias::{
+    EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf,
+};
 use tokio::sync::Mutex;
 
 use super::applied::Applied;
@@ -292,6 +294,21 @@ async fn apply_change(registry: &Registry, change: Change<'_>) -> io::Result<Out
     }
 }
 
+/// How many changes ahead of the one being applied the keys are asked for.
+const PREFETCH_AHEAD: usize = 8;
+
+/// Starts loading into cache what applying `entry` will read: its key's entry in its bucket.
+fn prefetch(registry: &Registry, entry: &EntryOf<ShardRaft>) {
+    let EntryPayload::Normal(command) = &entry.payload else {
+        return;
+    };
+    if let Some(Change::Put { bucket, key, .. } | Change::Delete { bucket, key }) = command.change()
+        && let Some(handle) = registry.lookup(bucket)
+    {
+        handle.prefetch_entries([key]);
+    }
+}
+
 /// How often applying waits to see whether a restarting bucket (or registry) is back.
 const RESTART_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 
@@ -382,12 +399,22 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
         Ok((inner.last_applied, inner.membership.clone()))
     }
 
-    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), io::Error>
     where
         Strm: Stream<Item = Result<EntryResponder<ShardRaft>, io::Error>> + Unpin + Send,
     {
         let mut inner = self.inner.lock().await;
-        while let Some((entry, responder)) = entries.try_next().await? {
+        let batch: Vec<EntryResponder<ShardRaft>> = entries.try_collect().await?;
+        let (entries, responders): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        // The keys a change touches are asked for a few changes ahead of applying it, so that
+        // the cache misses of a batch overlap instead of following one another.
+        for entry in entries.iter().take(PREFETCH_AHEAD) {
+            prefetch(&inner.registry, entry);
+        }
+        for (index, (entry, responder)) in entries.iter().zip(responders).enumerate() {
+            if let Some(ahead) = entries.get(index + PREFETCH_AHEAD) {
+                prefetch(&inner.registry, ahead);
+            }
             inner.last_applied = Some(entry.log_id);
             let outcome = match &entry.payload {
                 EntryPayload::Blank => Outcome::Done,

@@ -1,5 +1,5 @@
 //! `BUCKETS` in a cluster: every shard's page of names, each read where the shard is led
-//! (after a ReadIndex round, as any read), merged in byte order into the page a single node
+//! (after a ReadIndex round: listings are rare, so they take the simplest path), merged in byte order into the page a single node
 //! would give.
 
 use bytes::BytesMut;

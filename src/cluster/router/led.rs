@@ -1,12 +1,16 @@
 //! Running a shard's requests on the node that leads it: a batch's consecutive writes become
-//! one proposal, a batch's consecutive reads share one ReadIndex round.
+//! one proposal, a batch's consecutive reads share one check of the leader's lease.
 
 use futures::StreamExt as _;
+use std::time::Duration;
+
 use openraft::ReadPolicy;
 use openraft::error::{ClientWriteError, LinearizableReadError};
+use openraft::raft::linearizable_read::LinearizerOption;
 use tokio::time::{Instant, timeout_at};
 
 use super::{NotLed, Router, bucket_of, change_of};
+use crate::cluster::peer::ShardGroup;
 use crate::cluster::raft::{Outcome, ShardCommand};
 use crate::dispatch::errors::registry_error;
 use crate::protocol::{Dialect, ErrorReply, KeyRequest, Reply, Request, encode_page, encode_value};
@@ -19,12 +23,12 @@ impl Router {
     ///
     /// - Consecutive writes are proposed together and answered once committed (on a majority
     ///   of the shard's logs) and applied here.
-    /// - Consecutive reads wait for one ReadIndex round (the leader confirms with a quorum
-    ///   that it still leads, then has applied everything committed before the reads came)
-    ///   and then read the shard's buckets. Reads right after this batch's own writes need no
-    ///   round of their own: those writes committed in this leader's term after the reads
-    ///   arrived, which is the confirmation ReadIndex would seek, and they are applied.
-    ///   Concurrent reads share the heartbeat rounds that confirm them (openraft's doing).
+    /// - Consecutive reads check the leader's lease (renewing it with a round to the followers
+    ///   if it has lapsed) and that everything committed before the reads came is applied,
+    ///   read the shard's buckets, and check the lease again: if it lapsed meanwhile (this
+    ///   node was paused, say), the reads are run again. Reads right after this batch's own
+    ///   writes need no check: those writes committed in this leader's term after the reads
+    ///   arrived, which is the confirmation the lease stands for, and they are applied.
     ///
     /// `Err(NotLed)` when this node does not lead the shard: the requests after those answered
     /// were neither proposed nor read, and may be run elsewhere. Past `deadline`, requests are
@@ -96,28 +100,28 @@ impl Router {
                 continue;
             }
             if !writes_committed {
-                match timeout_at(deadline, group.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+                match timeout_at(deadline, group.ensure_linearizable(ReadPolicy::LeaseRead)).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(error)) => {
-                        let leader = match error.api_error() {
-                            Some(LinearizableReadError::ForwardToLeader(forward)) => {
-                                forward.leader_id
-                            }
-                            _ => None,
-                        };
-                        return Err(NotLed(leader));
-                    }
+                    Ok(Err(error)) => return Err(NotLed(forward_to(&error))),
                     Err(_) => {
                         replies.push_unavailable(requests.len() - (replies.len() - first), dialect);
                         return Ok(());
                     }
                 }
             }
+            let before = replies.mark();
             for request in rest
                 .iter()
                 .take_while(|request| change_of(request).is_none())
             {
                 self.read(registry, request, dialect, replies);
+            }
+            if !writes_committed && !lease_still_held(group).await {
+                // This node may have been paused between the check and the reads: what it
+                // read may be stale, so the reads are run again (elsewhere, if another node
+                // leads now).
+                replies.roll_back(before);
+                return Err(NotLed(None));
             }
         }
         Ok(())
@@ -151,5 +155,24 @@ impl Router {
             },
             _ => replies.push(&Reply::UnknownCommand, dialect),
         }
+    }
+}
+
+/// Whether this node still holds its leader lease now, found without sending anything.
+async fn lease_still_held(group: &ShardGroup) -> bool {
+    let now_or_never = LinearizerOption::new(None, false).with_wait_timeout(Duration::ZERO);
+    group.get_read_linearizer(now_or_never).await.is_ok()
+}
+
+/// The leader a failed read confirmation names, if any.
+fn forward_to(
+    error: &openraft::error::RaftError<
+        crate::cluster::raft::ShardRaft,
+        LinearizableReadError<crate::cluster::raft::ShardRaft>,
+    >,
+) -> Option<u64> {
+    match error.api_error() {
+        Some(LinearizableReadError::ForwardToLeader(forward)) => forward.leader_id,
+        _ => None,
     }
 }

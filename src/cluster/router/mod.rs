@@ -10,10 +10,15 @@
 //! - Writes (`CREATE`, `DROP`, `PUT`, `DELETE`) are proposed to the shard's Raft group, a
 //!   batch's consecutive writes in one proposal, and answered once committed and applied: on
 //!   a majority of the shard's logs.
-//! - Reads (`GET`, `KEYS`) are linearizable by ReadIndex: the leader confirms with a quorum
-//!   that it still leads, and waits until it has applied everything committed before it reads.
-//!   A lease would save that round trip but trusts clocks and pauses: an old leader stopped and
-//!   woken later must not answer from what it had.
+//! - Reads (`GET`, `KEYS`) are linearizable by the leader's lease, checked before and after
+//!   reading. openraft grants the lease while a quorum has acknowledged the leader within the
+//!   longest election timeout, and a follower votes for no one else until that long after it
+//!   last heard from its leader: so a read under the lease needs no round trip to the
+//!   followers (ReadIndex would cost one per batch). Checking the lease again after reading
+//!   closes the gap a pause opens: an old leader stopped (SIGSTOP) between its check and its
+//!   read, and woken after another was elected, finds its lease gone and reads again where the
+//!   shard is led now. The lease assumes the nodes' clocks run at about the same rate: a
+//!   follower may elect only after the lease plus an election timeout (0.6 s more, by default).
 //! - While a shard has no leader (a failover), its requests wait up to [`UNAVAILABLE_AFTER`]
 //!   for one, then are answered `cluster unavailable, try again` (`-TRYAGAIN` in RESP). A
 //!   write is proposed at most once: if its fate cannot be known (the leader was lost after

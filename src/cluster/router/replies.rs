@@ -91,6 +91,22 @@ impl Replies {
         }
     }
 
+    /// Where the replies stand now, to [`roll_back`](Self::roll_back) to.
+    #[must_use]
+    pub fn mark(&self) -> (usize, u32) {
+        (self.ends.len(), self.errors)
+    }
+
+    /// Takes back every reply pushed since `mark`.
+    pub fn roll_back(&mut self, (len, errors): (usize, u32)) {
+        self.ends.truncate(len);
+        let end = len.checked_sub(1).map_or(0, |last| self.ends[last]);
+        // An end lies within `bytes`, so it fits in `usize`.
+        #[allow(clippy::cast_possible_truncation)]
+        self.bytes.truncate(end as usize);
+        self.errors = errors;
+    }
+
     /// Answers the next `count` requests: the cluster could not run them in time, or cannot
     /// tell whether it did (a write among them may have been made: it is never made twice).
     pub fn push_unavailable(&mut self, count: usize, dialect: Dialect) {

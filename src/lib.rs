@@ -5,8 +5,9 @@
 //!
 //! ```text
 //! server → dispatch → shard → registry → bucket
-//!                       │         ↑ supervisor (starts, monitors, restarts)
-//!                       └ wal (the log: journal, records, data directory)
+//!             │         │         ↑ supervisor (starts, monitors, restarts)
+//!             │         └ wal (the log: journal, records, data directory)
+//!             └ cluster: router → (peer) → raft group per shard → registry → bucket
 //! protocol, config, change, stats: depend on nothing of ours
 //! client, bench: the other end of the wire, on protocol only
 //! ```
@@ -16,6 +17,9 @@
 //!   read together).
 //! - `dispatch`: from a parsed request to its encoded reply, through the shard; `INFO` and
 //!   `DEBUG` apart.
+//! - [`cluster`] (with `--peers`): requests on buckets go to the router, which runs them where
+//!   their shard's Raft group is led, here or on a peer; each replica's state machine is a
+//!   registry, applied the way recovery replays the log.
 //! - [`shard`]: the seam where the cluster plugs in. A [`LocalShard`](shard::LocalShard) owns
 //!   the registry and, when durable, its log ([`shard::wal`]): the commit barrier, recovery,
 //!   compaction and restarting buckets from disk live there.
@@ -25,7 +29,7 @@
 //! - `supervisor`: the bucket supervisor (temporary children, never revived empty) and the
 //!   one-for-all restart of registry and buckets together.
 //! - [`change`]: the one vocabulary of changes (create, drop, put, delete) that dispatch
-//!   makes, the log encodes and replays, and replication will carry; and the
+//!   makes, the log encodes and replays, and Raft entries carry; and the
 //!   [`ChangeLog`](change::ChangeLog) the registry and buckets record them through, under the
 //!   lock that orders them.
 //! - [`protocol`]: parsing and encoding of the line protocol and RESP; no I/O.

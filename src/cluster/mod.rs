@@ -1,6 +1,8 @@
-//! The cluster: which shard a bucket belongs to and which nodes hold it; to come, the shards
-//! replicated over those nodes with openraft, any node answering any request (the plan is
-//! `docs/cluster.md`). Without `--peers`, nothing here is on a request's path.
+//! The cluster: which shard a bucket belongs to and which nodes hold it (`slot`,
+//! `placement`), each shard a Raft group replicated over those nodes (`raft`, `node`), the
+//! nodes talking over one connection per pair (`peer`, `network`), and any node answering any
+//! request by running it where its shard is led (`router`). `docs/cluster.md` has the design
+//! and its guarantees. Without `--peers`, nothing here is on a request's path.
 
 pub mod network;
 pub mod node;

@@ -248,6 +248,16 @@ with itself without persistence in the same run.
 kv's start-up with {startup_keys} keys (16-byte keys, 32-byte values) in its log, from its own log
 line: `{startup}`.
 """
+# bench/cluster.sh writes its own section of the same page: keep it.
+CLUSTER_BEGIN = "<!-- cluster: written by bench/cluster.sh -->"
+CLUSTER_END = "<!-- end of cluster -->"
+try:
+    previous = open("docs/benchmarks.md").read()
+except OSError:
+    previous = ""
+if CLUSTER_BEGIN in previous and CLUSTER_END in previous:
+    cluster = previous[previous.index(CLUSTER_BEGIN):previous.index(CLUSTER_END) + len(CLUSTER_END)]
+    report = report.rstrip("\n") + "\n\n" + cluster + "\n"
 with open("docs/benchmarks.md", "w") as handle:
     handle.write(report)
 print(report)

@@ -25,10 +25,16 @@ import threading
 import time
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
-# redis-benchmark --cluster notices the end of a run on a 250 ms tick: runs last seconds, so
-# that the tick moves a result by a few per cent at most.
-REQUESTS = int(os.environ.get("REQUESTS", "2000000"))
-DEPTH1_REQUESTS = int(os.environ.get("DEPTH1_REQUESTS", "300000"))
+# redis-benchmark --cluster notices the end of a run on a 250 ms tick: runs last five seconds
+# or more, so that the tick moves a result by a few per cent at most. Requests per run, by
+# workload and depth (GET is faster than PUT; SCALE shrinks or grows them all).
+SCALE = float(os.environ.get("SCALE", "1"))
+REQUESTS = {
+    ("put", 16): int(2_000_000 * SCALE),
+    ("get", 16): int(5_000_000 * SCALE),
+    ("put", 1): int(300_000 * SCALE),
+    ("get", 1): int(500_000 * SCALE),
+}
 # Extra `kv serve` flags for the cluster's nodes, e.g. KV_FLAGS="--threads 1".
 KV_FLAGS = os.environ.get("KV_FLAGS", "").split()
 CLIENTS = 50
@@ -364,8 +370,8 @@ def main():
         for round_ in range(1, ROUNDS + 1):
             order = list(systems) if round_ % 2 else list(reversed(systems))
             for depth in (16, 1):
-                requests = REQUESTS if depth == 16 else DEPTH1_REQUESTS
                 for workload in ("put", "get"):
+                    requests = REQUESTS[(workload, depth)]
                     for system in order:
                         port, cluster, prefix, workloads = systems[system]
                         pids = servers.pids(prefix)
@@ -429,8 +435,9 @@ def report(rows, idle, kv_times, redis_time):
     section = f"""{BEGIN}
 ## kv cluster against Redis Cluster
 
-Measured {datetime.date.today()} by `bash bench/cluster.sh` (ROUNDS={ROUNDS}, REQUESTS={REQUESTS},
-DEPTH1_REQUESTS={DEPTH1_REQUESTS}) at kv commit `{commit}`, Redis {version}; every server and the
+Measured {datetime.date.today()} by `bash bench/cluster.sh` (ROUNDS={ROUNDS}, SCALE={SCALE}: requests
+per run {", ".join(f"{w.upper()} depth {d}: {n:,}" for (w, d), n in REQUESTS.items())}) at kv commit
+`{commit}`, Redis {version.removeprefix("v=")}; every server and the
 load generator on this machine's {os.cpu_count()} cores. kv: three nodes with default flags (three
 shards, three replicas each, its default fsync policy, logs on disk). Redis Cluster: three masters
 with one replica each, persistence off, `cluster-node-timeout {REDIS_NODE_TIMEOUT_MS}`. The same

@@ -3,8 +3,8 @@
 # a kv single node beside them: the same redis-benchmark --cluster workloads, interleaved;
 # idle CPU; failover time after kill -9. See bench/cluster.py for what is measured.
 #
-#   bash bench/cluster.sh                                  # full run (about ten minutes)
-#   ROUNDS=1 REQUESTS=100000 DEPTH1_REQUESTS=20000 bash bench/cluster.sh   # a quick look
+#   bash bench/cluster.sh                        # full run (about ten minutes)
+#   ROUNDS=1 SCALE=0.1 bash bench/cluster.sh     # a quick look
 #
 # Installs redis-server and redis-tools with apt-get if missing and builds kv in release mode.
 # Writes the cluster section of docs/benchmarks.md and docs/benchmarks-cluster.svg.

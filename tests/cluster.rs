@@ -558,6 +558,15 @@ async fn any_node_answers_every_request_as_one_node_would() {
     assert!(info.contains("cluster_shards_led:1"), "{info}");
     assert!(info.contains("cluster_shards_followed:2"), "{info}");
     assert_eq!(info.matches("shard_").count(), 3, "{info}");
+    // On the shard it leads: each follower's progress and last contact.
+    let led = info
+        .lines()
+        .find(|line| line.contains("role=leader"))
+        .unwrap_or_else(|| panic!("{info}"));
+    assert!(
+        led.contains("matched_2=") && led.contains("last_contact_ms_3="),
+        "{led}"
+    );
     let ReplyValue::Bulk(Some(nodes)) = other.call(&[b"CLUSTER", b"NODES"]).await.unwrap() else {
         panic!("CLUSTER NODES is text");
     };

@@ -32,6 +32,10 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(8);
 /// The whole test, faults and checking included, ends within this.
 const BOUND: Duration = Duration::from_secs(120);
 
+/// The tests here pick free ports and bind them again a moment later, and each runs three
+/// servers: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Cluster {
     directory: tempfile::TempDir,
     binds: Vec<SocketAddr>,
@@ -312,6 +316,7 @@ async fn progress(record: &Mutex<Record>, more: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn histories_through_leader_kills_pauses_and_a_whole_cluster_crash_are_linearizable() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     tokio::time::timeout(BOUND, faults_and_check())
         .await
         .expect("the test ends within its bound");
@@ -404,4 +409,63 @@ async fn faults_and_check() {
         node.signal("TERM");
         assert!(node.wait().await.success());
     }
+}
+
+/// With a majority of a shard's replicas gone, nothing is acknowledged and nothing is read:
+/// requests wait out their bound and are answered "try again". Once the nodes return, the
+/// cluster serves again, and the write that was refused is there or not, never half.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_majority_gone_nothing_is_acknowledged_or_read() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    tokio::time::timeout(BOUND, async {
+        let mut cluster = Cluster::start();
+        let mut client = cluster.client(0).await;
+        for words in [
+            &[&b"CREATE"[..], b"apples"][..],
+            &[b"PUT", b"apples", b"x", b"1"],
+        ] {
+            common::within(async {
+                while client.call(words).await.unwrap() != ReplyValue::Simple("OK".into()) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+        }
+        cluster.signal(1, "KILL").await;
+        cluster.signal(2, "KILL").await;
+
+        client.queue(&[b"PUT", b"apples", b"x", b"2"]);
+        client.queue(&[b"GET", b"apples", b"x"]);
+        client.send().await.unwrap();
+        for what in ["the write", "the read"] {
+            let answer = tokio::time::timeout(ANSWER_WITHIN, client.read_reply())
+                .await
+                .expect("answered within the bound")
+                .unwrap();
+            let ReplyValue::Error(error) = &answer else {
+                panic!("{what} was answered {answer:?} with a majority gone");
+            };
+            assert!(error.starts_with("TRYAGAIN"), "{what}: {error}");
+        }
+
+        cluster.start_node(1);
+        cluster.start_node(2);
+        let value = common::within(async {
+            loop {
+                match client.call(&[b"GET", b"apples", b"x"]).await.unwrap() {
+                    ReplyValue::Error(error) if error.starts_with("TRYAGAIN") => {}
+                    other => return other,
+                }
+            }
+        })
+        .await;
+        assert!(
+            [b"1".as_slice(), b"2"].iter().any(
+                |expected| value == ReplyValue::Bulk(Some(bytes::Bytes::from_static(expected)))
+            ),
+            "{value:?}"
+        );
+    })
+    .await
+    .expect("the test ends within its bound");
 }

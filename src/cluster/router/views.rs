@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
+use openraft::Instant as _;
 use openraft::type_config::async_runtime::WatchReceiver as _;
 
 use super::Router;
@@ -135,7 +136,7 @@ impl Router {
 
     /// Appends the cluster's lines of `INFO`: this node, and for each shard it holds its role,
     /// leader, term, last log, committed and applied index, and (if it leads) how far each
-    /// follower has replicated.
+    /// follower has replicated and when it last answered.
     pub fn info(&self, text: &mut String) {
         let _ = writeln!(text, "cluster_node:{}", self.node.id());
         let _ = writeln!(text, "cluster_shards:{}", self.node.shards());
@@ -168,6 +169,23 @@ impl Router {
             if let Some(replication) = &metrics.replication {
                 for (follower, matched) in replication {
                     let _ = write!(text, ",matched_{follower}={}", index(matched.as_ref()));
+                }
+            }
+            // How long ago each follower last answered this leader, in milliseconds.
+            if let Some(heartbeat) = &metrics.heartbeat {
+                for (follower, acknowledged) in heartbeat {
+                    match acknowledged {
+                        Some(at) => {
+                            let _ = write!(
+                                text,
+                                ",last_contact_ms_{follower}={}",
+                                at.elapsed().as_millis()
+                            );
+                        }
+                        None => {
+                            let _ = write!(text, ",last_contact_ms_{follower}=never");
+                        }
+                    }
                 }
             }
             text.push('\n');

@@ -100,7 +100,10 @@ async fn write(nodes: &[std::sync::Arc<Node>], change: &Change<'_>) -> (Outcome,
                 .client_write(ShardCommand::new(change))
                 .await
             {
-                Ok(response) => return (response.data, response.log_id.index),
+                Ok(response) => {
+                    assert_eq!(response.data.len(), 1, "one change, one outcome");
+                    return (response.data[0].clone(), response.log_id.index);
+                }
                 Err(error) if error.forward_to_leader().is_some() => continue,
                 Err(error) => panic!("{error}"),
             }

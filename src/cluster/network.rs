@@ -6,13 +6,14 @@ use std::future::Future;
 use std::sync::Arc;
 
 use openraft::BasicNode;
+use openraft::EntryPayload;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
-use openraft::type_config::alias::{SnapshotOf, VoteOf};
+use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotOf, VoteOf};
 
 use super::peer::{PeerClient, PeerError, PeerRequest, PeerResponse};
 use super::placement::NodeId;
@@ -85,13 +86,20 @@ impl RaftNetworkV2<ShardRaft> for ShardPeer {
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<ShardRaft>,
+        mut rpc: AppendEntriesRequest<ShardRaft>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<ShardRaft>, RPCError<ShardRaft>> {
+        let cut_after = keep_within_a_frame(&mut rpc.entries);
         match self
             .call(PeerRequest::AppendEntries(self.shard, rpc), &option)
             .await?
         {
+            // Only the first of the entries went: openraft sends the rest next.
+            PeerResponse::AppendEntries(Ok(AppendEntriesResponse::Success))
+                if cut_after.is_some() =>
+            {
+                Ok(AppendEntriesResponse::PartialSuccess(cut_after))
+            }
             PeerResponse::AppendEntries(Ok(response)) => Ok(response),
             PeerResponse::AppendEntries(Err(error)) => {
                 Err(RPCError::Network(NetworkError::new(&error)))
@@ -157,5 +165,76 @@ impl RaftNetworkV2<ShardRaft> for ShardPeer {
             Err(RPCError::Unreachable(error)) => Err(StreamingError::Unreachable(error)),
             Err(error) => Err(StreamingError::Network(NetworkError::new(&error))),
         }
+    }
+}
+
+/// The most bytes of changes one append message carries: openraft hands over up to
+/// `max_payload_entries` entries whatever their size, and a frame holds at most
+/// [`MAX_FRAME`](super::peer::MAX_FRAME).
+const MAX_APPEND_BYTES: usize = 64 << 20;
+
+/// Cuts `entries` after those that fit in [`MAX_APPEND_BYTES`] (at least one, which fits a
+/// frame alone: a change is at most half a frame); the log id of the last one kept if any were
+/// cut.
+fn keep_within_a_frame(entries: &mut Vec<EntryOf<ShardRaft>>) -> Option<LogIdOf<ShardRaft>> {
+    let mut bytes = 0;
+    let keep = entries
+        .iter()
+        .position(|entry| {
+            bytes += match &entry.payload {
+                EntryPayload::Normal(command) => command.encoded_len(),
+                _ => 0,
+            };
+            bytes > MAX_APPEND_BYTES
+        })
+        .map_or(entries.len(), |over| over.max(1));
+    if keep == entries.len() {
+        return None;
+    }
+    entries.truncate(keep);
+    entries.last().map(|entry| entry.log_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::Change;
+    use crate::cluster::raft::ShardCommand;
+
+    fn entries(sizes: &[usize]) -> Vec<EntryOf<ShardRaft>> {
+        sizes
+            .iter()
+            .zip(1..)
+            .map(|(&size, index)| {
+                let value = vec![b'v'; size];
+                openraft::Entry {
+                    log_id: openraft::testing::log_id::<ShardRaft>(1, 1, index),
+                    payload: EntryPayload::Normal(ShardCommand::new(&Change::Put {
+                        bucket: b"b",
+                        key: b"k",
+                        value: &value,
+                    })),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_append_carries_entries_up_to_its_byte_budget_and_always_one() {
+        let mut three = entries(&[30 << 20, 30 << 20, 30 << 20]);
+        let cut = keep_within_a_frame(&mut three);
+        assert_eq!(three.len(), 2);
+        assert_eq!(cut, Some(three[1].log_id));
+
+        let mut one_large = entries(&[100 << 20, 1]);
+        assert_eq!(
+            keep_within_a_frame(&mut one_large),
+            Some(one_large[0].log_id)
+        );
+        assert_eq!(one_large.len(), 1);
+
+        let mut small = entries(&[10, 10, 10]);
+        assert_eq!(keep_within_a_frame(&mut small), None);
+        assert_eq!(small.len(), 3);
     }
 }

@@ -97,10 +97,8 @@ impl Applied {
             .into());
         }
         for entry in &entries {
-            if let EntryPayload::Normal(command) = &entry.payload
-                && let Some(change) = command.change()
-            {
-                replay(change);
+            if let EntryPayload::Normal(command) = &entry.payload {
+                command.changes().flatten().for_each(&mut replay);
             }
         }
         Ok(buckets)

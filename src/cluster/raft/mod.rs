@@ -21,39 +21,81 @@ openraft::declare_raft_types!(
     /// The types of a shard's Raft group.
     pub ShardRaft:
         D = ShardCommand,
-        R = Outcome,
+        R = Vec<Outcome>,
         Node = openraft::BasicNode,
 );
 
-/// What a Raft entry of a shard carries: one change, in the encoding the single-node log uses
-/// (one vocabulary of changes, logged and replicated alike).
+/// What a Raft entry of a shard carries: changes to the shard's buckets, made in order, in the
+/// encoding the single-node log uses (one vocabulary of changes, logged and replicated alike).
+/// A connection's consecutive writes to a shard travel as one entry: Raft's costs per entry
+/// (appending it on every replica, replicating it, answering it) are then shared by the batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardCommand {
-    change: Vec<u8>,
+    changes: Vec<u8>,
 }
+
+/// The most bytes of changes one entry gathers; a single larger change travels alone. Keeps an
+/// entry, and the replication messages carrying entries, to a size the peer frames hold.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
 
 impl ShardCommand {
     /// The command that makes `change`.
     #[must_use]
     pub fn new(change: &Change<'_>) -> Self {
-        let mut bytes = Vec::new();
-        record::encode_change(change, &mut bytes);
-        Self { change: bytes }
+        Self::batch([change])
     }
 
-    /// The change; `None` if the bytes are not one (a damaged or foreign entry).
+    /// The command that makes `changes`, in order.
     #[must_use]
-    pub fn change(&self) -> Option<Change<'_>> {
-        record::decode_change(&self.change)
+    pub fn batch<'a, 'c: 'a>(changes: impl IntoIterator<Item = &'a Change<'c>>) -> Self {
+        let mut bytes = Vec::new();
+        for change in changes {
+            record::encode_change(change, &mut bytes);
+        }
+        Self { changes: bytes }
+    }
+
+    /// The bytes the changes take, encoded.
+    #[must_use]
+    pub fn encoded_len(&self) -> usize {
+        self.changes.len()
+    }
+
+    /// The changes, in order; a `None` where the bytes stop being changes (a damaged or
+    /// foreign entry), after which there are no more.
+    pub fn changes(&self) -> impl Iterator<Item = Option<Change<'_>>> {
+        let mut rest = &self.changes[..];
+        let mut damaged = false;
+        std::iter::from_fn(move || {
+            if rest.is_empty() || damaged {
+                return None;
+            }
+            match record::decode_change_prefix(rest) {
+                Some((change, taken)) => {
+                    rest = &rest[taken..];
+                    Some(Some(change))
+                }
+                None => {
+                    damaged = true;
+                    Some(None)
+                }
+            }
+        })
     }
 }
 
 impl fmt::Display for ShardCommand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.change() {
-            Some(change) => write!(f, "{change:?}"),
-            None => f.write_str("(not a change)"),
+        for (index, change) in self.changes().enumerate() {
+            if index > 0 {
+                f.write_str(", ")?;
+            }
+            match change {
+                Some(change) => write!(f, "{change:?}")?,
+                None => f.write_str("(not a change)")?,
+            }
         }
+        Ok(())
     }
 }
 
@@ -66,6 +108,6 @@ pub enum Outcome {
     NothingToDrop,
     /// `PUT` or `DELETE` in a bucket that does not exist.
     NoSuchBucket,
-    /// The entry held no change kv knows.
+    /// The entry's bytes held no change kv knows here.
     NotAChange,
 }

@@ -182,11 +182,17 @@ impl Inner {
         std::fs::File::open(directory)?.sync_all()
     }
 
-    async fn apply(&mut self, command: &ShardCommand) -> io::Result<Outcome> {
-        let Some(change) = command.change() else {
-            return Ok(Outcome::NotAChange);
-        };
-        apply_change(&self.registry, change).await
+    /// Makes the entry's changes in order; what each did.
+    async fn apply(&mut self, command: &ShardCommand) -> io::Result<Vec<Outcome>> {
+        let mut outcomes = Vec::new();
+        for change in command.changes() {
+            let Some(change) = change else {
+                outcomes.push(Outcome::NotAChange);
+                break;
+            };
+            outcomes.push(apply_change(&self.registry, change).await?);
+        }
+        Ok(outcomes)
     }
 
     /// The buckets as snapshot bytes, each copied under its read lock, and how many records
@@ -294,18 +300,27 @@ async fn apply_change(registry: &Registry, change: Change<'_>) -> io::Result<Out
     }
 }
 
-/// How many changes ahead of the one being applied the keys are asked for.
-const PREFETCH_AHEAD: usize = 8;
+/// How many entries ahead of the one being applied the keys are asked for.
+const PREFETCH_AHEAD: usize = 2;
 
-/// Starts loading into cache what applying `entry` will read: its key's entry in its bucket.
+/// Starts loading into cache what applying `entry` will read: its keys' entries in their
+/// buckets.
 fn prefetch(registry: &Registry, entry: &EntryOf<ShardRaft>) {
     let EntryPayload::Normal(command) = &entry.payload else {
         return;
     };
-    if let Some(Change::Put { bucket, key, .. } | Change::Delete { bucket, key }) = command.change()
-        && let Some(handle) = registry.lookup(bucket)
-    {
-        handle.prefetch_entries([key]);
+    let mut last: Option<(&[u8], BucketHandle)> = None;
+    for change in command.changes() {
+        let Some(Change::Put { bucket, key, .. } | Change::Delete { bucket, key }) = change else {
+            continue;
+        };
+        // A batch's changes are mostly to one bucket: it is looked up once.
+        if last.as_ref().is_none_or(|(name, _)| *name != bucket) {
+            last = registry.lookup(bucket).map(|handle| (bucket, handle));
+        }
+        if let Some((_, handle)) = &last {
+            handle.prefetch_entries([key]);
+        }
     }
 }
 
@@ -406,8 +421,8 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
         let mut inner = self.inner.lock().await;
         let batch: Vec<EntryResponder<ShardRaft>> = entries.try_collect().await?;
         let (entries, responders): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        // The keys a change touches are asked for a few changes ahead of applying it, so that
-        // the cache misses of a batch overlap instead of following one another.
+        // The keys an entry's changes touch are asked for an entry or two ahead of applying
+        // it, so that the cache misses of a batch overlap instead of following one another.
         for entry in entries.iter().take(PREFETCH_AHEAD) {
             prefetch(&inner.registry, entry);
         }
@@ -417,14 +432,14 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
             }
             inner.last_applied = Some(entry.log_id);
             let outcome = match &entry.payload {
-                EntryPayload::Blank => Outcome::Done,
+                EntryPayload::Blank => Vec::new(),
                 EntryPayload::Normal(command) => inner.apply(command).await?,
                 EntryPayload::Membership(membership) => {
                     inner.membership = StoredMembershipOf::<ShardRaft>::new(
                         Some(entry.log_id),
                         membership.clone(),
                     );
-                    Outcome::Done
+                    Vec::new()
                 }
             };
             if let Some(applied) = &inner.applied {

@@ -1,7 +1,6 @@
 //! Running a shard's requests on the node that leads it: a batch's consecutive writes become
 //! one proposal, a batch's consecutive reads share one check of the leader's lease.
 
-use futures::StreamExt as _;
 use std::time::Duration;
 
 use openraft::ReadPolicy;
@@ -11,9 +10,10 @@ use tokio::time::{Instant, timeout_at};
 
 use super::{NotLed, Router, bucket_of, change_of};
 use crate::cluster::peer::ShardGroup;
-use crate::cluster::raft::{Outcome, ShardCommand};
+use crate::cluster::raft::{MAX_BATCH_BYTES, Outcome, ShardCommand};
 use crate::dispatch::errors::registry_error;
 use crate::protocol::{Dialect, ErrorReply, KeyRequest, Reply, Request, encode_page, encode_value};
+use crate::shard::wal::record;
 
 use super::replies::Replies;
 
@@ -21,8 +21,8 @@ impl Router {
     /// Runs `requests`, all on buckets of `shard`, in order, if this node leads the shard, and
     /// answers them in `replies`.
     ///
-    /// - Consecutive writes are proposed together and answered once committed (on a majority
-    ///   of the shard's logs) and applied here.
+    /// - Consecutive writes are proposed together, as one entry, and answered once committed
+    ///   (on a majority of the shard's logs) and applied here.
     /// - Consecutive reads check the leader's lease (renewing it with a round to the followers
     ///   if it has lapsed) and that everything committed before the reads came is applied,
     ///   read the shard's buckets, and check the lease again: if it lapsed meanwhile (this
@@ -46,6 +46,7 @@ impl Router {
         let registry = self.node.state(shard).ok_or(NotLed(None))?.registry();
         let buckets = self.node.buckets();
         let first = replies.len();
+        let unanswered = |replies: &Replies| requests.len() - (replies.len() - first);
         let mut writes_committed = false;
         while replies.len() - first < requests.len() {
             let rest = &requests[replies.len() - first..];
@@ -57,40 +58,45 @@ impl Router {
                 replies.push(&Reply::Error(registry_error(&refused)), dialect);
                 continue;
             }
-            let changes: Vec<ShardCommand> = rest
-                .iter()
-                .map_while(change_of)
-                .take_while(|change| registry.check_limits(change, buckets).is_ok())
-                .map(|change| ShardCommand::new(&change))
-                .collect();
+            // Consecutive writes within the limits, as one entry of at most MAX_BATCH_BYTES
+            // (a single larger change alone).
+            let mut changes = Vec::new();
+            let mut bytes = 0;
+            for change in rest.iter().map_while(change_of) {
+                let size = record::size(&change);
+                if registry.check_limits(&change, buckets).is_err()
+                    || (!changes.is_empty() && bytes + size > MAX_BATCH_BYTES)
+                {
+                    break;
+                }
+                bytes += size;
+                changes.push(change);
+            }
             if !changes.is_empty() {
-                let proposed = changes.len();
-                let Ok(mut outcomes) = group.client_write_many(changes).await else {
-                    // The group has stopped (the node is shutting down): nothing was proposed.
-                    return Err(NotLed(None));
-                };
-                writes_committed = true;
-                for answered in 0..proposed {
-                    let outcome = match timeout_at(deadline, outcomes.next()).await {
-                        Ok(Some(Ok(Ok(written)))) => written.response,
-                        Ok(Some(Ok(Err(ClientWriteError::ForwardToLeader(forward)))))
-                            if answered == 0 =>
-                        {
-                            // Refused before anything was appended: a batch is appended
-                            // whole or not at all.
+                let command = ShardCommand::batch(&changes);
+                let outcomes = match timeout_at(deadline, group.client_write(command)).await {
+                    Ok(Ok(written)) => written.data,
+                    Ok(Err(error)) => match error.api_error() {
+                        // Refused before it was appended: it may be proposed elsewhere.
+                        Some(ClientWriteError::ForwardToLeader(forward)) => {
                             return Err(NotLed(forward.leader_id));
                         }
-                        // Lost leadership after proposing, a group that stopped, or no
-                        // commit in time: these writes may or may not be made.
+                        // Leadership lost after proposing, or the group stopped: these
+                        // writes may or may not be made.
                         _ => {
-                            replies.push_unavailable(
-                                requests.len() - (replies.len() - first),
-                                dialect,
-                            );
+                            replies.push_unavailable(unanswered(replies), dialect);
                             return Ok(());
                         }
-                    };
-                    let reply = match outcome {
+                    },
+                    // Not committed in time: it may still be.
+                    Err(_) => {
+                        replies.push_unavailable(unanswered(replies), dialect);
+                        return Ok(());
+                    }
+                };
+                writes_committed = true;
+                for index in 0..changes.len() {
+                    let reply = match outcomes.get(index).unwrap_or(&Outcome::NotAChange) {
                         Outcome::Done => Reply::Ok,
                         Outcome::NoSuchBucket | Outcome::NothingToDrop => Reply::NotFound,
                         Outcome::NotAChange => Reply::Error(ErrorReply::new("not a change")),
@@ -104,7 +110,7 @@ impl Router {
                     Ok(Ok(_)) => {}
                     Ok(Err(error)) => return Err(NotLed(forward_to(&error))),
                     Err(_) => {
-                        replies.push_unavailable(requests.len() - (replies.len() - first), dialect);
+                        replies.push_unavailable(unanswered(replies), dialect);
                         return Ok(());
                     }
                 }

@@ -217,22 +217,26 @@ impl Router {
         shards
     }
 
-    /// Where node `id`'s clients connect: asked once of the node itself.
+    /// Where node `id`'s clients connect, as the node itself says (it may have restarted on
+    /// another port); what it said last if it does not answer within [`DESCRIBE_WITHIN`]
+    /// (down, or paused), so that `CLUSTER` never waits long on a node that is not there.
     async fn client_address_of(&self, id: NodeId) -> Option<SocketAddr> {
         if id == self.node.id() {
             return Some(self.client_address);
         }
-        if let Some(&address) = self.client_addresses.lock().await.get(&id) {
-            return Some(address);
-        }
         let client = self.node.peers().get(&id)?;
-        let Ok(PeerResponse::Described(address)) = client.call(PeerRequest::Describe).await else {
-            return None;
-        };
-        self.client_addresses.lock().await.insert(id, address);
-        Some(address)
+        match tokio::time::timeout(DESCRIBE_WITHIN, client.call(PeerRequest::Describe)).await {
+            Ok(Ok(PeerResponse::Described(address))) => {
+                self.client_addresses.lock().await.insert(id, address);
+                Some(address)
+            }
+            _ => self.client_addresses.lock().await.get(&id).copied(),
+        }
     }
 }
+
+/// How long `CLUSTER` waits for a node to say where its clients connect.
+const DESCRIBE_WITHIN: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// A shard as `CLUSTER` shows it.
 struct ShardView {

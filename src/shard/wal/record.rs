@@ -102,6 +102,14 @@ fn take_field<'a>(payload: &'a [u8], at: &mut usize) -> Option<&'a [u8]> {
 /// The change a payload of [`encode_change`] holds; `None` if it is not one.
 #[must_use]
 pub fn decode_change(payload: &[u8]) -> Option<Change<'_>> {
+    let (change, taken) = decode_change_prefix(payload)?;
+    (taken == payload.len()).then_some(change)
+}
+
+/// The change that `bytes` start with, and how many bytes it takes; `None` if they do not start
+/// with a whole one. Changes encoded one after another read back this way.
+pub fn decode_change_prefix(bytes: &[u8]) -> Option<(Change<'_>, usize)> {
+    let payload = bytes;
     let (&operation, _) = payload.split_first()?;
     let mut at = 1;
     let record = match operation {
@@ -122,7 +130,7 @@ pub fn decode_change(payload: &[u8]) -> Option<Change<'_>> {
         },
         _ => return None,
     };
-    (at == payload.len()).then_some(record)
+    Some((record, at))
 }
 
 /// How a scan of a log ended.

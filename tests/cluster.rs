@@ -591,29 +591,15 @@ fn free_address() -> std::net::SocketAddr {
         .unwrap()
 }
 
-/// `kv serve` as node `id` of `peers`, its data in `directory`.
+/// `kv serve` as node `id` of `peers`, its data in `directory`, every write synced.
 fn node_process(
     id: u64,
     peers: &str,
     bind: std::net::SocketAddr,
     directory: &Path,
 ) -> common::Binary {
-    common::Binary::start(&[
-        "--node-id",
-        &id.to_string(),
-        "--cluster-bind",
-        &bind.to_string(),
-        "--peers",
-        peers,
-        "--data-dir",
-        directory.join(id.to_string()).to_str().unwrap(),
-        "--fsync",
-        "always",
-        "--heartbeat-ms",
-        "50",
-        "--election-timeout-ms",
-        "300",
-    ])
+    let id = usize::try_from(id).unwrap();
+    common::Binary::cluster_node(id, peers, bind, directory, &["--fsync", "always"])
 }
 
 /// Sends `request` until it is answered with something other than "try again" (a shard

@@ -12,7 +12,6 @@ mod common;
 mod linearizability;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -75,11 +74,12 @@ impl Cluster {
     }
 
     fn start_node(&mut self, index: usize) {
-        let node = node_process(
+        let node = common::Binary::cluster_node(
             index + 1,
             &self.peers,
             self.binds[index],
             self.directory.path(),
+            &[],
         );
         self.addresses.lock().unwrap()[index] = Some(node.address);
         self.nodes[index] = Some(node);
@@ -138,24 +138,6 @@ impl Cluster {
         })
         .await
     }
-}
-
-/// `kv serve` as node `id` of `peers`, its data in `directory`, with timings for a test.
-fn node_process(id: usize, peers: &str, bind: SocketAddr, directory: &Path) -> common::Binary {
-    common::Binary::start(&[
-        "--node-id",
-        &id.to_string(),
-        "--cluster-bind",
-        &bind.to_string(),
-        "--peers",
-        peers,
-        "--data-dir",
-        directory.join(id.to_string()).to_str().unwrap(),
-        "--heartbeat-ms",
-        "50",
-        "--election-timeout-ms",
-        "300",
-    ])
 }
 
 /// What the clients recorded, and anything they were answered that no request should get.

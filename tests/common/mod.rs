@@ -166,6 +166,37 @@ impl Binary {
         }
     }
 
+    /// `kv serve` as node `id` of the cluster `peers`, its cluster port `bind`, its data in
+    /// `directory/<id>`, with timings for a test (heartbeats every 50 ms, elections after
+    /// 300 ms) and `extra` arguments.
+    pub fn cluster_node(
+        id: usize,
+        peers: &str,
+        bind: SocketAddr,
+        directory: &std::path::Path,
+        extra: &[&str],
+    ) -> Self {
+        let id = id.to_string();
+        let bind = bind.to_string();
+        let data = directory.join(&id);
+        let mut arguments = vec![
+            "--node-id",
+            &id,
+            "--cluster-bind",
+            &bind,
+            "--peers",
+            peers,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--heartbeat-ms",
+            "50",
+            "--election-timeout-ms",
+            "300",
+        ];
+        arguments.extend_from_slice(extra);
+        Self::start(&arguments)
+    }
+
     pub fn id(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }

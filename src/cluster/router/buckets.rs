@@ -7,9 +7,8 @@ use openraft::ReadPolicy;
 use openraft::error::LinearizableReadError;
 use tokio::time::{Instant, timeout_at};
 
-use super::{NotLed, RETRY_PAUSE, Router, UNAVAILABLE_AFTER, replies};
+use super::{Led, NotLed, RETRY_PAUSE, Router, UNAVAILABLE_AFTER, replies};
 use crate::cluster::peer::{PeerRequest, PeerResponse};
-use crate::cluster::placement::replicas_of;
 use crate::protocol::{Dialect, Reply, encode};
 
 impl Router {
@@ -37,33 +36,27 @@ impl Router {
         let deadline = Instant::now() + UNAVAILABLE_AFTER;
         let mut hint = None;
         for attempt in 0usize.. {
-            let leader = match self.node.group(shard) {
-                Some(group) => group.current_leader().await,
-                None => None,
-            };
-            if leader == Some(self.node.id()) {
-                match self.list_led(shard, after, self.page_size).await {
+            let target = match self.where_led(shard, hint.take(), attempt).await {
+                Led::Here => match self.list_led(shard, after, self.page_size).await {
                     Ok(names) => return Some(names),
-                    Err(NotLed(leader)) => hint = leader,
-                }
-            } else {
-                let replicas = replicas_of(shard, &self.members, self.replicas);
-                let target = hint
-                    .take()
-                    .or(leader)
-                    .or_else(|| replicas.get(attempt % replicas.len().max(1)).copied())
-                    .filter(|&target| target != self.node.id());
-                if let Some(client) = target.and_then(|target| self.node.peers().get(&target)) {
-                    let asked = PeerRequest::ListBuckets {
-                        shard,
-                        after: after.map(<[u8]>::to_vec),
-                        limit: u32::try_from(self.page_size).unwrap_or(u32::MAX),
-                    };
-                    match timeout_at(deadline, client.call(asked)).await {
-                        Ok(Ok(PeerResponse::Buckets(Ok(names)))) => return Some(names),
-                        Ok(Ok(PeerResponse::Buckets(Err(leader)))) => hint = leader,
-                        _ => {}
+                    Err(NotLed(leader)) => {
+                        hint = leader;
+                        None
                     }
+                },
+                Led::Elsewhere(target) => Some(target),
+                Led::Unknown => None,
+            };
+            if let Some(client) = target.and_then(|target| self.node.peers().get(&target)) {
+                let asked = PeerRequest::ListBuckets {
+                    shard,
+                    after: after.map(<[u8]>::to_vec),
+                    limit: u32::try_from(self.page_size).unwrap_or(u32::MAX),
+                };
+                match timeout_at(deadline, client.call(asked)).await {
+                    Ok(Ok(PeerResponse::Buckets(Ok(names)))) => return Some(names),
+                    Ok(Ok(PeerResponse::Buckets(Err(leader)))) => hint = leader,
+                    _ => {}
                 }
             }
             if Instant::now() >= deadline {

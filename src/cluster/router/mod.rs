@@ -75,6 +75,16 @@ pub struct Router {
 /// yet answered were neither proposed nor read, and may be run elsewhere.
 struct NotLed(Option<NodeId>);
 
+/// Where a shard's requests go next.
+enum Led {
+    /// This node leads the shard.
+    Here,
+    /// Another node leads it, or may.
+    Elsewhere(NodeId),
+    /// No node to try: this node believes it leads none and holds the only replica.
+    Unknown,
+}
+
 impl Router {
     /// A router over `node`'s shards.
     #[must_use]
@@ -156,29 +166,16 @@ impl Router {
         let mut hint = None;
         for attempt in 0usize.. {
             let rest = &requests[replies.len()..];
-            let leader = match self.node.group(shard) {
-                Some(group) => group.current_leader().await,
-                None => None,
-            };
-            let ran = if leader == Some(self.node.id()) {
-                self.run_led(shard, rest, dialect, deadline, &mut replies)
-                    .await
-            } else {
-                // Whom the last node asked named, else whom this node believes leads, else
-                // each replica in turn.
-                let replicas = replicas_of(shard, &self.members, self.replicas);
-                let target = hint
-                    .take()
-                    .or(leader)
-                    .or_else(|| replicas.get(attempt % replicas.len().max(1)).copied())
-                    .filter(|&target| target != self.node.id());
-                match target {
-                    Some(target) => {
-                        self.forward(target, shard, rest, dialect, deadline, &mut replies)
-                            .await
-                    }
-                    None => Err(NotLed(None)),
+            let ran = match self.where_led(shard, hint.take(), attempt).await {
+                Led::Here => {
+                    self.run_led(shard, rest, dialect, deadline, &mut replies)
+                        .await
                 }
+                Led::Elsewhere(target) => {
+                    self.forward(target, shard, rest, dialect, deadline, &mut replies)
+                        .await
+                }
+                Led::Unknown => Err(NotLed(None)),
             };
             match ran {
                 Ok(()) => return replies,
@@ -191,6 +188,24 @@ impl Router {
         }
         replies.push_unavailable(requests.len() - replies.len(), dialect);
         replies
+    }
+
+    /// Where to run requests on `shard` next: here if this node leads it; else on the node
+    /// the last one asked named (`hint`), or the one this node believes leads, or (while it
+    /// knows none) each replica in turn by `attempt`.
+    async fn where_led(&self, shard: u16, hint: Option<NodeId>, attempt: usize) -> Led {
+        let leader = match self.node.group(shard) {
+            Some(group) => group.current_leader().await,
+            None => None,
+        };
+        if leader == Some(self.node.id()) {
+            return Led::Here;
+        }
+        let replicas = replicas_of(shard, &self.members, self.replicas);
+        hint.or(leader)
+            .or_else(|| replicas.get(attempt % replicas.len().max(1)).copied())
+            .filter(|&target| target != self.node.id())
+            .map_or(Led::Unknown, Led::Elsewhere)
     }
 
     /// Sends `requests` to `target` in one message and appends the replies it gives.

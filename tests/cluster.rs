@@ -15,6 +15,7 @@ use kv::cluster::node::{Node, NodeConfig};
 use kv::cluster::raft::{Outcome, ShardCommand};
 use kv::config::{CoreConfig, FsyncPolicy};
 use openraft::Instant as _;
+use openraft::type_config::async_runtime::WatchReceiver as _;
 use tokio::net::TcpListener;
 
 /// The tests here pick free ports and bind them again a moment later: run one at a time, so
@@ -40,23 +41,34 @@ async fn start(
 ) -> Vec<std::sync::Arc<Node>> {
     let mut nodes = Vec::new();
     for (index, listener) in listeners.into_iter().enumerate() {
-        let id = index as u64 + 1;
-        let config = NodeConfig {
-            id,
-            members: members.clone(),
-            shards: 1,
-            replicas: 3,
-            data_dir: directory.join(id.to_string()),
-            fsync: FsyncPolicy::No,
-            heartbeat: Duration::from_millis(50),
-            election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
-            core: CoreConfig::default(),
-            // Small, so that the test sees snapshots taken and logs purged.
-            snapshot_every: 20,
-        };
-        nodes.push(Node::start(config, listener).await.unwrap());
+        nodes.push(start_one(directory, listener, index as u64 + 1, members).await);
     }
     nodes
+}
+
+/// Node `id` of `members`, listening on `listener`.
+async fn start_one(
+    directory: &Path,
+    listener: TcpListener,
+    id: u64,
+    members: &BTreeMap<u64, std::net::SocketAddr>,
+) -> std::sync::Arc<Node> {
+    let config = NodeConfig {
+        id,
+        members: members.clone(),
+        shards: 1,
+        replicas: 3,
+        data_dir: directory.join(id.to_string()),
+        fsync: FsyncPolicy::No,
+        heartbeat: Duration::from_millis(50),
+        election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
+        core: CoreConfig::default(),
+        // Small, so that the test sees snapshots taken, logs purged, and a snapshot sent in
+        // many pieces.
+        snapshot_every: 20,
+        snapshot_piece: 256,
+    };
+    Node::start(config, listener).await.unwrap()
 }
 
 /// Waits until a node leads shard 0 with a quorum's acknowledgement fresh enough for it to
@@ -221,6 +233,63 @@ async fn three_nodes_replicate_changes_and_come_back_whole_after_a_restart() {
         read_everywhere(&nodes, index, b"s", b"k59").await,
         vec![Some(b"k59".to_vec()); 3]
     );
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// A replica that was away while the others snapshotted and purged their logs past what it
+/// has catches up from a snapshot, sent to it in pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_the_purged_log_catches_up_from_a_snapshot_sent_in_pieces() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let directory = tempfile::tempdir().unwrap();
+    let (bound, members) = listeners(3).await;
+    let mut nodes = start(directory.path(), bound, &members).await;
+    write(&nodes, &Change::Create { bucket: b"s" }).await;
+
+    let away = nodes.pop().unwrap();
+    away.stop().await;
+    drop(away);
+    let mut last = 0;
+    for index in 0..60u32 {
+        let key = format!("k{index}");
+        let put = Change::Put {
+            bucket: b"s",
+            key: key.as_bytes(),
+            value: key.as_bytes(),
+        };
+        last = write(&nodes, &put).await.1;
+    }
+    for node in &nodes {
+        node.group(0)
+            .unwrap()
+            .wait(Some(PATIENCE))
+            .metrics(
+                |metrics| metrics.purged.is_some_and(|purged| purged.index > 20),
+                "the log purged past what the away replica has",
+            )
+            .await
+            .unwrap();
+    }
+
+    let listener = TcpListener::bind(members[&3]).await.unwrap();
+    nodes.push(start_one(directory.path(), listener, 3, &members).await);
+    assert_eq!(
+        read_everywhere(&nodes, last, b"s", b"k0").await,
+        vec![Some(b"k0".to_vec()); 3]
+    );
+    assert_eq!(
+        read_everywhere(&nodes, last, b"s", b"k59").await,
+        vec![Some(b"k59".to_vec()); 3]
+    );
+    let returned = nodes[2]
+        .group(0)
+        .unwrap()
+        .metrics()
+        .borrow_watched()
+        .clone();
+    assert!(returned.snapshot.is_some(), "it installed a snapshot");
     for node in nodes {
         node.stop().await;
     }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use openraft::BasicNode;
 use openraft::EntryPayload;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -26,13 +27,19 @@ pub type Peers = Arc<HashMap<NodeId, Arc<PeerClient>>>;
 pub struct ShardNetwork {
     shard: u16,
     peers: Peers,
+    snapshot_piece: usize,
 }
 
 impl ShardNetwork {
-    /// The network of shard `shard`, over `peers`.
+    /// The network of shard `shard`, over `peers`, sending snapshots in pieces of
+    /// `snapshot_piece` bytes (each its own frame).
     #[must_use]
-    pub fn new(shard: u16, peers: Peers) -> Self {
-        Self { shard, peers }
+    pub fn new(shard: u16, peers: Peers, snapshot_piece: usize) -> Self {
+        Self {
+            shard,
+            peers,
+            snapshot_piece: snapshot_piece.max(1),
+        }
     }
 }
 
@@ -40,6 +47,7 @@ impl ShardNetwork {
 pub struct ShardPeer {
     shard: u16,
     client: Option<Arc<PeerClient>>,
+    snapshot_piece: usize,
 }
 
 impl RaftNetworkFactory<ShardRaft> for ShardNetwork {
@@ -49,6 +57,7 @@ impl RaftNetworkFactory<ShardRaft> for ShardNetwork {
         ShardPeer {
             shard: self.shard,
             client: self.peers.get(&target).cloned(),
+            snapshot_piece: self.snapshot_piece,
         }
     }
 }
@@ -153,17 +162,35 @@ impl RaftNetworkV2<ShardRaft> for ShardPeer {
         _cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<ShardRaft>, StreamingError<ShardRaft>> {
-        let request = PeerRequest::Snapshot(self.shard, vote, snapshot.meta, snapshot.snapshot);
-        match self.call(request, &option).await {
-            Ok(PeerResponse::Snapshot(Ok(response))) => Ok(response),
-            Ok(PeerResponse::Snapshot(Err(error))) => {
-                Err(StreamingError::Network(NetworkError::from_string(error)))
+        let transfer = fastrand::u64(..);
+        let bytes = Bytes::from(snapshot.snapshot);
+        let mut offset = 0;
+        loop {
+            let end = bytes.len().min(offset + self.snapshot_piece);
+            let last = end == bytes.len();
+            let piece = PeerRequest::SnapshotPiece {
+                shard: self.shard,
+                transfer,
+                offset: offset as u64,
+                bytes: bytes.slice(offset..end),
+                last: last.then(|| (vote, snapshot.meta.clone())),
+            };
+            match self.call(piece, &option).await {
+                Ok(PeerResponse::Snapshot(Ok(Some(response)))) if last => return Ok(response),
+                Ok(PeerResponse::Snapshot(Ok(None))) if !last => offset = end,
+                Ok(PeerResponse::Snapshot(Err(error))) => {
+                    return Err(StreamingError::Network(NetworkError::from_string(error)));
+                }
+                Ok(_) => {
+                    return Err(StreamingError::Network(NetworkError::from_string(
+                        "an answer to another request",
+                    )));
+                }
+                Err(RPCError::Unreachable(error)) => {
+                    return Err(StreamingError::Unreachable(error));
+                }
+                Err(error) => return Err(StreamingError::Network(NetworkError::new(&error))),
             }
-            Ok(_) => Err(StreamingError::Network(NetworkError::from_string(
-                "an answer to another request",
-            ))),
-            Err(RPCError::Unreachable(error)) => Err(StreamingError::Unreachable(error)),
-            Err(error) => Err(StreamingError::Network(NetworkError::new(&error))),
         }
     }
 }

@@ -47,6 +47,8 @@ pub struct NodeConfig {
     /// The fewest entries between two snapshots of a shard (after which its log is purged); a
     /// shard snapshots less often the more it holds (see `Node::compact_logs`).
     pub snapshot_every: u64,
+    /// Bytes per piece a snapshot is sent in, each piece its own frame.
+    pub snapshot_piece: usize,
 }
 
 /// Why a node could not start.
@@ -87,6 +89,8 @@ pub struct Node {
     shards: u16,
     /// The fewest entries between two snapshots of a shard.
     snapshot_every: u64,
+    /// The snapshots peers are sending this node.
+    inbox: peer::SnapshotInbox,
     shutdown: CancellationToken,
 }
 
@@ -161,7 +165,7 @@ impl Node {
             .map_err(|source| NodeError::Log { shard, source })?;
             machines.insert(shard, machine.clone());
             logs.insert(shard, log.clone());
-            let network = ShardNetwork::new(shard, Arc::clone(&peers));
+            let network = ShardNetwork::new(shard, Arc::clone(&peers), config.snapshot_piece);
             let group = ShardGroup::new(config.id, Arc::clone(&raft_config), network, log, machine)
                 .await
                 .map_err(|error| NodeError::Raft {
@@ -196,6 +200,14 @@ impl Node {
             peers,
             shards: config.shards,
             snapshot_every: config.snapshot_every,
+            // A snapshot holds about the data of a shard; a node's shards together hold no more
+            // than its memory limit.
+            inbox: peer::SnapshotInbox::new(
+                u64::try_from(config.core.max_memory)
+                    .unwrap_or(u64::MAX)
+                    .saturating_mul(2)
+                    .max(64 << 20),
+            ),
             shutdown: CancellationToken::new(),
         })
     }
@@ -292,6 +304,11 @@ impl Node {
         }
     }
 
+    /// Answers a peer's Raft RPC; `None` for a request that is not one.
+    pub async fn handle_raft(&self, request: PeerRequest) -> Option<PeerResponse> {
+        peer::handle_raft(&self.groups, &self.inbox, request).await
+    }
+
     /// How many buckets this node's replicas hold, across its shards.
     #[must_use]
     pub fn buckets(&self) -> usize {
@@ -355,7 +372,7 @@ fn millis(duration: Duration) -> u64 {
 impl PeerHandler for Node {
     /// Raft traffic only: a node without a router forwards nothing.
     async fn handle(&self, request: PeerRequest) -> PeerResponse {
-        peer::handle_raft(&self.groups, request)
+        self.handle_raft(request)
             .await
             .unwrap_or(PeerResponse::NoSuchShard)
     }

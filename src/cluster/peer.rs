@@ -43,13 +43,22 @@ pub enum PeerRequest {
     AppendEntries(u16, AppendEntriesRequest<ShardRaft>),
     /// Raft's vote request.
     Vote(u16, VoteRequest<ShardRaft>),
-    /// A whole snapshot, for a replica too far behind for the log.
-    Snapshot(
-        u16,
-        VoteOf<ShardRaft>,
-        SnapshotMetaOf<ShardRaft>,
-        SnapshotBytes,
-    ),
+    /// A piece of a snapshot, for a replica too far behind for the log. The pieces of one
+    /// transfer come one after another from offset 0, each once the one before is answered;
+    /// the last carries the snapshot's vote and metadata, and the receiver installs the whole
+    /// snapshot then.
+    SnapshotPiece {
+        /// The shard.
+        shard: u16,
+        /// Which transfer the piece belongs to (a new one starts at offset 0).
+        transfer: u64,
+        /// Where the piece starts in the snapshot.
+        offset: u64,
+        /// The piece.
+        bytes: Bytes,
+        /// On the last piece: the leader's vote and the snapshot's metadata.
+        last: Option<(VoteOf<ShardRaft>, SnapshotMetaOf<ShardRaft>)>,
+    },
     /// Raft's leader transfer: the receiver should campaign now.
     TransferLeader(u16, TransferLeaderRequest<ShardRaft>),
     /// What the receiving node's client address is (for `CLUSTER SLOTS` and `NODES`).
@@ -84,8 +93,9 @@ pub enum PeerResponse {
     AppendEntries(Result<AppendEntriesResponse<ShardRaft>, RaftError<ShardRaft>>),
     /// To [`PeerRequest::Vote`].
     Vote(Result<VoteResponse<ShardRaft>, RaftError<ShardRaft>>),
-    /// To [`PeerRequest::Snapshot`].
-    Snapshot(Result<SnapshotResponse<ShardRaft>, String>),
+    /// To [`PeerRequest::SnapshotPiece`]: taken (`None`), or, to the last piece, what
+    /// installing the snapshot answered.
+    Snapshot(Result<Option<SnapshotResponse<ShardRaft>>, String>),
     /// To [`PeerRequest::TransferLeader`].
     TransferLeader(Result<TransferLeaderResponse<ShardRaft>, String>),
     /// To [`PeerRequest::Describe`]: where the node's clients connect.
@@ -330,9 +340,69 @@ async fn answer<H: PeerHandler>(
     let _ = writer.await;
 }
 
-/// Answers a Raft RPC from `groups`; `None` for a request that is not one.
+/// The snapshots being received, a shard's pieces gathered until the last arrives.
+pub struct SnapshotInbox {
+    /// The largest snapshot this node takes: a peer cannot make it hold more.
+    limit: u64,
+    transfers: parking_lot::Mutex<HashMap<u16, (u64, Vec<u8>)>>,
+}
+
+impl SnapshotInbox {
+    /// An inbox that takes snapshots of up to `limit` bytes.
+    #[must_use]
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            transfers: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a piece of transfer `transfer` of `shard`'s snapshot.
+    fn receive(&self, shard: u16, transfer: u64, offset: u64, bytes: &[u8]) -> Result<(), String> {
+        let mut transfers = self.transfers.lock();
+        if offset == 0 {
+            // A new transfer replaces any that was left unfinished.
+            transfers.insert(shard, (transfer, Vec::new()));
+        }
+        let Some((_, received)) = transfers.get_mut(&shard).filter(|(id, _)| *id == transfer)
+        else {
+            return Err(format!(
+                "no snapshot transfer {transfer} of shard {shard} under way"
+            ));
+        };
+        if received.len() as u64 != offset {
+            let expected = received.len();
+            transfers.remove(&shard);
+            return Err(format!(
+                "a snapshot piece at offset {offset}; expected {expected}"
+            ));
+        }
+        if offset + bytes.len() as u64 > self.limit {
+            transfers.remove(&shard);
+            return Err(format!(
+                "a snapshot larger than this node takes ({} bytes)",
+                self.limit
+            ));
+        }
+        received.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// The whole of transfer `transfer` of `shard`'s snapshot, once its last piece is in.
+    fn complete(&self, shard: u16, transfer: u64) -> Option<Vec<u8>> {
+        let mut transfers = self.transfers.lock();
+        match transfers.get(&shard) {
+            Some((id, _)) if *id == transfer => transfers.remove(&shard).map(|(_, bytes)| bytes),
+            _ => None,
+        }
+    }
+}
+
+/// Answers a Raft RPC from `groups` (snapshots gathered in `inbox`); `None` for a request
+/// that is not one.
 pub async fn handle_raft(
     groups: &HashMap<u16, ShardGroup>,
+    inbox: &SnapshotInbox,
     request: PeerRequest,
 ) -> Option<PeerResponse> {
     let response = match request {
@@ -344,19 +414,16 @@ pub async fn handle_raft(
             Some(group) => PeerResponse::Vote(group.vote(rpc).await),
             None => PeerResponse::NoSuchShard,
         },
-        PeerRequest::Snapshot(shard, vote, meta, data) => match groups.get(&shard) {
-            Some(group) => {
-                let snapshot = openraft::type_config::alias::SnapshotOf::<ShardRaft, SnapshotBytes> {
-                    meta,
-                    snapshot: data,
-                };
-                PeerResponse::Snapshot(
-                    group
-                        .install_full_snapshot(vote, snapshot)
-                        .await
-                        .map_err(|error| error.to_string()),
-                )
-            }
+        PeerRequest::SnapshotPiece {
+            shard,
+            transfer,
+            offset,
+            bytes,
+            last,
+        } => match groups.get(&shard) {
+            Some(group) => PeerResponse::Snapshot(
+                install_piece(group, inbox, shard, transfer, offset, &bytes, last).await,
+            ),
             None => PeerResponse::NoSuchShard,
         },
         PeerRequest::TransferLeader(shard, rpc) => match groups.get(&shard) {
@@ -373,4 +440,63 @@ pub async fn handle_raft(
         }
     };
     Some(response)
+}
+
+/// Takes a snapshot piece; with the last, installs the snapshot and answers what that did.
+async fn install_piece(
+    group: &ShardGroup,
+    inbox: &SnapshotInbox,
+    shard: u16,
+    transfer: u64,
+    offset: u64,
+    bytes: &[u8],
+    last: Option<(VoteOf<ShardRaft>, SnapshotMetaOf<ShardRaft>)>,
+) -> Result<Option<SnapshotResponse<ShardRaft>>, String> {
+    inbox.receive(shard, transfer, offset, bytes)?;
+    let Some((vote, meta)) = last else {
+        return Ok(None);
+    };
+    let snapshot = inbox
+        .complete(shard, transfer)
+        .ok_or_else(|| "the snapshot transfer was replaced meanwhile".to_owned())?;
+    let snapshot =
+        openraft::type_config::alias::SnapshotOf::<ShardRaft, SnapshotBytes> { meta, snapshot };
+    group
+        .install_full_snapshot(vote, snapshot)
+        .await
+        .map(Some)
+        .map_err(|error| error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SnapshotInbox;
+
+    #[test]
+    fn a_snapshot_is_taken_in_order_within_its_limit() {
+        let inbox = SnapshotInbox::new(10);
+        inbox.receive(0, 7, 0, b"abc").unwrap();
+        inbox.receive(0, 7, 3, b"def").unwrap();
+        assert_eq!(inbox.complete(0, 7).as_deref(), Some(&b"abcdef"[..]));
+        assert_eq!(inbox.complete(0, 7), None, "taken once");
+
+        inbox.receive(0, 8, 0, b"abc").unwrap();
+        assert!(inbox.receive(0, 8, 5, b"x").is_err(), "a gap");
+        assert!(
+            inbox.receive(0, 8, 3, b"d").is_err(),
+            "the transfer was dropped"
+        );
+
+        inbox.receive(0, 9, 0, b"abcdefgh").unwrap();
+        assert!(inbox.receive(0, 9, 8, b"ijk").is_err(), "past the limit");
+        assert_eq!(inbox.complete(0, 9), None);
+
+        inbox.receive(1, 1, 0, b"old").unwrap();
+        inbox.receive(1, 2, 0, b"new").unwrap();
+        assert!(
+            inbox.receive(1, 1, 3, b"!").is_err(),
+            "replaced by a newer transfer"
+        );
+        assert_eq!(inbox.complete(1, 2).as_deref(), Some(&b"new"[..]));
+    }
 }

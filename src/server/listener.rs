@@ -270,6 +270,7 @@ async fn join_cluster(
             election_timeout: cluster.election_timeout,
             core: config.core.clone(),
             snapshot_every: cluster.snapshot_every,
+            snapshot_piece: cluster.snapshot_piece,
         })
         .await?,
     );

@@ -38,7 +38,7 @@ use smallvec::SmallVec;
 use tokio::time::{Instant, timeout_at};
 
 use super::node::Node;
-use super::peer::{self, PeerError, PeerHandler, PeerRequest, PeerResponse};
+use super::peer::{PeerError, PeerHandler, PeerRequest, PeerResponse};
 use super::placement::{NodeId, replicas_of};
 use super::slot::{shard_of, slot_of};
 use crate::change::Change;
@@ -300,7 +300,9 @@ impl PeerHandler for Router {
                     None => PeerResponse::NoSuchShard,
                 }
             }
-            raft => peer::handle_raft(self.node.groups(), raft)
+            raft => self
+                .node
+                .handle_raft(raft)
                 .await
                 .unwrap_or(PeerResponse::NoSuchShard),
         }

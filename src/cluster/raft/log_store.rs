@@ -154,23 +154,33 @@ impl Replayed {
 }
 
 impl Inner {
-    /// Writes `operations` as frames, in one write, and syncs them if `sync`.
-    fn write(&mut self, operations: &[Saved], sync: bool) -> io::Result<()> {
+    /// Writes `operations` as frames, in one write, and syncs them if `sync`. A sync (and the
+    /// write before it) runs on a blocking thread, so that a slow disk never holds an async
+    /// worker; the caller holds the log's lock meanwhile, which keeps the file's operations in
+    /// order.
+    async fn write(&mut self, operations: &[Saved], sync: bool) -> io::Result<()> {
         let mut buffer = Vec::new();
         for saved in operations {
             let payload = postcard::to_stdvec(saved).map_err(invalid)?;
             encode_frame(&mut buffer, |out| out.extend_from_slice(&payload));
         }
-        self.file.write_all(&buffer)?;
         if sync {
-            self.file.sync_data()?;
+            let mut file = self.file.try_clone()?;
+            blocking(move || {
+                file.write_all(&buffer)?;
+                file.sync_data()
+            })
+            .await?;
+        } else {
+            self.file.write_all(&buffer)?;
         }
         self.frames += operations.len();
         Ok(())
     }
 
-    /// Rewrites the file as what is live now, once purged entries make up most of it.
-    fn rewrite_if_mostly_purged(&mut self) -> io::Result<()> {
+    /// Rewrites the file as what is live now, once purged entries make up most of it (on a
+    /// blocking thread: it writes and syncs the whole live log).
+    async fn rewrite_if_mostly_purged(&mut self) -> io::Result<()> {
         let live = self.entries.len() + 3;
         if self.frames < REWRITE_AT || self.frames < 2 * live {
             return Ok(());
@@ -180,22 +190,35 @@ impl Inner {
         operations.push(Saved::Committed(self.committed));
         operations.extend(self.last_purged.map(Saved::Purge));
         operations.extend(self.entries.values().cloned().map(Saved::Entry));
-        let path = self.directory.join(FILE);
-        let temporary = self.directory.join(format!("{FILE}.tmp"));
         let mut buffer = Vec::new();
         for saved in &operations {
             let payload = postcard::to_stdvec(saved).map_err(invalid)?;
             encode_frame(&mut buffer, |out| out.extend_from_slice(&payload));
         }
-        let mut file = File::create(&temporary)?;
-        file.write_all(&buffer)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, &path)?;
-        File::open(&self.directory)?.sync_all()?;
-        self.file = OpenOptions::new().append(true).open(&path)?;
+        let directory = self.directory.clone();
+        self.file = blocking(move || {
+            let path = directory.join(FILE);
+            let temporary = directory.join(format!("{FILE}.tmp"));
+            let mut file = File::create(&temporary)?;
+            file.write_all(&buffer)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &path)?;
+            File::open(&directory)?.sync_all()?;
+            OpenOptions::new().append(true).open(&path)
+        })
+        .await?;
         self.frames = operations.len();
         Ok(())
     }
+}
+
+/// Runs file work that may wait on the disk on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(io::Error::other)?
 }
 
 impl ShardLog {
@@ -206,9 +229,7 @@ impl ShardLog {
     /// If the sync fails.
     pub async fn sync(&self) -> io::Result<()> {
         let file = self.inner.lock().await.file.try_clone()?;
-        tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .map_err(io::Error::other)?
+        blocking(move || file.sync_data()).await
     }
 
     /// The entries at `indexes` that the log holds, for a caller on a blocking thread (it
@@ -268,7 +289,7 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
 
     async fn save_vote(&mut self, vote: &VoteOf<ShardRaft>) -> Result<(), io::Error> {
         let mut inner = self.inner.lock().await;
-        inner.write(&[Saved::Vote(*vote)], true)?;
+        inner.write(&[Saved::Vote(*vote)], true).await?;
         inner.vote = Some(*vote);
         Ok(())
     }
@@ -278,7 +299,7 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
         committed: Option<LogIdOf<ShardRaft>>,
     ) -> Result<(), io::Error> {
         let mut inner = self.inner.lock().await;
-        inner.write(&[Saved::Committed(committed)], false)?;
+        inner.write(&[Saved::Committed(committed)], false).await?;
         inner.committed = committed;
         Ok(())
     }
@@ -300,7 +321,7 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
         let entries: Vec<_> = entries.into_iter().collect();
         let operations: Vec<Saved> = entries.iter().cloned().map(Saved::Entry).collect();
         let sync = inner.fsync == FsyncPolicy::Always;
-        let written = inner.write(&operations, sync);
+        let written = inner.write(&operations, sync).await;
         if written.is_ok() {
             for entry in entries {
                 inner.entries.insert(entry.index(), entry);
@@ -320,7 +341,7 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
         last_log_id: Option<LogIdOf<ShardRaft>>,
     ) -> Result<(), io::Error> {
         let mut inner = self.inner.lock().await;
-        inner.write(&[Saved::TruncateAfter(last_log_id)], false)?;
+        inner.write(&[Saved::TruncateAfter(last_log_id)], false).await?;
         let from = last_log_id.map_or(0, |last| last.index() + 1);
         inner.entries.split_off(&from);
         Ok(())
@@ -328,10 +349,10 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
 
     async fn purge(&mut self, log_id: LogIdOf<ShardRaft>) -> Result<(), io::Error> {
         let mut inner = self.inner.lock().await;
-        inner.write(&[Saved::Purge(log_id)], false)?;
+        inner.write(&[Saved::Purge(log_id)], false).await?;
         let kept = inner.entries.split_off(&(log_id.index() + 1));
         inner.entries = kept;
         inner.last_purged = Some(log_id);
-        inner.rewrite_if_mostly_purged()
+        inner.rewrite_if_mostly_purged().await
     }
 }

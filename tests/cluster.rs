@@ -630,6 +630,16 @@ async fn any_node_answers_every_request_as_one_node_would() {
     assert!(info.contains("cluster_shards_led:1"), "{info}");
     assert!(info.contains("cluster_shards_followed:2"), "{info}");
     assert_eq!(info.matches("shard_").count(), 3, "{info}");
+    // What this node's replicas hold, across its shards.
+    let field = |name: &str| -> u64 {
+        info.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("{name} in {info}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(field("buckets") >= 6 && field("keys") >= 6, "{info}");
+    assert!(field("memory_used_bytes") > 0, "{info}");
     // On the shard it leads: each follower's progress and last contact.
     let led = info
         .lines()

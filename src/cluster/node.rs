@@ -89,6 +89,8 @@ pub struct Node {
     shards: u16,
     /// The fewest entries between two snapshots of a shard.
     snapshot_every: u64,
+    /// The memory the node's shards share.
+    budget: Arc<MemoryBudget>,
     /// The snapshots peers are sending this node.
     inbox: peer::SnapshotInbox,
     shutdown: CancellationToken,
@@ -200,6 +202,7 @@ impl Node {
             peers,
             shards: config.shards,
             snapshot_every: config.snapshot_every,
+            budget,
             // A snapshot holds about the data of a shard; a node's shards together hold no more
             // than its memory limit.
             inbox: peer::SnapshotInbox::new(
@@ -307,6 +310,12 @@ impl Node {
     /// Answers a peer's Raft RPC; `None` for a request that is not one.
     pub async fn handle_raft(&self, request: PeerRequest) -> Option<PeerResponse> {
         peer::handle_raft(&self.groups, &self.inbox, request).await
+    }
+
+    /// The memory this node's shards share: what their buckets hold, against the limit.
+    #[must_use]
+    pub fn memory(&self) -> &MemoryBudget {
+        &self.budget
     }
 
     /// How many buckets this node's replicas hold, across its shards.

@@ -10,8 +10,11 @@ impl Dispatcher {
     /// The text of `INFO`.
     pub(super) fn info(&self) -> String {
         let stats = &self.stats;
-        let view = self.registry().view();
-        let memory = self.registry().memory();
+        // In a cluster, what this node's replicas hold; on a single node, its registry's.
+        let (buckets, memory) = match &self.router {
+            Some(router) => router.holdings(),
+            None => (self.registry().view().len(), self.registry().memory()),
+        };
         let status = *self.registry().status().borrow();
         let mut text = String::with_capacity(512);
         let mut line = |name: &str, value: &dyn std::fmt::Display| {
@@ -26,7 +29,7 @@ impl Dispatcher {
             ("connections_refused", count(&stats.connections_refused)),
             ("commands", count(&stats.commands)),
             ("errors", count(&stats.errors)),
-            ("buckets", view.len() as u64),
+            ("buckets", buckets as u64),
             ("keys", memory.keys() as u64),
             ("memory_used_bytes", memory.used() as u64),
             ("memory_limit_bytes", memory.limit() as u64),

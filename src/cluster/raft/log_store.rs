@@ -341,7 +341,9 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
         last_log_id: Option<LogIdOf<ShardRaft>>,
     ) -> Result<(), io::Error> {
         let mut inner = self.inner.lock().await;
-        inner.write(&[Saved::TruncateAfter(last_log_id)], false).await?;
+        inner
+            .write(&[Saved::TruncateAfter(last_log_id)], false)
+            .await?;
         let from = last_log_id.map_or(0, |last| last.index() + 1);
         inner.entries.split_off(&from);
         Ok(())

@@ -111,6 +111,12 @@ impl Router {
         bucket_of(request).is_some()
     }
 
+    /// How many buckets this node's replicas hold, and the memory they share (for `INFO`).
+    #[must_use]
+    pub fn holdings(&self) -> (usize, &crate::bucket::MemoryBudget) {
+        (self.node.buckets(), self.node.memory())
+    }
+
     /// This node's replica of the shard of `bucket` (what `DEBUG CRASH` acts on in a
     /// cluster); `None` if this node holds none.
     pub async fn replica_registry(&self, bucket: &[u8]) -> Option<crate::registry::Registry> {

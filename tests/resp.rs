@@ -100,7 +100,23 @@ async fn resp_errors_follow_redis_conventions() {
         .send(b"*2\r\n$3\r\nGET\r\n$1\r\nx\r\n*3\r\n$3\r\nGET\r\n$1\r\nx\r\n$1\r\nk\r\n*1\r\n$4\r\nINFO\r\n")
         .await;
     client
-        .expect(b"-ERR unknown command or wrong number of arguments\r\n-NOTFOUND bucket does not exist\r\n$")
+        .expect(b"-ERR wrong number of arguments for 'get' command\r\n-NOTFOUND bucket does not exist\r\n$")
+        .await;
+}
+
+#[tokio::test]
+async fn resp_errors_name_the_command_and_the_line_protocol_keeps_the_guides() {
+    let server = TestServer::default().await;
+    let mut client = server.connect().await;
+    client
+        .send(b"*2\r\n$3\r\nFLY\r\n$4\r\naway\r\n*2\r\n$7\r\nCLUSTER\r\n$4\r\nMEET\r\n")
+        .await;
+    client
+        .expect(b"-ERR unknown command 'FLY', with args beginning with: 'away' \r\n-ERR unknown subcommand 'MEET' of 'cluster'\r\n")
+        .await;
+    client.send(b"FLY away\nGET onlybucket\n").await;
+    client
+        .expect(b"UNKNOWN COMMAND\r\nUNKNOWN COMMAND\r\n")
         .await;
 }
 

@@ -240,9 +240,11 @@ impl Dispatcher {
     /// Appends the reply to a request that could not be parsed.
     pub fn reject(&self, error: &ProtocolError, dialect: Dialect, out: &mut BytesMut) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        let reply = match error {
-            ProtocolError::UnknownCommand => Reply::UnknownCommand,
-            other => Reply::Error(ErrorReply::from(other)),
+        // The guide's `UNKNOWN COMMAND` stays as it is in the line protocol; RESP says which
+        // command and why, as Redis does.
+        let reply = match (error, dialect) {
+            (error, Dialect::Line) if error.is_unknown_command() => Reply::UnknownCommand,
+            (other, _) => Reply::Error(ErrorReply::from(other)),
         };
         encode(&reply, dialect, out);
     }

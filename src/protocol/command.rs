@@ -1,7 +1,7 @@
 //! Requests, as both dialects give them once split into words.
 
 use super::ProtocolError;
-use super::commands::CommandQuery;
+use super::commands::{COMMANDS, CommandQuery};
 
 /// Most words any command takes; a request with more is an unknown command. Words are kept on
 /// the stack up to this count.
@@ -149,11 +149,17 @@ impl<'a> Request<'a> {
     /// Makes a request of its words. `words` holds at most [`MAX_WORDS`] words; `extra` says
     /// whether the request had more (which no command accepts).
     pub(super) fn from_words(words: &[&'a [u8]], extra: bool) -> Result<Self, ProtocolError> {
+        Self::parse_words(words, extra)?.ok_or_else(|| refusal(words, extra))
+    }
+
+    /// The request `words` make; `Ok(None)` if they make none (no such command, or not with
+    /// these words).
+    fn parse_words(words: &[&'a [u8]], extra: bool) -> Result<Option<Self>, ProtocolError> {
         let Some((command, arguments)) = words.split_first() else {
-            return Err(ProtocolError::UnknownCommand);
+            return Ok(None);
         };
         if extra {
-            return Err(ProtocolError::UnknownCommand);
+            return Ok(None);
         }
         let is = |name: &str| command.eq_ignore_ascii_case(name.as_bytes());
         let request = match arguments {
@@ -180,9 +186,10 @@ impl<'a> Request<'a> {
                     ("SHARDS", ClusterQuery::Shards),
                 ]
                 .into_iter()
-                .find(|(name, _)| subcommand.eq_ignore_ascii_case(name.as_bytes()))
-                .ok_or(ProtocolError::UnknownCommand)?
-                .1;
+                .find(|(name, _)| subcommand.eq_ignore_ascii_case(name.as_bytes()));
+                let Some((_, query)) = query else {
+                    return Ok(None);
+                };
                 Self::Cluster(query)
             }
             [] if is("COMMAND") => Self::Command(CommandQuery::All),
@@ -198,7 +205,7 @@ impl<'a> Request<'a> {
                         }
                         CommandQuery::Info(asked)
                     }
-                    _ => return Err(ProtocolError::UnknownCommand),
+                    _ => return Ok(None),
                 })
             }
             [] if is("BUCKETS") => Self::Buckets { after: None },
@@ -218,15 +225,77 @@ impl<'a> Request<'a> {
                 } else if action.eq_ignore_ascii_case(b"STOP") {
                     DebugAction::Stop
                 } else {
-                    return Err(ProtocolError::UnknownCommand);
+                    return Ok(None);
                 };
                 Self::Debug { action, bucket }
             }
-            _ => return Err(ProtocolError::UnknownCommand),
+            _ => return Ok(None),
         };
-        Ok(request)
+        Ok(Some(request))
     }
 }
+
+/// Why `words` make no request, named as Redis names it: a command kv does not have, a
+/// subcommand its command does not have, or a known command with the wrong number of words.
+fn refusal(words: &[&[u8]], extra: bool) -> ProtocolError {
+    /// Redis shows at most this much of a name or an argument.
+    const SHOWN: usize = 128;
+    let shown = |word: &[u8]| String::from_utf8_lossy(&word[..word.len().min(SHOWN)]).into_owned();
+    let Some((name, arguments)) = words.split_first() else {
+        return ProtocolError::UnknownCommand {
+            name: String::new(),
+            args: String::new(),
+        };
+    };
+    let Some(spec) = COMMANDS
+        .iter()
+        .find(|spec| name.eq_ignore_ascii_case(spec.name.as_bytes()))
+    else {
+        let args = arguments
+            .iter()
+            .map(|argument| format!("'{}' ", shown(argument)))
+            .collect();
+        return ProtocolError::UnknownCommand {
+            name: shown(name),
+            args,
+        };
+    };
+    let count = i64::try_from(words.len()).unwrap_or(i64::MAX);
+    let arity_fits = !extra
+        && if spec.arity < 0 {
+            count >= -spec.arity
+        } else {
+            count == spec.arity
+        };
+    let subcommands = SUBCOMMANDS
+        .iter()
+        .find(|(command, _)| *command == spec.name)
+        .map(|(_, subcommands)| *subcommands);
+    match (arguments.first(), subcommands) {
+        (Some(subcommand), Some(known))
+            if arity_fits
+                && !known
+                    .iter()
+                    .any(|known| subcommand.eq_ignore_ascii_case(known.as_bytes())) =>
+        {
+            ProtocolError::UnknownSubcommand {
+                command: spec.name,
+                subcommand: shown(subcommand),
+            }
+        }
+        _ => ProtocolError::WrongArity { command: spec.name },
+    }
+}
+
+/// The commands whose first argument is a subcommand, and their subcommands.
+const SUBCOMMANDS: [(&str, &[&str]); 3] = [
+    (
+        "cluster",
+        &["info", "myid", "slots", "nodes", "shards", "keyslot"],
+    ),
+    ("command", &["count", "info", "docs"]),
+    ("debug", &["crash", "stop", "panic"]),
+];
 
 #[cfg(test)]
 mod tests {
@@ -240,19 +309,44 @@ mod tests {
         );
         assert_eq!(
             Request::from_words(&[b"GET", b"shopping"], false),
-            Err(ProtocolError::UnknownCommand)
+            Err(ProtocolError::WrongArity { command: "get" })
         );
         assert_eq!(
             Request::from_words(&[b"PUT", b"a", b"b", b"c"], true),
-            Err(ProtocolError::UnknownCommand)
+            Err(ProtocolError::WrongArity { command: "put" })
         );
         assert_eq!(
             Request::from_words(&[b"FLUSH"], false),
-            Err(ProtocolError::UnknownCommand)
+            Err(ProtocolError::UnknownCommand {
+                name: "FLUSH".into(),
+                args: String::new()
+            })
+        );
+        assert!(
+            Request::from_words(&[], false)
+                .unwrap_err()
+                .is_unknown_command()
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_command_as_redis_does() {
+        let refused = |words: &[&[u8]]| Request::from_words(words, false).unwrap_err().to_string();
+        assert_eq!(
+            refused(&[b"FLY", b"away", b"now"]),
+            "unknown command 'FLY', with args beginning with: 'away' 'now' "
         );
         assert_eq!(
-            Request::from_words(&[], false),
-            Err(ProtocolError::UnknownCommand)
+            refused(&[b"delete", b"b"]),
+            "wrong number of arguments for 'delete' command"
+        );
+        assert_eq!(
+            refused(&[b"CLUSTER", b"MEET"]),
+            "unknown subcommand 'MEET' of 'cluster'"
+        );
+        assert_eq!(
+            refused(&[b"CLUSTER", b"KEYSLOT"]),
+            "wrong number of arguments for 'cluster' command"
         );
     }
 }

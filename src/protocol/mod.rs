@@ -104,12 +104,45 @@ pub enum Parsed<'a> {
     },
 }
 
+impl ProtocolError {
+    /// Whether the guide would answer this `UNKNOWN COMMAND`: no such command, or not with
+    /// these words.
+    #[must_use]
+    pub fn is_unknown_command(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownCommand { .. } | Self::WrongArity { .. } | Self::UnknownSubcommand { .. }
+        )
+    }
+}
+
 /// Something wrong with what a client sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
-    /// No such command, or a known command with the wrong number of words.
-    #[error("unknown command")]
-    UnknownCommand,
+    /// No such command (the line protocol answers the guide's `UNKNOWN COMMAND`; RESP names
+    /// it as Redis does).
+    #[error("unknown command '{name}', with args beginning with: {args}")]
+    UnknownCommand {
+        /// The command as sent (at most 128 bytes of it, lossily as UTF-8).
+        name: String,
+        /// Its first arguments, each quoted and followed by a space, as Redis shows them.
+        args: String,
+    },
+    /// A known command with the wrong number of words (`UNKNOWN COMMAND` in the line protocol,
+    /// as the guide has it).
+    #[error("wrong number of arguments for '{command}' command")]
+    WrongArity {
+        /// The command's name.
+        command: &'static str,
+    },
+    /// A known command with a subcommand it does not have.
+    #[error("unknown subcommand '{subcommand}' of '{command}'")]
+    UnknownSubcommand {
+        /// The command's name.
+        command: &'static str,
+        /// The subcommand as sent (at most 128 bytes of it, lossily as UTF-8).
+        subcommand: String,
+    },
     /// A line longer than the limit.
     #[error("line too long (limit {limit} bytes)")]
     LineTooLong {

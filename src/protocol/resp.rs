@@ -247,7 +247,7 @@ mod tests {
         assert_eq!(
             parse(input, &limits()),
             Parsed::Invalid {
-                error: ProtocolError::UnknownCommand,
+                error: ProtocolError::WrongArity { command: "get" },
                 dialect: Dialect::Resp,
                 consumed: input.len() - 6
             }

@@ -222,3 +222,32 @@ async fn cluster_keyslot_gives_redis_clusters_slot_in_both_protocols() {
         )
     );
 }
+
+/// What Redis clients send on connecting: a name for the connection, their library, the
+/// database (kv has one, 0).
+#[tokio::test]
+async fn clients_name_their_connection_and_select_database_zero() {
+    let server = TestServer::default().await;
+    let mut client = server.connect().await;
+    client
+        .send(
+            b"*3\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n$6\r\nworker\r\n\
+              *2\r\n$6\r\nCLIENT\r\n$7\r\nGETNAME\r\n\
+              *4\r\n$6\r\nCLIENT\r\n$7\r\nSETINFO\r\n$8\r\nLIB-NAME\r\n$8\r\nredis-py\r\n\
+              *4\r\n$6\r\nCLIENT\r\n$7\r\nSETINFO\r\n$7\r\nLIB-VER\r\n$5\r\n8.0.0\r\n\
+              *2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n\
+              *2\r\n$6\r\nSELECT\r\n$1\r\n1\r\n\
+              *3\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n$3\r\na b\r\n",
+        )
+        .await;
+    client
+        .expect(
+            b"+OK\r\n$6\r\nworker\r\n+OK\r\n+OK\r\n+OK\r\n\
+              -ERR DB index is out of range: kv has one database, 0\r\n\
+              -ERR Client names cannot contain spaces, newlines or special characters.\r\n",
+        )
+        .await;
+    let mut other = server.connect().await;
+    other.send(b"*2\r\n$6\r\nCLIENT\r\n$7\r\nGETNAME\r\n").await;
+    other.expect(b"$-1\r\n").await;
+}

@@ -16,7 +16,8 @@ use crate::bucket::{BucketError, BucketHandle, BucketName};
 use crate::cluster::router::Router;
 use crate::cluster::slot::slot_of;
 use crate::protocol::{
-    Dialect, ErrorReply, ProtocolError, Reply, Request, describe_commands, encode, encode_page,
+    ClientRequest, Dialect, ErrorReply, ProtocolError, Reply, Request, describe_commands, encode,
+    encode_page,
 };
 use crate::registry::Registry;
 use crate::shard::LocalShard;
@@ -58,6 +59,8 @@ pub struct Dispatcher {
     /// Whether a request since the last [`take_changed`](Self::take_changed) changed the
     /// store: then the replies must wait for the journal.
     changed: bool,
+    /// The name the client gave this connection (`CLIENT SETNAME`).
+    client_name: Option<Vec<u8>>,
 }
 
 impl Dispatcher {
@@ -78,6 +81,7 @@ impl Dispatcher {
             last_bucket: None,
             last_looked_up: None,
             changed: false,
+            client_name: None,
         }
     }
 
@@ -179,6 +183,23 @@ impl Dispatcher {
                 encode(&Reply::Tree(&describe_commands(&query)), dialect, out);
                 return Next::Continue;
             }
+            Request::Client(request) => {
+                let reply = client(&mut self.client_name, request);
+                if matches!(reply, Reply::Error(_)) {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                encode(&reply, dialect, out);
+                return Next::Continue;
+            }
+            Request::Select { index } => {
+                if index == b"0" {
+                    Reply::Ok
+                } else {
+                    Reply::Error(ErrorReply::new(
+                        "DB index is out of range: kv has one database, 0",
+                    ))
+                }
+            }
             Request::Quit => {
                 encode(&Reply::Ok, dialect, out);
                 return Next::Close;
@@ -247,5 +268,36 @@ impl Dispatcher {
             (other, _) => Reply::Error(ErrorReply::from(other)),
         };
         encode(&reply, dialect, out);
+    }
+}
+
+/// `CLIENT SETNAME|GETNAME|SETINFO`, what Redis clients send on connecting, for the
+/// connection named `name`.
+fn client<'n>(name: &'n mut Option<Vec<u8>>, request: ClientRequest<'_>) -> Reply<'n> {
+    match request {
+        ClientRequest::SetName(new) => {
+            // As Redis: a name is printable ASCII without spaces (it shows in listings).
+            if new.iter().all(|&byte| (b'!'..=b'~').contains(&byte)) {
+                *name = (!new.is_empty()).then(|| new.to_vec());
+                Reply::Ok
+            } else {
+                Reply::Error(ErrorReply::new(
+                    "Client names cannot contain spaces, newlines or special characters.",
+                ))
+            }
+        }
+        ClientRequest::GetName => Reply::Value(name.as_deref()),
+        ClientRequest::SetInfo { attribute } => {
+            if attribute.eq_ignore_ascii_case(b"LIB-NAME")
+                || attribute.eq_ignore_ascii_case(b"LIB-VER")
+            {
+                Reply::Ok
+            } else {
+                Reply::Error(ErrorReply::new(format!(
+                    "Unrecognized option '{}'",
+                    String::from_utf8_lossy(attribute)
+                )))
+            }
+        }
     }
 }

@@ -31,6 +31,21 @@ pub enum ClusterQuery {
     Shards,
 }
 
+/// What `CLIENT` is asked: about this connection, as Redis clients ask on connecting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientRequest<'a> {
+    /// `CLIENT SETNAME name`: names this connection.
+    SetName(&'a [u8]),
+    /// `CLIENT GETNAME`: this connection's name, if it has one.
+    GetName,
+    /// `CLIENT SETINFO LIB-NAME|LIB-VER value`: which client library this is (taken, and
+    /// not kept).
+    SetInfo {
+        /// `LIB-NAME` or `LIB-VER`, as sent.
+        attribute: &'a [u8],
+    },
+}
+
 /// A request on one key of one bucket: what a connection runs in batches, its buckets found
 /// together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +106,13 @@ pub enum Request<'a> {
     Cluster(ClusterQuery),
     /// `COMMAND [COUNT|INFO name…|DOCS]`: kv's commands as Redis describes its own.
     Command(CommandQuery<'a>),
+    /// `CLIENT SETNAME|GETNAME|SETINFO …`: about this connection.
+    Client(ClientRequest<'a>),
+    /// `SELECT index`: kv has one database, 0.
+    Select {
+        /// The database asked for, as sent.
+        index: &'a [u8],
+    },
     /// `BUCKETS [after]`: one page of bucket names greater than `after`.
     Buckets {
         /// The last name of the previous page.
@@ -208,6 +230,16 @@ impl<'a> Request<'a> {
                     _ => return Ok(None),
                 })
             }
+            [subcommand, rest @ ..] if is("CLIENT") => {
+                let is_sub = |name: &str| subcommand.eq_ignore_ascii_case(name.as_bytes());
+                Self::Client(match rest {
+                    [name] if is_sub("SETNAME") => ClientRequest::SetName(name),
+                    [] if is_sub("GETNAME") => ClientRequest::GetName,
+                    [attribute, _] if is_sub("SETINFO") => ClientRequest::SetInfo { attribute },
+                    _ => return Ok(None),
+                })
+            }
+            [index] if is("SELECT") => Self::Select { index },
             [] if is("BUCKETS") => Self::Buckets { after: None },
             [after] if is("BUCKETS") => Self::Buckets { after: Some(after) },
             [bucket] if is("KEYS") => Self::Keys { bucket, cursor: 0 },
@@ -288,7 +320,8 @@ fn refusal(words: &[&[u8]], extra: bool) -> ProtocolError {
 }
 
 /// The commands whose first argument is a subcommand, and their subcommands.
-const SUBCOMMANDS: [(&str, &[&str]); 3] = [
+const SUBCOMMANDS: [(&str, &[&str]); 4] = [
+    ("client", &["setname", "getname", "setinfo"]),
     (
         "cluster",
         &["info", "myid", "slots", "nodes", "shards", "keyslot"],

@@ -33,6 +33,8 @@ pub const COMMANDS: &[CommandSpec] = &[
     spec("info", 1, &["stale"], (0, 0, 0)),
     spec("cluster", -2, &["stale"], (0, 0, 0)),
     spec("command", -1, &["stale"], (0, 0, 0)),
+    spec("client", -2, &["stale"], (0, 0, 0)),
+    spec("select", 2, &["fast", "stale"], (0, 0, 0)),
     spec("debug", -2, &["admin", "noscript"], (0, 0, 0)),
 ];
 

@@ -15,7 +15,7 @@ mod reply;
 mod resp;
 mod resp_reply;
 
-pub use command::{ClusterQuery, DebugAction, KeyAction, KeyRequest, Request};
+pub use command::{ClientRequest, ClusterQuery, DebugAction, KeyAction, KeyRequest, Request};
 pub use commands::{COMMANDS, CommandQuery, CommandSpec, describe_commands};
 pub use line_reply::{LineReplyShape, parse_line_reply};
 pub use reply::{ErrorReply, Reply, SlotRange, encode, encode_page, encode_value};

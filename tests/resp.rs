@@ -251,3 +251,34 @@ async fn clients_name_their_connection_and_select_database_zero() {
     other.send(b"*2\r\n$6\r\nCLIENT\r\n$7\r\nGETNAME\r\n").await;
     other.expect(b"$-1\r\n").await;
 }
+
+/// What `redis-cli --stat`, `info server` and `dbsize` read: the key count, and `INFO`'s
+/// counts under Redis's names too.
+#[tokio::test]
+async fn dbsize_and_info_answer_what_redis_tools_read() {
+    let server = TestServer::default().await;
+    let mut client = server.client().await;
+    client.create(b"a").await.unwrap();
+    client.put(b"a", b"k1", b"v").await.unwrap();
+    client.put(b"a", b"k2", b"v").await.unwrap();
+    assert_eq!(
+        client.call(&[b"DBSIZE"]).await.unwrap(),
+        kv::protocol::ReplyValue::Integer(2)
+    );
+    let kv::protocol::ReplyValue::Bulk(Some(info)) =
+        client.call(&[b"INFO", b"server"]).await.unwrap()
+    else {
+        panic!("INFO is text");
+    };
+    let info = String::from_utf8(info.to_vec()).unwrap();
+    for field in [
+        "connected_clients:1",
+        "blocked_clients:0",
+        "db0:keys=2,",
+        "total_commands_processed:",
+        "total_connections_received:",
+        "used_memory:",
+    ] {
+        assert!(info.contains(field), "{field} in {info}");
+    }
+}

@@ -17,8 +17,10 @@ impl Dispatcher {
         };
         let status = *self.registry().status().borrow();
         let mut text = String::with_capacity(512);
+        // Lines end in CRLF, as Redis's do: tools that read INFO (redis-cli --stat) look for
+        // the CR. The line protocol sends each line as a line either way.
         let mut line = |name: &str, value: &dyn std::fmt::Display| {
-            let _ = writeln!(text, "{name}:{value}");
+            let _ = write!(text, "{name}:{value}\r\n");
         };
         line("version", &env!("CARGO_PKG_VERSION"));
         let gauge = |value: &AtomicUsize| value.load(Ordering::Relaxed) as u64;
@@ -43,6 +45,26 @@ impl Dispatcher {
             line(name, &value);
         }
         line("resident_bytes", &resident_bytes().unwrap_or(0));
+        // The same counts under the names Redis gives them, for tools that read those
+        // (`redis-cli --stat`, exporters).
+        let redis_names = [
+            ("connected_clients", gauge(&stats.connections_open)),
+            ("blocked_clients", 0),
+            (
+                "total_connections_received",
+                count(&stats.connections_accepted),
+            ),
+            ("total_commands_processed", count(&stats.commands)),
+            ("used_memory", memory.used() as u64),
+            ("maxmemory", memory.limit() as u64),
+        ];
+        for (name, value) in redis_names {
+            line(name, &value);
+        }
+        line(
+            "db0",
+            &format_args!("keys={},expires=0,avg_ttl=0", memory.keys()),
+        );
         line("registry_starts", &status.starts);
         if let Some(log) = self.shard.log_status() {
             line("fsync", &log.fsync);

@@ -204,6 +204,13 @@ impl Dispatcher {
                 encode(&Reply::Ok, dialect, out);
                 return Next::Close;
             }
+            Request::DbSize => {
+                let keys = match &self.router {
+                    Some(router) => router.holdings().1.keys(),
+                    None => self.registry().memory().keys(),
+                };
+                Reply::Integer(i64::try_from(keys).unwrap_or(i64::MAX))
+            }
             Request::Info => {
                 let text = self.info();
                 encode(&Reply::Text(&text), dialect, out);

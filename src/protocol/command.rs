@@ -94,8 +94,10 @@ pub enum Request<'a> {
     },
     /// `QUIT`
     Quit,
-    /// `INFO`
+    /// `INFO [section…]`: every section, whichever is asked for.
     Info,
+    /// `DBSIZE`: how many keys there are (on this node).
+    DbSize,
     /// `CLUSTER KEYSLOT name`: the slot a bucket of that name belongs to, as Redis Cluster
     /// computes it.
     ClusterKeySlot {
@@ -195,7 +197,9 @@ impl<'a> Request<'a> {
                 message: Some(message),
             },
             [] if is("QUIT") => Self::Quit,
-            [] if is("INFO") => Self::Info,
+            // A section asked for (`INFO server`, as redis-cli asks) gets every section.
+            [] | [_] | [_, _] | [_, _, _] if is("INFO") => Self::Info,
+            [] if is("DBSIZE") => Self::DbSize,
             [subcommand, name] if is("CLUSTER") && subcommand.eq_ignore_ascii_case(b"KEYSLOT") => {
                 Self::ClusterKeySlot { name }
             }

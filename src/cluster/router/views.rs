@@ -32,9 +32,10 @@ impl Router {
                 let term = shards.iter().map(|shard| shard.term).max().unwrap_or(0);
                 let state = if led == shards.len() { "ok" } else { "fail" };
                 let text = format!(
-                    "cluster_state:{state}\ncluster_slots_assigned:{}\ncluster_slots_ok:{slots_ok}\n\
-                     cluster_slots_pfail:0\ncluster_slots_fail:{}\ncluster_known_nodes:{}\n\
-                     cluster_size:{}\ncluster_current_epoch:{term}\ncluster_my_epoch:{term}\n",
+                    "cluster_state:{state}\r\ncluster_slots_assigned:{}\r\n\
+                     cluster_slots_ok:{slots_ok}\r\ncluster_slots_pfail:0\r\n\
+                     cluster_slots_fail:{}\r\ncluster_known_nodes:{}\r\ncluster_size:{}\r\n\
+                     cluster_current_epoch:{term}\r\ncluster_my_epoch:{term}\r\n",
                     slot::SLOTS,
                     usize::from(slot::SLOTS) - slots_ok,
                     self.members.len(),
@@ -138,8 +139,8 @@ impl Router {
     /// leader, term, last log, committed and applied index, and (if it leads) how far each
     /// follower has replicated and when it last answered.
     pub fn info(&self, text: &mut String) {
-        let _ = writeln!(text, "cluster_node:{}", self.node.id());
-        let _ = writeln!(text, "cluster_shards:{}", self.node.shards());
+        let _ = write!(text, "cluster_node:{}\r\n", self.node.id());
+        let _ = write!(text, "cluster_shards:{}\r\n", self.node.shards());
         let mut led = 0;
         let mut followed = 0;
         for shard in 0..self.node.shards() {
@@ -188,10 +189,10 @@ impl Router {
                     }
                 }
             }
-            text.push('\n');
+            text.push_str("\r\n");
         }
-        let _ = writeln!(text, "cluster_shards_led:{led}");
-        let _ = writeln!(text, "cluster_shards_followed:{followed}");
+        let _ = write!(text, "cluster_shards_led:{led}\r\n");
+        let _ = write!(text, "cluster_shards_followed:{followed}\r\n");
     }
 
     /// Every shard's slots, replicas, leader (as this node knows it) and term.

@@ -250,6 +250,14 @@ async fn clients_name_their_connection_and_select_database_zero() {
     let mut other = server.connect().await;
     other.send(b"*2\r\n$6\r\nCLIENT\r\n$7\r\nGETNAME\r\n").await;
     other.expect(b"$-1\r\n").await;
+    // A name is bounded: every connection may keep one.
+    let long = "n".repeat(257);
+    other
+        .send(format!("*3\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n$257\r\n{long}\r\n").as_bytes())
+        .await;
+    other
+        .expect(b"-ERR Client names are at most 256 bytes\r\n")
+        .await;
 }
 
 /// What `redis-cli --stat`, `info server` and `dbsize` read: the key count, and `INFO`'s

@@ -278,10 +278,17 @@ impl Dispatcher {
     }
 }
 
+/// The longest connection name kept: every connection may hold one, outside the buffers'
+/// bound.
+const MAX_CLIENT_NAME: usize = 256;
+
 /// `CLIENT SETNAME|GETNAME|SETINFO`, what Redis clients send on connecting, for the
 /// connection named `name`.
 fn client<'n>(name: &'n mut Option<Vec<u8>>, request: ClientRequest<'_>) -> Reply<'n> {
     match request {
+        ClientRequest::SetName(new) if new.len() > MAX_CLIENT_NAME => Reply::Error(
+            ErrorReply::new(format!("Client names are at most {MAX_CLIENT_NAME} bytes")),
+        ),
         ClientRequest::SetName(new) => {
             // As Redis: a name is printable ASCII without spaces (it shows in listings).
             if new.iter().all(|&byte| (b'!'..=b'~').contains(&byte)) {

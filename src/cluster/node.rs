@@ -20,8 +20,8 @@ use super::raft::{ShardLog, ShardStateMachine};
 use crate::bucket::MemoryBudget;
 use crate::config::{CoreConfig, FsyncPolicy};
 
-/// How often a node looks for shards to hand to their preferred leader.
-const BALANCE_EVERY: Duration = Duration::from_secs(1);
+/// How often a node syncs logs (under `everysec`), starts due snapshots and spreads leaders.
+const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
 
 /// How a node joins the cluster and what it holds.
 #[derive(Debug, Clone)]
@@ -45,7 +45,7 @@ pub struct NodeConfig {
     /// The limits of each shard's registry.
     pub core: CoreConfig,
     /// The fewest entries between two snapshots of a shard (after which its log is purged); a
-    /// shard snapshots less often the more it holds (see `Node::compact_logs`).
+    /// shard snapshots less often the more it holds (see `Node::compact_log`).
     pub snapshot_every: u64,
     /// Bytes per piece a snapshot is sent in, each piece its own frame.
     pub snapshot_piece: usize,
@@ -131,7 +131,7 @@ impl Node {
                 heartbeat_interval: millis(config.heartbeat),
                 election_timeout_min: millis(config.election_timeout.0),
                 election_timeout_max: millis(config.election_timeout.1),
-                // Snapshots are taken by `compact_logs`, at a pace set by their cost.
+                // Snapshots are started by `compact_log`, at a pace set by their cost.
                 snapshot_policy: openraft::SnapshotPolicy::Never,
                 max_in_snapshot_log_to_keep: config.snapshot_every / 10,
                 ..openraft::Config::default()
@@ -219,90 +219,71 @@ impl Node {
     /// node stops.
     pub fn serve<H: PeerHandler>(self: &Arc<Self>, listener: TcpListener, handler: Arc<H>) {
         tokio::spawn(peer::serve(listener, handler, self.shutdown.clone()));
-        tokio::spawn(Arc::clone(self).spread_leadership());
-        tokio::spawn(Arc::clone(self).compact_logs());
-        if self.sync_every_second {
-            tokio::spawn(Arc::clone(self).sync_logs());
-        }
+        tokio::spawn(Arc::clone(self).maintain());
     }
 
-    /// Under `--fsync everysec`: syncs every shard's log once a second, so a power cut loses
-    /// at most about a second of what this replica wrote.
-    async fn sync_logs(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+    /// Once a second, until the node stops: syncs the shards' logs under `--fsync everysec`,
+    /// starts the snapshots that are due, and hands leadership to preferred leaders.
+    async fn maintain(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(MAINTAIN_EVERY);
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            for (&shard, log) in &self.logs {
-                if let Err(error) = log.sync().await {
+            for (&shard, group) in self.groups.iter() {
+                if self.sync_every_second
+                    && let Err(error) = self.logs[&shard].sync().await
+                {
                     tracing::error!(%error, shard, "syncing a shard's log failed");
                 }
+                self.compact_log(shard, group).await;
+                self.spread_leadership(shard, group).await;
             }
         }
     }
 
-    /// Every second: each shard whose log has grown since its last snapshot by twice as many
-    /// entries as that snapshot holds records (and at least `snapshot_every`) takes a new one,
-    /// and its log is purged behind it. So a shard's log stays within about three times its
-    /// data, and the cost of a snapshot, which copies every key, is spread over twice as many
-    /// writes as it copies keys; a fixed number of entries would copy a large shard over and
-    /// over.
-    async fn compact_logs(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(BALANCE_EVERY);
-        loop {
-            tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            for (&shard, group) in self.groups.iter() {
-                let metrics = group.metrics().borrow_watched().clone();
-                let applied = metrics.last_applied.map_or(0, |log_id| log_id.index);
-                let snapshot = metrics.snapshot.map_or(0, |log_id| log_id.index);
-                let records = self.machines[&shard].snapshot_records().await;
-                if applied.saturating_sub(snapshot) >= self.snapshot_every.max(records * 2)
-                    && let Err(error) = group.trigger().snapshot().await
-                {
-                    tracing::warn!(%error, shard, "could not start a snapshot");
-                }
-            }
+    /// Starts a snapshot of `shard` once its log has grown since the last one by twice as many
+    /// entries as that snapshot holds records (and at least `snapshot_every`); its log is
+    /// purged behind it. So a shard's log stays within about three times its data, and the
+    /// cost of a snapshot, which copies every key, is spread over twice as many writes as it
+    /// copies keys; a fixed number of entries would copy a large shard over and over.
+    async fn compact_log(&self, shard: u16, group: &ShardGroup) {
+        let metrics = group.metrics().borrow_watched().clone();
+        let applied = metrics.last_applied.map_or(0, |log_id| log_id.index);
+        let snapshot = metrics.snapshot.map_or(0, |log_id| log_id.index);
+        let records = self.machines[&shard].snapshot_records().await;
+        if applied.saturating_sub(snapshot) >= self.snapshot_every.max(records * 2)
+            && let Err(error) = group.trigger().snapshot().await
+        {
+            tracing::warn!(%error, shard, "could not start a snapshot");
         }
     }
 
-    /// Every second: a shard this node leads whose preferred leader (see
-    /// [`preferred_leader`]) is another replica that has every entry hands its leadership to
-    /// that one. Leaders spread evenly this way, and come back to even after a node returns.
-    async fn spread_leadership(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(BALANCE_EVERY);
-        loop {
-            tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            for (&shard, group) in self.groups.iter() {
-                let metrics = group.metrics().borrow_watched().clone();
-                if metrics.current_leader != Some(self.id) {
-                    continue;
-                }
-                let Some(preferred) = preferred_leader(shard, &self.replicas[&shard]) else {
-                    continue;
-                };
-                let caught_up = metrics.replication.as_ref().is_some_and(|replication| {
-                    replication
-                        .get(&preferred)
-                        .is_some_and(|matched| *matched == metrics.last_applied)
-                });
-                if preferred != self.id && caught_up {
-                    tracing::info!(
-                        shard,
-                        to = preferred,
-                        "handing leadership to the shard's preferred leader"
-                    );
-                    if let Err(error) = group.trigger().transfer_leader(preferred).await {
-                        tracing::warn!(%error, shard, "could not hand leadership over");
-                    }
-                }
+    /// If this node leads `shard` and its preferred leader (see [`preferred_leader`]) is
+    /// another replica that has every entry, hands leadership to that one. Leaders spread
+    /// evenly this way, and come back to even after a node returns.
+    async fn spread_leadership(&self, shard: u16, group: &ShardGroup) {
+        let metrics = group.metrics().borrow_watched().clone();
+        if metrics.current_leader != Some(self.id) {
+            return;
+        }
+        let Some(preferred) = preferred_leader(shard, &self.replicas[&shard]) else {
+            return;
+        };
+        let caught_up = metrics.replication.as_ref().is_some_and(|replication| {
+            replication
+                .get(&preferred)
+                .is_some_and(|matched| *matched == metrics.last_applied)
+        });
+        if preferred != self.id && caught_up {
+            tracing::info!(
+                shard,
+                to = preferred,
+                "handing leadership to the shard's preferred leader"
+            );
+            if let Err(error) = group.trigger().transfer_leader(preferred).await {
+                tracing::warn!(%error, shard, "could not hand leadership over");
             }
         }
     }

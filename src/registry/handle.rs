@@ -228,12 +228,12 @@ impl Registry {
     /// # Errors
     /// The error the change would get on a single node: [`RegistryError::NameTooLong`],
     /// [`RegistryError::TooManyBuckets`], or [`RegistryError::OutOfMemory`].
-    /// `buckets` is how many buckets count against the bucket limit (a cluster node's, across
-    /// its shards).
+    /// `buckets` counts the buckets that count against the bucket limit (a cluster node's,
+    /// across its shards); it is asked only for a `CREATE` of a new bucket.
     pub fn check_limits(
         &self,
         change: &crate::change::Change<'_>,
-        buckets: usize,
+        buckets: impl FnOnce() -> usize,
     ) -> Result<(), RegistryError> {
         use crate::change::Change;
         let config = &self.shared.config;
@@ -258,7 +258,7 @@ impl Registry {
                 if self.lookup(bucket).is_some() {
                     return Ok(());
                 }
-                if buckets >= config.max_buckets {
+                if buckets() >= config.max_buckets {
                     return Err(RegistryError::TooManyBuckets {
                         limit: config.max_buckets,
                     });

@@ -44,33 +44,35 @@ impl Router {
     ) -> Result<(), NotLed> {
         let group = self.node.group(shard).ok_or(NotLed(None))?;
         let registry = self.node.state(shard).ok_or(NotLed(None))?.registry();
-        let buckets = self.node.buckets();
+        let buckets = || self.node.buckets();
         let first = replies.len();
         let unanswered = |replies: &Replies| requests.len() - (replies.len() - first);
         let mut writes_committed = false;
         while replies.len() - first < requests.len() {
             let rest = &requests[replies.len() - first..];
-            // A write past a limit is refused here, as a single node refuses it, and never
-            // proposed: replicas apply whatever is committed.
-            if let Some(change) = change_of(&rest[0])
-                && let Err(refused) = registry.check_limits(&change, buckets)
-            {
-                replies.push(&Reply::Error(registry_error(&refused)), dialect);
-                continue;
-            }
             // Consecutive writes within the limits, as one entry of at most MAX_BATCH_BYTES
-            // (a single larger change alone).
+            // (a single larger change alone). A write past a limit is refused here, as a
+            // single node refuses it, and never proposed: replicas apply whatever is committed.
             let mut changes = Vec::new();
             let mut bytes = 0;
+            let mut refused = None;
             for change in rest.iter().map_while(change_of) {
                 let size = record::size(&change);
-                if registry.check_limits(&change, buckets).is_err()
-                    || (!changes.is_empty() && bytes + size > MAX_BATCH_BYTES)
-                {
+                if !changes.is_empty() && bytes + size > MAX_BATCH_BYTES {
+                    break;
+                }
+                if let Err(error) = registry.check_limits(&change, buckets) {
+                    refused = Some(error);
                     break;
                 }
                 bytes += size;
                 changes.push(change);
+            }
+            if changes.is_empty()
+                && let Some(refused) = refused
+            {
+                replies.push(&Reply::Error(registry_error(&refused)), dialect);
+                continue;
             }
             if !changes.is_empty() {
                 let command = ShardCommand::batch(&changes);

@@ -295,6 +295,14 @@ async fn a_replica_behind_the_purged_log_catches_up_from_a_snapshot_sent_in_piec
     }
 }
 
+/// Stops in-process servers, each cleanly.
+async fn stop(servers: Vec<common::TestServer>) {
+    for server in servers {
+        server.shutdown.cancel();
+        within(server.task).await.unwrap().unwrap();
+    }
+}
+
 /// Three `kv serve`s in this process forming a cluster on loopback ports.
 async fn three_servers(directory: &Path) -> Vec<common::TestServer> {
     three_servers_with(directory, CoreConfig::default()).await
@@ -371,10 +379,7 @@ async fn kv_bench_and_kv_cli_take_several_nodes() {
         .unwrap();
     assert!(output.status.success(), "{output:?}");
     assert!(!output.stdout.is_empty());
-    for server in servers {
-        server.shutdown.cancel();
-        within(server.task).await.unwrap().unwrap();
-    }
+    stop(servers).await;
 }
 
 /// Limits hold in a cluster as on one node: the leader refuses a change past them, with the
@@ -441,10 +446,7 @@ async fn the_leader_refuses_changes_past_the_limits_as_one_node_does() {
         ["CREATE a-name-too-long", "CREATE three", "PUT one k3"],
         "the limits were met"
     );
-    for server in servers {
-        server.shutdown.cancel();
-        within(server.task).await.unwrap().unwrap();
-    }
+    stop(servers).await;
 }
 
 /// The guide's supervision on every replica: `DEBUG CRASH` crashes the bucket in the node's own
@@ -483,10 +485,7 @@ async fn a_bucket_crashed_on_each_replica_in_turn_keeps_every_write() {
             }
         }
     }
-    for server in servers {
-        server.shutdown.cancel();
-        within(server.task).await.unwrap().unwrap();
-    }
+    stop(servers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,10 +655,7 @@ async fn any_node_answers_every_request_as_one_node_would() {
     assert_eq!(nodes.lines().count(), 3, "{nodes}");
     assert_eq!(nodes.matches("myself").count(), 1, "{nodes}");
 
-    for server in servers {
-        server.shutdown.cancel();
-        within(server.task).await.unwrap().unwrap();
-    }
+    stop(servers).await;
 }
 
 /// A free loopback address for a node's cluster port.
@@ -703,13 +699,7 @@ async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
     let _alone = ONE_AT_A_TIME.lock().await;
     use kv::protocol::ReplyValue;
     let directory = tempfile::tempdir().unwrap();
-    let binds: Vec<_> = (0..3).map(|_| free_address()).collect();
-    let peers = binds
-        .iter()
-        .enumerate()
-        .map(|(index, bind)| format!("{}={bind}", index + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let (binds, peers) = common::cluster_peers(3);
     let mut nodes: Vec<Option<common::Binary>> = (0..3)
         .map(|index| {
             Some(node_process(

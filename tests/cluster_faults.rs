@@ -46,20 +46,7 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Self {
-        let binds: Vec<SocketAddr> = (0..3)
-            .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-            })
-            .collect();
-        let peers = binds
-            .iter()
-            .enumerate()
-            .map(|(index, bind)| format!("{}={bind}", index + 1))
-            .collect::<Vec<_>>()
-            .join(",");
+        let (binds, peers) = common::cluster_peers(3);
         let mut cluster = Self {
             directory: tempfile::tempdir().unwrap(),
             binds,

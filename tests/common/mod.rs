@@ -219,6 +219,26 @@ impl Binary {
     }
 }
 
+/// `count` free loopback addresses for cluster ports, and the `--peers` list naming them as
+/// nodes 1, 2, …
+pub fn cluster_peers(count: usize) -> (Vec<SocketAddr>, String) {
+    let binds: Vec<SocketAddr> = (0..count)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        })
+        .collect();
+    let peers = binds
+        .iter()
+        .enumerate()
+        .map(|(index, bind)| format!("{}={bind}", index + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    (binds, peers)
+}
+
 impl Drop for Binary {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

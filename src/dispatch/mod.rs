@@ -92,8 +92,8 @@ impl Dispatcher {
         self
     }
 
-    /// Whether requests on buckets go to a cluster's router (then they run one at a time,
-    /// not in the local batch path).
+    /// Whether requests on buckets go to a cluster's router (in batches by shard), not the
+    /// local batch path.
     #[must_use]
     pub fn is_clustered(&self) -> bool {
         self.router.is_some()

@@ -56,7 +56,7 @@ pub const UNAVAILABLE_AFTER: Duration = Duration::from_secs(5);
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// Most requests a forwarded batch may carry (a connection sends far fewer at once).
-pub const MAX_FORWARDED: usize = 4096;
+const MAX_FORWARDED: usize = 4096;
 
 /// Routes requests on buckets to their shard's leader.
 pub struct Router {

@@ -133,17 +133,20 @@ impl Router {
             .iter()
             .map(|request| bucket_of(request).map_or(0, |bucket| shard_of(slot_of(bucket), shards)))
             .collect();
+        // The common case, a batch on one shard, runs as it came, without copying it by shard.
+        if let Some(&shard) = shard_of_request.first()
+            && shard_of_request.iter().all(|&other| other == shard)
+        {
+            let replies = self.run_shard(shard, requests, dialect).await;
+            out.extend_from_slice(replies.bytes());
+            return replies.errors();
+        }
         let mut by_shard: SmallVec<[(u16, Vec<Request<'_>>); 4]> = SmallVec::new();
         for (request, &shard) in requests.iter().zip(&shard_of_request) {
             match by_shard.iter_mut().find(|(known, _)| *known == shard) {
                 Some((_, share)) => share.push(*request),
                 None => by_shard.push((shard, vec![*request])),
             }
-        }
-        if let [(shard, share)] = by_shard.as_slice() {
-            let replies = self.run_shard(*shard, share, dialect).await;
-            out.extend_from_slice(replies.bytes());
-            return replies.errors();
         }
         let answers = futures::future::join_all(
             by_shard

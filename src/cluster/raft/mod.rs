@@ -9,6 +9,7 @@ mod state_machine;
 
 use std::fmt;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub use log_store::ShardLog;
@@ -31,7 +32,9 @@ openraft::declare_raft_types!(
 /// (appending it on every replica, replicating it, answering it) are then shared by the batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardCommand {
-    changes: Vec<u8>,
+    /// `Bytes`, not `Vec<u8>`: serde writes it as one byte string rather than element by
+    /// element, and openraft's clones of an entry (one per replication stream) share it.
+    changes: Bytes,
 }
 
 /// The most bytes of changes one entry gathers; a single larger change travels alone. Keeps an
@@ -52,7 +55,9 @@ impl ShardCommand {
         for change in changes {
             record::encode_change(change, &mut bytes);
         }
-        Self { changes: bytes }
+        Self {
+            changes: bytes.into(),
+        }
     }
 
     /// The bytes the changes take, encoded.

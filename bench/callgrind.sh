@@ -61,11 +61,11 @@ profile() { # buckets
     >/dev/null 2>"$prefix.log" &
   server=$!
   for _ in $(seq 600); do (echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
-  "$KV" bench --port "$PORT" --buckets "$buckets" --preload --keys 100000 -c 1 -n 1 >/dev/null
+  "$KV" bench --port "$PORT" --buckets "$buckets" --preload --keep --keys 100000 -c 1 -n 1 >/dev/null
   for requests in "$SHORT" "$LONG"; do
     callgrind_control --zero "$server" >/dev/null 2>&1
     "$KV" bench --port "$PORT" --protocol "$PROTOCOL" --buckets "$buckets" --keys 100000 \
-      -c 50 -P 16 -n "$requests" --mix get=0.9,put=0.1 2>/dev/null | tail -1 >"$prefix.json"
+      -c 50 -P 16 -n "$requests" --mix get=0.9,put=0.1 --keep --json 2>/dev/null | tail -1 >"$prefix.json"
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); sys.exit(r['errors'] != 0)" \
       "$prefix.json" || { echo "kv bench reported errors: $prefix.json" >&2; exit 1; }
     callgrind_control --dump "$server" >/dev/null 2>&1

@@ -105,7 +105,7 @@ PY
 kv_bench() { # round protocol buckets
   local round=$1 protocol=$2 buckets=$3 json
   json=$("$KV" bench --port "$KV_PORT" --protocol "$protocol" --buckets "$buckets" --preload \
-    --keys 100000 -c 50 -P 16 -n "$REQUESTS" --mix get=0.9,put=0.1 2>/dev/null | tail -1)
+    --keys 100000 -c 50 -P 16 -n "$REQUESTS" --mix get=0.9,put=0.1 --json 2>/dev/null | tail -1)
   python3 - "$round" "$protocol" "$buckets" "$json" >>"$RESULTS" <<'PY'
 import json, sys
 round_, protocol, buckets, line = sys.argv[1:]

@@ -110,6 +110,8 @@ pub struct BenchConfig {
     pub preload: bool,
     /// Print progress to stderr once a second.
     pub progress: bool,
+    /// Leave the buckets (and their keys) behind; otherwise they are dropped at the end.
+    pub keep: bool,
 }
 
 impl BenchConfig {
@@ -136,6 +138,8 @@ pub struct BenchReport {
     pub ops_per_second: f64,
     /// Median latency, microseconds.
     pub p50_us: u64,
+    /// 90th percentile latency, microseconds.
+    pub p90_us: u64,
     /// 99th percentile latency, microseconds.
     pub p99_us: u64,
     /// 99.9th percentile latency, microseconds.
@@ -144,6 +148,44 @@ pub struct BenchReport {
     pub max_us: u64,
     /// The first wrong reply seen, to say what went wrong.
     pub first_error: Option<String>,
+    /// The same, for each operation of the mix that ran.
+    pub operations: Vec<OperationReport>,
+}
+
+/// What a run measured of one operation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OperationReport {
+    /// `GET`, `PUT` or `DELETE`.
+    pub operation: &'static str,
+    /// Requests answered.
+    pub requests: u64,
+    /// Requests answered per second of the run.
+    pub ops_per_second: f64,
+    /// Median latency, microseconds.
+    pub p50_us: u64,
+    /// 90th percentile latency, microseconds.
+    pub p90_us: u64,
+    /// 99th percentile latency, microseconds.
+    pub p99_us: u64,
+    /// 99.9th percentile latency, microseconds.
+    pub p999_us: u64,
+    /// Largest latency, microseconds.
+    pub max_us: u64,
+}
+
+impl OperationReport {
+    fn of(operation: &'static str, histogram: &Histogram<u64>, seconds: f64) -> Self {
+        Self {
+            operation,
+            requests: histogram.len(),
+            ops_per_second: histogram.len() as f64 / seconds,
+            p50_us: histogram.value_at_quantile(0.50),
+            p90_us: histogram.value_at_quantile(0.90),
+            p99_us: histogram.value_at_quantile(0.99),
+            p999_us: histogram.value_at_quantile(0.999),
+            max_us: histogram.max(),
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -152,6 +194,21 @@ enum Operation {
     Put,
     Delete,
 }
+
+impl Operation {
+    const ALL: [Self; 3] = [Self::Get, Self::Put, Self::Delete];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Get => "GET",
+            Self::Put => "PUT",
+            Self::Delete => "DELETE",
+        }
+    }
+}
+
+/// A latency histogram per operation, in [`Operation::ALL`]'s order.
+type Histograms = [Histogram<u64>; 3];
 
 /// The fixed data of a run: keys, values and bucket names, made once.
 struct Keyspace {
@@ -287,19 +344,40 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
             shared.stop.store(true, Ordering::Relaxed);
         });
     }
-    let mut histogram = new_histogram();
+    let mut histograms: Histograms = [new_histogram(), new_histogram(), new_histogram()];
+    let mut failure = None;
     for worker in workers {
-        let worker_histogram = worker
-            .await
-            .map_err(|error| BenchError::Setup(format!("worker failed: {error}")))??;
-        histogram
-            .add(&worker_histogram)
-            .map_err(|error| BenchError::Setup(error.to_string()))?;
+        match worker.await {
+            Ok(Ok(worker_histograms)) => {
+                for (histogram, worker_histogram) in histograms.iter_mut().zip(&worker_histograms) {
+                    histogram
+                        .add(worker_histogram)
+                        .map_err(|error| BenchError::Setup(error.to_string()))?;
+                }
+            }
+            Ok(Err(error)) => failure = Some(error),
+            Err(error) => failure = Some(BenchError::Setup(format!("worker failed: {error}"))),
+        }
     }
     let seconds = started.elapsed().as_secs_f64();
     shared.stop.store(true, Ordering::Relaxed);
     if let Some(progress) = progress {
         progress.abort();
+    }
+    // What the run created goes, whether or not it went well.
+    let cleaned = if config.keep {
+        Ok(())
+    } else {
+        clean_up(&config, &shared.keyspace).await
+    };
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    cleaned?;
+    let mut all = new_histogram();
+    for histogram in &histograms {
+        all.add(histogram)
+            .map_err(|error| BenchError::Setup(error.to_string()))?;
     }
     let requests = shared.completed.load(Ordering::Relaxed);
     Ok(BenchReport {
@@ -307,12 +385,40 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
         errors: shared.errors.load(Ordering::Relaxed),
         seconds,
         ops_per_second: requests as f64 / seconds,
-        p50_us: histogram.value_at_quantile(0.50),
-        p99_us: histogram.value_at_quantile(0.99),
-        p999_us: histogram.value_at_quantile(0.999),
-        max_us: histogram.max(),
+        p50_us: all.value_at_quantile(0.50),
+        p90_us: all.value_at_quantile(0.90),
+        p99_us: all.value_at_quantile(0.99),
+        p999_us: all.value_at_quantile(0.999),
+        max_us: all.max(),
         first_error: shared.first_error.lock().clone(),
+        operations: Operation::ALL
+            .iter()
+            .zip(&histograms)
+            .filter(|(_, histogram)| !histogram.is_empty())
+            .map(|(operation, histogram)| OperationReport::of(operation.name(), histogram, seconds))
+            .collect(),
     })
+}
+
+/// Drops the buckets the run used.
+async fn clean_up(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchError> {
+    let mut client = Client::connect_with(config.address(0), config.dialect).await?;
+    for batch in (0..keyspace.buckets)
+        .collect::<Vec<_>>()
+        .chunks(Setup::BATCH)
+    {
+        for &bucket in batch {
+            client.queue(&[b"DROP", &keyspace.bucket(bucket)]);
+        }
+        for reply in client.flush().await? {
+            if let ReplyValue::Error(error) = reply
+                && !error.starts_with("NOTFOUND")
+            {
+                return Err(BenchError::Setup(format!("dropping the buckets: {error}")));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -397,13 +503,13 @@ impl Setup {
 }
 
 /// One connection: batches of `pipeline` requests until the budget or the time runs out.
-async fn connection(shared: Arc<Shared>, seed: u64) -> Result<Histogram<u64>, BenchError> {
+async fn connection(shared: Arc<Shared>, seed: u64) -> Result<Histograms, BenchError> {
     let config = &shared.config;
     let keyspace = &shared.keyspace;
     let index = usize::try_from(seed).unwrap_or_default();
     let mut client = Client::connect_with(config.address(index), config.dialect).await?;
     let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED);
-    let mut histogram = new_histogram();
+    let mut histograms: Histograms = [new_histogram(), new_histogram(), new_histogram()];
     let mut batch: Vec<(Operation, u64)> = Vec::with_capacity(config.pipeline);
     let mut value = Vec::with_capacity(keyspace.value_size);
     let may_be_missing = !config.preload || config.mix.delete > 0.0;
@@ -449,7 +555,7 @@ async fn connection(shared: Arc<Shared>, seed: u64) -> Result<Histogram<u64>, Be
         for &(operation, index) in &batch {
             let outcome = outcome(client.read_reply().await?);
             let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-            histogram.saturating_record(micros.max(1));
+            histograms[operation as usize].saturating_record(micros.max(1));
             check(
                 &shared,
                 operation,
@@ -461,7 +567,7 @@ async fn connection(shared: Arc<Shared>, seed: u64) -> Result<Histogram<u64>, Be
         }
         shared.completed.fetch_add(size, Ordering::Relaxed);
     }
-    Ok(histogram)
+    Ok(histograms)
 }
 
 fn check(

@@ -111,6 +111,9 @@ pub struct ServerConfig {
     /// The cluster this node is part of; `None`: a single node, with nothing of the cluster on
     /// its path. A cluster needs `durability` (for its data directory).
     pub cluster: Option<ClusterConfig>,
+    /// The password clients must give (`AUTH`, or `HELLO … AUTH`) before anything else;
+    /// `None`: none is asked.
+    pub requirepass: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -132,7 +135,55 @@ impl Default for ServerConfig {
             core: CoreConfig::default(),
             durability: None,
             cluster: None,
+            requirepass: None,
         }
+    }
+}
+
+impl ServerConfig {
+    /// The settings as `CONFIG GET` shows them: Redis's names where they mean the same, then
+    /// kv's own.
+    #[must_use]
+    pub fn settings(&self) -> Vec<(&'static str, String)> {
+        let yes_no = |yes: bool| if yes { "yes" } else { "no" }.to_owned();
+        let seconds = |duration: Option<Duration>| duration.map_or(0, |d| d.as_secs()).to_string();
+        vec![
+            ("bind", self.bind.ip().to_string()),
+            ("port", self.bind.port().to_string()),
+            ("maxclients", self.max_connections.to_string()),
+            ("maxmemory", self.core.max_memory.to_string()),
+            ("timeout", seconds(self.idle_timeout)),
+            ("proto-max-bulk-len", self.max_bulk_len.to_string()),
+            ("databases", "1".to_owned()),
+            ("save", String::new()),
+            ("appendonly", yes_no(self.durability.is_some())),
+            (
+                "appendfsync",
+                self.durability
+                    .as_ref()
+                    .map_or_else(|| "no".to_owned(), |d| d.fsync.to_string()),
+            ),
+            (
+                "dir",
+                self.durability
+                    .as_ref()
+                    .map_or_else(String::new, |d| d.data_dir.display().to_string()),
+            ),
+            ("cluster-enabled", yes_no(self.cluster.is_some())),
+            ("max-buckets", self.core.max_buckets.to_string()),
+            ("max-name-len", self.core.max_name_len.to_string()),
+            ("max-line-len", self.max_line_len.to_string()),
+            (
+                "max-connection-buffers",
+                self.max_connection_buffers.to_string(),
+            ),
+            ("max-pending-output", self.max_pending_output.to_string()),
+            (
+                "request-timeout",
+                self.request_timeout.as_secs().to_string(),
+            ),
+            ("page-size", self.page_size.to_string()),
+        ]
     }
 }
 

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use kv::client::{Client, render};
 use kv::config::{ClusterConfig, CoreConfig, DurabilityConfig, FsyncPolicy, ServerConfig};
-use kv::protocol::ReplyValue;
 use kv::server::Server;
 
 /// jemalloc, with its background threads, which give freed memory back to the system within
@@ -83,6 +81,15 @@ struct BenchArgs {
     /// Client threads (the server shares the machine; redis-benchmark uses one).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Leave the buckets (`bench-0`, …) and their keys behind; by default they are dropped.
+    #[arg(long)]
+    keep: bool,
+    /// Print the results as one JSON object instead of a table.
+    #[arg(long, conflicts_with = "csv")]
+    json: bool,
+    /// Print the results as CSV (a header, then a row per operation and one for all).
+    #[arg(long)]
+    csv: bool,
 }
 
 #[derive(Args)]
@@ -96,34 +103,37 @@ struct ServeArgs {
     /// Most clients connected at once.
     #[arg(long, default_value_t = ServerConfig::default().max_connections)]
     max_connections: usize,
-    /// Longest line-protocol request, in bytes.
-    #[arg(long, default_value_t = ServerConfig::default().max_line_len)]
+    /// Longest line-protocol request (a size: 65536, 64kb, 1mb).
+    #[arg(long, default_value = "64kb", value_parser = parse_bytes)]
     max_line_len: usize,
-    /// Longest RESP bulk string (and all bulks of one request together), in bytes.
-    #[arg(long, default_value_t = ServerConfig::default().max_bulk_len,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
-              .range(1..=kv::config::MAX_BULK_LEN_LIMIT as u64))]
+    /// Longest RESP bulk string, and all bulks of one request together (at most 512mb).
+    #[arg(long, default_value = "8mb", value_parser = parse_bulk_len)]
     max_bulk_len: usize,
     /// Most bytes all connections' read and reply buffers may hold together; a client whose
     /// large request or reply would take them past it gets an error and is closed.
-    #[arg(long, default_value_t = ServerConfig::default().max_connection_buffers)]
+    #[arg(long, default_value = "1gb", value_parser = parse_bytes)]
     max_connection_buffers: usize,
     /// Unsent reply bytes at which a client stops being read until it reads them.
-    #[arg(long, default_value_t = ServerConfig::default().max_pending_output)]
+    #[arg(long, default_value = "1mb", value_parser = parse_bytes)]
     max_pending_output: usize,
     /// Most buckets alive at once.
     #[arg(long, default_value_t = CoreConfig::default().max_buckets)]
     max_buckets: usize,
-    /// Most bytes all keys and values may take.
-    #[arg(long, default_value_t = CoreConfig::default().max_memory)]
+    /// Most bytes all keys and values may take (4gb, 512mb; kb, mb, gb are powers of 1024).
+    #[arg(long, default_value = "4gb", value_parser = parse_bytes)]
     max_memory: usize,
-    /// Close clients idle this many seconds (0: never).
-    #[arg(long, default_value_t = 0)]
-    idle_timeout: u64,
-    /// Close a client that takes longer than this many seconds to send one whole request,
-    /// from its first byte to its last.
-    #[arg(long, default_value_t = ServerConfig::default().request_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
-    request_timeout: u64,
+    /// Close clients idle this long (300, 5m, 1h; a bare number is seconds; 0: never).
+    #[arg(long, default_value = "0", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// Close a client that takes longer than this to send one whole request, from its first
+    /// byte to its last (a bare number is seconds).
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    request_timeout: Duration,
+    /// A password clients must give (`AUTH password`, or `HELLO 3 AUTH default password`)
+    /// before any other command. Better passed in the environment than on the command line,
+    /// where other users of the machine can read it.
+    #[arg(long, env = "KV_REQUIREPASS", hide_env_values = true)]
+    requirepass: Option<String>,
     /// Allow DEBUG CRASH, DEBUG STOP and DEBUG PANIC, for fault tests.
     #[arg(long)]
     enable_debug_commands: bool,
@@ -137,9 +147,9 @@ struct ServeArgs {
     /// lost). Without it, corruption stops the start with the file and offset.
     #[arg(long)]
     truncate_corrupt_log: bool,
-    /// Compact the log once it passes this many bytes and twice the live data.
-    #[arg(long, default_value_t = 64 << 20)]
-    compact_min_bytes: u64,
+    /// Compact the log once it passes this size and twice the live data.
+    #[arg(long, default_value = "64mb", value_parser = parse_bytes)]
+    compact_min_bytes: usize,
     /// Microseconds a worker keeps polling for requests without sleeping after the last one
     /// (0: sleep at once). Saves the wake-up of a sleeping worker per request at low
     /// pipeline depth, for CPU spent while requests keep coming.
@@ -176,6 +186,50 @@ struct ServeArgs {
     election_timeout_ms: u64,
 }
 
+/// A size: bytes, or with a unit (`kb`, `mb`, `gb`, `tb`, as Redis reads them: powers of
+/// 1024; `KiB`… too).
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let bytes = parse_size::Config::new()
+        .with_binary()
+        .parse_size(text.trim())
+        .map_err(|error| format!("{text:?} is not a size (such as 4096, 64kb, 4gb): {error}"))?;
+    usize::try_from(bytes).map_err(|_| format!("{text:?} is too large"))
+}
+
+/// `--max-bulk-len`: a size from 1 byte to [`kv::config::MAX_BULK_LEN_LIMIT`].
+fn parse_bulk_len(text: &str) -> Result<usize, String> {
+    let bytes = parse_bytes(text)?;
+    if (1..=kv::config::MAX_BULK_LEN_LIMIT).contains(&bytes) {
+        Ok(bytes)
+    } else {
+        Err(format!(
+            "{text:?} is outside 1 byte to {} bytes",
+            kv::config::MAX_BULK_LEN_LIMIT
+        ))
+    }
+}
+
+/// A duration: seconds, or with units (`500ms`, `5s`, `2m`, `1h`).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text)
+        .map_err(|error| format!("{text:?} is not a duration (such as 30, 500ms, 5m): {error}"))
+}
+
+/// A duration longer than zero.
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    parse_duration(text).and_then(|duration| {
+        if duration.is_zero() {
+            Err("must be longer than zero".to_owned())
+        } else {
+            Ok(duration)
+        }
+    })
+}
+
 /// The cluster settings `kv serve` defaults to.
 fn default_cluster() -> kv::config::ClusterConfig {
     kv::config::ClusterConfig::new(0, SocketAddr::from(([127, 0, 0, 1], 0)), BTreeMap::new())
@@ -204,30 +258,101 @@ fn parse_peers(text: &str) -> Result<BTreeMap<u64, SocketAddr>, String> {
 }
 
 #[derive(Args)]
+#[command(disable_help_flag = true)]
 struct CliArgs {
-    /// Server host.
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Server host (-h, as redis-cli has it; --help for help).
+    #[arg(short = 'h', long, default_value = "127.0.0.1")]
     host: String,
     /// Server port.
-    #[arg(long, env = "PORT", default_value_t = 4040)]
+    #[arg(short = 'p', long, env = "PORT", default_value_t = 4040)]
     port: u16,
-    /// Several nodes of a cluster, as `host:port,host:port,…`, instead of --host and --port:
-    /// the first that answers is used, and the next when it stops answering.
+    /// The server as a URI, instead of -h and -p: kv://[:password@]host[:port] (redis:// is
+    /// read the same way).
+    #[arg(short = 'u', long)]
+    uri: Option<String>,
+    /// The password to give on connecting (better in KV_PASSWORD than on the command line).
+    #[arg(
+        short = 'a',
+        long = "pass",
+        env = "KV_PASSWORD",
+        hide_env_values = true
+    )]
+    password: Option<String>,
+    /// Several nodes of a cluster, as `host:port,host:port,…`, instead of -h and -p: the
+    /// first that answers is used, and the next when it stops answering.
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<String>,
-    /// A command to send; without one, an interactive prompt starts.
+    /// Print replies as they are (values bare, one element a line), as when stdout is not a
+    /// terminal.
+    #[arg(long, conflicts_with = "no_raw")]
+    raw: bool,
+    /// Print replies formatted (quoted, numbered) even when stdout is not a terminal.
+    #[arg(long)]
+    no_raw: bool,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
+    /// A command to send; without one, commands are read from stdin (a prompt on a
+    /// terminal).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
+}
+
+/// `kv://[:password@]host[:port][/0]` as a node and a password.
+fn parse_uri(uri: &str) -> anyhow::Result<(String, Option<String>)> {
+    let rest = uri
+        .strip_prefix("kv://")
+        .or_else(|| uri.strip_prefix("redis://"))
+        .with_context(|| format!("{uri:?} is not a kv:// URI"))?;
+    let rest = rest.split('/').next().unwrap_or_default();
+    let (password, address) = match rest.rsplit_once('@') {
+        Some((user_info, address)) => {
+            let password = user_info
+                .split_once(':')
+                .map_or(user_info, |(_, password)| password);
+            (
+                Some(password.to_owned()).filter(|password| !password.is_empty()),
+                address,
+            )
+        }
+        None => (None, rest),
+    };
+    anyhow::ensure!(!address.is_empty(), "{uri:?} names no host");
+    let address = if address
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    {
+        address.to_owned()
+    } else {
+        format!("{address}:4040")
+    };
+    Ok((address, password))
 }
 
 fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            // The error and its causes, one line, for a person: not a debug dump.
-            eprintln!("kv: {error:#}");
+            eprintln!("kv: {}", one_line(&error));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, one line, for a person: each cause once, though many errors
+/// (io's among them) repeat their source in their own text.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if !text.ends_with(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -267,9 +392,9 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
         max_bulk_len: arguments.max_bulk_len,
         max_connection_buffers: arguments.max_connection_buffers,
         max_pending_output: arguments.max_pending_output,
-        idle_timeout: (arguments.idle_timeout > 0)
-            .then(|| Duration::from_secs(arguments.idle_timeout)),
-        request_timeout: Duration::from_secs(arguments.request_timeout),
+        idle_timeout: (!arguments.idle_timeout.is_zero()).then_some(arguments.idle_timeout),
+        request_timeout: arguments.request_timeout,
+        requirepass: arguments.requirepass.clone(),
         enable_debug_commands: arguments.enable_debug_commands,
         busy_poll: Duration::from_micros(arguments.busy_poll_us),
         core: CoreConfig {
@@ -280,30 +405,17 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
         durability: arguments.data_dir.clone().map(|data_dir| DurabilityConfig {
             fsync: arguments.fsync,
             truncate_corrupt_log: arguments.truncate_corrupt_log,
-            compact_min_bytes: arguments.compact_min_bytes,
+            compact_min_bytes: arguments.compact_min_bytes as u64,
             ..DurabilityConfig::new(data_dir)
         }),
         cluster: cluster_config(&arguments)?,
         ..ServerConfig::default()
     };
     let server = Server::bind(config.clone()).await?;
-    tracing::info!(
-        max_connections = config.max_connections,
-        max_line_len = config.max_line_len,
-        max_bulk_len = config.max_bulk_len,
-        max_connection_buffers = config.max_connection_buffers,
-        max_pending_output = config.max_pending_output,
-        max_buckets = config.core.max_buckets,
-        max_memory = config.core.max_memory,
-        threads = arguments.threads.map_or_else(|| "one per core".to_owned(), |n| n.to_string()),
-        idle_timeout = ?config.idle_timeout,
-        request_timeout = ?config.request_timeout,
-        busy_poll = ?config.busy_poll,
-        debug_commands = config.enable_debug_commands,
-        data_dir = ?config.durability.as_ref().map(|durability| &durability.data_dir),
-        "kv listening on {}",
-        server.local_addr()
-    );
+    tracing::info!("kv listening on {}", server.local_addr());
+    for line in describe(&config, arguments.threads) {
+        tracing::info!("{line}");
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     server
@@ -339,6 +451,69 @@ fn cluster_config(arguments: &ServeArgs) -> anyhow::Result<Option<ClusterConfig>
         election_timeout: (election, election * 2),
         ..ClusterConfig::new(node_id, bind, peers)
     }))
+}
+
+/// What the server was started with, in words, a line a subject.
+fn describe(config: &ServerConfig, threads: Option<usize>) -> Vec<String> {
+    let size = |bytes: usize| {
+        let mut value = bytes as f64;
+        let mut unit = "bytes";
+        for larger in ["KiB", "MiB", "GiB", "TiB"] {
+            if value < 1024.0 {
+                break;
+            }
+            value /= 1024.0;
+            unit = larger;
+        }
+        format!("{value:.1} {unit}").replace(".0 ", " ")
+    };
+    let data = match &config.durability {
+        None => {
+            "data: in memory only (lost when the process stops; --data-dir keeps it)".to_owned()
+        }
+        Some(durability) => format!(
+            "data: logged in {} and synced to disk {}",
+            durability.data_dir.display(),
+            match durability.fsync {
+                FsyncPolicy::Always => "before each reply",
+                FsyncPolicy::EverySecond => "once a second",
+                FsyncPolicy::No => "when the operating system chooses",
+            }
+        ),
+    };
+    vec![
+        format!(
+            "limits: {} clients, {} buckets, {} of keys and values, requests up to {} (lines up to {})",
+            config.max_connections,
+            config.core.max_buckets,
+            size(config.core.max_memory),
+            size(config.max_bulk_len),
+            size(config.max_line_len),
+        ),
+        format!(
+            "clients: {}; a request must arrive whole within {}; {}",
+            config.idle_timeout.map_or_else(
+                || "never closed for idling".to_owned(),
+                |timeout| format!("closed after {} idle", humantime::format_duration(timeout))
+            ),
+            humantime::format_duration(config.request_timeout),
+            if config.requirepass.is_some() {
+                "a password is required (AUTH)"
+            } else {
+                "no password is asked (--requirepass sets one)"
+            },
+        ),
+        data,
+        format!(
+            "workers: {}{}",
+            threads.map_or_else(|| "one per core".to_owned(), |n| n.to_string()),
+            if config.enable_debug_commands {
+                "; DEBUG fault injection is on"
+            } else {
+                ""
+            }
+        ),
+    ]
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {
@@ -382,120 +557,96 @@ async fn bench(arguments: BenchArgs) -> anyhow::Result<()> {
             kv::protocol::Dialect::Resp
         },
         preload: arguments.preload,
-        progress: true,
+        progress: std::io::stderr().is_terminal(),
+        keep: arguments.keep,
     };
     let report = kv::bench::run(config.clone()).await?;
-    println!(
-        "{} requests in {:.2} s: {:.0} requests/s, {} errors",
-        report.requests, report.seconds, report.ops_per_second, report.errors
-    );
-    println!(
-        "latency (µs): p50 {}  p99 {}  p99.9 {}  max {}",
-        report.p50_us, report.p99_us, report.p999_us, report.max_us
-    );
-    if let Some(error) = &report.first_error {
-        println!("first wrong reply: {error}");
+    let rows: Vec<(&str, u64, f64, [u64; 5])> = report
+        .operations
+        .iter()
+        .map(|row| {
+            (
+                row.operation,
+                row.requests,
+                row.ops_per_second,
+                [row.p50_us, row.p90_us, row.p99_us, row.p999_us, row.max_us],
+            )
+        })
+        .chain(std::iter::once((
+            "all",
+            report.requests,
+            report.ops_per_second,
+            [
+                report.p50_us,
+                report.p90_us,
+                report.p99_us,
+                report.p999_us,
+                report.max_us,
+            ],
+        )))
+        .collect();
+    if arguments.json {
+        let mut json = serde_json::to_value(&report)?;
+        json["connections"] = config.connections.into();
+        json["pipeline"] = config.pipeline.into();
+        json["buckets"] = config.buckets.into();
+        json["keys"] = config.keys.into();
+        json["value_size"] = config.value_size.into();
+        json["protocol"] = arguments.protocol.into();
+        println!("{json}");
+    } else if arguments.csv {
+        println!("operation,requests,ops_per_second,p50_us,p90_us,p99_us,p999_us,max_us");
+        for (operation, requests, rate, [p50, p90, p99, p999, max]) in &rows {
+            println!("{operation},{requests},{rate:.0},{p50},{p90},{p99},{p999},{max}");
+        }
+    } else {
+        println!(
+            "{} requests in {:.2} s, {} connections, pipeline {}, {} errors",
+            report.requests, report.seconds, config.connections, config.pipeline, report.errors
+        );
+        println!(
+            "{:<9} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8}   latency in µs",
+            "operation", "requests", "requests/s", "p50", "p90", "p99", "p99.9", "max"
+        );
+        for (operation, requests, rate, [p50, p90, p99, p999, max]) in &rows {
+            println!(
+                "{operation:<9} {requests:>10} {rate:>12.0} {p50:>8} {p90:>8} {p99:>8} {p999:>8} {max:>8}"
+            );
+        }
     }
-    let mut json = serde_json::to_value(&report)?;
-    json["connections"] = config.connections.into();
-    json["pipeline"] = config.pipeline.into();
-    json["buckets"] = config.buckets.into();
-    json["keys"] = config.keys.into();
-    json["value_size"] = config.value_size.into();
-    json["protocol"] = arguments.protocol.into();
-    println!("{json}");
+    if let Some(error) = &report.first_error {
+        eprintln!("first wrong reply: {error}");
+    }
     if report.errors > 0 {
         anyhow::bail!("{} wrong replies", report.errors);
     }
     Ok(())
 }
 
-/// A connection to the first of `nodes` that accepts one, trying them in turn from `from`;
-/// which one it is.
-async fn connect_to_any(nodes: &[String], from: usize) -> anyhow::Result<(usize, Client)> {
-    let mut last_error = None;
-    for offset in 0..nodes.len() {
-        let at = (from + offset) % nodes.len();
-        match Client::connect(&nodes[at]).await {
-            Ok(client) => return Ok((at, client)),
-            Err(error) => last_error = Some(error),
-        }
-    }
-    let error = last_error.map_or_else(|| "no node given".to_owned(), |error| error.to_string());
-    anyhow::bail!("connecting to {}: {error}", nodes.join(", "))
-}
-
-/// Runs `kv cli`; returns the exit code: 0, or 1 if the one command got an error reply.
+/// Runs `kv cli`; returns the exit code: 0, or 1 if a command failed.
 async fn talk(arguments: CliArgs) -> anyhow::Result<i32> {
-    let nodes = if arguments.nodes.is_empty() {
-        vec![format!("{}:{}", arguments.host, arguments.port)]
-    } else {
-        arguments.nodes.clone()
+    let (nodes, uri_password) = match &arguments.uri {
+        Some(uri) => {
+            let (node, password) = parse_uri(uri)?;
+            (vec![node], password)
+        }
+        None if arguments.nodes.is_empty() => {
+            (vec![format!("{}:{}", arguments.host, arguments.port)], None)
+        }
+        None => (arguments.nodes.clone(), None),
     };
-    let (mut at, mut client) = connect_to_any(&nodes, 0).await?;
-    if !arguments.command.is_empty() {
-        let words: Vec<&[u8]> = arguments.command.iter().map(String::as_bytes).collect();
-        let reply = client.call(&words).await?;
-        return Ok(show(&reply));
-    }
-    let mut editor = rustyline::DefaultEditor::new()?;
-    let history =
-        std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".kv_cli_history"));
-    if let Some(history) = &history {
-        let _ = editor.load_history(history);
-    }
-    loop {
-        let prompt = format!("{}> ", nodes[at]);
-        let line = match editor.readline(&prompt) {
-            Ok(line) => line,
-            Err(
-                rustyline::error::ReadlineError::Interrupted | rustyline::error::ReadlineError::Eof,
-            ) => break,
-            Err(error) => return Err(error.into()),
-        };
-        let Some(words) = shlex::split(&line) else {
-            eprintln!("(error) unbalanced quotes");
-            continue;
-        };
-        if words.is_empty() {
-            continue;
-        }
-        let _ = editor.add_history_entry(line.as_str());
-        if words[0].eq_ignore_ascii_case("exit") {
-            break;
-        }
-        let words: Vec<&[u8]> = words.iter().map(String::as_bytes).collect();
-        match client.call(&words).await {
-            Ok(reply) => {
-                show(&reply);
-            }
-            Err(error) => {
-                // Not sent again: a write may have been made before the connection broke.
-                eprintln!("(error) {error}; the command may or may not have run");
-                if nodes.len() == 1 {
-                    break;
-                }
-                (at, client) = connect_to_any(&nodes, at + 1).await?;
-                eprintln!("(connected to {})", nodes[at]);
-            }
-        }
-        if words[0].eq_ignore_ascii_case(b"quit") {
-            break;
-        }
-    }
-    if let Some(history) = &history {
-        let _ = editor.save_history(history);
-    }
-    Ok(0)
-}
-
-/// Prints a reply (errors to stderr); returns 1 for an error reply, else 0.
-fn show(reply: &ReplyValue) -> i32 {
-    if matches!(reply, ReplyValue::Error(_)) {
-        eprintln!("{}", render(reply));
-        1
+    let raw = if arguments.raw {
+        Some(true)
+    } else if arguments.no_raw {
+        Some(false)
     } else {
-        println!("{}", render(reply));
-        0
-    }
+        None
+    };
+    Ok(kv::client::cli::run(kv::client::cli::CliOptions {
+        nodes,
+        password: arguments.password.clone().or(uri_password),
+        raw,
+        command: arguments.command.clone(),
+    })
+    .await)
 }

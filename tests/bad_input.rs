@@ -13,7 +13,7 @@ async fn non_utf8_lines_get_an_error_and_the_connection_goes_on() {
     let mut client = server.connect().await;
     client.send(b"CREATE \xff\xfe\nPING\n").await;
     client
-        .expect(b"ERROR request is not valid UTF-8\r\nPONG\r\n")
+        .expect(b"ERROR request is not valid UTF-8\r\n+PONG\r\n")
         .await;
 }
 

@@ -22,6 +22,7 @@ fn config(server: &TestServer, dialect: Dialect) -> BenchConfig {
         dialect,
         preload: true,
         progress: false,
+        keep: true,
     }
 }
 
@@ -32,10 +33,30 @@ async fn bench_runs_in_both_protocols_with_every_reply_checked() {
         let report = run(config(&server, dialect)).await.unwrap();
         assert_eq!(report.requests, 2000);
         assert_eq!(report.errors, 0, "{:?}", report.first_error);
-        assert!(report.p50_us <= report.p99_us && report.p99_us <= report.max_us);
+        assert!(report.p50_us <= report.p90_us && report.p90_us <= report.p99_us);
+        assert!(report.p99_us <= report.max_us);
+        let operations: Vec<(&str, u64)> = report
+            .operations
+            .iter()
+            .map(|row| (row.operation, row.requests))
+            .collect();
+        assert_eq!(operations.len(), 2, "{operations:?}");
+        assert_eq!(operations[0].0, "GET");
+        assert_eq!(operations[1].0, "PUT");
+        assert_eq!(operations[0].1 + operations[1].1, 2000);
     }
     let mut client = server.client().await;
     assert_eq!(client.info_field("keys").await.unwrap(), 50);
+    // Unless asked to keep them, what a run created is gone after it.
+    let report = run(BenchConfig {
+        keep: false,
+        ..config(&server, Dialect::Resp)
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.errors, 0, "{:?}", report.first_error);
+    assert_eq!(client.info_field("keys").await.unwrap(), 0);
+    assert_eq!(client.info_field("buckets").await.unwrap(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

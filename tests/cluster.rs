@@ -364,6 +364,8 @@ async fn kv_bench_and_kv_cli_take_several_nodes() {
         dialect: kv::protocol::Dialect::Resp,
         preload: true,
         progress: false,
+        // `kv cli` reads one of its keys below.
+        keep: true,
     }))
     .await
     .unwrap();

@@ -72,7 +72,7 @@ async fn a_panic_while_serving_one_client_closes_that_client_only() {
 
     let mut victim = server.connect().await;
     victim.send(b"PING\n").await;
-    victim.expect(b"PONG\r\n").await;
+    victim.expect(b"+PONG\r\n").await;
     victim.send(b"DEBUG PANIC\nPING\n").await;
     assert_eq!(victim.until_closed().await, b"");
 

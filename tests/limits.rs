@@ -21,10 +21,10 @@ async fn clients_over_the_connection_limit_are_told_and_closed() {
     .await;
     let mut first = server.connect().await;
     first.send(b"PING\n").await;
-    first.expect(b"PONG\r\n").await;
+    first.expect(b"+PONG\r\n").await;
     let mut second = server.connect().await;
     second.send(b"PING\n").await;
-    second.expect(b"PONG\r\n").await;
+    second.expect(b"+PONG\r\n").await;
 
     // A line client that says nothing gets the line-protocol error.
     let mut silent = server.connect().await;
@@ -86,7 +86,7 @@ async fn an_over_long_line_is_refused_whole_and_never_runs_in_pieces() {
         .await;
     client.send(tail).await;
     client.send(b"\nBUCKETS\nPING\n").await;
-    client.expect(b"OK\r\nPONG\r\n").await;
+    client.expect(b"OK\r\n+PONG\r\n").await;
     // A line of exactly the limit is fine.
     let mut fits = b"CREATE ".to_vec();
     fits.resize(1024, b'y');
@@ -100,7 +100,7 @@ async fn an_over_long_line_is_refused_whole_and_never_runs_in_pieces() {
         .expect(b"ERROR line too long (limit 1024 bytes)\r\n")
         .await;
     client.send(b"PING\n").await;
-    client.expect(b"PONG\r\n").await;
+    client.expect(b"+PONG\r\n").await;
 }
 
 #[tokio::test]
@@ -359,7 +359,7 @@ async fn idle_clients_are_closed() {
     .await;
     let mut idle = server.connect().await;
     idle.send(b"PING\n").await;
-    idle.expect(b"PONG\r\n").await;
+    idle.expect(b"+PONG\r\n").await;
     assert_eq!(idle.until_closed().await, b"");
 }
 
@@ -429,7 +429,7 @@ async fn a_client_trickling_a_request_is_closed_at_the_request_timeout() {
         loop {
             let mut probe = server.connect().await;
             probe.send(b"PING\n").await;
-            if probe.line().await == b"PONG\r\n" {
+            if probe.line().await == b"+PONG\r\n" {
                 return probe;
             }
             tokio::task::yield_now().await;
@@ -472,7 +472,7 @@ async fn a_client_sending_whole_requests_slowly_is_not_timed_out() {
         client.send(b"PI").await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         client.send(b"NG\n").await;
-        client.expect(b"PONG\r\n").await;
+        client.expect(b"+PONG\r\n").await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -134,7 +134,7 @@ async fn drop_ping_info_lists_and_quit() {
         .await;
     // A page of keys opens with the cursor of the next page: 0, the listing is done.
     client
-        .expect(b"OK\r\nOK\r\nOK\r\nOK\r\nPONG\r\nhello\r\nOK\r\na\r\nb\r\nOK\r\nb\r\nOK\r\n0\r\nk1\r\nk2\r\nOK\r\nERROR invalid cursor: pass 0, or the cursor the previous page gave\r\n")
+        .expect(b"OK\r\nOK\r\nOK\r\nOK\r\n+PONG\r\nhello\r\nOK\r\na\r\nb\r\nOK\r\nb\r\nOK\r\n0\r\nk1\r\nk2\r\nOK\r\nERROR invalid cursor: pass 0, or the cursor the previous page gave\r\n")
         .await;
     client.send(b"DROP a\nGET a k1\nINFO\n").await;
     client.expect(b"OK\r\nNOT FOUND\r\n").await;

@@ -4,6 +4,7 @@
 //! protocol; either way it can pipeline: queue several requests, send them in one write, then
 //! read their replies in order, each as the [`ReplyValue`] RESP would give.
 
+pub mod cli;
 mod render;
 
 use std::collections::VecDeque;
@@ -13,7 +14,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
-pub use render::render;
+pub use render::{render, render_raw};
 
 use crate::protocol::{
     Dialect, LineReplyShape, ProtocolError, ReplyValue, encode_request, parse_line_reply,
@@ -27,7 +28,7 @@ const MAX_REPLY_LEN: usize = 512 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The connection failed.
-    #[error("connection: {0}")]
+    #[error("connection failed")]
     Io(#[from] io::Error),
     /// The server closed the connection.
     #[error("server closed the connection")]
@@ -108,7 +109,7 @@ impl Client {
     /// Queues a request (its words) without sending it.
     pub fn queue(&mut self, words: &[&[u8]]) {
         match self.dialect {
-            Dialect::Resp => encode_request(words, &mut self.output),
+            Dialect::Resp | Dialect::Resp3 => encode_request(words, &mut self.output),
             Dialect::Line => {
                 let carried = |word: &&[u8]| {
                     !word.is_empty()
@@ -185,7 +186,7 @@ impl Client {
             .unwrap_or(LineReplyShape::Status);
         loop {
             let parsed = match self.dialect {
-                Dialect::Resp => parse_reply(&self.input, MAX_REPLY_LEN)?,
+                Dialect::Resp | Dialect::Resp3 => parse_reply(&self.input, MAX_REPLY_LEN)?,
                 Dialect::Line => parse_line_reply(&self.input, shape, MAX_REPLY_LEN)?,
             };
             if let Some((reply, consumed)) = parsed {

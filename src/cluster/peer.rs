@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::raft::{ShardRaft, ShardStateMachine, SnapshotBytes};
 use super::router::Replies;
+use crate::protocol::Dialect;
 
 /// The largest frame a node sends or accepts: a whole snapshot travels in one.
 pub const MAX_FRAME: usize = 1 << 30;
@@ -74,15 +75,14 @@ pub enum PeerRequest {
         limit: u32,
     },
     /// A client's requests on buckets of one shard, for the node that leads it, to run in
-    /// order: the requests as RESP, and whether the replies are wanted in RESP (or in the line
-    /// protocol).
+    /// order: the requests as RESP, and the dialect the client wants its replies in.
     Forward {
         /// The shard the requests' buckets belong to.
         shard: u16,
         /// The requests, encoded as RESP one after another.
         requests: Bytes,
-        /// Whether the client speaks RESP.
-        resp: bool,
+        /// The client's dialect.
+        dialect: Dialect,
     },
 }
 

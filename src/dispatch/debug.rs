@@ -9,7 +9,7 @@ impl Dispatcher {
     /// Crashes or stops `bucket`'s task, and answers once the registry has taken its exit in.
     /// In a cluster, the bucket is this node's replica of it: the guide's supervision restarts
     /// it there from what every replica has.
-    pub(super) async fn debug(&self, action: DebugAction, bucket: &[u8]) -> Reply<'static> {
+    pub(super) async fn debug<'b>(&self, action: DebugAction, bucket: &'b [u8]) -> Reply<'b> {
         if !self.enable_debug_commands {
             return Reply::Error(debug_disabled());
         }
@@ -25,14 +25,14 @@ impl Dispatcher {
             },
         };
         let Some(handle) = registry.lookup(bucket) else {
-            return Reply::NotFound;
+            return Reply::NotFound(bucket);
         };
         let fault = match action {
             DebugAction::Crash => BucketFault::Panic,
             DebugAction::Stop => BucketFault::Stop,
         };
         if handle.inject_fault(fault).is_err() {
-            return Reply::NotFound;
+            return Reply::NotFound(bucket);
         }
         // Answer once the bucket has ended and the registry has taken its exit in (and, with
         // durability on, restarted it from disk), so the next request sees the outcome.

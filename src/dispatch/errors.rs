@@ -6,9 +6,9 @@ use crate::registry::{Down, RegistryError};
 
 /// The reply for a bucket that is not there: `NOT FOUND`, or, for a durable bucket that is
 /// down with its data on disk, an error that says why ("try again" while it restarts).
-pub(super) fn missing(bucket: &[u8], down: Option<Down>) -> Reply<'static> {
+pub(super) fn missing(bucket: &[u8], down: Option<Down>) -> Reply<'_> {
     let error = match down {
-        None => return Reply::NotFound,
+        None => return Reply::NotFound(bucket),
         Some(Down::Restarting) => RegistryError::Restarting(BucketName::from(bucket)),
         Some(Down::Failed) => RegistryError::BucketFailed(BucketName::from(bucket)),
     };

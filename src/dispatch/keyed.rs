@@ -130,11 +130,11 @@ fn run(
 
 /// The reply to a request on a key, given what running it on its bucket gave (`None`: there
 /// is no live bucket of that name); `None` when the reply is written already.
-fn keyed_reply(
+fn keyed_reply<'b>(
     outcome: Option<Result<bool, BucketError>>,
-    bucket: &[u8],
+    bucket: &'b [u8],
     why_missing: impl FnOnce() -> Option<Down>,
-) -> Option<Reply<'static>> {
+) -> Option<Reply<'b>> {
     match outcome {
         Some(Ok(true)) => None,
         Some(Ok(false)) => Some(Reply::Ok),

@@ -2,27 +2,31 @@
 //! shard. The batch path for requests on keys is in [`keyed`](self) (`keyed.rs`), `INFO` and
 //! `DEBUG` apart, and what each error becomes on the wire in `errors.rs`.
 
+pub mod clients;
 mod debug;
 pub(crate) mod errors;
 mod info;
 mod keyed;
+mod session;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
+use smallvec::SmallVec;
 
 use crate::bucket::{BucketError, BucketHandle, BucketName};
 use crate::cluster::router::Router;
 use crate::cluster::slot::slot_of;
 use crate::protocol::{
-    ClientRequest, Dialect, ErrorReply, ProtocolError, Reply, Request, describe_commands, encode,
-    encode_page,
+    ClientRequest, Dialect, ErrorReply, ProtocolError, Reply, ReplyValue, Request,
+    describe_commands, encode, encode_page,
 };
 use crate::registry::Registry;
 use crate::shard::LocalShard;
 use crate::stats::Stats;
 
+use clients::{Clients, Registration};
 use errors::{bucket_error, debug_disabled, missing, registry_error};
 use keyed::answer;
 
@@ -33,6 +37,69 @@ pub enum Next {
     Continue,
     /// Flush the replies and close (`QUIT`).
     Close,
+    /// Flush the replies and stream what the server receives (`MONITOR`).
+    Monitor,
+}
+
+/// What every connection of a server shares about sessions: the connections, the password,
+/// and the settings `CONFIG GET` shows.
+pub struct Sessions {
+    /// The server's connections.
+    pub clients: Arc<Clients>,
+    /// What `AUTH` must give, if anything.
+    pub password: Option<Vec<u8>>,
+    /// Each setting's name, as Redis names its own where they mean the same, and its value.
+    pub settings: Vec<(&'static str, String)>,
+    /// `cluster` or `standalone`, as `HELLO` says.
+    pub mode: &'static str,
+    /// When the server started.
+    pub started: std::time::Instant,
+}
+
+impl Sessions {
+    /// The value of the setting `name`.
+    #[must_use]
+    pub fn setting(&self, name: &str) -> Option<&str> {
+        self.settings
+            .iter()
+            .find(|(setting, _)| *setting == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            clients: Arc::default(),
+            password: None,
+            settings: Vec::new(),
+            mode: "standalone",
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+/// What one connection has chosen and opened.
+#[derive(Default)]
+struct Session {
+    /// Its entry among the server's connections (none for a dispatcher used without one).
+    registration: Option<Registration>,
+    /// Replies to RESP requests in RESP3 (`HELLO 3`).
+    resp3: bool,
+    /// Whether it has given the password (or none is needed).
+    authenticated: bool,
+}
+
+impl Clone for Session {
+    /// A new connection's session, as this one started: a dispatcher is cloned for each
+    /// connection, and what a connection chose is its own.
+    fn clone(&self) -> Self {
+        Self {
+            registration: None,
+            resp3: false,
+            authenticated: self.authenticated && self.registration.is_none(),
+        }
+    }
 }
 
 /// Executes requests against a shard. Each connection holds its own clone.
@@ -61,6 +128,8 @@ pub struct Dispatcher {
     changed: bool,
     /// The name the client gave this connection (`CLIENT SETNAME`).
     client_name: Option<Vec<u8>>,
+    sessions: Arc<Sessions>,
+    session: Session,
 }
 
 impl Dispatcher {
@@ -82,7 +151,81 @@ impl Dispatcher {
             last_looked_up: None,
             changed: false,
             client_name: None,
+            sessions: Arc::default(),
+            session: Session {
+                authenticated: true,
+                ..Session::default()
+            },
         }
+    }
+
+    /// Shares `sessions` among the connections of this dispatcher's clones.
+    #[must_use]
+    pub fn with_sessions(mut self, sessions: Arc<Sessions>) -> Self {
+        self.session.authenticated = sessions.password.is_none();
+        self.sessions = sessions;
+        self
+    }
+
+    /// Makes this dispatcher the one of a connection from `peer` to `local`, which `kill`
+    /// closes; its entry among the server's connections lasts as long as the dispatcher.
+    pub fn attach(
+        &mut self,
+        peer: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+        kill: tokio_util::sync::CancellationToken,
+    ) {
+        self.session.registration = Some(self.sessions.clients.register(peer, local, kill));
+    }
+
+    /// The connection's entry among the server's connections.
+    #[must_use]
+    pub fn client(&self) -> Option<&Arc<clients::ClientInfo>> {
+        self.session.registration.as_ref().map(Registration::info)
+    }
+
+    /// The server's connections.
+    #[must_use]
+    pub fn clients(&self) -> &Arc<Clients> {
+        &self.sessions.clients
+    }
+
+    /// The dialect a request parsed as `dialect` is answered in on this connection.
+    #[must_use]
+    pub fn reply_dialect(&self, dialect: Dialect) -> Dialect {
+        dialect.with_version(self.session.resp3)
+    }
+
+    /// Whether `request` may run before the connection has authenticated.
+    #[must_use]
+    pub fn admits(&self, request: &Request<'_>) -> bool {
+        self.session.authenticated
+            || matches!(
+                request,
+                Request::Auth { .. } | Request::Hello { .. } | Request::Quit
+            )
+    }
+
+    /// The error for a request that needs authentication first.
+    #[must_use]
+    pub fn no_auth(&self, request: &Request<'_>) -> ErrorReply {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let message = if matches!(request, Request::Hello { .. }) {
+            "HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time"
+        } else {
+            "Authentication required."
+        };
+        ErrorReply {
+            code: "NOAUTH",
+            message: message.to_owned(),
+        }
+    }
+
+    /// Whether every request of this connection is to be looked at alone (it must
+    /// authenticate first), rather than run in batches.
+    #[must_use]
+    pub fn needs_auth(&self) -> bool {
+        !self.session.authenticated
     }
 
     /// Sends requests on buckets to `router` (a cluster's) instead of the local shard.
@@ -165,7 +308,7 @@ impl Dispatcher {
             },
             Request::Drop { bucket } => match self.registry().drop_bucket(bucket).await {
                 Ok(true) => Reply::Ok,
-                Ok(false) => Reply::NotFound,
+                Ok(false) => Reply::NotFound(bucket),
                 Err(error) => Reply::Error(registry_error(&error)),
             },
             Request::Ping { message } => Reply::Pong(message),
@@ -184,11 +327,23 @@ impl Dispatcher {
                 return Next::Continue;
             }
             Request::Client(request) => {
+                if let Some(reply) = self.client_request(request) {
+                    let failed = matches!(reply, ReplyValue::Error(_));
+                    if failed {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    encode(&Reply::Tree(&reply), dialect, out);
+                    return Next::Continue;
+                }
                 let reply = client(&mut self.client_name, request);
+                let named = matches!((request, &reply), (ClientRequest::SetName(_), Reply::Ok));
                 if matches!(reply, Reply::Error(_)) {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 }
                 encode(&reply, dialect, out);
+                if let (true, Some(info)) = (named, self.client()) {
+                    info.set_name(self.client_name.clone());
+                }
                 return Next::Continue;
             }
             Request::Select { index } => {
@@ -211,8 +366,9 @@ impl Dispatcher {
                 };
                 Reply::Integer(i64::try_from(keys).unwrap_or(i64::MAX))
             }
-            Request::Info => {
-                let text = self.info();
+            Request::Info { sections } => {
+                let asked: SmallVec<[&[u8]; 8]> = sections.iter().flatten().copied().collect();
+                let text = self.info(&asked);
                 encode(&Reply::Text(&text), dialect, out);
                 return Next::Continue;
             }
@@ -245,6 +401,51 @@ impl Dispatcher {
                     ),
                     Some(Err(error)) => Reply::Error(bucket_error(error)),
                 }
+            }
+            Request::Hello {
+                version,
+                auth,
+                name,
+            } => match self.hello(version, auth, name) {
+                Ok(answer) => {
+                    let dialect = self.reply_dialect(dialect);
+                    encode(&Reply::Tree(&answer), dialect, out);
+                    return Next::Continue;
+                }
+                Err(error) => Reply::Error(error),
+            },
+            Request::Auth { username, password } => match self.authenticate(username, password) {
+                Ok(()) => Reply::Ok,
+                Err(error) => Reply::Error(error),
+            },
+            // A transaction is the connection's to keep: these come here only outside one.
+            Request::Multi => Reply::Error(ErrorReply::new(
+                "MULTI is run by the connection; this dispatcher has none",
+            )),
+            Request::Exec => Reply::Error(ErrorReply::new("EXEC without MULTI")),
+            Request::Discard => Reply::Error(ErrorReply::new("DISCARD without MULTI")),
+            Request::Monitor => {
+                if let Some(client) = self.client() {
+                    client.set_monitor();
+                }
+                encode(&Reply::Ok, dialect, out);
+                return Next::Monitor;
+            }
+            Request::ConfigGet { pattern } => {
+                let matching = self.config_get(pattern);
+                encode(&Reply::Tree(&matching), dialect, out);
+                return Next::Continue;
+            }
+            Request::ConfigChange => Reply::Error(ErrorReply::new(
+                "kv's settings are fixed when it starts: see `kv serve --help`",
+            )),
+            Request::Scan {
+                cursor,
+                pattern,
+                count,
+            } => {
+                self.scan(cursor, pattern, count, dialect, out).await;
+                return Next::Continue;
             }
             Request::Debug { action, bucket } => self.debug(action, bucket).await,
             Request::DebugPanic => {
@@ -282,8 +483,7 @@ impl Dispatcher {
 /// bound.
 const MAX_CLIENT_NAME: usize = 256;
 
-/// `CLIENT SETNAME|GETNAME|SETINFO`, what Redis clients send on connecting, for the
-/// connection named `name`.
+/// `CLIENT SETNAME|GETNAME`, for the connection named `name`.
 fn client<'n>(name: &'n mut Option<Vec<u8>>, request: ClientRequest<'_>) -> Reply<'n> {
     match request {
         ClientRequest::SetName(new) if new.len() > MAX_CLIENT_NAME => Reply::Error(
@@ -301,17 +501,7 @@ fn client<'n>(name: &'n mut Option<Vec<u8>>, request: ClientRequest<'_>) -> Repl
             }
         }
         ClientRequest::GetName => Reply::Value(name.as_deref()),
-        ClientRequest::SetInfo { attribute } => {
-            if attribute.eq_ignore_ascii_case(b"LIB-NAME")
-                || attribute.eq_ignore_ascii_case(b"LIB-VER")
-            {
-                Reply::Ok
-            } else {
-                Reply::Error(ErrorReply::new(format!(
-                    "Unrecognized option '{}'",
-                    String::from_utf8_lossy(attribute)
-                )))
-            }
-        }
+        // The rest are about more than the name (see `Dispatcher::client_request`).
+        _ => Reply::UnknownCommand,
     }
 }

@@ -5,7 +5,7 @@ use super::commands::{COMMANDS, CommandQuery};
 
 /// Most words any command takes; a request with more is an unknown command. Words are kept on
 /// the stack up to this count.
-pub(super) const MAX_WORDS: usize = 4;
+pub(super) const MAX_WORDS: usize = 8;
 
 /// What a debug command does to a bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,12 +38,32 @@ pub enum ClientRequest<'a> {
     SetName(&'a [u8]),
     /// `CLIENT GETNAME`: this connection's name, if it has one.
     GetName,
-    /// `CLIENT SETINFO LIB-NAME|LIB-VER value`: which client library this is (taken, and
-    /// not kept).
+    /// `CLIENT SETINFO LIB-NAME|LIB-VER value`: which client library this is.
     SetInfo {
         /// `LIB-NAME` or `LIB-VER`, as sent.
         attribute: &'a [u8],
+        /// Its value.
+        value: &'a [u8],
     },
+    /// `CLIENT ID`: this connection's id.
+    Id,
+    /// `CLIENT INFO`: this connection, as a line of `CLIENT LIST`.
+    Info,
+    /// `CLIENT LIST`: every connection, a line each.
+    List,
+    /// `CLIENT KILL …`: closes the connections named.
+    Kill(ClientKill<'a>),
+}
+
+/// Which connections `CLIENT KILL` closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKill<'a> {
+    /// `CLIENT KILL ip:port` (the old form: replies `OK`, or an error if there is none).
+    Address(&'a [u8]),
+    /// `CLIENT KILL ADDR ip:port` (replies with how many were closed).
+    AddressFilter(&'a [u8]),
+    /// `CLIENT KILL ID id` (replies with how many were closed).
+    Id(u64),
 }
 
 /// A request on one key of one bucket: what a connection runs in batches, its buckets found
@@ -94,8 +114,11 @@ pub enum Request<'a> {
     },
     /// `QUIT`
     Quit,
-    /// `INFO [section…]`: every section, whichever is asked for.
-    Info,
+    /// `INFO [section…]`: the sections asked for (up to seven), or every one.
+    Info {
+        /// The sections named, as sent.
+        sections: [Option<&'a [u8]>; MAX_WORDS - 1],
+    },
     /// `DBSIZE`: how many keys there are (on this node).
     DbSize,
     /// `CLUSTER KEYSLOT name`: the slot a bucket of that name belongs to, as Redis Cluster
@@ -127,6 +150,48 @@ pub enum Request<'a> {
         bucket: &'a [u8],
         /// Where the previous page ended.
         cursor: u64,
+    },
+    /// `HELLO [protover [AUTH username password] [SETNAME name]]`: chooses RESP2 or RESP3,
+    /// authenticates and names the connection, and answers with what the server is.
+    Hello {
+        /// The RESP version asked for, as sent.
+        version: Option<&'a [u8]>,
+        /// `AUTH username password`.
+        auth: Option<(&'a [u8], &'a [u8])>,
+        /// `SETNAME name`.
+        name: Option<&'a [u8]>,
+    },
+    /// `AUTH [username] password`
+    Auth {
+        /// Only `default` is known.
+        username: Option<&'a [u8]>,
+        /// The password.
+        password: &'a [u8],
+    },
+    /// `MULTI`: queue the next requests until `EXEC`.
+    Multi,
+    /// `EXEC`: run the queued requests in order.
+    Exec,
+    /// `DISCARD`: forget the queued requests.
+    Discard,
+    /// `MONITOR`: stream every request the server gets.
+    Monitor,
+    /// `CONFIG GET pattern`: the server's settings whose names match.
+    ConfigGet {
+        /// A glob (`*`, `?`, `[…]`).
+        pattern: &'a [u8],
+    },
+    /// `CONFIG SET|RESETSTAT|REWRITE …`: kv's settings are fixed at start-up.
+    ConfigChange,
+    /// `SCAN cursor [MATCH pattern] [COUNT count]`: a page of bucket names (the keys of the
+    /// keyspace as Redis clients see it) and the cursor of the next page.
+    Scan {
+        /// 0, or what the previous page gave.
+        cursor: u64,
+        /// Only names matching this glob.
+        pattern: Option<&'a [u8]>,
+        /// How many names to look at (at most the page size).
+        count: Option<usize>,
     },
     /// `DEBUG PANIC`: the connection's own task panics, when the server allows it.
     DebugPanic,
@@ -197,8 +262,13 @@ impl<'a> Request<'a> {
                 message: Some(message),
             },
             [] if is("QUIT") => Self::Quit,
-            // A section asked for (`INFO server`, as redis-cli asks) gets every section.
-            [] | [_] | [_, _] | [_, _, _] if is("INFO") => Self::Info,
+            names if is("INFO") => {
+                let mut sections = [None; MAX_WORDS - 1];
+                for (slot, name) in sections.iter_mut().zip(names) {
+                    *slot = Some(*name);
+                }
+                Self::Info { sections }
+            }
             [] if is("DBSIZE") => Self::DbSize,
             [subcommand, name] if is("CLUSTER") && subcommand.eq_ignore_ascii_case(b"KEYSLOT") => {
                 Self::ClusterKeySlot { name }
@@ -236,12 +306,123 @@ impl<'a> Request<'a> {
             }
             [subcommand, rest @ ..] if is("CLIENT") => {
                 let is_sub = |name: &str| subcommand.eq_ignore_ascii_case(name.as_bytes());
+                let is_word = |word: &[u8], name: &str| word.eq_ignore_ascii_case(name.as_bytes());
                 Self::Client(match rest {
                     [name] if is_sub("SETNAME") => ClientRequest::SetName(name),
                     [] if is_sub("GETNAME") => ClientRequest::GetName,
-                    [attribute, _] if is_sub("SETINFO") => ClientRequest::SetInfo { attribute },
+                    [attribute, value] if is_sub("SETINFO") => {
+                        ClientRequest::SetInfo { attribute, value }
+                    }
+                    [] if is_sub("ID") => ClientRequest::Id,
+                    [] if is_sub("INFO") => ClientRequest::Info,
+                    [] if is_sub("LIST") => ClientRequest::List,
+                    [address] if is_sub("KILL") => {
+                        ClientRequest::Kill(ClientKill::Address(address))
+                    }
+                    [filter, address] if is_sub("KILL") && is_word(filter, "ADDR") => {
+                        ClientRequest::Kill(ClientKill::AddressFilter(address))
+                    }
+                    [filter, id] if is_sub("KILL") && is_word(filter, "ID") => {
+                        ClientRequest::Kill(ClientKill::Id(
+                            number(id).ok_or(ProtocolError::NotANumber { what: "client id" })?,
+                        ))
+                    }
                     _ => return Ok(None),
                 })
+            }
+            [] | [_] if is("HELLO") => Self::Hello {
+                version: arguments.first().copied(),
+                auth: None,
+                name: None,
+            },
+            [version, options @ ..] if is("HELLO") => {
+                let (mut auth, mut name) = (None, None);
+                let mut rest = options;
+                loop {
+                    match rest {
+                        [] => break,
+                        [option, username, password, after @ ..]
+                            if option.eq_ignore_ascii_case(b"AUTH") =>
+                        {
+                            auth = Some((*username, *password));
+                            rest = after;
+                        }
+                        [option, new_name, after @ ..]
+                            if option.eq_ignore_ascii_case(b"SETNAME") =>
+                        {
+                            name = Some(*new_name);
+                            rest = after;
+                        }
+                        [option, ..] => {
+                            return Err(ProtocolError::Syntax {
+                                command: "hello",
+                                near: String::from_utf8_lossy(option).into_owned(),
+                            });
+                        }
+                    }
+                }
+                Self::Hello {
+                    version: Some(version),
+                    auth,
+                    name,
+                }
+            }
+            [password] if is("AUTH") => Self::Auth {
+                username: None,
+                password,
+            },
+            [username, password] if is("AUTH") => Self::Auth {
+                username: Some(username),
+                password,
+            },
+            [] if is("MULTI") => Self::Multi,
+            [] if is("EXEC") => Self::Exec,
+            [] if is("DISCARD") => Self::Discard,
+            [] if is("MONITOR") => Self::Monitor,
+            [subcommand, pattern] if is("CONFIG") && subcommand.eq_ignore_ascii_case(b"GET") => {
+                Self::ConfigGet { pattern }
+            }
+            [subcommand, ..]
+                if is("CONFIG")
+                    && [&b"SET"[..], b"RESETSTAT", b"REWRITE"]
+                        .iter()
+                        .any(|name| subcommand.eq_ignore_ascii_case(name)) =>
+            {
+                Self::ConfigChange
+            }
+            [cursor, options @ ..] if is("SCAN") => {
+                let cursor = number(cursor).ok_or(ProtocolError::InvalidCursor)?;
+                let (mut pattern, mut count) = (None, None);
+                let mut rest = options;
+                loop {
+                    match rest {
+                        [] => break,
+                        [option, value, after @ ..] if option.eq_ignore_ascii_case(b"MATCH") => {
+                            pattern = Some(*value);
+                            rest = after;
+                        }
+                        [option, value, after @ ..] if option.eq_ignore_ascii_case(b"COUNT") => {
+                            count = Some(
+                                number(value)
+                                    .and_then(|count| usize::try_from(count).ok())
+                                    .filter(|&count| count > 0)
+                                    .ok_or(ProtocolError::NotANumber { what: "COUNT" })?,
+                            );
+                            rest = after;
+                        }
+                        [option, ..] => {
+                            return Err(ProtocolError::Syntax {
+                                command: "scan",
+                                near: String::from_utf8_lossy(option).into_owned(),
+                            });
+                        }
+                    }
+                }
+                Self::Scan {
+                    cursor,
+                    pattern,
+                    count,
+                }
             }
             [index] if is("SELECT") => Self::Select { index },
             [] if is("BUCKETS") => Self::Buckets { after: None },
@@ -249,10 +430,7 @@ impl<'a> Request<'a> {
             [bucket] if is("KEYS") => Self::Keys { bucket, cursor: 0 },
             [bucket, cursor] if is("KEYS") => Self::Keys {
                 bucket,
-                cursor: std::str::from_utf8(cursor)
-                    .ok()
-                    .and_then(|cursor| cursor.parse().ok())
-                    .ok_or(ProtocolError::InvalidCursor)?,
+                cursor: number(cursor).ok_or(ProtocolError::InvalidCursor)?,
             },
             [action] if is("DEBUG") && action.eq_ignore_ascii_case(b"PANIC") => Self::DebugPanic,
             [action, bucket] if is("DEBUG") => {
@@ -271,6 +449,11 @@ impl<'a> Request<'a> {
     }
 }
 
+/// `word` as a decimal number, if it is one.
+fn number(word: &[u8]) -> Option<u64> {
+    std::str::from_utf8(word).ok()?.parse().ok()
+}
+
 /// Why `words` make no request, named as Redis names it: a command kv does not have, a
 /// subcommand its command does not have, or a known command with the wrong number of words.
 fn refusal(words: &[&[u8]], extra: bool) -> ProtocolError {
@@ -283,6 +466,18 @@ fn refusal(words: &[&[u8]], extra: bool) -> ProtocolError {
             args: String::new(),
         };
     };
+    // Redis's commands on a bare key, as redis-benchmark sends them: say what kv takes.
+    let bucket_less = [
+        ("set", 3, "PUT bucket key value"),
+        ("get", 2, "GET bucket key"),
+        ("del", 2, "DELETE bucket key"),
+    ];
+    if let Some(&(command, _, usage)) = bucket_less.iter().find(|(command, words_taken, _)| {
+        name.eq_ignore_ascii_case(command.as_bytes())
+            && (*command != "get" || words.len() == *words_taken)
+    }) {
+        return ProtocolError::NoBucket { command, usage };
+    }
     let Some(spec) = COMMANDS
         .iter()
         .find(|spec| name.eq_ignore_ascii_case(spec.name.as_bytes()))
@@ -324,13 +519,19 @@ fn refusal(words: &[&[u8]], extra: bool) -> ProtocolError {
 }
 
 /// The commands whose first argument is a subcommand, and their subcommands.
-const SUBCOMMANDS: [(&str, &[&str]); 4] = [
-    ("client", &["setname", "getname", "setinfo"]),
+const SUBCOMMANDS: [(&str, &[&str]); 5] = [
+    (
+        "client",
+        &[
+            "setname", "getname", "setinfo", "id", "info", "list", "kill",
+        ],
+    ),
     (
         "cluster",
         &["info", "myid", "slots", "nodes", "shards", "keyslot"],
     ),
     ("command", &["count", "info", "docs"]),
+    ("config", &["get", "set", "resetstat", "rewrite"]),
     ("debug", &["crash", "stop", "panic"]),
 ];
 
@@ -345,8 +546,8 @@ mod tests {
             Ok(Request::get(b"shopping", b"milk"))
         );
         assert_eq!(
-            Request::from_words(&[b"GET", b"shopping"], false),
-            Err(ProtocolError::WrongArity { command: "get" })
+            Request::from_words(&[b"DELETE", b"shopping"], false),
+            Err(ProtocolError::WrongArity { command: "delete" })
         );
         assert_eq!(
             Request::from_words(&[b"PUT", b"a", b"b", b"c"], true),
@@ -384,6 +585,14 @@ mod tests {
         assert_eq!(
             refused(&[b"CLUSTER", b"KEYSLOT"]),
             "wrong number of arguments for 'cluster' command"
+        );
+        assert_eq!(
+            refused(&[b"SET", b"k", b"v"]),
+            "kv keeps keys in buckets: 'set' needs one, as in PUT bucket key value"
+        );
+        assert_eq!(
+            refused(&[b"get", b"k"]),
+            "kv keeps keys in buckets: 'get' needs one, as in GET bucket key"
         );
     }
 }

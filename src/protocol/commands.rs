@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use super::ReplyValue;
 
-/// One command as `COMMAND` describes it.
+/// One command as `COMMAND` describes it, with what `kv cli`'s `help` shows of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommandSpec {
     /// Lower-case, as Redis names commands.
@@ -17,26 +17,76 @@ pub struct CommandSpec {
     pub flags: &'static [&'static str],
     /// The first key's position (0: no key), the last key's, and the step between keys.
     pub keys: (i64, i64, i64),
+    /// Its arguments, as `help` shows them.
+    pub arguments: &'static str,
+    /// What it does, in a line.
+    pub summary: &'static str,
 }
 
 /// Every command kv answers. The bucket is the key: it alone decides a request's slot.
 pub const COMMANDS: &[CommandSpec] = &[
-    spec("create", 2, &["write", "denyoom"], (1, 1, 1)),
-    spec("drop", 2, &["write"], (1, 1, 1)),
-    spec("put", 4, &["write", "denyoom"], (1, 1, 1)),
-    spec("get", 3, &["readonly", "fast"], (1, 1, 1)),
-    spec("delete", 3, &["write", "fast"], (1, 1, 1)),
-    spec("keys", -2, &["readonly"], (1, 1, 1)),
-    spec("buckets", -1, &["readonly"], (0, 0, 0)),
-    spec("ping", -1, &["fast", "stale"], (0, 0, 0)),
-    spec("quit", 1, &["fast", "stale"], (0, 0, 0)),
-    spec("info", -1, &["stale"], (0, 0, 0)),
-    spec("dbsize", 1, &["readonly", "fast"], (0, 0, 0)),
-    spec("cluster", -2, &["stale"], (0, 0, 0)),
-    spec("command", -1, &["stale"], (0, 0, 0)),
-    spec("client", -2, &["stale"], (0, 0, 0)),
-    spec("select", 2, &["fast", "stale"], (0, 0, 0)),
-    spec("debug", -2, &["admin", "noscript"], (0, 0, 0)),
+    spec("create", 2, &["write", "denyoom"], (1, 1, 1))
+        .about("bucket", "Creates a bucket (OK if it exists)."),
+    spec("drop", 2, &["write"], (1, 1, 1)).about("bucket", "Drops a bucket and all its keys."),
+    spec("put", 4, &["write", "denyoom"], (1, 1, 1))
+        .about("bucket key value", "Sets a key of a bucket."),
+    spec("get", 3, &["readonly", "fast"], (1, 1, 1))
+        .about("bucket key", "A key's value (nil if the key is missing)."),
+    spec("delete", 3, &["write", "fast"], (1, 1, 1))
+        .about("bucket key", "Deletes a key of a bucket."),
+    spec("keys", -2, &["readonly"], (1, 1, 1)).about(
+        "bucket [cursor]",
+        "A page of a bucket's keys and the cursor of the next page (0: the last).",
+    ),
+    spec("buckets", -1, &["readonly"], (0, 0, 0)).about(
+        "[after]",
+        "A page of bucket names after `after`, in byte order.",
+    ),
+    spec("scan", -2, &["readonly"], (0, 0, 0)).about(
+        "cursor [MATCH pattern] [COUNT count]",
+        "A page of bucket names and the cursor of the next page (0: the last).",
+    ),
+    spec("ping", -1, &["fast", "stale"], (0, 0, 0)).about("[message]", "PONG, or the message."),
+    spec("quit", 1, &["fast", "stale"], (0, 0, 0)).about("", "Closes the connection."),
+    spec("info", -1, &["stale"], (0, 0, 0))
+        .about("[section]", "The server's counters and settings."),
+    spec("dbsize", 1, &["readonly", "fast"], (0, 0, 0)).about("", "How many keys this node holds."),
+    spec("hello", -1, &["fast", "stale", "noauth"], (0, 0, 0)).about(
+        "[2|3 [AUTH username password] [SETNAME name]]",
+        "Chooses RESP2 or RESP3 and says what the server is.",
+    ),
+    spec("auth", -2, &["fast", "stale", "noauth"], (0, 0, 0)).about(
+        "[username] password",
+        "Authenticates the connection (--requirepass).",
+    ),
+    spec("multi", 1, &["fast"], (0, 0, 0)).about("", "Queues the next commands until EXEC."),
+    spec("exec", 1, &[], (0, 0, 0)).about(
+        "",
+        "Runs the queued commands in order; their replies as an array.",
+    ),
+    spec("discard", 1, &["fast"], (0, 0, 0)).about("", "Forgets the queued commands."),
+    spec("monitor", 1, &["admin"], (0, 0, 0))
+        .about("", "Streams every command the server receives."),
+    spec("config", -2, &["admin", "stale"], (0, 0, 0))
+        .about("GET pattern", "The settings whose names match the pattern."),
+    spec("cluster", -2, &["stale"], (0, 0, 0)).about(
+        "INFO|MYID|SLOTS|NODES|SHARDS|KEYSLOT name",
+        "The cluster as Redis Cluster clients read it.",
+    ),
+    spec("command", -1, &["stale"], (0, 0, 0)).about(
+        "[COUNT|INFO name...|DOCS]",
+        "kv's commands, as Redis describes its own.",
+    ),
+    spec("client", -2, &["stale"], (0, 0, 0)).about(
+        "SETNAME name|GETNAME|SETINFO attr value|ID|INFO|LIST|KILL ...",
+        "About connections: this one, or all.",
+    ),
+    spec("select", 2, &["fast", "stale"], (0, 0, 0))
+        .about("index", "Chooses the database: kv has one, 0."),
+    spec("debug", -2, &["admin", "noscript"], (0, 0, 0)).about(
+        "CRASH bucket|STOP bucket|PANIC",
+        "Fault injection, with --enable-debug-commands.",
+    ),
 ];
 
 const fn spec(
@@ -50,6 +100,24 @@ const fn spec(
         arity,
         flags,
         keys,
+        arguments: "",
+        summary: "",
+    }
+}
+
+impl CommandSpec {
+    const fn about(mut self, arguments: &'static str, summary: &'static str) -> Self {
+        self.arguments = arguments;
+        self.summary = summary;
+        self
+    }
+
+    /// The command as a person would find it.
+    #[must_use]
+    pub fn find(name: &str) -> Option<&'static Self> {
+        COMMANDS
+            .iter()
+            .find(|spec| spec.name.eq_ignore_ascii_case(name))
     }
 }
 
@@ -63,7 +131,7 @@ pub enum CommandQuery<'a> {
     /// `COMMAND INFO name…` (up to three names here): each, or nil if there is no such
     /// command.
     Info([Option<&'a [u8]>; 3]),
-    /// `COMMAND DOCS`: kv has no docs to give; an empty answer, which clients accept.
+    /// `COMMAND DOCS`: each command's summary and arguments.
     Docs,
 }
 
@@ -85,7 +153,21 @@ pub fn describe_commands(query: &CommandQuery<'_>) -> ReplyValue {
                 })
                 .collect(),
         )),
-        CommandQuery::Docs => ReplyValue::Array(Some(Vec::new())),
+        CommandQuery::Docs => ReplyValue::Map(
+            COMMANDS
+                .iter()
+                .map(|spec| {
+                    let docs = ReplyValue::Map(vec![
+                        (ReplyValue::bulk("summary"), ReplyValue::bulk(spec.summary)),
+                        (
+                            ReplyValue::bulk("arguments"),
+                            ReplyValue::bulk(spec.arguments),
+                        ),
+                    ]);
+                    (ReplyValue::bulk(spec.name), docs)
+                })
+                .collect(),
+        ),
     }
 }
 

@@ -28,20 +28,7 @@ pub(super) fn parse<'a>(input: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
             consumed,
         };
     }
-    let mut words: [&[u8]; MAX_WORDS] = [&[]; MAX_WORDS];
-    let mut count = 0;
-    let mut extra = false;
-    for word in line
-        .split(|&byte| byte == b' ' || byte == b'\t')
-        .filter(|word| !word.is_empty())
-    {
-        if count == MAX_WORDS {
-            extra = true;
-            break;
-        }
-        words[count] = word;
-        count += 1;
-    }
+    let (words, count, extra) = split(line);
     match Request::from_words(&words[..count], extra) {
         Ok(request) => Parsed::Request {
             request,
@@ -54,6 +41,24 @@ pub(super) fn parse<'a>(input: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
             consumed,
         },
     }
+}
+
+/// The first [`MAX_WORDS`] words of `line`, how many there are of them, and whether there
+/// were more.
+pub(super) fn split(line: &[u8]) -> ([&[u8]; MAX_WORDS], usize, bool) {
+    let mut words: [&[u8]; MAX_WORDS] = [&[]; MAX_WORDS];
+    let mut count = 0;
+    for word in line
+        .split(|&byte| byte == b' ' || byte == b'\t')
+        .filter(|word| !word.is_empty())
+    {
+        if count == MAX_WORDS {
+            return (words, count, true);
+        }
+        words[count] = word;
+        count += 1;
+    }
+    (words, count, false)
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Parsing requests and encoding replies, for the guide's line protocol and for RESP2.
+//! Parsing requests and encoding replies, for the guide's line protocol and for RESP (2, or 3
+//! once a connection asks for it with `HELLO 3`).
 //!
 //! Pure functions over byte slices: no I/O, nothing of ours below it, so it can be fuzzed and
 //! property-tested on its own. Requests borrow their words from the caller's buffer; nothing is
@@ -15,19 +16,24 @@ mod reply;
 mod resp;
 mod resp_reply;
 
-pub use command::{ClientRequest, ClusterQuery, DebugAction, KeyAction, KeyRequest, Request};
+pub use command::{
+    ClientKill, ClientRequest, ClusterQuery, DebugAction, KeyAction, KeyRequest, Request,
+};
 pub use commands::{COMMANDS, CommandQuery, CommandSpec, describe_commands};
 pub use line_reply::{LineReplyShape, parse_line_reply};
 pub use reply::{ErrorReply, Reply, SlotRange, encode, encode_page, encode_value};
 pub use resp_reply::{ReplyValue, encode_request, parse_reply};
 
 /// Which protocol a request came in, and so which one its reply goes out in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Dialect {
     /// The guide's line protocol: words separated by blanks, one request per line.
     Line,
     /// RESP2: an array of bulk strings, as Redis clients send.
     Resp,
+    /// A RESP request on a connection that chose RESP3 (`HELLO 3`): the same requests, replies
+    /// with RESP3's null (`_`) and maps (`%`) where RESP2 has a null bulk and flat arrays.
+    Resp3,
 }
 
 impl Dialect {
@@ -39,6 +45,23 @@ impl Dialect {
             Self::Resp
         } else {
             Self::Line
+        }
+    }
+
+    /// Whether this is RESP, of either version.
+    #[must_use]
+    pub fn is_resp(self) -> bool {
+        matches!(self, Self::Resp | Self::Resp3)
+    }
+
+    /// The dialect replies go out in on a connection that chose RESP `version` (2 or 3): a
+    /// RESP request is answered in that version; a line is answered as a line.
+    #[must_use]
+    pub fn with_version(self, resp3: bool) -> Self {
+        match self {
+            Self::Resp if resp3 => Self::Resp3,
+            Self::Resp3 if !resp3 => Self::Resp,
+            other => other,
         }
     }
 }
@@ -111,7 +134,10 @@ impl ProtocolError {
     pub fn is_unknown_command(&self) -> bool {
         matches!(
             self,
-            Self::UnknownCommand { .. } | Self::WrongArity { .. } | Self::UnknownSubcommand { .. }
+            Self::UnknownCommand { .. }
+                | Self::WrongArity { .. }
+                | Self::UnknownSubcommand { .. }
+                | Self::NoBucket { .. }
         )
     }
 }
@@ -134,6 +160,14 @@ pub enum ProtocolError {
     WrongArity {
         /// The command's name.
         command: &'static str,
+    },
+    /// A Redis command on a key alone (`SET key value`, `GET key`): kv's keys live in buckets.
+    #[error("kv keeps keys in buckets: '{command}' needs one, as in {usage}")]
+    NoBucket {
+        /// The command as Redis names it.
+        command: &'static str,
+        /// kv's form of it.
+        usage: &'static str,
     },
     /// A known command with a subcommand it does not have.
     #[error("unknown subcommand '{subcommand}' of '{command}'")]
@@ -168,6 +202,20 @@ pub enum ProtocolError {
         /// The limit.
         limit: usize,
     },
+    /// A word that should be a number and is not.
+    #[error("{what} is not a valid number")]
+    NotANumber {
+        /// What the number is.
+        what: &'static str,
+    },
+    /// Words a command does not take where they are.
+    #[error("syntax error in '{command}' near '{near}'")]
+    Syntax {
+        /// The command.
+        command: &'static str,
+        /// The first word not understood (lossily as UTF-8).
+        near: String,
+    },
     /// A cursor that is not a number a listing gave.
     #[error("invalid cursor: pass 0, or the cursor the previous page gave")]
     InvalidCursor,
@@ -181,7 +229,22 @@ pub enum ProtocolError {
 pub fn parse<'a>(input: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
     match input.first().map(|&first| Dialect::of(first)) {
         None => Parsed::Incomplete,
-        Some(Dialect::Resp) => resp::parse(input, limits),
+        Some(Dialect::Resp | Dialect::Resp3) => resp::parse(input, limits),
         Some(Dialect::Line) => line::parse(input, limits),
     }
+}
+
+/// The words of the complete request at the start of `input` (at most the first eight, and
+/// whether there were more), as `MONITOR` shows them; `None` if it is not a whole, well-formed
+/// request.
+#[must_use]
+pub fn request_words<'a>(input: &'a [u8], limits: &ParseLimits) -> Option<(Vec<&'a [u8]>, bool)> {
+    if input.first() == Some(&b'*') {
+        let (words, count, extra, _) = resp::parse_array(input, limits).ok()??;
+        return Some((words[..count].to_vec(), extra));
+    }
+    let end = memchr::memchr(b'\n', input)?;
+    let line = &input[..end];
+    let (words, count, extra) = line::split(line.strip_suffix(b"\r").unwrap_or(line));
+    Some((words[..count].to_vec(), extra))
 }

@@ -46,8 +46,8 @@ pub struct SlotRange {
 pub enum Reply<'a> {
     /// `OK` / `+OK`
     Ok,
-    /// The bucket does not exist: `NOT FOUND` / `-NOTFOUND`.
-    NotFound,
+    /// The bucket does not exist: `NOT FOUND` / `-NOTFOUND bucket 'name' does not exist`.
+    NotFound(&'a [u8]),
     /// No such command, or the wrong number of words: `UNKNOWN COMMAND` / `-ERR unknown command`.
     UnknownCommand,
     /// A `GET` result: the value then `OK` (an empty line for a missing key), or a bulk string
@@ -76,66 +76,43 @@ pub enum Reply<'a> {
     /// A nested answer (`COMMAND`, `CLUSTER SHARDS`): as it is in RESP; in the line protocol,
     /// its leaves one per line (a nil as an empty line), then `OK`.
     Tree(&'a ReplyValue),
+    /// A status word (`QUEUED`): on its own line, or a RESP simple string.
+    Status(&'static str),
     /// Anything that went wrong.
     Error(ErrorReply),
 }
 
+/// How much of a bucket's name an error shows.
+const MAX_NAME_SHOWN: usize = 128;
+
 /// Appends `reply` to `out` in `dialect`.
 pub fn encode(reply: &Reply<'_>, dialect: Dialect, out: &mut BytesMut) {
-    match (reply, dialect) {
-        (Reply::Ok, Dialect::Line) => out.put_slice(b"OK\r\n"),
-        (Reply::Ok, Dialect::Resp) => out.put_slice(b"+OK\r\n"),
-        (Reply::NotFound, Dialect::Line) => out.put_slice(b"NOT FOUND\r\n"),
-        (Reply::NotFound, Dialect::Resp) => out.put_slice(b"-NOTFOUND bucket does not exist\r\n"),
-        (Reply::UnknownCommand, Dialect::Line) => out.put_slice(b"UNKNOWN COMMAND\r\n"),
-        (Reply::UnknownCommand, Dialect::Resp) => {
-            out.put_slice(b"-ERR unknown command or wrong number of arguments\r\n");
-        }
-        (Reply::Value(value), _) => encode_value(*value, dialect, out),
-        (Reply::Integer(number), Dialect::Line) => {
+    match dialect {
+        Dialect::Line => encode_line(reply, out),
+        Dialect::Resp => encode_resp(reply, false, out),
+        Dialect::Resp3 => encode_resp(reply, true, out),
+    }
+}
+
+fn encode_line(reply: &Reply<'_>, out: &mut BytesMut) {
+    match reply {
+        Reply::Ok => out.put_slice(b"OK\r\n"),
+        Reply::NotFound(_) => out.put_slice(b"NOT FOUND\r\n"),
+        Reply::UnknownCommand => out.put_slice(b"UNKNOWN COMMAND\r\n"),
+        Reply::Value(value) => encode_value(*value, Dialect::Line, out),
+        Reply::Integer(number) => {
             encode_lines(&[itoa::Buffer::new().format(*number).as_bytes()], out);
         }
-        (Reply::Integer(number), Dialect::Resp) => {
-            out.put_u8(b':');
-            out.put_slice(itoa::Buffer::new().format(*number).as_bytes());
-            out.put_slice(b"\r\n");
-        }
-        (Reply::Pong(None), Dialect::Line) => out.put_slice(b"PONG\r\n"),
-        (Reply::Pong(None), Dialect::Resp) => out.put_slice(b"+PONG\r\n"),
-        (Reply::Pong(Some(message)), Dialect::Line) => encode_lines(&[message], out),
-        (Reply::Pong(Some(message)), Dialect::Resp) => put_bulk(message, out),
-        (Reply::Text(text), Dialect::Line) => {
+        // As Redis answers an inline `PING`, so that tools which send one (redis-benchmark's
+        // `PING_INLINE`) read a reply they know; the guide has no `PING`.
+        Reply::Pong(None) => out.put_slice(b"+PONG\r\n"),
+        Reply::Pong(Some(message)) => encode_lines(&[message], out),
+        Reply::Text(text) => {
             let lines: Vec<&[u8]> = text.lines().map(str::as_bytes).collect();
             encode_lines(&lines, out);
         }
-        (Reply::Text(text), Dialect::Resp) => put_bulk(text.as_bytes(), out),
-        (Reply::List(items), Dialect::Line) => encode_lines(items, out),
-        (Reply::List(items), Dialect::Resp) => {
-            put_header(b'*', items.len(), out);
-            for item in *items {
-                put_bulk(item, out);
-            }
-        }
-        (Reply::Slots(ranges), Dialect::Resp) => {
-            put_header(b'*', ranges.len(), out);
-            for range in *ranges {
-                put_header(b'*', 2 + range.nodes.len(), out);
-                for bound in [range.first, range.last] {
-                    out.put_u8(b':');
-                    out.put_slice(itoa::Buffer::new().format(bound).as_bytes());
-                    out.put_slice(b"\r\n");
-                }
-                for (host, port, id) in &range.nodes {
-                    put_header(b'*', 3, out);
-                    put_bulk(host.as_bytes(), out);
-                    out.put_u8(b':');
-                    out.put_slice(itoa::Buffer::new().format(*port).as_bytes());
-                    out.put_slice(b"\r\n");
-                    put_bulk(id.as_bytes(), out);
-                }
-            }
-        }
-        (Reply::Slots(ranges), Dialect::Line) => {
+        Reply::List(items) => encode_lines(items, out),
+        Reply::Slots(ranges) => {
             let lines: Vec<String> = ranges
                 .iter()
                 .map(|range| {
@@ -150,14 +127,74 @@ pub fn encode(reply: &Reply<'_>, dialect: Dialect, out: &mut BytesMut) {
             let lines: Vec<&[u8]> = lines.iter().map(String::as_bytes).collect();
             encode_lines(&lines, out);
         }
-        (Reply::Page { cursor, items }, Dialect::Line) => {
+        Reply::Page { cursor, items } => {
             let mut number = itoa::Buffer::new();
             let lines: Vec<&[u8]> = std::iter::once(number.format(*cursor).as_bytes())
                 .chain(items.iter().copied())
                 .collect();
             encode_lines(&lines, out);
         }
-        (Reply::Page { cursor, items }, Dialect::Resp) => {
+        Reply::Tree(tree) => {
+            let mut leaves = Vec::new();
+            flatten(tree, &mut leaves);
+            let lines: Vec<&[u8]> = leaves.iter().map(Vec::as_slice).collect();
+            encode_lines(&lines, out);
+        }
+        Reply::Status(word) => {
+            out.put_slice(word.as_bytes());
+            out.put_slice(b"\r\n");
+        }
+        Reply::Error(error) => {
+            out.put_slice(b"ERROR ");
+            put_single_line(error.message.as_bytes(), out);
+        }
+    }
+}
+
+/// `reply` in RESP2, or RESP3 when `resp3`: they differ in nulls and maps.
+fn encode_resp(reply: &Reply<'_>, resp3: bool, out: &mut BytesMut) {
+    match reply {
+        Reply::Ok => out.put_slice(b"+OK\r\n"),
+        Reply::NotFound(bucket) => {
+            out.put_slice(b"-NOTFOUND bucket '");
+            // At most this much of the name, on one line: a name may be long or hold anything.
+            let shown = &bucket[..bucket.len().min(MAX_NAME_SHOWN)];
+            put_single_line(shown, out);
+            out.truncate(out.len() - 2);
+            out.put_slice(b"' does not exist\r\n");
+        }
+        Reply::UnknownCommand => {
+            out.put_slice(b"-ERR unknown command or wrong number of arguments\r\n");
+        }
+        Reply::Value(value) => {
+            let dialect = if resp3 { Dialect::Resp3 } else { Dialect::Resp };
+            encode_value(*value, dialect, out);
+        }
+        Reply::Integer(number) => put_integer(*number, out),
+        Reply::Pong(None) => out.put_slice(b"+PONG\r\n"),
+        Reply::Pong(Some(message)) => put_bulk(message, out),
+        Reply::Text(text) => put_bulk(text.as_bytes(), out),
+        Reply::List(items) => {
+            put_header(b'*', items.len(), out);
+            for item in *items {
+                put_bulk(item, out);
+            }
+        }
+        Reply::Slots(ranges) => {
+            put_header(b'*', ranges.len(), out);
+            for range in *ranges {
+                put_header(b'*', 2 + range.nodes.len(), out);
+                put_integer(i64::from(range.first), out);
+                put_integer(i64::from(range.last), out);
+                for (host, port, id) in &range.nodes {
+                    put_header(b'*', 3, out);
+                    put_bulk(host.as_bytes(), out);
+                    put_integer(i64::from(*port), out);
+                    put_bulk(id.as_bytes(), out);
+                }
+            }
+        }
+        Reply::Page { cursor, items } => {
             put_header(b'*', 2, out);
             put_bulk(itoa::Buffer::new().format(*cursor).as_bytes(), out);
             put_header(b'*', items.len(), out);
@@ -165,18 +202,13 @@ pub fn encode(reply: &Reply<'_>, dialect: Dialect, out: &mut BytesMut) {
                 put_bulk(item, out);
             }
         }
-        (Reply::Tree(tree), Dialect::Resp) => put_tree(tree, out),
-        (Reply::Tree(tree), Dialect::Line) => {
-            let mut leaves = Vec::new();
-            flatten(tree, &mut leaves);
-            let lines: Vec<&[u8]> = leaves.iter().map(Vec::as_slice).collect();
-            encode_lines(&lines, out);
+        Reply::Tree(tree) => put_tree(tree, resp3, out),
+        Reply::Status(word) => {
+            out.put_u8(b'+');
+            out.put_slice(word.as_bytes());
+            out.put_slice(b"\r\n");
         }
-        (Reply::Error(error), Dialect::Line) => {
-            out.put_slice(b"ERROR ");
-            put_single_line(error.message.as_bytes(), out);
-        }
-        (Reply::Error(error), Dialect::Resp) => {
+        Reply::Error(error) => {
             out.put_u8(b'-');
             out.put_slice(error.code.as_bytes());
             out.put_u8(b' ');
@@ -204,8 +236,9 @@ pub fn encode_value(value: Option<&[u8]>, dialect: Dialect, out: &mut BytesMut) 
     match (value, dialect) {
         (Some(value), Dialect::Line) => encode_lines(&[value], out),
         (None, Dialect::Line) => out.put_slice(b"\r\nOK\r\n"),
-        (Some(value), Dialect::Resp) => put_bulk(value, out),
+        (Some(value), Dialect::Resp | Dialect::Resp3) => put_bulk(value, out),
         (None, Dialect::Resp) => out.put_slice(b"$-1\r\n"),
+        (None, Dialect::Resp3) => out.put_slice(b"_\r\n"),
     }
 }
 
@@ -239,8 +272,8 @@ fn put_single_line(text: &[u8], out: &mut BytesMut) {
     out.put_slice(b"\r\n");
 }
 
-/// `tree` in RESP2.
-fn put_tree(tree: &ReplyValue, out: &mut BytesMut) {
+/// `tree` in RESP2, or RESP3 when `resp3`.
+fn put_tree(tree: &ReplyValue, resp3: bool, out: &mut BytesMut) {
     match tree {
         ReplyValue::Simple(text) => {
             out.put_u8(b'+');
@@ -250,20 +283,28 @@ fn put_tree(tree: &ReplyValue, out: &mut BytesMut) {
             out.put_u8(b'-');
             put_single_line(text.as_bytes(), out);
         }
-        ReplyValue::Integer(number) => {
-            out.put_u8(b':');
-            out.put_slice(itoa::Buffer::new().format(*number).as_bytes());
-            out.put_slice(b"\r\n");
-        }
+        ReplyValue::Integer(number) => put_integer(*number, out),
         ReplyValue::Bulk(Some(bytes)) => put_bulk(bytes, out),
+        ReplyValue::Bulk(None) | ReplyValue::Array(None) if resp3 => out.put_slice(b"_\r\n"),
         ReplyValue::Bulk(None) => out.put_slice(b"$-1\r\n"),
         ReplyValue::Array(Some(elements)) => {
             put_header(b'*', elements.len(), out);
             for element in elements {
-                put_tree(element, out);
+                put_tree(element, resp3, out);
             }
         }
         ReplyValue::Array(None) => out.put_slice(b"*-1\r\n"),
+        ReplyValue::Map(pairs) => {
+            if resp3 {
+                put_header(b'%', pairs.len(), out);
+            } else {
+                put_header(b'*', 2 * pairs.len(), out);
+            }
+            for (key, value) in pairs {
+                put_tree(key, resp3, out);
+                put_tree(value, resp3, out);
+            }
+        }
     }
 }
 
@@ -283,7 +324,19 @@ fn flatten(tree: &ReplyValue, leaves: &mut Vec<Vec<u8>>) {
             }
         }
         ReplyValue::Array(None) => leaves.push(Vec::new()),
+        ReplyValue::Map(pairs) => {
+            for (key, value) in pairs {
+                flatten(key, leaves);
+                flatten(value, leaves);
+            }
+        }
     }
+}
+
+fn put_integer(number: i64, out: &mut BytesMut) {
+    out.put_u8(b':');
+    out.put_slice(itoa::Buffer::new().format(number).as_bytes());
+    out.put_slice(b"\r\n");
 }
 
 fn put_header(kind: u8, length: usize, out: &mut BytesMut) {
@@ -319,15 +372,34 @@ mod tests {
     #[test]
     fn the_guide_replies_byte_for_byte() {
         assert_eq!(line(&Reply::Ok), b"OK\r\n");
-        assert_eq!(line(&Reply::NotFound), b"NOT FOUND\r\n");
+        assert_eq!(line(&Reply::NotFound(b"shop")), b"NOT FOUND\r\n");
         assert_eq!(line(&Reply::UnknownCommand), b"UNKNOWN COMMAND\r\n");
         assert_eq!(line(&Reply::Value(Some(b"1"))), b"1\r\nOK\r\n");
         assert_eq!(line(&Reply::Value(None)), b"\r\nOK\r\n");
     }
 
     #[test]
+    fn resp3_differs_in_nulls_and_maps() {
+        let resp3 = |reply: &Reply<'_>| {
+            let mut out = BytesMut::new();
+            encode(reply, Dialect::Resp3, &mut out);
+            out.to_vec()
+        };
+        assert_eq!(resp3(&Reply::Value(None)), b"_\r\n");
+        assert_eq!(resp3(&Reply::Value(Some(b"1"))), b"$1\r\n1\r\n");
+        let map = ReplyValue::Map(vec![(ReplyValue::bulk("proto"), ReplyValue::Integer(3))]);
+        assert_eq!(resp3(&Reply::Tree(&map)), b"%1\r\n$5\r\nproto\r\n:3\r\n");
+        assert_eq!(resp(&Reply::Tree(&map)), b"*2\r\n$5\r\nproto\r\n:3\r\n");
+        assert_eq!(resp3(&Reply::Tree(&ReplyValue::Bulk(None))), b"_\r\n");
+    }
+
+    #[test]
     fn resp_replies() {
         assert_eq!(resp(&Reply::Ok), b"+OK\r\n");
+        assert_eq!(
+            resp(&Reply::NotFound(b"sh\r\nop")),
+            b"-NOTFOUND bucket 'sh  op' does not exist\r\n"
+        );
         assert_eq!(resp(&Reply::Value(Some(b"1"))), b"$1\r\n1\r\n");
         assert_eq!(resp(&Reply::Value(None)), b"$-1\r\n");
         assert_eq!(

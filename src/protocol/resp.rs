@@ -93,12 +93,12 @@ pub(super) fn parse<'a>(input: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
     }
 }
 
-type Words<'a> = ([&'a [u8]; MAX_WORDS], usize, bool, usize);
+pub(super) type Words<'a> = ([&'a [u8]; MAX_WORDS], usize, bool, usize);
 
 /// Invariant kept while a request arrives: nothing is reserved for an announced length; the
 /// caller's buffer grows only with the bytes that really came, and the announced lengths of
 /// one request together may not pass `max_bulk_len`.
-fn parse_array<'a>(
+pub(super) fn parse_array<'a>(
     input: &'a [u8],
     limits: &ParseLimits,
 ) -> Result<Option<Words<'a>>, ProtocolError> {

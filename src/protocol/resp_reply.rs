@@ -34,6 +34,17 @@ pub enum ReplyValue {
     Bulk(Option<Bytes>),
     /// `*count` and its elements, or `*-1` (`None`).
     Array(Option<Vec<ReplyValue>>),
+    /// A RESP3 map (`%count`, then each key and its value); in RESP2, an array of the keys and
+    /// values one after another, as Redis sends it there.
+    Map(Vec<(ReplyValue, ReplyValue)>),
+}
+
+impl ReplyValue {
+    /// A bulk string of `text`.
+    #[must_use]
+    pub fn bulk(text: impl Into<Bytes>) -> Self {
+        Self::Bulk(Some(text.into()))
+    }
 }
 
 /// Deepest nesting of arrays a client accepts in a reply.
@@ -74,13 +85,17 @@ fn reply_at(
     };
     let text = |from: usize, to: usize| String::from_utf8_lossy(&input[from..to]).into_owned();
     match kind {
-        b'+' | b'-' | b':' => {
+        // RESP3's simple kinds, read as their nearest RESP2 kind: null, boolean, double, big
+        // number.
+        b'+' | b'-' | b':' | b'_' | b'#' | b',' | b'(' => {
             let Some(end) = line_end(at + 1)? else {
                 return Ok(None);
             };
             let value = match kind {
-                b'+' => ReplyValue::Simple(text(at + 1, end)),
+                b'+' | b',' | b'(' => ReplyValue::Simple(text(at + 1, end)),
                 b'-' => ReplyValue::Error(text(at + 1, end)),
+                b'_' => ReplyValue::Bulk(None),
+                b'#' => ReplyValue::Integer(i64::from(&input[at + 1..end] == b"t")),
                 _ => ReplyValue::Integer(
                     text(at + 1, end)
                         .parse()
@@ -89,7 +104,9 @@ fn reply_at(
             };
             Ok(Some((value, end + 2)))
         }
-        b'$' | b'*' => {
+        // `=` is RESP3's verbatim string (a bulk whose first four bytes name its format), `~`
+        // a set, `%` a map, `>` a push.
+        b'$' | b'*' | b'=' | b'~' | b'%' | b'>' => {
             let Some((length, data)) = header(input, at, kind)? else {
                 return Ok(None);
             };
@@ -108,16 +125,22 @@ fn reply_at(
                 });
             }
             let length = length as usize;
-            if kind == b'$' {
+            if kind == b'$' || kind == b'=' {
                 if input.len() < data + length + 2 {
                     return Ok(None);
                 }
                 if &input[data + length..data + length + 2] != b"\r\n" {
                     return Err(ProtocolError::Malformed("bulk not ended by CRLF"));
                 }
-                let bulk = Bytes::copy_from_slice(&input[data..data + length]);
+                let skip = if kind == b'=' { length.min(4) } else { 0 };
+                let bulk = Bytes::copy_from_slice(&input[data + skip..data + length]);
                 return Ok(Some((ReplyValue::Bulk(Some(bulk)), data + length + 2)));
             }
+            let length = if kind == b'%' {
+                length.saturating_mul(2)
+            } else {
+                length
+            };
             if depth == MAX_DEPTH {
                 return Err(ProtocolError::Malformed("arrays nested too deep"));
             }
@@ -130,7 +153,17 @@ fn reply_at(
                 elements.push(element);
                 next = after;
             }
-            Ok(Some((ReplyValue::Array(Some(elements)), next)))
+            let value = if kind == b'%' {
+                let mut pairs = Vec::with_capacity(elements.len() / 2);
+                let mut elements = elements.into_iter();
+                while let (Some(key), Some(value)) = (elements.next(), elements.next()) {
+                    pairs.push((key, value));
+                }
+                ReplyValue::Map(pairs)
+            } else {
+                ReplyValue::Array(Some(elements))
+            };
+            Ok(Some((value, next)))
         }
         _ => Err(ProtocolError::Malformed("unknown reply type")),
     }

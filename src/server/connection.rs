@@ -30,10 +30,13 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::busy_poll::BusyPoll;
+use super::client_log::client_event;
 use crate::cluster::router::Router;
 use crate::config::ServerConfig;
 use crate::dispatch::{Dispatcher, Next};
-use crate::protocol::{Dialect, ErrorReply, ParseLimits, Parsed, Reply, Request, encode, parse};
+use crate::protocol::{
+    Dialect, ErrorReply, ParseLimits, Parsed, Reply, Request, encode, parse, request_words,
+};
 use crate::stats::Stats;
 
 /// How many requests are parsed ahead of running them. Enough for a pipelining client's
@@ -140,6 +143,8 @@ enum Progress {
     Yield,
     /// Write the replies, then close.
     Close,
+    /// Write the replies, then stream what the server receives (`MONITOR`).
+    Monitor,
 }
 
 /// How running a batch of requests ended.
@@ -150,6 +155,16 @@ enum Batch {
     Ran,
     /// A request asked to close the connection.
     Close,
+    /// The connection became a monitor.
+    Monitor,
+}
+
+/// Requests queued between `MULTI` and `EXEC`, as they were sent.
+#[derive(Default)]
+struct Transaction {
+    queued: Vec<u8>,
+    /// A request was refused while queueing: `EXEC` runs nothing.
+    failed: bool,
 }
 
 struct Connection {
@@ -168,6 +183,10 @@ struct Connection {
     busy_poll: Option<Arc<BusyPoll>>,
     /// When the request at the front of the buffer began to arrive, while it is incomplete.
     partial_since: Option<Instant>,
+    /// Open between `MULTI` and `EXEC` or `DISCARD`.
+    transaction: Option<Transaction>,
+    /// The client's address, for logs and `MONITOR`.
+    peer: std::net::SocketAddr,
 }
 
 /// How waiting for the client's next bytes ended.
@@ -184,7 +203,7 @@ enum Arrival {
 /// past the timeout, or the server stops.
 pub(super) async fn serve(
     stream: TcpStream,
-    dispatcher: Dispatcher,
+    mut dispatcher: Dispatcher,
     config: Arc<ServerConfig>,
     stop: Stop,
     busy_poll: Option<Arc<BusyPoll>>,
@@ -194,6 +213,19 @@ pub(super) async fn serve(
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "could not set TCP_NODELAY");
     }
+    let unknown = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let peer = stream.peer_addr().unwrap_or(unknown);
+    tracing::debug!(%peer, "connection opened");
+    // `CLIENT KILL` finishes this connection alone, as a shutdown finishes them all.
+    let stop = Stop {
+        finish: stop.finish.child_token(),
+        abort: stop.abort,
+    };
+    dispatcher.attach(
+        peer,
+        stream.local_addr().unwrap_or(unknown),
+        stop.finish.clone(),
+    );
     let stats = Arc::clone(dispatcher.stats());
     stats.connections_open.fetch_add(1, Ordering::Relaxed);
     let mut connection = Connection {
@@ -217,12 +249,15 @@ pub(super) async fn serve(
         },
         busy_poll,
         partial_since: None,
+        transaction: None,
+        peer,
     };
     connection.gauges.track_input(connection.input.capacity());
     connection.gauges.track_output(connection.output.capacity());
     if let Err(error) = connection.run(&config, &stop).await {
-        tracing::debug!(%error, "connection closed by an I/O error");
+        tracing::debug!(%peer, %error, "connection closed by an I/O error");
     }
+    tracing::debug!(%peer, "connection closed");
 }
 
 impl Connection {
@@ -263,6 +298,7 @@ impl Connection {
             }
             match progress {
                 Progress::Close => return close_after_replies(&mut self.stream).await,
+                Progress::Monitor => return self.monitor(stop).await,
                 Progress::OutputFull => continue,
                 Progress::Yield => {
                     tokio::task::yield_now().await;
@@ -315,7 +351,7 @@ impl Connection {
                         .fetch_add(count as u64, Ordering::Relaxed);
                 }
                 Arrival::Idle => {
-                    tracing::debug!("idle timeout");
+                    client_event!(peer = %self.peer, timeout = ?config.idle_timeout, "closing an idle connection");
                     return Ok(());
                 }
                 Arrival::RequestLate => return self.close_late_request(config).await,
@@ -328,7 +364,8 @@ impl Connection {
     /// buffers, with any replies not yet sent, are given back first, since a client that sends
     /// such requests may not read this either; and that wait is bounded.
     async fn refuse(&mut self, dialect: Dialect) -> std::io::Result<()> {
-        tracing::info!(
+        client_event!(
+            peer = %self.peer,
             limit = self.max_connection_buffers,
             "closing a connection: connection buffers over their limit"
         );
@@ -361,9 +398,8 @@ impl Connection {
     /// Closes a client whose request did not arrive whole within the request timeout, telling
     /// it why (in the partial request's dialect).
     async fn close_late_request(&mut self, config: &ServerConfig) -> std::io::Result<()> {
-        let peer = self.stream.peer_addr().ok();
-        tracing::info!(
-            ?peer,
+        client_event!(
+            peer = %self.peer,
             timeout = ?config.request_timeout,
             buffered = self.input.len(),
             "closing a connection: a request did not arrive whole in time"
@@ -404,6 +440,7 @@ impl Connection {
             match self.run_batch(&mut answered).await {
                 Batch::Ran => continue,
                 Batch::Close => break Progress::Close,
+                Batch::Monitor => break Progress::Monitor,
                 Batch::Empty => {}
             }
             // The front of the buffer is not a complete, well-formed request.
@@ -415,18 +452,27 @@ impl Connection {
                     dialect,
                     consumed,
                 } => {
+                    let dialect = self.dispatcher.reply_dialect(dialect);
                     self.dispatcher.reject(&error, dialect, &mut self.output);
                     self.input.advance(consumed);
                     answered += 1;
+                    // As Redis: a request refused while queueing fails the whole transaction.
+                    if let Some(transaction) = &mut self.transaction {
+                        transaction.failed = true;
+                    }
                 }
                 Parsed::Overlong { error } => {
                     self.dispatcher
                         .reject(&error, Dialect::Line, &mut self.output);
                     self.discarding = true;
                     answered += 1;
+                    if let Some(transaction) = &mut self.transaction {
+                        transaction.failed = true;
+                    }
                 }
                 Parsed::Fatal { error, dialect } => {
-                    tracing::debug!(%error, "unrecoverable protocol error; closing");
+                    client_event!(peer = %self.peer, %error, "closing a connection: a protocol error it cannot recover from");
+                    let dialect = self.dispatcher.reply_dialect(dialect);
                     self.dispatcher.reject(&error, dialect, &mut self.output);
                     answered += 1;
                     break Progress::Close;
@@ -434,6 +480,9 @@ impl Connection {
             }
         };
         if answered > 0 {
+            if let Some(client) = self.dispatcher.client() {
+                client.touch();
+            }
             let stats = self.dispatcher.stats();
             // SeqCst: the busy poller reads this count as activity (see `BusyPoll::answered`).
             stats.commands.fetch_add(answered, Ordering::SeqCst);
@@ -460,8 +509,8 @@ impl Connection {
             else {
                 break;
             };
+            batch.push((request, self.dispatcher.reply_dialect(dialect), consumed));
             parsed_bytes += consumed;
-            batch.push((request, dialect, consumed));
         }
         let Some(&(_, dialect, _)) = batch.last() else {
             return Batch::Empty;
@@ -473,6 +522,29 @@ impl Connection {
         while next < batch.len() {
             if self.output.len() >= self.max_pending_output {
                 // The rest stays in the buffer until the replies are written.
+                break;
+            }
+            // A connection that must authenticate, or that queues a transaction, looks at
+            // each request alone.
+            if self.dispatcher.needs_auth() || self.transaction.is_some() {
+                let (request, dialect, consumed) = batch[next];
+                let raw = &self.input[ran_bytes..ran_bytes + consumed];
+                let step = run_alone(
+                    &mut self.dispatcher,
+                    &mut self.transaction,
+                    &mut self.output,
+                    &self.limits,
+                    (request, dialect, raw),
+                )
+                .await;
+                ran_bytes += consumed;
+                *answered += 1;
+                next += 1;
+                match step {
+                    Next::Continue => continue,
+                    Next::Close => outcome = Batch::Close,
+                    Next::Monitor => outcome = Batch::Monitor,
+                }
                 break;
             }
             // In a cluster, requests on buckets go to their shards' leaders together: each
@@ -522,22 +594,215 @@ impl Connection {
                 continue;
             }
             let (request, dialect, consumed) = batch[next];
-            let reply = self
-                .dispatcher
-                .execute(request, dialect, &mut self.output)
-                .await;
+            let step = if request == Request::Multi {
+                self.transaction = Some(Transaction::default());
+                if let Some(client) = self.dispatcher.client() {
+                    client.set_in_transaction(true);
+                }
+                encode(&Reply::Ok, dialect, &mut self.output);
+                Next::Continue
+            } else {
+                self.dispatcher
+                    .execute(request, dialect, &mut self.output)
+                    .await
+            };
             ran_bytes += consumed;
             *answered += 1;
             next += 1;
-            if reply == Next::Close {
-                outcome = Batch::Close;
-                break;
+            match step {
+                // What follows a `HELLO` is answered in the version it chose: parsed again.
+                Next::Continue if matches!(request, Request::Hello { .. }) => break,
+                Next::Continue => {}
+                Next::Close => {
+                    outcome = Batch::Close;
+                    break;
+                }
+                Next::Monitor => {
+                    outcome = Batch::Monitor;
+                    break;
+                }
+            }
+        }
+        if self.dispatcher.clients().monitored() {
+            let mut start = 0;
+            for &(.., consumed) in &batch[..next] {
+                self.publish(&self.input[start..start + consumed]);
+                start += consumed;
             }
         }
         drop(batch);
         self.input.advance(ran_bytes);
         outcome
     }
+
+    /// Shows the request `raw` to the monitors.
+    fn publish(&self, raw: &[u8]) {
+        if let Some((words, more)) = request_words(raw, &self.limits) {
+            self.dispatcher.clients().publish(self.peer, &words, more);
+        }
+    }
+
+    /// Streams what the server receives, until the client closes or sends `QUIT`, the server
+    /// stops, or the monitor falls too far behind (then it is told and closed: a slow monitor
+    /// never slows the server, nor holds more than a bounded backlog).
+    async fn monitor(&mut self, stop: &Stop) -> std::io::Result<()> {
+        let mut feed = self.dispatcher.clients().monitor();
+        self.input.clear();
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.finish.cancelled() => return close_after_replies(&mut self.stream).await,
+                line = feed.next() => {
+                    let Some(line) = line else {
+                        client_event!(peer = %self.peer, "closing a monitor that fell behind");
+                        let error = ErrorReply::new("monitor fell too far behind; closing");
+                        return tell_and_close(&mut self.stream, error, Dialect::Resp).await;
+                    };
+                    self.output.clear();
+                    self.output.extend_from_slice(line.as_bytes());
+                    // Whatever else is ready goes in the same write.
+                    while self.output.len() < INITIAL_BUFFER && let Some(more) = feed.ready() {
+                        self.output.extend_from_slice(more.as_bytes());
+                    }
+                    self.stream.write_all(&self.output).await?;
+                    self.output.clear();
+                }
+                read = self.stream.read_buf(&mut self.input) => {
+                    if read? == 0 {
+                        return Ok(());
+                    }
+                    // A monitor only listens; `QUIT` ends it, anything else is dropped.
+                    let quit = self.input.windows(4).any(|word| word.eq_ignore_ascii_case(b"QUIT"));
+                    self.input.clear();
+                    if quit {
+                        self.stream.write_all(b"+OK\r\n").await?;
+                        return close_after_replies(&mut self.stream).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs one request of a connection that must authenticate first or that has a transaction
+/// open: refuses it without the password, queues it in the transaction, or ends the
+/// transaction.
+async fn run_alone(
+    dispatcher: &mut Dispatcher,
+    transaction: &mut Option<Transaction>,
+    output: &mut BytesMut,
+    limits: &ParseLimits,
+    (request, dialect, raw): (Request<'_>, Dialect, &[u8]),
+) -> Next {
+    if !dispatcher.admits(&request) {
+        let error = dispatcher.no_auth(&request);
+        encode(&Reply::Error(error), dialect, output);
+        if let Some(transaction) = transaction {
+            transaction.failed = true;
+        }
+        return Next::Continue;
+    }
+    let Some(open) = transaction else {
+        if request == Request::Multi {
+            *transaction = Some(Transaction::default());
+            set_in_transaction(dispatcher, true);
+            encode(&Reply::Ok, dialect, output);
+            return Next::Continue;
+        }
+        return dispatcher.execute(request, dialect, output).await;
+    };
+    let refuse = |message: &str, output: &mut BytesMut| {
+        encode(&Reply::Error(ErrorReply::new(message)), dialect, output);
+    };
+    match request {
+        Request::Multi => refuse("MULTI calls can not be nested", output),
+        Request::Quit => return dispatcher.execute(request, dialect, output).await,
+        Request::Discard => {
+            *transaction = None;
+            set_in_transaction(dispatcher, false);
+            encode(&Reply::Ok, dialect, output);
+        }
+        Request::Exec => {
+            let ended = std::mem::take(open);
+            *transaction = None;
+            set_in_transaction(dispatcher, false);
+            if ended.failed {
+                let error = ErrorReply {
+                    code: "EXECABORT",
+                    message: "Transaction discarded because of previous errors.".to_owned(),
+                };
+                encode(&Reply::Error(error), dialect, output);
+            } else {
+                exec(dispatcher, &ended.queued, dialect, output, limits).await;
+            }
+        }
+        Request::Monitor | Request::Hello { .. } | Request::Auth { .. } => {
+            open.failed = true;
+            refuse("Command not allowed inside a transaction", output);
+        }
+        _ if open.queued.len() + raw.len() > max_queued(limits) => {
+            open.failed = true;
+            refuse(
+                &format!(
+                    "transaction too large: more than {} bytes of requests queued",
+                    max_queued(limits)
+                ),
+                output,
+            );
+        }
+        _ => {
+            open.queued.extend_from_slice(raw);
+            encode(&Reply::Status("QUEUED"), dialect, output);
+        }
+    }
+    Next::Continue
+}
+
+/// Most bytes of requests a transaction holds: twice the largest request, so that any request
+/// fits in one, and a transaction never holds much more than the read buffer may.
+fn max_queued(limits: &ParseLimits) -> usize {
+    2 * limits.max_bulk_len.max(limits.max_line_len)
+}
+
+fn set_in_transaction(dispatcher: &Dispatcher, open: bool) {
+    if let Some(client) = dispatcher.client() {
+        client.set_in_transaction(open);
+    }
+}
+
+/// `EXEC`: runs the requests `queued` in order, one after another, and answers with their
+/// replies (a RESP array; in the line protocol, the replies one after another). Other
+/// connections' requests may run between them: a transaction here is an ordered batch, not an
+/// isolated one (docs/commands.md).
+async fn exec(
+    dispatcher: &mut Dispatcher,
+    queued: &[u8],
+    dialect: Dialect,
+    output: &mut BytesMut,
+    limits: &ParseLimits,
+) {
+    let mut replies = BytesMut::new();
+    let mut count = 0usize;
+    let mut at = 0;
+    while at < queued.len() {
+        // Each was parsed whole when it was queued.
+        let Parsed::Request {
+            request,
+            dialect: asked,
+            consumed,
+        } = parse(&queued[at..], limits)
+        else {
+            break;
+        };
+        let asked = dispatcher.reply_dialect(asked);
+        dispatcher.execute(request, asked, &mut replies).await;
+        count += 1;
+        at += consumed;
+    }
+    if dialect.is_resp() {
+        output.extend_from_slice(format!("*{count}\r\n").as_bytes());
+    }
+    output.extend_from_slice(&replies);
 }
 
 /// Writes `error` to a client that is being closed, in `dialect`, and closes (see

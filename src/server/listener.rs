@@ -17,7 +17,7 @@ use super::connection::{self, Stop};
 use crate::cluster::node::{Node, NodeConfig, NodeError};
 use crate::cluster::router::Router;
 use crate::config::{ClusterConfig, DurabilityConfig, ServerConfig};
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Sessions};
 use crate::protocol::{Dialect, ErrorReply};
 use crate::registry::Registry;
 use crate::shard::LocalShard;
@@ -110,12 +110,24 @@ impl Server {
                 "recovered the data directory"
             );
         }
+        let sessions = Sessions {
+            clients: Arc::default(),
+            password: config.requirepass.clone().map(String::into_bytes),
+            settings: config.settings(),
+            mode: if config.cluster.is_some() {
+                "cluster"
+            } else {
+                "standalone"
+            },
+            started: std::time::Instant::now(),
+        };
         let mut dispatcher = Dispatcher::new(
             Arc::new(shard),
             Arc::new(Stats::default()),
             config.page_size,
             config.enable_debug_commands,
-        );
+        )
+        .with_sessions(Arc::new(sessions));
         let node = match &config.cluster {
             None => None,
             Some(cluster) => {
@@ -192,8 +204,8 @@ impl Server {
                 () = shutdown.cancelled() => break,
                 accepted = listener.accept() => accepted,
             };
-            let stream = match accepted {
-                Ok((stream, _peer)) => stream,
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of descriptors and the like: back off instead of spinning; the
                     // clients already connected keep being served.
@@ -214,6 +226,11 @@ impl Server {
                 });
             } else {
                 stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+                super::client_log::client_event!(
+                    %peer,
+                    limit = config.max_connections,
+                    "refusing a connection: max number of clients reached"
+                );
                 if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
                     tracker.spawn(refuse(stream, permit, config.max_connections));
                 }

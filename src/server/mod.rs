@@ -4,6 +4,7 @@
 //! Both protocols share one port; each request picks its own (see [`crate::protocol`]).
 
 mod busy_poll;
+mod client_log;
 mod connection;
 mod listener;
 

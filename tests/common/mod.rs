@@ -73,7 +73,7 @@ impl TestServer {
     pub async fn still_serves(&self) {
         let mut raw = self.connect().await;
         raw.send(b"PING\n").await;
-        raw.expect(b"PONG\r\n").await;
+        raw.expect(b"+PONG\r\n").await;
     }
 }
 

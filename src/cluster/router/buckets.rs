@@ -15,29 +15,45 @@ impl Router {
     /// Appends one page of `BUCKETS`: up to a page of names after `after`, in byte order, from
     /// every shard; or unavailable if some shard has no reachable leader in time.
     pub async fn buckets(&self, after: Option<&[u8]>, dialect: Dialect, out: &mut BytesMut) {
-        let pages = futures::future::join_all(
-            (0..self.node.shards()).map(|shard| self.shard_buckets(shard, after)),
-        )
-        .await;
-        let Some(pages) = pages.into_iter().collect::<Option<Vec<_>>>() else {
+        let Some(names) = self.bucket_names(after, self.page_size).await else {
             encode(&Reply::Error(replies::unavailable()), dialect, out);
             return;
         };
-        let mut names: Vec<Vec<u8>> = pages.into_iter().flatten().collect();
-        names.sort_unstable();
-        names.truncate(self.page_size);
         let names: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
         encode(&Reply::List(&names), dialect, out);
     }
 
+    /// Up to `limit` bucket names after `after`, in byte order, from every shard; `None` if
+    /// some shard has no reachable leader in time.
+    pub async fn bucket_names(&self, after: Option<&[u8]>, limit: usize) -> Option<Vec<Vec<u8>>> {
+        let pages = futures::future::join_all(
+            (0..self.node.shards()).map(|shard| self.shard_buckets(shard, after, limit)),
+        )
+        .await;
+        let mut names: Vec<Vec<u8>> = pages
+            .into_iter()
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        names.sort_unstable();
+        names.truncate(limit);
+        Some(names)
+    }
+
     /// One shard's share of a page: read here if this node leads it, else asked of the leader;
     /// `None` if no leader answered in time.
-    async fn shard_buckets(&self, shard: u16, after: Option<&[u8]>) -> Option<Vec<Vec<u8>>> {
+    async fn shard_buckets(
+        &self,
+        shard: u16,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Option<Vec<Vec<u8>>> {
         let deadline = Instant::now() + UNAVAILABLE_AFTER;
         let mut hint = None;
         for attempt in 0usize.. {
             let target = match self.where_led(shard, hint.take(), attempt).await {
-                Led::Here => match self.list_led(shard, after, self.page_size).await {
+                Led::Here => match self.list_led(shard, after, limit).await {
                     Ok(names) => return Some(names),
                     Err(NotLed(leader)) => {
                         hint = leader;
@@ -51,7 +67,7 @@ impl Router {
                 let asked = PeerRequest::ListBuckets {
                     shard,
                     after: after.map(<[u8]>::to_vec),
-                    limit: u32::try_from(self.page_size).unwrap_or(u32::MAX),
+                    limit: u32::try_from(limit).unwrap_or(u32::MAX),
                 };
                 match timeout_at(deadline, client.call(asked)).await {
                     Ok(Ok(PeerResponse::Buckets(Ok(names)))) => return Some(names),

@@ -97,10 +97,12 @@ impl Router {
                     }
                 };
                 writes_committed = true;
-                for index in 0..changes.len() {
+                for (index, change) in changes.iter().enumerate() {
                     let reply = match outcomes.get(index).unwrap_or(&Outcome::NotAChange) {
                         Outcome::Done => Reply::Ok,
-                        Outcome::NoSuchBucket | Outcome::NothingToDrop => Reply::NotFound,
+                        Outcome::NoSuchBucket | Outcome::NothingToDrop => {
+                            Reply::NotFound(change.bucket())
+                        }
                         Outcome::NotAChange => Reply::Error(ErrorReply::new("not a change")),
                     };
                     replies.push(&reply, dialect);
@@ -143,9 +145,9 @@ impl Router {
         dialect: Dialect,
         replies: &mut Replies,
     ) {
-        let found = bucket_of(request).and_then(|bucket| registry.lookup(bucket));
-        let Some(bucket) = found else {
-            replies.push(&Reply::NotFound, dialect);
+        let name = bucket_of(request).unwrap_or_default();
+        let Some(bucket) = registry.lookup(name) else {
+            replies.push(&Reply::NotFound(name), dialect);
             return;
         };
         match *request {
@@ -154,12 +156,12 @@ impl Router {
                     bucket.get_with(key, |found| encode_value(found, dialect, out))
                 });
                 if read.is_err() {
-                    replies.push(&Reply::NotFound, dialect);
+                    replies.push(&Reply::NotFound(name), dialect);
                 }
             }
             Request::Keys { cursor, .. } => match bucket.scan(cursor, self.page_size) {
                 Ok((next, keys)) => replies.push_with(|out| encode_page(next, &keys, dialect, out)),
-                Err(_) => replies.push(&Reply::NotFound, dialect),
+                Err(_) => replies.push(&Reply::NotFound(name), dialect),
             },
             _ => replies.push(&Reply::UnknownCommand, dialect),
         }

@@ -47,7 +47,11 @@ use crate::protocol::{
     Dialect, KeyAction, KeyRequest, ParseLimits, Parsed, Request, encode_request, parse,
 };
 
-pub use replies::Replies;
+pub use replies::{Replies, unavailable};
+
+/// Most bucket names one shard lists for one page (`BUCKETS`, or a `SCAN` with a large
+/// `COUNT`).
+pub const MAX_LISTED: usize = 1000;
 
 /// How long a request waits for its shard to have a reachable leader before it is refused.
 pub const UNAVAILABLE_AFTER: Duration = Duration::from_secs(5);
@@ -239,7 +243,7 @@ impl Router {
         let forwarded = PeerRequest::Forward {
             shard,
             requests: encoded.freeze(),
-            resp: dialect == Dialect::Resp,
+            dialect,
         };
         let fate_unknown = match timeout_at(deadline, client.call(forwarded)).await {
             Ok(Ok(PeerResponse::Forwarded(answer))) => {
@@ -277,9 +281,7 @@ impl PeerHandler for Router {
                 after,
                 limit,
             } => {
-                let limit = usize::try_from(limit)
-                    .unwrap_or(usize::MAX)
-                    .min(self.page_size);
+                let limit = usize::try_from(limit).unwrap_or(usize::MAX).min(MAX_LISTED);
                 PeerResponse::Buckets(
                     self.list_led(shard, after.as_deref(), limit)
                         .await
@@ -289,9 +291,8 @@ impl PeerHandler for Router {
             PeerRequest::Forward {
                 shard,
                 requests,
-                resp,
+                dialect,
             } => {
-                let dialect = if resp { Dialect::Resp } else { Dialect::Line };
                 let deadline = Instant::now() + UNAVAILABLE_AFTER;
                 match parse_forwarded(&requests, shard, self.node.shards()) {
                     Some(requests) => {

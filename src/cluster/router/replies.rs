@@ -164,7 +164,7 @@ mod tests {
         let mut here = Replies::default();
         here.push(&Reply::Ok, Dialect::Resp);
         let mut there = Replies::default();
-        there.push(&Reply::NotFound, Dialect::Resp);
+        there.push(&Reply::NotFound(b"b"), Dialect::Resp);
         there.push_unavailable(1, Dialect::Resp);
         there.stop_short(Some(3));
         here.append(&there).expect("well formed");

@@ -116,3 +116,54 @@ fn a_bulk_limit_the_log_could_not_hold_is_refused_at_start() {
     assert!(message.contains("--max-bulk-len"), "{message}");
     assert!(message.contains("536870912"), "{message}");
 }
+
+/// What the server says about clients, each line with the client's address; and how it says
+/// what it was started with: in words, sizes and durations with units.
+#[tokio::test]
+async fn the_log_names_each_client_that_is_refused_or_closed() {
+    let server = Binary::start(&[
+        "--max-connections",
+        "1",
+        "--idle-timeout",
+        "300ms",
+        "--max-memory",
+        "1gb",
+    ]);
+    server.log_line("workers:");
+    let startup = server.logs().join("\n");
+    assert!(startup.contains("1 GiB of keys and values"), "{startup}");
+    assert!(startup.contains("closed after 300ms idle"), "{startup}");
+    assert!(
+        !startup.contains("None") && !startup.contains("Some("),
+        "{startup}"
+    );
+
+    let mut first = Raw::connect(server.address).await;
+    first.send(b"PING\n").await;
+    first.expect(b"+PONG\r\n").await;
+    let mut second = Raw::connect(server.address).await;
+    let second_address = second.stream.local_addr().unwrap();
+    assert!(
+        common::within(second.until_closed())
+            .await
+            .starts_with(b"ERROR max number of clients reached")
+    );
+    let refused = server.log_line("refusing a connection");
+    assert!(refused.contains(&second_address.to_string()), "{refused}");
+    // The first client idles past the timeout.
+    let first_address = first.stream.local_addr().unwrap();
+    assert_eq!(common::within(first.until_closed()).await, b"");
+    let idle = server.log_line("closing an idle connection");
+    assert!(idle.contains(&first_address.to_string()), "{idle}");
+
+    let mut broken = Raw::connect(server.address).await;
+    let broken_address = broken.stream.local_addr().unwrap();
+    broken.send(b"*1\r\n$x\r\n").await;
+    assert!(
+        common::within(broken.until_closed())
+            .await
+            .starts_with(b"-ERR Protocol error")
+    );
+    let protocol = server.log_line("a protocol error it cannot recover from");
+    assert!(protocol.contains(&broken_address.to_string()), "{protocol}");
+}

@@ -133,6 +133,8 @@ impl Raw {
 pub struct Binary {
     child: Option<std::process::Child>,
     pub address: SocketAddr,
+    /// Its log lines so far (the last 10,000), and a signal for each new one.
+    logs: std::sync::Arc<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)>,
 }
 
 impl Binary {
@@ -149,21 +151,55 @@ impl Binary {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let mut lines = std::io::BufReader::new(stderr).lines();
+        let logs =
+            std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
         let address = loop {
             let line = lines
                 .next()
                 .expect("server exited before listening")
                 .unwrap();
+            logs.0.lock().unwrap().push(line.clone());
             if let Some(rest) = line.split("kv listening on ").nth(1) {
                 break rest.split_whitespace().next().unwrap().parse().unwrap();
             }
         };
         // Keep draining the logs so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
+        let kept = std::sync::Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut logs = kept.0.lock().unwrap();
+                if logs.len() == 10_000 {
+                    logs.remove(0);
+                }
+                logs.push(line);
+                kept.1.notify_all();
+            }
+        });
         Self {
             child: Some(child),
             address,
+            logs,
         }
+    }
+
+    /// The first log line containing `text`, waiting for it to be written (within the bound).
+    pub fn log_line(&self, text: &str) -> String {
+        let (lines, written) = &*self.logs;
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let mut lines = lines.lock().unwrap();
+        loop {
+            if let Some(line) = lines.iter().find(|line| line.contains(text)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "no log line with {text:?} in {lines:#?}");
+            lines = written.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.0.lock().unwrap().clone()
     }
 
     /// `kv serve` as node `id` of the cluster `peers`, its cluster port `bind`, its data in

@@ -114,6 +114,8 @@ pub struct ServerConfig {
     /// The password clients must give (`AUTH`, or `HELLO … AUTH`) before anything else;
     /// `None`: none is asked.
     pub requirepass: Option<String>,
+    /// Where the HTTP listener of metrics and the status page listens; `None`: nowhere.
+    pub http_bind: Option<std::net::SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -136,6 +138,7 @@ impl Default for ServerConfig {
             durability: None,
             cluster: None,
             requirepass: None,
+            http_bind: None,
         }
     }
 }

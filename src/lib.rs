@@ -61,6 +61,7 @@ pub mod cluster;
 pub mod config;
 mod dispatch;
 mod encoding;
+pub mod observe;
 mod prefetch;
 pub mod protocol;
 pub mod registry;

@@ -129,6 +129,10 @@ struct ServeArgs {
     /// byte to its last (a bare number is seconds).
     #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     request_timeout: Duration,
+    /// Where to serve Prometheus metrics (/metrics), the status page (/), /health and /ready:
+    /// host:port, or `off`. Default: loopback, at the client port + 5081 (9121 for 4040).
+    #[arg(long)]
+    http_bind: Option<String>,
     /// A password clients must give (`AUTH password`, or `HELLO 3 AUTH default password`)
     /// before any other command. Better passed in the environment than on the command line,
     /// where other users of the machine can read it.
@@ -395,6 +399,7 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
         idle_timeout: (!arguments.idle_timeout.is_zero()).then_some(arguments.idle_timeout),
         request_timeout: arguments.request_timeout,
         requirepass: arguments.requirepass.clone(),
+        http_bind: http_bind(&arguments)?,
         enable_debug_commands: arguments.enable_debug_commands,
         busy_poll: Duration::from_micros(arguments.busy_poll_us),
         core: CoreConfig {
@@ -413,6 +418,9 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
     };
     let server = Server::bind(config.clone()).await?;
     tracing::info!("kv listening on {}", server.local_addr());
+    if let Some(http) = server.http_addr() {
+        tracing::info!("metrics on http://{http}/metrics, the status page on http://{http}/");
+    }
     for line in describe(&config, arguments.threads) {
         tracing::info!("{line}");
     }
@@ -424,6 +432,26 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
         .context("stopping: the log could not be written and synced")?;
     tracing::info!("kv stopped");
     Ok(())
+}
+
+/// Where the HTTP listener goes: `--http-bind`, or loopback at the client port + 5081 (any
+/// free port when the client port is 0); nowhere with `off`.
+fn http_bind(arguments: &ServeArgs) -> anyhow::Result<Option<SocketAddr>> {
+    match arguments.http_bind.as_deref() {
+        Some("off") => Ok(None),
+        Some(address) => Ok(Some(address.parse().with_context(|| {
+            format!("--http-bind {address:?} is not host:port or off")
+        })?)),
+        None => {
+            let port = match arguments.port {
+                0 => 0,
+                port => port
+                    .checked_add(5081)
+                    .context("--port is too high for the default --http-bind; give one")?,
+            };
+            Ok(Some(SocketAddr::from(([127, 0, 0, 1], port))))
+        }
+    }
 }
 
 /// The cluster this node joins, if `--peers` says it does.

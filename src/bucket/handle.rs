@@ -165,6 +165,14 @@ impl BucketHandle {
         self.shared.table.scan(cursor, limit)
     }
 
+    /// How many keys the bucket holds, and the bytes it takes of the memory budget.
+    ///
+    /// # Errors
+    /// [`BucketError::Stopped`] if the bucket has ended.
+    pub fn size(&self) -> Result<(usize, usize), BucketError> {
+        self.shared.table.size()
+    }
+
     /// One page of the bucket's keys in byte order: up to `limit` keys greater than `after`.
     /// Pass the last key of a page as `after` to get the next one. Each page reads the whole
     /// bucket: for small buckets and tests; [`scan`](Self::scan) costs only the page.

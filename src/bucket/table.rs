@@ -323,6 +323,13 @@ impl Table {
         Ok(guard.as_ref().ok_or(BucketError::Stopped)?.index.len())
     }
 
+    /// How many keys, and the bytes the table holds against the memory budget.
+    pub(crate) fn size(&self) -> Result<(usize, usize), BucketError> {
+        let guard = self.entries.read();
+        let entries = guard.as_ref().ok_or(BucketError::Stopped)?;
+        Ok((entries.index.len(), entries.charged))
+    }
+
     /// One page of a listing that costs the page: up to `limit` keys from `cursor` (zero:
     /// the start) in the order they are stored, and the cursor of the next page (zero: the
     /// end). See [`ScanCursor`] for what a listing under changes returns.

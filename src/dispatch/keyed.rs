@@ -1,15 +1,13 @@
 //! Requests on keys (`GET`, `PUT`, `DELETE`), run in batches: a connection's parsed-ahead
 //! requests find their buckets once, under one read lock of the registry's view.
 
-use std::sync::atomic::Ordering;
-
 use bytes::BytesMut;
 use smallvec::SmallVec;
 
 use super::Dispatcher;
 use super::errors::{bucket_error, missing};
 use crate::bucket::{BucketError, BucketHandle};
-use crate::protocol::{Dialect, KeyAction, KeyRequest, Reply, encode, encode_value};
+use crate::protocol::{Dialect, KeyAction, KeyRequest, Reply, Request, encode, encode_value};
 use crate::registry::Down;
 use crate::stats::Stats;
 
@@ -92,7 +90,15 @@ impl Dispatcher {
                 if let Some(reply) = keyed_reply(outcome, request.bucket, || {
                     names.why_missing(request.bucket, durable)
                 }) {
-                    answer(stats, changed, &reply, changes(&request), dialect, out);
+                    let slot = Request::Key(request).command_slot();
+                    answer(
+                        stats,
+                        changed,
+                        (&reply, slot),
+                        changes(&request),
+                        dialect,
+                        out,
+                    );
                 }
                 ran += 1;
             }
@@ -149,15 +155,13 @@ fn keyed_reply<'b>(
 pub(super) fn answer(
     stats: &Stats,
     changed: &mut bool,
-    reply: &Reply<'_>,
+    (reply, slot): (&Reply<'_>, usize),
     may_change: bool,
     dialect: Dialect,
     out: &mut BytesMut,
 ) {
     match reply {
-        Reply::Error(_) => {
-            stats.errors.fetch_add(1, Ordering::Relaxed);
-        }
+        Reply::Error(_) => stats.count_error(slot),
         Reply::Ok if may_change => *changed = true,
         _ => {}
     }

@@ -10,7 +10,6 @@ mod keyed;
 mod session;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 use smallvec::SmallVec;
@@ -209,7 +208,7 @@ impl Dispatcher {
     /// The error for a request that needs authentication first.
     #[must_use]
     pub fn no_auth(&self, request: &Request<'_>) -> ErrorReply {
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_error(request.command_slot());
         let message = if matches!(request, Request::Hello { .. }) {
             "HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time"
         } else {
@@ -233,6 +232,12 @@ impl Dispatcher {
     pub fn with_router(mut self, router: Arc<Router>) -> Self {
         self.router = Some(router);
         self
+    }
+
+    /// The cluster's router, in a cluster.
+    #[must_use]
+    pub fn router(&self) -> Option<&Arc<Router>> {
+        self.router.as_ref()
     }
 
     /// Whether requests on buckets go to a cluster's router (in batches by shard), not the
@@ -275,10 +280,14 @@ impl Dispatcher {
         out: &mut BytesMut,
     ) {
         if let Some(router) = &self.router {
-            let errors = router.run(requests, dialect, out).await;
-            self.stats
-                .errors
-                .fetch_add(u64::from(errors), Ordering::Relaxed);
+            let mut errors = router.run(requests, dialect, out).await;
+            while errors != 0 {
+                let index = errors.trailing_zeros() as usize;
+                if let Some(request) = requests.get(index) {
+                    self.stats.count_error(request.command_slot());
+                }
+                errors &= errors - 1;
+            }
         }
     }
 
@@ -294,6 +303,7 @@ impl Dispatcher {
             self.run_routed(&[request], dialect, out).await;
             return Next::Continue;
         }
+        let slot = request.command_slot();
         // DEBUG logs nothing: a bucket restarted from disk is restored, not changed.
         let may_change = matches!(request, Request::Create { .. } | Request::Drop { .. });
         let reply = match request {
@@ -328,9 +338,8 @@ impl Dispatcher {
             }
             Request::Client(request) => {
                 if let Some(reply) = self.client_request(request) {
-                    let failed = matches!(reply, ReplyValue::Error(_));
-                    if failed {
-                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    if matches!(reply, ReplyValue::Error(_)) {
+                        self.stats.count_error(slot);
                     }
                     encode(&Reply::Tree(&reply), dialect, out);
                     return Next::Continue;
@@ -338,7 +347,7 @@ impl Dispatcher {
                 let reply = client(&mut self.client_name, request);
                 let named = matches!((request, &reply), (ClientRequest::SetName(_), Reply::Ok));
                 if matches!(reply, Reply::Error(_)) {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats.count_error(slot);
                 }
                 encode(&reply, dialect, out);
                 if let (true, Some(info)) = (named, self.client()) {
@@ -458,7 +467,7 @@ impl Dispatcher {
         answer(
             &self.stats,
             &mut self.changed,
-            &reply,
+            (&reply, slot),
             may_change,
             dialect,
             out,
@@ -468,7 +477,7 @@ impl Dispatcher {
 
     /// Appends the reply to a request that could not be parsed.
     pub fn reject(&self, error: &ProtocolError, dialect: Dialect, out: &mut BytesMut) {
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_error(crate::protocol::NOT_A_COMMAND);
         // The guide's `UNKNOWN COMMAND` stays as it is in the line protocol; RESP says which
         // command and why, as Redis does.
         let reply = match (error, dialect) {

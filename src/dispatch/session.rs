@@ -207,9 +207,14 @@ impl Dispatcher {
             cursor => match clients.scan_resume(cursor) {
                 Some(name) => Some(name),
                 None => {
-                    self.stats
-                        .errors
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.count_error(
+                        crate::protocol::Request::Scan {
+                            cursor,
+                            pattern,
+                            count,
+                        }
+                        .command_slot(),
+                    );
                     let error = ErrorReply::new(
                         "invalid cursor: pass 0, or a cursor a recent SCAN gave (the server keeps the last 4096)",
                     );

@@ -205,6 +205,41 @@ pub enum Request<'a> {
 }
 
 impl<'a> Request<'a> {
+    /// The request's command, as its place in [`COMMANDS`](super::COMMANDS): what its counts
+    /// and latencies are kept under.
+    #[must_use]
+    pub fn command_slot(&self) -> usize {
+        use super::commands::slot;
+        match self {
+            Self::Create { .. } => slot::CREATE,
+            Self::Key(KeyRequest { action, .. }) => match action {
+                KeyAction::Get => slot::GET,
+                KeyAction::Put { .. } => slot::PUT,
+                KeyAction::Delete => slot::DELETE,
+            },
+            Self::Drop { .. } => slot::DROP,
+            Self::Ping { .. } => slot::PING,
+            Self::Quit => slot::QUIT,
+            Self::Info { .. } => slot::INFO,
+            Self::DbSize => slot::DBSIZE,
+            Self::ClusterKeySlot { .. } | Self::Cluster(_) => slot::CLUSTER,
+            Self::Command(_) => slot::COMMAND,
+            Self::Client(_) => slot::CLIENT,
+            Self::Select { .. } => slot::SELECT,
+            Self::Buckets { .. } => slot::BUCKETS,
+            Self::Keys { .. } => slot::KEYS,
+            Self::Hello { .. } => slot::HELLO,
+            Self::Auth { .. } => slot::AUTH,
+            Self::Multi => slot::MULTI,
+            Self::Exec => slot::EXEC,
+            Self::Discard => slot::DISCARD,
+            Self::Monitor => slot::MONITOR,
+            Self::ConfigGet { .. } | Self::ConfigChange => slot::CONFIG,
+            Self::Scan { .. } => slot::SCAN,
+            Self::DebugPanic | Self::Debug { .. } => slot::DEBUG,
+        }
+    }
+
     /// `GET bucket key`
     #[must_use]
     pub fn get(bucket: &'a [u8], key: &'a [u8]) -> Self {

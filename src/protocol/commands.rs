@@ -105,6 +105,82 @@ const fn spec(
     }
 }
 
+/// The place of `name` in [`COMMANDS`] (at compile time).
+const fn place(name: &str) -> usize {
+    let name = name.as_bytes();
+    let mut index = 0;
+    while index < COMMANDS.len() {
+        let known = COMMANDS[index].name.as_bytes();
+        if known.len() == name.len() {
+            let mut at = 0;
+            while at < name.len() && known[at] == name[at] {
+                at += 1;
+            }
+            if at == name.len() {
+                return index;
+            }
+        }
+        index += 1;
+    }
+    panic!("no such command in COMMANDS")
+}
+
+/// The slot that counts what was not a command (refused before it ran as one).
+pub const NOT_A_COMMAND: usize = COMMANDS.len();
+
+/// Places in [`COMMANDS`], for counting requests by command without looking names up.
+pub mod slot {
+    use super::place;
+    #[allow(missing_docs)]
+    pub const CREATE: usize = place("create");
+    #[allow(missing_docs)]
+    pub const DROP: usize = place("drop");
+    #[allow(missing_docs)]
+    pub const PUT: usize = place("put");
+    #[allow(missing_docs)]
+    pub const GET: usize = place("get");
+    #[allow(missing_docs)]
+    pub const DELETE: usize = place("delete");
+    #[allow(missing_docs)]
+    pub const KEYS: usize = place("keys");
+    #[allow(missing_docs)]
+    pub const BUCKETS: usize = place("buckets");
+    #[allow(missing_docs)]
+    pub const SCAN: usize = place("scan");
+    #[allow(missing_docs)]
+    pub const PING: usize = place("ping");
+    #[allow(missing_docs)]
+    pub const QUIT: usize = place("quit");
+    #[allow(missing_docs)]
+    pub const INFO: usize = place("info");
+    #[allow(missing_docs)]
+    pub const DBSIZE: usize = place("dbsize");
+    #[allow(missing_docs)]
+    pub const HELLO: usize = place("hello");
+    #[allow(missing_docs)]
+    pub const AUTH: usize = place("auth");
+    #[allow(missing_docs)]
+    pub const MULTI: usize = place("multi");
+    #[allow(missing_docs)]
+    pub const EXEC: usize = place("exec");
+    #[allow(missing_docs)]
+    pub const DISCARD: usize = place("discard");
+    #[allow(missing_docs)]
+    pub const MONITOR: usize = place("monitor");
+    #[allow(missing_docs)]
+    pub const CONFIG: usize = place("config");
+    #[allow(missing_docs)]
+    pub const CLUSTER: usize = place("cluster");
+    #[allow(missing_docs)]
+    pub const COMMAND: usize = place("command");
+    #[allow(missing_docs)]
+    pub const CLIENT: usize = place("client");
+    #[allow(missing_docs)]
+    pub const SELECT: usize = place("select");
+    #[allow(missing_docs)]
+    pub const DEBUG: usize = place("debug");
+}
+
 impl CommandSpec {
     const fn about(mut self, arguments: &'static str, summary: &'static str) -> Self {
         self.arguments = arguments;

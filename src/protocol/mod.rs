@@ -19,7 +19,7 @@ mod resp_reply;
 pub use command::{
     ClientKill, ClientRequest, ClusterQuery, DebugAction, KeyAction, KeyRequest, Request,
 };
-pub use commands::{COMMANDS, CommandQuery, CommandSpec, describe_commands};
+pub use commands::{COMMANDS, CommandQuery, CommandSpec, NOT_A_COMMAND, describe_commands};
 pub use line_reply::{LineReplyShape, parse_line_reply};
 pub use reply::{ErrorReply, Reply, SlotRange, encode, encode_page, encode_value};
 pub use resp_reply::{ReplyValue, encode_request, parse_reply};

@@ -355,6 +355,10 @@ impl State {
             Ok(Some(entries)) => match self.restore_bucket(name.clone(), &entries) {
                 Ok(_) => {
                     self.view.set_down(&name, None);
+                    self.view
+                        .events()
+                        .restarts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(bucket = %name, keys = entries.len(), "bucket restarted from its durable state");
                 }
                 Err(error) => {
@@ -467,6 +471,12 @@ impl State {
             Some(_) => self.view.remove_to_restart(name, bucket.id()),
             None => self.view.remove(name, bucket.id()),
         };
+        if forgotten.is_some() && reason != ExitReason::Aborted {
+            self.view
+                .events()
+                .crashes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if forgotten.is_some()
             && let Some(durable) = durable
         {

@@ -157,6 +157,16 @@ impl ReadNames<'_> {
 #[derive(Clone, Default)]
 pub struct RegistryView {
     names: Arc<RwLock<Names>>,
+    events: Arc<BucketEvents>,
+}
+
+/// What has happened to buckets since the registry started, for metrics.
+#[derive(Debug, Default)]
+pub struct BucketEvents {
+    /// Buckets that ended on their own (crashed or stopped), not dropped.
+    pub crashes: std::sync::atomic::AtomicU64,
+    /// Durable buckets read back from disk after ending on their own.
+    pub restarts: std::sync::atomic::AtomicU64,
 }
 
 impl RegistryView {
@@ -236,7 +246,25 @@ impl RegistryView {
     pub(super) fn writer(&self) -> ViewWriter {
         ViewWriter {
             names: Arc::clone(&self.names),
+            events: Arc::clone(&self.events),
         }
+    }
+
+    /// The durable buckets that are down (restarting, or failed), with why.
+    #[must_use]
+    pub fn down_buckets(&self) -> Vec<(BucketName, Down)> {
+        self.names
+            .read()
+            .down
+            .iter()
+            .map(|(name, down)| (name.clone(), *down))
+            .collect()
+    }
+
+    /// What has happened to buckets since the registry started.
+    #[must_use]
+    pub fn events(&self) -> &BucketEvents {
+        &self.events
     }
 }
 
@@ -244,9 +272,15 @@ impl RegistryView {
 /// died) holds one.
 pub(super) struct ViewWriter {
     names: Arc<RwLock<Names>>,
+    events: Arc<BucketEvents>,
 }
 
 impl ViewWriter {
+    /// Where bucket crashes and restarts are counted.
+    pub(super) fn events(&self) -> &BucketEvents {
+        &self.events
+    }
+
     pub(super) fn get(&self, name: &[u8]) -> Option<BucketHandle> {
         self.names.read().get(name).cloned()
     }

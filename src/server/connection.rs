@@ -35,9 +35,10 @@ use crate::cluster::router::Router;
 use crate::config::ServerConfig;
 use crate::dispatch::{Dispatcher, Next};
 use crate::protocol::{
-    Dialect, ErrorReply, ParseLimits, Parsed, Reply, Request, encode, parse, request_words,
+    Dialect, ErrorReply, NOT_A_COMMAND, ParseLimits, Parsed, Reply, Request, encode, parse,
+    request_words,
 };
-use crate::stats::Stats;
+use crate::stats::{COMMAND_SLOTS, Stats};
 
 /// How many requests are parsed ahead of running them. Enough for a pipelining client's
 /// usual depth; more would only hold more replies back from the output bound check.
@@ -187,6 +188,9 @@ struct Connection {
     transaction: Option<Transaction>,
     /// The client's address, for logs and `MONITOR`.
     peer: std::net::SocketAddr,
+    /// Requests answered in this pass, by command slot: counted here and added to the
+    /// shared histograms once per pass, with the pass's latency, not once per request.
+    pass: [u32; COMMAND_SLOTS],
 }
 
 /// How waiting for the client's next bytes ended.
@@ -251,6 +255,7 @@ pub(super) async fn serve(
         partial_since: None,
         transaction: None,
         peer,
+        pass: [0; COMMAND_SLOTS],
     };
     connection.gauges.track_input(connection.input.capacity());
     connection.gauges.track_output(connection.output.capacity());
@@ -263,6 +268,7 @@ pub(super) async fn serve(
 impl Connection {
     async fn run(&mut self, config: &ServerConfig, stop: &Stop) -> std::io::Result<()> {
         loop {
+            let started = std::time::Instant::now();
             let (progress, answered) = self.process().await;
             self.time_partial_request(answered);
             let output_grew = self.gauges.track_output(self.output.capacity());
@@ -291,6 +297,7 @@ impl Connection {
                     written = self.stream.write_all(&self.output) => written?,
                 }
                 self.output.clear();
+                self.record_pass(started.elapsed());
                 if self.output.capacity() > 4 * self.max_pending_output {
                     self.output = BytesMut::with_capacity(INITIAL_BUFFER);
                     self.gauges.track_output(self.output.capacity());
@@ -359,6 +366,19 @@ impl Connection {
         }
     }
 
+    /// Adds this pass's requests, each taking `latency` from parsed to written, to the
+    /// counts by command.
+    fn record_pass(&mut self, latency: std::time::Duration) {
+        let stats = self.dispatcher.stats();
+        for (slot, requests) in self.pass.iter_mut().enumerate() {
+            if *requests > 0 {
+                stats.by_command[slot]
+                    .latency
+                    .record(latency, u64::from(std::mem::take(requests)));
+            }
+        }
+    }
+
     /// Tells a client whose large request or reply would take all connections' buffers past
     /// their limit why it is being closed. The connection that grew is the one closed: its
     /// buffers, with any replies not yet sent, are given back first, since a client that sends
@@ -378,7 +398,7 @@ impl Connection {
             self.max_connection_buffers
         ));
         let stats = self.dispatcher.stats();
-        stats.errors.fetch_add(1, Ordering::Relaxed);
+        stats.count_error(NOT_A_COMMAND);
         stats.buffer_refusals.fetch_add(1, Ordering::Relaxed);
         tell_and_close(&mut self.stream, error, dialect).await
     }
@@ -405,7 +425,7 @@ impl Connection {
             "closing a connection: a request did not arrive whole in time"
         );
         let stats = self.dispatcher.stats();
-        stats.errors.fetch_add(1, Ordering::Relaxed);
+        stats.count_error(NOT_A_COMMAND);
         stats.request_timeouts.fetch_add(1, Ordering::Relaxed);
         let dialect = self
             .input
@@ -456,6 +476,7 @@ impl Connection {
                     self.dispatcher.reject(&error, dialect, &mut self.output);
                     self.input.advance(consumed);
                     answered += 1;
+                    self.pass[NOT_A_COMMAND] += 1;
                     // As Redis: a request refused while queueing fails the whole transaction.
                     if let Some(transaction) = &mut self.transaction {
                         transaction.failed = true;
@@ -466,6 +487,7 @@ impl Connection {
                         .reject(&error, Dialect::Line, &mut self.output);
                     self.discarding = true;
                     answered += 1;
+                    self.pass[NOT_A_COMMAND] += 1;
                     if let Some(transaction) = &mut self.transaction {
                         transaction.failed = true;
                     }
@@ -475,6 +497,7 @@ impl Connection {
                     let dialect = self.dispatcher.reply_dialect(dialect);
                     self.dispatcher.reject(&error, dialect, &mut self.output);
                     answered += 1;
+                    self.pass[NOT_A_COMMAND] += 1;
                     break Progress::Close;
                 }
             }
@@ -622,6 +645,9 @@ impl Connection {
                     break;
                 }
             }
+        }
+        for (request, ..) in &batch[..next] {
+            self.pass[request.command_slot()] += 1;
         }
         if self.dispatcher.clients().monitored() {
             let mut start = 0;

@@ -53,6 +53,8 @@ pub struct Server {
     config: Arc<ServerConfig>,
     /// In a cluster, this node's Raft groups.
     node: Option<Arc<Node>>,
+    /// The HTTP listener of metrics and the status page, if one is asked for.
+    http: Option<TcpListener>,
 }
 
 /// Why a server could not start.
@@ -140,13 +142,28 @@ impl Server {
                 Some(node)
             }
         };
+        let http = match config.http_bind {
+            Some(address) => Some(
+                crate::observe::bind(address)
+                    .await
+                    .map_err(|source| StartError::Bind { address, source })?,
+            ),
+            None => None,
+        };
         Ok(Self {
             listener,
             local_addr,
             dispatcher,
             config: Arc::new(config),
             node,
+            http,
         })
+    }
+
+    /// Where the HTTP listener (metrics, the status page) listens, if there is one.
+    #[must_use]
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|http| http.local_addr().ok())
     }
 
     /// The address the server listens on (with the real port when bound to port 0).
@@ -181,9 +198,23 @@ impl Server {
             dispatcher,
             config,
             node,
+            http,
             ..
         } = self;
         let shard = Arc::clone(dispatcher.shard());
+        if let Some(http) = http {
+            let observed = crate::observe::Observed {
+                stats: Arc::clone(dispatcher.stats()),
+                shard: Arc::clone(&shard),
+                router: dispatcher.router().cloned(),
+                started: std::time::Instant::now(),
+            };
+            tokio::spawn(crate::observe::serve(
+                http,
+                Arc::new(observed),
+                shutdown.child_token(),
+            ));
+        }
         tokio::spawn(Arc::clone(&shard).maintain(shutdown.child_token()));
         let stats = Arc::clone(dispatcher.stats());
         let busy_poll = (!config.busy_poll.is_zero()).then(|| {

@@ -45,6 +45,10 @@ pub struct LogStatus {
     pub syncs: u64,
     /// Whether a write has failed (changes are refused from then on).
     pub failed: bool,
+    /// Compactions since start.
+    pub compactions: u64,
+    /// Seconds the syncs took, in all.
+    pub sync_seconds: f64,
 }
 
 /// The buckets of this node: a registry, and (durable) the log that keeps it.
@@ -58,6 +62,8 @@ struct Log {
     directory: Arc<DataDir>,
     journal: Arc<Journal>,
     generation: AtomicU64,
+    /// Compactions since start.
+    compactions: AtomicU64,
     /// One compaction at a time; also held while a bucket is read back, so that no file it
     /// reads is removed under it.
     compacting: Arc<tokio::sync::Mutex<()>>,
@@ -130,6 +136,7 @@ impl LocalShard {
                 directory,
                 journal,
                 generation: AtomicU64::new(recovered.generation),
+                compactions: AtomicU64::new(0),
                 compacting,
                 config,
             }),
@@ -172,6 +179,8 @@ impl LocalShard {
             bytes: log.journal.log_bytes(),
             syncs: log.journal.syncs(),
             failed: log.journal.is_failed(),
+            compactions: log.compactions.load(Ordering::Relaxed),
+            sync_seconds: log.journal.sync_time().as_secs_f64(),
         })
     }
 
@@ -277,6 +286,7 @@ impl LocalShard {
             Ok(keys)
         })
         .await?;
+        log.compactions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             generation,
             log_bytes_before = before,

@@ -48,6 +48,7 @@ use crate::protocol::{
 };
 
 pub use replies::{Replies, unavailable};
+pub use views::{FollowerState, ShardState};
 
 /// Most bucket names one shard lists for one page (`BUCKETS`, or a `SCAN` with a large
 /// `COUNT`).
@@ -73,6 +74,8 @@ pub struct Router {
     page_size: usize,
     /// Where each node's clients connect, as far as they have said.
     client_addresses: tokio::sync::Mutex<HashMap<NodeId, SocketAddr>>,
+    /// Requests sent to another node to run, since start.
+    forwarded: std::sync::atomic::AtomicU64,
 }
 
 /// This node does not lead the shard (this node does, as far as it knows): the requests not
@@ -106,7 +109,26 @@ impl Router {
             client_address,
             page_size,
             client_addresses: tokio::sync::Mutex::new(HashMap::new()),
+            forwarded: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Requests sent to another node to run, since start.
+    #[must_use]
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// This node's id.
+    #[must_use]
+    pub fn node_id(&self) -> NodeId {
+        self.node.id()
+    }
+
+    /// Every node of the cluster.
+    #[must_use]
+    pub fn members(&self) -> &[NodeId] {
+        &self.members
     }
 
     /// Whether `request` is one the router runs: a request on a bucket.
@@ -121,6 +143,14 @@ impl Router {
         (self.node.buckets(), self.node.memory())
     }
 
+    /// The registries of this node's replicas, by shard.
+    #[must_use]
+    pub fn replica_registries(&self) -> Vec<(u16, crate::registry::Registry)> {
+        (0..self.node.shards())
+            .filter_map(|shard| Some((shard, self.node.state(shard)?.registry().clone())))
+            .collect()
+    }
+
     /// This node's replica of the shard of `bucket` (what `DEBUG CRASH` acts on in a
     /// cluster); `None` if this node holds none.
     pub async fn replica_registry(&self, bucket: &[u8]) -> Option<crate::registry::Registry> {
@@ -130,8 +160,8 @@ impl Router {
 
     /// Runs `requests` (a connection's consecutive requests on buckets, in one dialect) where
     /// their shards are led, and appends their replies to `out` in the requests' order.
-    /// Returns how many replies are errors.
-    pub async fn run(&self, requests: &[Request<'_>], dialect: Dialect, out: &mut BytesMut) -> u32 {
+    /// Returns which replies are errors: bit `i` for the `i`th request (of the first 64).
+    pub async fn run(&self, requests: &[Request<'_>], dialect: Dialect, out: &mut BytesMut) -> u64 {
         let shards = self.node.shards();
         let shard_of_request: SmallVec<[u16; 16]> = requests
             .iter()
@@ -143,7 +173,7 @@ impl Router {
         {
             let replies = self.run_shard(shard, requests, dialect).await;
             out.extend_from_slice(replies.bytes());
-            return replies.errors();
+            return replies.error_mask();
         }
         let mut by_shard: SmallVec<[(u16, Vec<Request<'_>>); 4]> = SmallVec::new();
         for (request, &shard) in requests.iter().zip(&shard_of_request) {
@@ -159,15 +189,19 @@ impl Router {
         )
         .await;
         let mut taken = vec![0; answers.len()];
-        for shard in shard_of_request {
+        let mut errors = 0;
+        for (index, shard) in shard_of_request.into_iter().enumerate() {
             let at = by_shard
                 .iter()
                 .position(|(known, _)| *known == shard)
                 .unwrap_or_default();
             out.extend_from_slice(answers[at].get(taken[at]));
+            if answers[at].is_error(taken[at]) && index < 64 {
+                errors |= 1 << index;
+            }
             taken[at] += 1;
         }
-        answers.iter().map(Replies::errors).sum()
+        errors
     }
 
     /// Runs one shard's requests, in order, where the shard is led: here, or forwarded to the
@@ -236,6 +270,8 @@ impl Router {
         replies: &mut Replies,
     ) -> Result<(), NotLed> {
         let client = self.node.peers().get(&target).ok_or(NotLed(None))?;
+        self.forwarded
+            .fetch_add(requests.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut encoded = BytesMut::new();
         for request in requests {
             encode_routed(request, &mut encoded);

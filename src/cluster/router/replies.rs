@@ -16,6 +16,9 @@ pub struct Replies {
     ends: Vec<u64>,
     /// How many of the replies are errors (for `INFO`'s error count).
     errors: u32,
+    /// Which of the first 64 replies are errors: bit `i` for reply `i` (for the counts by
+    /// command).
+    error_mask: u64,
     /// Set when the replies stop short of the requests: the rest were neither proposed nor
     /// read, because this node does not lead their shard (this is the node it believes does).
     not_led: Option<Option<u64>>,
@@ -40,6 +43,18 @@ impl Replies {
         self.errors
     }
 
+    /// Which replies are errors: bit `i` for reply `i`, of the first 64.
+    #[must_use]
+    pub fn error_mask(&self) -> u64 {
+        self.error_mask
+    }
+
+    /// Whether reply `index` is an error (known of the first 64 only).
+    #[must_use]
+    pub fn is_error(&self, index: usize) -> bool {
+        index < 64 && self.error_mask & (1 << index) != 0
+    }
+
     /// Every reply, one after another.
     #[must_use]
     pub fn bytes(&self) -> &[u8] {
@@ -59,6 +74,9 @@ impl Replies {
     pub fn push(&mut self, reply: &Reply<'_>, dialect: Dialect) {
         if matches!(reply, Reply::Error(_)) {
             self.errors += 1;
+            if let Some(bit) = 1u64.checked_shl(self.ends.len() as u32) {
+                self.error_mask |= bit;
+            }
         }
         self.push_with(|out| encode(reply, dialect, out));
     }
@@ -105,6 +123,7 @@ impl Replies {
         #[allow(clippy::cast_possible_truncation)]
         self.bytes.truncate(end as usize);
         self.errors = errors;
+        self.error_mask &= 1u64.checked_shl(len as u32).map_or(u64::MAX, |bit| bit - 1);
     }
 
     /// Answers the next `count` requests: the cluster could not run them in time, or cannot
@@ -138,6 +157,10 @@ impl Replies {
             previous = end;
         }
         let offset = self.bytes.len() as u64;
+        self.error_mask |= more
+            .error_mask
+            .checked_shl(self.ends.len() as u32)
+            .unwrap_or(0);
         self.bytes.extend_from_slice(&more.bytes);
         self.ends.extend(more.ends.iter().map(|end| offset + end));
         self.errors += more.errors;
@@ -172,6 +195,7 @@ mod tests {
         assert_eq!(here.get(0), b"+OK\r\n");
         assert_eq!(here.get(2), b"-TRYAGAIN cluster unavailable, try again\r\n");
         assert_eq!(here.errors(), 1);
+        assert_eq!(here.error_mask(), 0b100);
         assert_eq!(here.not_led(), Some(Some(3)));
     }
 

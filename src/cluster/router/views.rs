@@ -135,64 +135,89 @@ impl Router {
         }
     }
 
+    /// The state of each shard this node holds a replica of, as its Raft group reports it.
+    #[must_use]
+    pub fn shard_states(&self) -> Vec<ShardState> {
+        let index = |log_id: Option<
+            &openraft::type_config::alias::LogIdOf<crate::cluster::raft::ShardRaft>,
+        >| { log_id.map_or(0, |log_id| log_id.index) };
+        (0..self.node.shards())
+            .filter_map(|shard| {
+                let metrics = self.node.group(shard)?.metrics().borrow_watched().clone();
+                let followers = metrics
+                    .replication
+                    .iter()
+                    .flatten()
+                    .map(|(&follower, matched)| {
+                        let contact = metrics
+                            .heartbeat
+                            .as_ref()
+                            .and_then(|heartbeat| heartbeat.get(&follower).copied().flatten())
+                            .map(|at| at.elapsed());
+                        FollowerState {
+                            node: follower,
+                            matched: index(matched.as_ref()),
+                            last_contact: contact,
+                        }
+                    })
+                    .collect();
+                Some(ShardState {
+                    shard,
+                    leads: metrics.current_leader == Some(self.node.id()),
+                    leader: metrics.current_leader,
+                    term: metrics.current_term,
+                    last_log: metrics.last_log_index.unwrap_or(0),
+                    committed: index(metrics.cluster_committed.as_ref()),
+                    applied: index(metrics.last_applied.as_ref()),
+                    followers,
+                })
+            })
+            .collect()
+    }
+
     /// Appends the cluster's lines of `INFO`: this node, and for each shard it holds its role,
     /// leader, term, last log, committed and applied index, and (if it leads) how far each
     /// follower has replicated and when it last answered.
     pub fn info(&self, text: &mut String) {
         let _ = write!(text, "cluster_node:{}\r\n", self.node.id());
         let _ = write!(text, "cluster_shards:{}\r\n", self.node.shards());
-        let mut led = 0;
-        let mut followed = 0;
-        for shard in 0..self.node.shards() {
-            let Some(group) = self.node.group(shard) else {
-                continue;
-            };
-            let metrics = group.metrics().borrow_watched().clone();
-            let role = if metrics.current_leader == Some(self.node.id()) {
-                led += 1;
-                "leader"
-            } else {
-                followed += 1;
-                "follower"
-            };
-            let index = |log_id: Option<
-                &openraft::type_config::alias::LogIdOf<crate::cluster::raft::ShardRaft>,
-            >| { log_id.map_or(0, |log_id| log_id.index) };
+        let states = self.shard_states();
+        for state in &states {
             let _ = write!(
                 text,
-                "shard_{shard}:role={role},leader={},term={},last_log={},committed={},applied={}",
-                metrics.current_leader.map_or(0, |leader| leader),
-                metrics.current_term,
-                metrics.last_log_index.unwrap_or(0),
-                index(metrics.cluster_committed.as_ref()),
-                index(metrics.last_applied.as_ref()),
+                "shard_{}:role={},leader={},term={},last_log={},committed={},applied={}",
+                state.shard,
+                if state.leads { "leader" } else { "follower" },
+                state.leader.unwrap_or(0),
+                state.term,
+                state.last_log,
+                state.committed,
+                state.applied,
             );
-            if let Some(replication) = &metrics.replication {
-                for (follower, matched) in replication {
-                    let _ = write!(text, ",matched_{follower}={}", index(matched.as_ref()));
-                }
+            for follower in &state.followers {
+                let _ = write!(text, ",matched_{}={}", follower.node, follower.matched);
             }
             // How long ago each follower last answered this leader, in milliseconds.
-            if let Some(heartbeat) = &metrics.heartbeat {
-                for (follower, acknowledged) in heartbeat {
-                    match acknowledged {
-                        Some(at) => {
-                            let _ = write!(
-                                text,
-                                ",last_contact_ms_{follower}={}",
-                                at.elapsed().as_millis()
-                            );
-                        }
-                        None => {
-                            let _ = write!(text, ",last_contact_ms_{follower}=never");
-                        }
+            for follower in &state.followers {
+                match follower.last_contact {
+                    Some(ago) => {
+                        let _ = write!(
+                            text,
+                            ",last_contact_ms_{}={}",
+                            follower.node,
+                            ago.as_millis()
+                        );
+                    }
+                    None => {
+                        let _ = write!(text, ",last_contact_ms_{}=never", follower.node);
                     }
                 }
             }
             text.push_str("\r\n");
         }
+        let led = states.iter().filter(|state| state.leads).count();
         let _ = write!(text, "cluster_shards_led:{led}\r\n");
-        let _ = write!(text, "cluster_shards_followed:{followed}\r\n");
+        let _ = write!(text, "cluster_shards_followed:{}\r\n", states.len() - led);
     }
 
     /// Every shard's slots, replicas, leader (as this node knows it) and term.
@@ -265,4 +290,37 @@ fn map(entries: Vec<(&'static str, ReplyValue)>) -> ReplyValue {
             .flat_map(|(name, value)| [bulk(name.to_owned()), value])
             .collect(),
     ))
+}
+
+/// A shard's state on this node (see [`Router::shard_states`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShardState {
+    /// The shard.
+    pub shard: u16,
+    /// Whether this node leads it.
+    pub leads: bool,
+    /// Its leader, as this node knows it.
+    pub leader: Option<u64>,
+    /// Its Raft term.
+    pub term: u64,
+    /// The last index in this replica's log.
+    pub last_log: u64,
+    /// The last index known committed.
+    pub committed: u64,
+    /// The last index applied here.
+    pub applied: u64,
+    /// When this node leads: each follower's progress.
+    pub followers: Vec<FollowerState>,
+}
+
+/// How far a follower has replicated a shard this node leads.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FollowerState {
+    /// The follower.
+    pub node: u64,
+    /// The last index it holds.
+    pub matched: u64,
+    /// How long ago it last answered, if it has.
+    #[serde(skip)]
+    pub last_contact: Option<std::time::Duration>,
 }

@@ -78,6 +78,8 @@ pub struct Journal {
     log_bytes: AtomicU64,
     /// Syncs done since start, for `INFO`.
     syncs: AtomicU64,
+    /// Microseconds those syncs took, for metrics.
+    sync_micros: AtomicU64,
     /// Fault injection: the next write fails as a full disk would make it.
     fail_next_write: AtomicBool,
 }
@@ -123,6 +125,7 @@ impl Journal {
             failed: AtomicBool::new(false),
             log_bytes: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
+            sync_micros: AtomicU64::new(0),
             fail_next_write: AtomicBool::new(false),
         });
         if policy == FsyncPolicy::EverySecond {
@@ -175,6 +178,11 @@ impl Journal {
     #[must_use]
     pub fn syncs(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Time those syncs took, in all.
+    pub fn sync_time(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.sync_micros.load(Ordering::Relaxed))
     }
 
     /// Bytes in the current log file.
@@ -332,9 +340,12 @@ impl Journal {
         let Some(handle) = self.writer.lock().sync_handle.clone() else {
             return;
         };
+        let started = std::time::Instant::now();
         match handle.sync_data() {
             Ok(()) => {
                 self.syncs.fetch_add(1, Ordering::Relaxed);
+                let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                self.sync_micros.fetch_add(took, Ordering::Relaxed);
                 self.synced
                     .send_modify(|synced| *synced = (*synced).max(target));
             }

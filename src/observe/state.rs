@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Observed;
+use crate::bucket::BucketName;
 use crate::registry::{Down, Registry};
 
 /// Buckets on one page of the listing.
@@ -63,20 +64,30 @@ fn registries(observed: &Observed) -> Vec<(Option<u16>, Registry)> {
     }
 }
 
-/// A page of buckets for `query`.
+/// A page of buckets for `query`. One pass over the buckets reads each one's size under its
+/// lock, without copying names; only the page's names are copied, and only the buckets up to
+/// the page's end are sorted: with a million buckets, a page costs a pass, not a full sort.
 #[must_use]
 pub fn buckets(observed: &Observed, query: &BucketQuery) -> BucketPage {
-    let mut rows: Vec<BucketRow> = Vec::new();
+    struct Candidate {
+        name: BucketName,
+        shard: Option<u16>,
+        keys: usize,
+        bytes: usize,
+        state: &'static str,
+    }
+    let wanted = query.q.as_bytes();
+    let matches = |name: &[u8]| wanted.is_empty() || memchr::memmem::find(name, wanted).is_some();
+    let mut candidates: Vec<Candidate> = Vec::new();
     for (shard, registry) in registries(observed) {
         let view = registry.view();
         for bucket in view.buckets() {
-            let name = String::from_utf8_lossy(bucket.name().as_bytes()).into_owned();
-            if !query.q.is_empty() && !name.contains(&query.q) {
+            if !matches(bucket.name().as_bytes()) {
                 continue;
             }
             let (keys, bytes) = bucket.size().unwrap_or((0, 0));
-            rows.push(BucketRow {
-                name,
+            candidates.push(Candidate {
+                name: bucket.name().clone(),
                 shard,
                 keys,
                 bytes,
@@ -84,15 +95,14 @@ pub fn buckets(observed: &Observed, query: &BucketQuery) -> BucketPage {
             });
         }
         for (name, down) in view.down_buckets() {
-            let name = String::from_utf8_lossy(name.as_bytes()).into_owned();
-            if !query.q.is_empty() && !name.contains(&query.q) {
+            if !matches(name.as_bytes()) {
                 continue;
             }
             let state = match down {
                 Down::Restarting => "restarting",
                 Down::Failed => "failed",
             };
-            rows.push(BucketRow {
+            candidates.push(Candidate {
                 name,
                 shard,
                 keys: 0,
@@ -101,14 +111,35 @@ pub fn buckets(observed: &Observed, query: &BucketQuery) -> BucketPage {
             });
         }
     }
-    let total = rows.len();
-    match query.sort.as_str() {
-        "name" => rows.sort_unstable_by(|a, b| a.name.cmp(&b.name)),
-        "bytes" => rows.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then(a.name.cmp(&b.name))),
-        _ => rows.sort_unstable_by(|a, b| b.keys.cmp(&a.keys).then(a.name.cmp(&b.name))),
-    }
+    let total = candidates.len();
+    let order = |a: &Candidate, b: &Candidate| match query.sort.as_str() {
+        "name" => a.name.as_bytes().cmp(b.name.as_bytes()),
+        "bytes" => b
+            .bytes
+            .cmp(&a.bytes)
+            .then(a.name.as_bytes().cmp(b.name.as_bytes())),
+        _ => b
+            .keys
+            .cmp(&a.keys)
+            .then(a.name.as_bytes().cmp(b.name.as_bytes())),
+    };
     let start = query.page.saturating_mul(PAGE_SIZE).min(total);
-    let buckets = rows.drain(start..(start + PAGE_SIZE).min(total)).collect();
+    let end = (start + PAGE_SIZE).min(total);
+    if end < total {
+        candidates.select_nth_unstable_by(end, order);
+        candidates.truncate(end);
+    }
+    candidates.sort_unstable_by(order);
+    let buckets = candidates
+        .drain(start..)
+        .map(|candidate| BucketRow {
+            name: String::from_utf8_lossy(candidate.name.as_bytes()).into_owned(),
+            shard: candidate.shard,
+            keys: candidate.keys,
+            bytes: candidate.bytes,
+            state: candidate.state,
+        })
+        .collect();
     BucketPage {
         total,
         page: query.page,

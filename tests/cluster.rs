@@ -757,6 +757,18 @@ async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
         );
     }
 
+    // The survivors' metrics saw the failover: a shard whose leader changed after it was
+    // first elected, and every shard led again.
+    let http = nodes[2].as_ref().unwrap().http_address();
+    let (_, metrics) = common::http_get(http, "/metrics").await;
+    let most_changes = metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("kv_shard_leader_changes_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .max();
+    assert!(most_changes >= Some(2), "{metrics}");
+    assert_eq!(common::http_get(http, "/ready").await.0, 200);
+
     // It comes back on its directory and catches up.
     nodes[0] = Some(node_process(1, &peers, binds[0], directory.path()));
     let mut first = kv::client::Client::connect(nodes[0].as_ref().unwrap().address)

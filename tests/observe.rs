@@ -6,32 +6,7 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
-use common::{Binary, Raw, within};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The HTTP listener's address, from the server's log.
-fn http_address(server: &Binary) -> SocketAddr {
-    let line = server.log_line("metrics on http://");
-    let rest = line.split("metrics on http://").nth(1).unwrap();
-    rest.split('/').next().unwrap().parse().unwrap()
-}
-
-/// `GET path`: the status code and the body.
-async fn get(address: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: kv\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = Vec::new();
-    within(stream.read_to_end(&mut response)).await.unwrap();
-    let response = String::from_utf8(response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
-}
+use common::{Binary, Raw, http_get as get};
 
 fn scrape(text: &str) -> prometheus_parse::Scrape {
     prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_owned()))).unwrap()
@@ -71,7 +46,7 @@ async fn metrics_count_what_info_counts_by_command_and_result() {
     let directory = tempfile::tempdir().unwrap();
     let data_dir = directory.path().to_str().unwrap().to_owned();
     let server = Binary::start(&["--data-dir", &data_dir, "--enable-debug-commands"]);
-    let http = http_address(&server);
+    let http = server.http_address();
     let mut client = Raw::connect(server.address).await;
     client.send(b"CREATE shop\n").await;
     client.expect(b"OK\r\n").await;
@@ -91,6 +66,16 @@ async fn metrics_count_what_info_counts_by_command_and_result() {
         .await;
     client.send(b"PUT shop\n").await;
     client.expect(b"UNKNOWN COMMAND\r\n").await;
+    // The busiest bucket first: every read, write and delete of a key counts.
+    client.send(b"CREATE quiet\n").await;
+    client.expect(b"OK\r\n").await;
+    let (_, busiest) = get(http, "/api/buckets?sort=operations").await;
+    let busiest: serde_json::Value = serde_json::from_str(&busiest).unwrap();
+    assert_eq!(busiest["buckets"][0]["name"], "shop");
+    assert_eq!(busiest["buckets"][0]["operations"], 27);
+    assert_eq!(busiest["buckets"][1]["operations"], 0);
+    client.send(b"DROP quiet\n").await;
+    client.expect(b"OK\r\n").await;
     // A bucket crashes and comes back from disk.
     client.send(b"DEBUG CRASH shop\n").await;
     client.expect(b"OK\r\n").await;
@@ -110,7 +95,8 @@ async fn metrics_count_what_info_counts_by_command_and_result() {
             &[("command", command), ("result", result)],
         )
     };
-    assert_eq!(requests("create", "ok"), 1.0);
+    assert_eq!(requests("create", "ok"), 2.0);
+    assert_eq!(requests("drop", "ok"), 1.0);
     assert_eq!(requests("put", "ok"), 20.0);
     // A missing bucket is an answer (INFO counts no error for it).
     assert_eq!(requests("get", "ok"), 8.0);

@@ -173,6 +173,13 @@ impl BucketHandle {
         self.shared.table.size()
     }
 
+    /// Reads, writes and deletes clients have made of the bucket since it (re)started,
+    /// modulo 2^32.
+    #[must_use]
+    pub fn operations(&self) -> u32 {
+        self.shared.table.operations()
+    }
+
     /// One page of the bucket's keys in byte order: up to `limit` keys greater than `after`.
     /// Pass the last key of a page as `after` to get the next one. Each page reads the whole
     /// bucket: for small buckets and tests; [`scan`](Self::scan) costs only the page.

@@ -94,9 +94,38 @@ pub struct Node {
     /// The snapshots peers are sending this node.
     inbox: peer::SnapshotInbox,
     shutdown: CancellationToken,
+    /// Each local shard's leader changes seen since start (for metrics).
+    leader_changes: HashMap<u16, Arc<std::sync::atomic::AtomicU64>>,
+}
+
+/// Counts the leader changes `group` goes through: a task waits on the group's server metrics
+/// (which change with its role and leader, not with every entry) until the group stops.
+fn count_leader_changes(group: &ShardGroup) -> Arc<std::sync::atomic::AtomicU64> {
+    let changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = Arc::clone(&changes);
+    let mut server = group.server_metrics();
+    tokio::spawn(async move {
+        let mut leader = server.borrow_watched().current_leader;
+        while server.changed().await.is_ok() {
+            let now = server.borrow_watched().current_leader;
+            if now.is_some() && now != leader {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            leader = now;
+        }
+    });
+    changes
 }
 
 impl Node {
+    /// Leader changes shard `shard` has gone through since start, as this node saw them.
+    #[must_use]
+    pub fn leader_changes(&self, shard: u16) -> u64 {
+        self.leader_changes.get(&shard).map_or(0, |changes| {
+            changes.load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
     /// [`open`](Self::open)s the node and answers its peers' Raft traffic on `listener`.
     ///
     /// # Errors
@@ -149,6 +178,7 @@ impl Node {
         let mut machines = HashMap::new();
         let mut logs = HashMap::new();
         let mut replica_sets = HashMap::new();
+        let mut leader_changes = HashMap::new();
         for shard in 0..config.shards {
             let replicas = replicas_of(shard, &member_ids, config.replicas);
             if !replicas.contains(&config.id) {
@@ -189,6 +219,7 @@ impl Node {
                     }
                 }
             }
+            leader_changes.insert(shard, count_leader_changes(&group));
             groups.insert(shard, group);
             replica_sets.insert(shard, replicas);
         }
@@ -212,6 +243,7 @@ impl Node {
                     .max(64 << 20),
             ),
             shutdown: CancellationToken::new(),
+            leader_changes,
         })
     }
 

@@ -297,6 +297,16 @@ impl Collector for KvCollector {
                 }
             }
             let mut family = encoder.encode_descriptor(
+                "kv_shard_leader_changes",
+                "Leader changes of the shard this node has seen since it started",
+                None,
+                MetricType::Counter,
+            )?;
+            for (state, shard) in states.iter().zip(&shard_names) {
+                ConstCounter::new(state.leader_changes)
+                    .encode(family.encode_family(&[("shard", shard.as_str())])?)?;
+            }
+            let mut family = encoder.encode_descriptor(
                 "kv_shard_replication_lag_entries",
                 "Where this node leads: entries each follower lacks of the leader's log",
                 None,

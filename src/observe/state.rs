@@ -16,7 +16,7 @@ pub struct BucketQuery {
     /// Only buckets whose name contains this.
     #[serde(default)]
     pub q: String,
-    /// `keys` (the default), `bytes` or `name`.
+    /// `keys` (the default), `bytes`, `operations` (busiest first) or `name`.
     #[serde(default)]
     pub sort: String,
     /// Which page, from 0.
@@ -48,6 +48,8 @@ pub struct BucketRow {
     pub keys: usize,
     /// Bytes it takes of the memory budget.
     pub bytes: usize,
+    /// Reads, writes and deletes since it (re)started, modulo 2^32.
+    pub operations: u64,
     /// `running`, `restarting` or `failed`.
     pub state: &'static str,
 }
@@ -74,6 +76,7 @@ pub fn buckets(observed: &Observed, query: &BucketQuery) -> BucketPage {
         shard: Option<u16>,
         keys: usize,
         bytes: usize,
+        operations: u64,
         state: &'static str,
     }
     let wanted = query.q.as_bytes();
@@ -91,6 +94,7 @@ pub fn buckets(observed: &Observed, query: &BucketQuery) -> BucketPage {
                 shard,
                 keys,
                 bytes,
+                operations: u64::from(bucket.operations()),
                 state: "running",
             });
         }
@@ -107,6 +111,7 @@ pub fn buckets(observed: &Observed, query: &BucketQuery) -> BucketPage {
                 shard,
                 keys: 0,
                 bytes: 0,
+                operations: 0,
                 state,
             });
         }
@@ -117,6 +122,10 @@ pub fn buckets(observed: &Observed, query: &BucketQuery) -> BucketPage {
         "bytes" => b
             .bytes
             .cmp(&a.bytes)
+            .then(a.name.as_bytes().cmp(b.name.as_bytes())),
+        "operations" => b
+            .operations
+            .cmp(&a.operations)
             .then(a.name.as_bytes().cmp(b.name.as_bytes())),
         _ => b
             .keys
@@ -137,6 +146,7 @@ pub fn buckets(observed: &Observed, query: &BucketQuery) -> BucketPage {
             shard: candidate.shard,
             keys: candidate.keys,
             bytes: candidate.bytes,
+            operations: candidate.operations,
             state: candidate.state,
         })
         .collect();

@@ -197,6 +197,13 @@ impl Binary {
         }
     }
 
+    /// Where its HTTP listener (metrics, the status page) listens, from its log.
+    pub fn http_address(&self) -> SocketAddr {
+        let line = self.log_line("metrics on http://");
+        let rest = line.split("metrics on http://").nth(1).unwrap();
+        rest.split('/').next().unwrap().parse().unwrap()
+    }
+
     /// Every log line so far.
     pub fn logs(&self) -> Vec<String> {
         self.logs.0.lock().unwrap().clone()
@@ -253,6 +260,21 @@ impl Binary {
             .unwrap()
             .unwrap()
     }
+}
+
+/// `GET path` over HTTP/1.0: the status code and the body.
+pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: kv\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    within(stream.read_to_end(&mut response)).await.unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
 }
 
 /// `count` free loopback addresses for cluster ports, and the `--peers` list naming them as

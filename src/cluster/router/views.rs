@@ -163,6 +163,7 @@ impl Router {
                     .collect();
                 Some(ShardState {
                     shard,
+                    leader_changes: self.node.leader_changes(shard),
                     leads: metrics.current_leader == Some(self.node.id()),
                     leader: metrics.current_leader,
                     term: metrics.current_term,
@@ -301,6 +302,8 @@ pub struct ShardState {
     pub leads: bool,
     /// Its leader, as this node knows it.
     pub leader: Option<u64>,
+    /// Leader changes this node has seen since it started.
+    pub leader_changes: u64,
     /// Its Raft term.
     pub term: u64,
     /// The last index in this replica's log.

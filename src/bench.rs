@@ -136,16 +136,9 @@ pub struct BenchReport {
     pub seconds: f64,
     /// Requests answered per second.
     pub ops_per_second: f64,
-    /// Median latency, microseconds.
-    pub p50_us: u64,
-    /// 90th percentile latency, microseconds.
-    pub p90_us: u64,
-    /// 99th percentile latency, microseconds.
-    pub p99_us: u64,
-    /// 99.9th percentile latency, microseconds.
-    pub p999_us: u64,
-    /// Largest latency, microseconds.
-    pub max_us: u64,
+    /// The latency of every request.
+    #[serde(flatten)]
+    pub latency: Latency,
     /// The first wrong reply seen, to say what went wrong.
     pub first_error: Option<String>,
     /// The same, for each operation of the mix that ran.
@@ -161,16 +154,36 @@ pub struct OperationReport {
     pub requests: u64,
     /// Requests answered per second of the run.
     pub ops_per_second: f64,
-    /// Median latency, microseconds.
+    /// Their latency.
+    #[serde(flatten)]
+    pub latency: Latency,
+}
+
+/// Latency percentiles, from a request's batch written to its reply read, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Latency {
+    /// Median.
     pub p50_us: u64,
-    /// 90th percentile latency, microseconds.
+    /// 90th percentile.
     pub p90_us: u64,
-    /// 99th percentile latency, microseconds.
+    /// 99th percentile.
     pub p99_us: u64,
-    /// 99.9th percentile latency, microseconds.
+    /// 99.9th percentile.
     pub p999_us: u64,
-    /// Largest latency, microseconds.
+    /// Largest.
     pub max_us: u64,
+}
+
+impl Latency {
+    fn of(histogram: &Histogram<u64>) -> Self {
+        Self {
+            p50_us: histogram.value_at_quantile(0.50),
+            p90_us: histogram.value_at_quantile(0.90),
+            p99_us: histogram.value_at_quantile(0.99),
+            p999_us: histogram.value_at_quantile(0.999),
+            max_us: histogram.max(),
+        }
+    }
 }
 
 impl OperationReport {
@@ -179,11 +192,7 @@ impl OperationReport {
             operation,
             requests: histogram.len(),
             ops_per_second: histogram.len() as f64 / seconds,
-            p50_us: histogram.value_at_quantile(0.50),
-            p90_us: histogram.value_at_quantile(0.90),
-            p99_us: histogram.value_at_quantile(0.99),
-            p999_us: histogram.value_at_quantile(0.999),
-            max_us: histogram.max(),
+            latency: Latency::of(histogram),
         }
     }
 }
@@ -385,11 +394,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
         errors: shared.errors.load(Ordering::Relaxed),
         seconds,
         ops_per_second: requests as f64 / seconds,
-        p50_us: all.value_at_quantile(0.50),
-        p90_us: all.value_at_quantile(0.90),
-        p99_us: all.value_at_quantile(0.99),
-        p999_us: all.value_at_quantile(0.999),
-        max_us: all.max(),
+        latency: Latency::of(&all),
         first_error: shared.first_error.lock().clone(),
         operations: Operation::ALL
             .iter()

@@ -372,30 +372,19 @@ impl<'a> Request<'a> {
             },
             [version, options @ ..] if is("HELLO") => {
                 let (mut auth, mut name) = (None, None);
-                let mut rest = options;
-                loop {
-                    match rest {
-                        [] => break,
-                        [option, username, password, after @ ..]
-                            if option.eq_ignore_ascii_case(b"AUTH") =>
-                        {
-                            auth = Some((*username, *password));
-                            rest = after;
-                        }
-                        [option, new_name, after @ ..]
-                            if option.eq_ignore_ascii_case(b"SETNAME") =>
-                        {
-                            name = Some(*new_name);
-                            rest = after;
-                        }
-                        [option, ..] => {
-                            return Err(ProtocolError::Syntax {
-                                command: "hello",
-                                near: String::from_utf8_lossy(option).into_owned(),
-                            });
-                        }
+                each_option("hello", options, |rest| match rest {
+                    [option, username, password, after @ ..]
+                        if option.eq_ignore_ascii_case(b"AUTH") =>
+                    {
+                        auth = Some((*username, *password));
+                        Ok(Some(after))
                     }
-                }
+                    [option, new_name, after @ ..] if option.eq_ignore_ascii_case(b"SETNAME") => {
+                        name = Some(*new_name);
+                        Ok(Some(after))
+                    }
+                    _ => Ok(None),
+                })?;
                 Self::Hello {
                     version: Some(version),
                     auth,
@@ -428,31 +417,22 @@ impl<'a> Request<'a> {
             [cursor, options @ ..] if is("SCAN") => {
                 let cursor = number(cursor).ok_or(ProtocolError::InvalidCursor)?;
                 let (mut pattern, mut count) = (None, None);
-                let mut rest = options;
-                loop {
-                    match rest {
-                        [] => break,
-                        [option, value, after @ ..] if option.eq_ignore_ascii_case(b"MATCH") => {
-                            pattern = Some(*value);
-                            rest = after;
-                        }
-                        [option, value, after @ ..] if option.eq_ignore_ascii_case(b"COUNT") => {
-                            count = Some(
-                                number(value)
-                                    .and_then(|count| usize::try_from(count).ok())
-                                    .filter(|&count| count > 0)
-                                    .ok_or(ProtocolError::NotANumber { what: "COUNT" })?,
-                            );
-                            rest = after;
-                        }
-                        [option, ..] => {
-                            return Err(ProtocolError::Syntax {
-                                command: "scan",
-                                near: String::from_utf8_lossy(option).into_owned(),
-                            });
-                        }
+                each_option("scan", options, |rest| match rest {
+                    [option, value, after @ ..] if option.eq_ignore_ascii_case(b"MATCH") => {
+                        pattern = Some(*value);
+                        Ok(Some(after))
                     }
-                }
+                    [option, value, after @ ..] if option.eq_ignore_ascii_case(b"COUNT") => {
+                        count = Some(
+                            number(value)
+                                .and_then(|count| usize::try_from(count).ok())
+                                .filter(|&count| count > 0)
+                                .ok_or(ProtocolError::NotANumber { what: "COUNT" })?,
+                        );
+                        Ok(Some(after))
+                    }
+                    _ => Ok(None),
+                })?;
                 Self::Scan {
                     cursor,
                     pattern,
@@ -482,6 +462,23 @@ impl<'a> Request<'a> {
         };
         Ok(Some(request))
     }
+}
+
+/// Reads a command's optional `NAME value…` words: `take` takes the option at the front of
+/// what is left and returns the rest after it, or `None` for a word that is no option of the
+/// command (a syntax error naming it).
+fn each_option<'w, 'a>(
+    command: &'static str,
+    mut rest: &'w [&'a [u8]],
+    mut take: impl FnMut(&'w [&'a [u8]]) -> Result<Option<&'w [&'a [u8]]>, ProtocolError>,
+) -> Result<(), ProtocolError> {
+    while let Some(option) = rest.first() {
+        rest = take(rest)?.ok_or_else(|| ProtocolError::Syntax {
+            command,
+            near: String::from_utf8_lossy(option).into_owned(),
+        })?;
+    }
+    Ok(())
 }
 
 /// `word` as a decimal number, if it is one.

@@ -162,6 +162,7 @@ async fn metrics_count_what_info_counts_by_command_and_result() {
     assert_eq!(listing["buckets"][0]["name"], "shop");
     assert_eq!(listing["buckets"][0]["keys"], 20);
     assert_eq!(listing["buckets"][0]["state"], "running");
+    assert_eq!(listing["buckets"][0]["restarts"], 1);
 }
 
 #[test]

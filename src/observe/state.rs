@@ -50,6 +50,8 @@ pub struct BucketRow {
     pub bytes: usize,
     /// Reads, writes and deletes since it (re)started, modulo 2^32.
     pub operations: u64,
+    /// Times it has been restarted from disk after ending on its own.
+    pub restarts: u32,
     /// `running`, `restarting` or `failed`.
     pub state: &'static str,
 }
@@ -77,6 +79,7 @@ pub fn buckets(observed: &Observed, query: &BucketQuery) -> BucketPage {
         keys: usize,
         bytes: usize,
         operations: u64,
+        restarts: u32,
         state: &'static str,
     }
     let wanted = query.q.as_bytes();
@@ -84,6 +87,8 @@ pub fn buckets(observed: &Observed, query: &BucketQuery) -> BucketPage {
     let mut candidates: Vec<Candidate> = Vec::new();
     for (shard, registry) in registries(observed) {
         let view = registry.view();
+        let restarts = view.events().restarts_by_bucket();
+        let restarts_of = |name: &BucketName| restarts.get(name).copied().unwrap_or(0);
         for bucket in view.buckets() {
             if !matches(bucket.name().as_bytes()) {
                 continue;
@@ -95,6 +100,7 @@ pub fn buckets(observed: &Observed, query: &BucketQuery) -> BucketPage {
                 keys,
                 bytes,
                 operations: u64::from(bucket.operations()),
+                restarts: restarts_of(bucket.name()),
                 state: "running",
             });
         }
@@ -107,6 +113,7 @@ pub fn buckets(observed: &Observed, query: &BucketQuery) -> BucketPage {
                 Down::Failed => "failed",
             };
             candidates.push(Candidate {
+                restarts: restarts_of(&name),
                 name,
                 shard,
                 keys: 0,
@@ -147,6 +154,7 @@ pub fn buckets(observed: &Observed, query: &BucketQuery) -> BucketPage {
             keys: candidate.keys,
             bytes: candidate.bytes,
             operations: candidate.operations,
+            restarts: candidate.restarts,
             state: candidate.state,
         })
         .collect();

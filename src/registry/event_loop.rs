@@ -355,10 +355,7 @@ impl State {
             Ok(Some(entries)) => match self.restore_bucket(name.clone(), &entries) {
                 Ok(_) => {
                     self.view.set_down(&name, None);
-                    self.view
-                        .events()
-                        .restarts
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.view.events().restarted(&name);
                     tracing::warn!(bucket = %name, keys = entries.len(), "bucket restarted from its durable state");
                 }
                 Err(error) => {
@@ -428,6 +425,7 @@ impl State {
             bucket: name.as_bytes(),
         })?;
         self.restarts.remove(name);
+        self.view.events().forget(name);
         let dropped = if let Some(bucket) = self.named(name.as_bytes()).await {
             self.view.remove(name.as_bytes(), bucket.id());
             // Closed before the drop is logged: every change the table accepted comes first.

@@ -167,6 +167,28 @@ pub struct BucketEvents {
     pub crashes: std::sync::atomic::AtomicU64,
     /// Durable buckets read back from disk after ending on their own.
     pub restarts: std::sync::atomic::AtomicU64,
+    /// How many times each bucket that has restarted did so (forgotten when it is dropped).
+    restarted: parking_lot::Mutex<std::collections::HashMap<BucketName, u32>>,
+}
+
+impl BucketEvents {
+    /// Counts a restart of bucket `name`.
+    pub(super) fn restarted(&self, name: &BucketName) {
+        self.restarts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.restarted.lock().entry(name.clone()).or_default() += 1;
+    }
+
+    /// Forgets the restarts of a dropped bucket.
+    pub(super) fn forget(&self, name: &BucketName) {
+        self.restarted.lock().remove(name);
+    }
+
+    /// How many times each bucket that has restarted did so.
+    #[must_use]
+    pub fn restarts_by_bucket(&self) -> std::collections::HashMap<BucketName, u32> {
+        self.restarted.lock().clone()
+    }
 }
 
 impl RegistryView {

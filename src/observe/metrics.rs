@@ -92,7 +92,7 @@ impl Collector for KvCollector {
                 MetricType::Counter,
             )?;
             for (name, command) in names.iter().zip(&stats.by_command) {
-                let count: u64 = command.latency.buckets().iter().sum();
+                let count = command.latency.count();
                 let errors = load(&command.errors).min(count);
                 for (result, value) in [("ok", count - errors), ("error", errors)] {
                     let labels = [("command", *name), ("result", result)];

@@ -304,6 +304,12 @@ async fn config_get_scan_and_info_sections() {
     )
     .await;
     call(&mut raw, &[b"CONFIG", b"GET", b"nothing*"], b"*0\r\n").await;
+    call(
+        &mut raw,
+        &[b"SCAN", b"0", b"MATCH", &[b'*'; 513]],
+        b"-ERR pattern longer than 512 bytes\r\n",
+    )
+    .await;
     raw.send(&command(&[b"CONFIG", b"SET", b"maxmemory", b"1"]))
         .await;
     assert!(

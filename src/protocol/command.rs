@@ -404,7 +404,9 @@ impl<'a> Request<'a> {
             [] if is("DISCARD") => Self::Discard,
             [] if is("MONITOR") => Self::Monitor,
             [subcommand, pattern] if is("CONFIG") && subcommand.eq_ignore_ascii_case(b"GET") => {
-                Self::ConfigGet { pattern }
+                Self::ConfigGet {
+                    pattern: bounded_pattern(pattern)?,
+                }
             }
             [subcommand, ..]
                 if is("CONFIG")
@@ -419,7 +421,7 @@ impl<'a> Request<'a> {
                 let (mut pattern, mut count) = (None, None);
                 each_option("scan", options, |rest| match rest {
                     [option, value, after @ ..] if option.eq_ignore_ascii_case(b"MATCH") => {
-                        pattern = Some(*value);
+                        pattern = Some(bounded_pattern(value)?);
                         Ok(Some(after))
                     }
                     [option, value, after @ ..] if option.eq_ignore_ascii_case(b"COUNT") => {
@@ -479,6 +481,19 @@ fn each_option<'w, 'a>(
         })?;
     }
     Ok(())
+}
+
+/// The longest `MATCH` or `CONFIG GET` pattern taken (Redis's key patterns are short).
+const MAX_PATTERN_LEN: usize = 512;
+
+/// `pattern`, if it is within [`MAX_PATTERN_LEN`].
+fn bounded_pattern(pattern: &[u8]) -> Result<&[u8], ProtocolError> {
+    if pattern.len() > MAX_PATTERN_LEN {
+        return Err(ProtocolError::PatternTooLong {
+            limit: MAX_PATTERN_LEN,
+        });
+    }
+    Ok(pattern)
 }
 
 /// `word` as a decimal number, if it is one.

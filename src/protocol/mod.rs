@@ -216,6 +216,13 @@ pub enum ProtocolError {
         /// The first word not understood (lossily as UTF-8).
         near: String,
     },
+    /// A `MATCH` or `CONFIG GET` pattern longer than the limit (compiling one costs with its
+    /// length, and a client chooses it).
+    #[error("pattern longer than {limit} bytes")]
+    PatternTooLong {
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// A cursor that is not a number a listing gave.
     #[error("invalid cursor: pass 0, or the cursor the previous page gave")]
     InvalidCursor,

@@ -175,6 +175,18 @@ pub struct Latency {
 }
 
 impl Latency {
+    /// p50, p90, p99, p99.9 and max, in that order.
+    #[must_use]
+    pub fn columns(&self) -> [u64; 5] {
+        [
+            self.p50_us,
+            self.p90_us,
+            self.p99_us,
+            self.p999_us,
+            self.max_us,
+        ]
+    }
+
     fn of(histogram: &Histogram<u64>) -> Self {
         Self {
             p50_us: histogram.value_at_quantile(0.50),

@@ -589,15 +589,22 @@ async fn bench(arguments: BenchArgs) -> anyhow::Result<()> {
         keep: arguments.keep,
     };
     let report = kv::bench::run(config.clone()).await?;
-    let rows: Vec<(&str, u64, f64, kv::bench::Latency)> = report
+    let rows: Vec<(&str, u64, f64, [u64; 5])> = report
         .operations
         .iter()
-        .map(|row| (row.operation, row.requests, row.ops_per_second, row.latency))
+        .map(|row| {
+            (
+                row.operation,
+                row.requests,
+                row.ops_per_second,
+                row.latency.columns(),
+            )
+        })
         .chain(std::iter::once((
             "all",
             report.requests,
             report.ops_per_second,
-            report.latency,
+            report.latency.columns(),
         )))
         .collect();
     if arguments.json {
@@ -611,17 +618,8 @@ async fn bench(arguments: BenchArgs) -> anyhow::Result<()> {
         println!("{json}");
     } else if arguments.csv {
         println!("operation,requests,ops_per_second,p50_us,p90_us,p99_us,p999_us,max_us");
-        for (operation, requests, rate, latency) in &rows {
-            let kv::bench::Latency {
-                p50_us,
-                p90_us,
-                p99_us,
-                p999_us,
-                max_us,
-            } = latency;
-            println!(
-                "{operation},{requests},{rate:.0},{p50_us},{p90_us},{p99_us},{p999_us},{max_us}"
-            );
+        for (operation, requests, rate, [p50, p90, p99, p999, max]) in &rows {
+            println!("{operation},{requests},{rate:.0},{p50},{p90},{p99},{p999},{max}");
         }
     } else {
         println!(
@@ -632,16 +630,9 @@ async fn bench(arguments: BenchArgs) -> anyhow::Result<()> {
             "{:<9} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8}   latency in µs",
             "operation", "requests", "requests/s", "p50", "p90", "p99", "p99.9", "max"
         );
-        for (operation, requests, rate, latency) in &rows {
-            let kv::bench::Latency {
-                p50_us,
-                p90_us,
-                p99_us,
-                p999_us,
-                max_us,
-            } = latency;
+        for (operation, requests, rate, [p50, p90, p99, p999, max]) in &rows {
             println!(
-                "{operation:<9} {requests:>10} {rate:>12.0} {p50_us:>8} {p90_us:>8} {p99_us:>8} {p999_us:>8} {max_us:>8}"
+                "{operation:<9} {requests:>10} {rate:>12.0} {p50:>8} {p90:>8} {p99:>8} {p999:>8} {max:>8}"
             );
         }
     }

@@ -547,9 +547,12 @@ impl Connection {
                 // The rest stays in the buffer until the replies are written.
                 break;
             }
-            // A connection that must authenticate, or that queues a transaction, looks at
-            // each request alone.
-            if self.dispatcher.needs_auth() || self.transaction.is_some() {
+            // A connection that must authenticate, or that queues a transaction (or opens
+            // one), looks at each request alone.
+            if self.dispatcher.needs_auth()
+                || self.transaction.is_some()
+                || batch[next].0 == Request::Multi
+            {
                 let (request, dialect, consumed) = batch[next];
                 let raw = &self.input[ran_bytes..ran_bytes + consumed];
                 let step = run_alone(
@@ -617,18 +620,10 @@ impl Connection {
                 continue;
             }
             let (request, dialect, consumed) = batch[next];
-            let step = if request == Request::Multi {
-                self.transaction = Some(Transaction::default());
-                if let Some(client) = self.dispatcher.client() {
-                    client.set_in_transaction(true);
-                }
-                encode(&Reply::Ok, dialect, &mut self.output);
-                Next::Continue
-            } else {
-                self.dispatcher
-                    .execute(request, dialect, &mut self.output)
-                    .await
-            };
+            let step = self
+                .dispatcher
+                .execute(request, dialect, &mut self.output)
+                .await;
             ran_bytes += consumed;
             *answered += 1;
             next += 1;

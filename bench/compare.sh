@@ -31,11 +31,12 @@ KV_BENCH_PAIRS=${KV_BENCH_PAIRS:-8}
 MEMORY_KEYS=${MEMORY_KEYS:-1000000}
 KV_PORT=${KV_PORT:-4041}
 REDIS_PORT=${REDIS_PORT:-6390}
-# kv serves with one worker thread here, as Redis serves with one: on two cores the load
-# generator needs the other one, and a second busy worker only adds switching (measured: at
-# depth 16 kv/Redis went from 1.08-1.22 with two workers to 1.34-1.43 with one).
-# KV_THREADS= (empty) gives kv's default, one worker per core.
-KV_THREADS=${KV_THREADS-1}
+# kv serves with its defaults (the headline rows); KV_THREADS=N sets its workers instead. A
+# second kv beside it serves with SECOND_KV_FLAGS (one worker by default: what earlier reports
+# measured) for a second set of rows; SECOND_KV_FLAGS= (empty) leaves it out.
+KV_THREADS=${KV_THREADS-}
+SECOND_KV_FLAGS=${SECOND_KV_FLAGS---threads 1}
+SECOND_KV_PORT=${SECOND_KV_PORT:-4042}
 OUT=${OUT:-target/compare}
 mkdir -p "$OUT"
 
@@ -71,6 +72,13 @@ start_kv() { # [extra kv serve arguments]
   [ -n "$KV_THREADS" ] && threads=(--threads "$KV_THREADS")
   RUST_LOG=info "$KV" serve --port "$KV_PORT" "${threads[@]}" "$@" >"$OUT/kv.log" 2>&1 &
   KV_PID=$!; pids+=("$KV_PID"); wait_for "$KV_PORT"
+}
+start_second_kv() {
+  ensure_free "$SECOND_KV_PORT"
+  # shellcheck disable=SC2086 # the flags are words
+  RUST_LOG=info "$KV" serve --port "$SECOND_KV_PORT" --http-bind off $SECOND_KV_FLAGS \
+    >"$OUT/kv-second.log" 2>&1 &
+  SECOND_KV_PID=$!; pids+=("$SECOND_KV_PID"); wait_for "$SECOND_KV_PORT"
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
@@ -121,33 +129,45 @@ echo "== throughput: $ROUNDS rounds, interleaved"
 start_redis
 start_kv
 redis-cli -p "$KV_PORT" CREATE shopping >/dev/null
+servers=(redis kv)
+if [ -n "$SECOND_KV_FLAGS" ]; then
+  start_second_kv
+  redis-cli -p "$SECOND_KV_PORT" CREATE shopping >/dev/null
+  servers+=(kv-second)
+fi
+KV_WORKERS=$(grep -o 'workers: .*' "$OUT/kv.log" | head -1)
+echo "kv's defaults here: $KV_WORKERS"
 for round in $(seq "$ROUNDS"); do
   for depth in 16 1; do
     requests=$REQUESTS; repeats=1
     [ "$depth" = 1 ] && requests=$DEPTH1_REQUESTS && repeats=$DEPTH1_REPEATS
     for repeat in $(seq "$repeats"); do
       # Each run is labelled with its round (and repeat): the report pairs kv's and Redis's runs
-      # of the same label. Writes before reads, so that reads find their keys; the order of
-      # the two servers alternates from one label to the next.
+      # of the same label. Writes before reads, so that reads find their keys; the servers'
+      # order turns from one label to the next.
       label=$round; [ "$repeats" -gt 1 ] && label=$round.$repeat
-      pairs=("redis" "kv"); [ $(((round + repeat) % 2)) = 1 ] && pairs=("kv" "redis")
+      turn=$(((round + repeat) % ${#servers[@]}))
+      order=("${servers[@]:$turn}" "${servers[@]:0:$turn}")
       for phase in write read; do
-        for server in "${pairs[@]}"; do
-          if [ "$server" = redis ]; then
-            if [ "$phase" = write ]; then
-              run "$label" redis "$REDIS_PID" "$REDIS_PORT" SET "$depth" "$requests" SET 'key:__rand_int__' "$VALUE"
-              run "$label" redis "$REDIS_PID" "$REDIS_PORT" HSET "$depth" "$requests" HSET shopping 'key:__rand_int__' "$VALUE"
-            else
-              run "$label" redis "$REDIS_PID" "$REDIS_PORT" GET "$depth" "$requests" GET 'key:__rand_int__'
-              run "$label" redis "$REDIS_PID" "$REDIS_PORT" HGET "$depth" "$requests" HGET shopping 'key:__rand_int__'
-            fi
-          else
-            if [ "$phase" = write ]; then
-              run "$label" kv "$KV_PID" "$KV_PORT" PUT "$depth" "$requests" PUT shopping 'key:__rand_int__' "$VALUE"
-            else
-              run "$label" kv "$KV_PID" "$KV_PORT" GET "$depth" "$requests" GET shopping 'key:__rand_int__'
-            fi
-          fi
+        for server in "${order[@]}"; do
+          case $server in
+            redis)
+              if [ "$phase" = write ]; then
+                run "$label" redis "$REDIS_PID" "$REDIS_PORT" SET "$depth" "$requests" SET 'key:__rand_int__' "$VALUE"
+                run "$label" redis "$REDIS_PID" "$REDIS_PORT" HSET "$depth" "$requests" HSET shopping 'key:__rand_int__' "$VALUE"
+              else
+                run "$label" redis "$REDIS_PID" "$REDIS_PORT" GET "$depth" "$requests" GET 'key:__rand_int__'
+                run "$label" redis "$REDIS_PID" "$REDIS_PORT" HGET "$depth" "$requests" HGET shopping 'key:__rand_int__'
+              fi ;;
+            kv|kv-second)
+              pid=$KV_PID; port=$KV_PORT
+              [ "$server" = kv-second ] && pid=$SECOND_KV_PID && port=$SECOND_KV_PORT
+              if [ "$phase" = write ]; then
+                run "$label" "$server" "$pid" "$port" PUT "$depth" "$requests" PUT shopping 'key:__rand_int__' "$VALUE"
+              else
+                run "$label" "$server" "$pid" "$port" GET "$depth" "$requests" GET shopping 'key:__rand_int__'
+              fi ;;
+          esac
         done
       done
     done
@@ -164,6 +184,7 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 stop "$KV_PID"; stop "$REDIS_PID"
+[ -n "$SECOND_KV_FLAGS" ] && stop "$SECOND_KV_PID"
 
 echo "== memory: $MEMORY_KEYS keys of 16 bytes with 32-byte values"
 MEMORY="$OUT/memory.csv"
@@ -200,7 +221,7 @@ for kind in set hset; do
 done
 start_kv
 start=$(rss_bytes "$KV_PID")
-"$KV" bench --port "$KV_PORT" --preload --keys "$MEMORY_KEYS" --buckets 1 -n 1 -c 1 >/dev/null 2>&1
+"$KV" bench --port "$KV_PORT" --preload --keys "$MEMORY_KEYS" --buckets 1 -n 1 -c 1 --keep >/dev/null 2>&1
 settle_allocator
 used=$(redis-cli -p "$KV_PORT" INFO | awk -F: '/^memory_used_bytes:/ {print $2}' | tr -d '\r')
 echo "kv,$MEMORY_KEYS,$start,$(rss_bytes "$KV_PID"),$used" >>"$MEMORY"
@@ -235,7 +256,7 @@ done
 echo "== start-up: kv recovering $MEMORY_KEYS keys from its log"
 rm -rf "$DURABLE_DIR"
 start_kv --data-dir "$DURABLE_DIR/kv"
-"$KV" bench --port "$KV_PORT" --preload --keys "$MEMORY_KEYS" --buckets 1 -n 1 -c 1 >/dev/null 2>&1
+"$KV" bench --port "$KV_PORT" --preload --keys "$MEMORY_KEYS" --buckets 1 -n 1 -c 1 --keep >/dev/null 2>&1
 stop "$KV_PID"
 start_kv --data-dir "$DURABLE_DIR/kv"
 STARTUP="$OUT/startup.txt"
@@ -245,4 +266,5 @@ stop "$KV_PID"
 rm -rf "$DURABLE_DIR"
 
 python3 bench/report.py "$RESULTS" "$MEMORY" "$(redis-server --version | awk '{print $3}' | cut -d= -f2)" \
-  "bench/compare.sh (ROUNDS=$ROUNDS REQUESTS=$REQUESTS DEPTH1_REQUESTS=$DEPTH1_REQUESTS DEPTH1_REPEATS=$DEPTH1_REPEATS KV_BENCH_PAIRS=$KV_BENCH_PAIRS KV_THREADS=${KV_THREADS:-default})"
+  "bench/compare.sh (ROUNDS=$ROUNDS REQUESTS=$REQUESTS DEPTH1_REQUESTS=$DEPTH1_REQUESTS DEPTH1_REPEATS=$DEPTH1_REPEATS KV_BENCH_PAIRS=$KV_BENCH_PAIRS KV_THREADS=${KV_THREADS:-default})" \
+  "$KV_WORKERS" "$SECOND_KV_FLAGS"

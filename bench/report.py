@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections import defaultdict
 
-results_path, memory_path, redis_version, command = sys.argv[1:5]
+results_path, memory_path, redis_version, command, kv_workers, second_flags = sys.argv[1:7]
 startup_path = os.path.join(os.path.dirname(results_path), "startup.txt")
 
 runs = defaultdict(list)
@@ -64,23 +64,29 @@ def runs_per_depth(depth):
 rounds, depth1_runs = runs_per_depth(16), runs_per_depth(1)
 pairs = [("PUT", "SET"), ("PUT", "HSET"), ("GET", "GET"), ("GET", "HGET")]
 lines = []
-lines.append("| depth | kv | Redis | kv ops/s | Redis ops/s | ratio (95% interval) | pairs | kv p99 ms "
-             "| Redis p99 ms | kv CPU µs/req | Redis CPU µs/req |")
-lines.append("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+lines.append("| kv serves with | depth | kv | Redis | kv ops/s | Redis ops/s | ratio (95% interval) | pairs "
+             "| kv p99 ms | Redis p99 ms | kv CPU µs/req | Redis CPU µs/req |")
+lines.append("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 plot = []
-for depth in (16, 1):
-    for kv_workload, redis_workload in pairs:
-        kv_ops = median("kv", kv_workload, depth, "ops_per_second")
-        redis_ops = median("redis", redis_workload, depth, "ops_per_second")
-        paired = paired_ratio(("kv", kv_workload, depth), ("redis", redis_workload, depth))
-        plot.append((f"{kv_workload}/{redis_workload} P{depth}", paired[0] if paired else None))
-        ratio = f"**{paired[0]:.2f}** ({paired[1]:.2f}–{paired[2]:.2f})" if paired else "n/a"
-        lines.append(
-            f"| {depth} | {kv_workload} | {redis_workload} | {fmt_ops(kv_ops)} | {fmt_ops(redis_ops)} "
-            f"| {ratio} | {paired[3] if paired else 0} | {fmt(median('kv', kv_workload, depth, 'p99_ms'), 3)} "
-            f"| {fmt(median('redis', redis_workload, depth, 'p99_ms'), 3)} "
-            f"| {fmt(median('kv', kv_workload, depth, 'cpu_us_per_request'))} "
-            f"| {fmt(median('redis', redis_workload, depth, 'cpu_us_per_request'))} |")
+kv_servers = [("kv", "its defaults" if "KV_THREADS=default" in command else "KV_THREADS")]
+if second_flags:
+    kv_servers.append(("kv-second", f"`{second_flags}`"))
+for kv_server, settings in kv_servers:
+    for depth in (16, 1):
+        for kv_workload, redis_workload in pairs:
+            kv_ops = median(kv_server, kv_workload, depth, "ops_per_second")
+            redis_ops = median("redis", redis_workload, depth, "ops_per_second")
+            paired = paired_ratio((kv_server, kv_workload, depth), ("redis", redis_workload, depth))
+            if kv_server == "kv":
+                plot.append((f"{kv_workload}/{redis_workload} P{depth}", paired[0] if paired else None))
+            ratio = f"**{paired[0]:.2f}** ({paired[1]:.2f}–{paired[2]:.2f})" if paired else "n/a"
+            lines.append(
+                f"| {settings} | {depth} | {kv_workload} | {redis_workload} | {fmt_ops(kv_ops)} "
+                f"| {fmt_ops(redis_ops)} | {ratio} | {paired[3] if paired else 0} "
+                f"| {fmt(median(kv_server, kv_workload, depth, 'p99_ms'), 3)} "
+                f"| {fmt(median('redis', redis_workload, depth, 'p99_ms'), 3)} "
+                f"| {fmt(median(kv_server, kv_workload, depth, 'cpu_us_per_request'))} "
+                f"| {fmt(median('redis', redis_workload, depth, 'cpu_us_per_request'))} |")
 throughput_table = "\n".join(lines)
 
 lines = ["| kv bench (50 connections, depth 16, 90% GET / 10% PUT, 100,000 keys) | ops/s | p50 ms | p99 ms |",
@@ -198,12 +204,13 @@ os.makedirs("docs", exist_ok=True)
 with open("docs/benchmarks.svg", "w") as handle:
     handle.write(svg(plot))
 
+second_kv = (f"; a second kv beside it with `{second_flags}` gives the second set of rows"
+             if second_flags else "")
 report = f"""# kv against Redis
 
 Measured {datetime.date.today()} by `{command}` at kv commit `{kv_commit()}`, on {machine()}.
 Load generator and server share the machine's cores over loopback. Redis {redis_version}, persistence
-off; kv with the worker threads the command line shows (`KV_THREADS`: one by default here, as
-Redis serves from one thread and the load generator needs the other core). Runs are interleaved
+off. kv with its defaults, which on this machine gave `{kv_workers}`{second_kv}. Runs are interleaved
 (A B A B, the order alternating): {rounds} rounds, with {depth1_runs} runs of each workload at depth 1
 (three per round by default), where the load generator bounds both servers and single runs
 move most. Ops/s, latency and CPU are medians over the runs. A ratio is the median of the

@@ -186,6 +186,7 @@ impl ServerConfig {
                 self.request_timeout.as_secs().to_string(),
             ),
             ("page-size", self.page_size.to_string()),
+            ("busy-poll-us", self.busy_poll.as_micros().to_string()),
         ]
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kv::config::{ClusterConfig, CoreConfig, DurabilityConfig, FsyncPolicy, ServerConfig};
-use kv::server::Server;
+use kv::server::{CpuBudget, Server};
 
 /// jemalloc, with its background threads, which give freed memory back to the system within
 /// seconds whether or not the server keeps allocating. With glibc's malloc, a server that had
@@ -156,11 +156,12 @@ struct ServeArgs {
     compact_min_bytes: usize,
     /// Microseconds a worker keeps polling for requests without sleeping after the last one
     /// (0: sleep at once). Saves the wake-up of a sleeping worker per request at low
-    /// pipeline depth, for CPU spent while requests keep coming.
-    #[arg(long, default_value_t = ServerConfig::default().busy_poll.as_micros() as u64)]
-    busy_poll_us: u64,
-    /// Worker threads (default: one per core). A load generator on the same machine needs a
-    /// core too: more busy threads than cores only adds switching.
+    /// pipeline depth, for CPU spent while requests keep coming; it pauses while the worker
+    /// waits for a CPU. Default: 20, or 0 under a CPU quota that leaves no core spare.
+    #[arg(long)]
+    busy_poll_us: Option<u64>,
+    /// Worker threads. Default: one per core the process may use (its CPU affinity and any
+    /// cgroup CPU quota, rounded down, at least one).
     #[arg(long)]
     threads: Option<usize>,
     /// Join a cluster: every initial member's id and cluster address, this node's included,
@@ -361,7 +362,11 @@ fn one_line(error: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(arguments) => runtime(arguments.threads)?.block_on(serve(arguments)),
+        Command::Serve(arguments) => {
+            let budget = CpuBudget::of_this_process();
+            let workers = arguments.threads.unwrap_or_else(|| budget.workers()).max(1);
+            runtime(Some(workers))?.block_on(serve(arguments, budget, workers))
+        }
         Command::Cli(arguments) => {
             let code = runtime(Some(1))?.block_on(talk(arguments))?;
             std::process::exit(code);
@@ -378,7 +383,7 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     builder.enable_all().build().context("starting the runtime")
 }
 
-async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
+async fn serve(arguments: ServeArgs, budget: CpuBudget, workers: usize) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             // openraft warns at every heartbeat a peer misses; the peer connection reports a
@@ -401,7 +406,16 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
         requirepass: arguments.requirepass.clone(),
         http_bind: http_bind(&arguments)?,
         enable_debug_commands: arguments.enable_debug_commands,
-        busy_poll: Duration::from_micros(arguments.busy_poll_us),
+        busy_poll: arguments.busy_poll_us.map_or_else(
+            || {
+                if budget.allows_busy_polling(workers) {
+                    ServerConfig::default().busy_poll
+                } else {
+                    Duration::ZERO
+                }
+            },
+            Duration::from_micros,
+        ),
         core: CoreConfig {
             max_buckets: arguments.max_buckets,
             max_memory: arguments.max_memory,
@@ -421,7 +435,7 @@ async fn serve(arguments: ServeArgs) -> anyhow::Result<()> {
     if let Some(http) = server.http_addr() {
         tracing::info!("metrics on http://{http}/metrics, the status page on http://{http}/");
     }
-    for line in describe(&config, arguments.threads) {
+    for line in describe(&config, &budget, workers) {
         tracing::info!("{line}");
     }
     let shutdown = CancellationToken::new();
@@ -482,7 +496,7 @@ fn cluster_config(arguments: &ServeArgs) -> anyhow::Result<Option<ClusterConfig>
 }
 
 /// What the server was started with, in words, a line a subject.
-fn describe(config: &ServerConfig, threads: Option<usize>) -> Vec<String> {
+fn describe(config: &ServerConfig, budget: &CpuBudget, workers: usize) -> Vec<String> {
     let size = |bytes: usize| {
         let mut value = bytes as f64;
         let mut unit = "bytes";
@@ -533,8 +547,16 @@ fn describe(config: &ServerConfig, threads: Option<usize>) -> Vec<String> {
         ),
         data,
         format!(
-            "workers: {}{}",
-            threads.map_or_else(|| "one per core".to_owned(), |n| n.to_string()),
+            "workers: {workers} ({}); {}{}",
+            budget.describe(),
+            if config.busy_poll.is_zero() {
+                "no busy polling".to_owned()
+            } else {
+                format!(
+                    "busy polling for {} µs after a request while a core is free",
+                    config.busy_poll.as_micros()
+                )
+            },
             if config.enable_debug_commands {
                 "; DEBUG fault injection is on"
             } else {

@@ -92,6 +92,8 @@ pub struct Stats {
     pub buffer_refusals: AtomicU64,
     /// Connections closed because a request did not arrive whole within `request_timeout`.
     pub request_timeouts: AtomicU64,
+    /// Times busy polling stopped because its thread was kept waiting for a CPU.
+    pub busy_poll_pauses: AtomicU64,
     /// Per command, by its place in `protocol::COMMANDS`; the slot after the last command
     /// counts requests that were not one.
     pub by_command: [CommandStats; COMMAND_SLOTS],

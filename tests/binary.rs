@@ -167,3 +167,96 @@ async fn the_log_names_each_client_that_is_refused_or_closed() {
     let protocol = server.log_line("a protocol error it cannot recover from");
     assert!(protocol.contains(&broken_address.to_string()), "{protocol}");
 }
+
+/// The worker count kv picks where it runs: on one core, or in a cgroup allowed half of one
+/// core's time, one worker; under that quota no busy polling either (spinning would spend the
+/// quota the requests need). The cgroup case needs a writable cgroup file system (root, as in
+/// CI); without one it is said and skipped, the single-core case still checked.
+#[tokio::test]
+async fn one_core_or_a_fraction_of_one_gets_one_worker() {
+    let pinned = Binary::start_under(&["taskset", "-c", "0"], &[]);
+    let workers = pinned.log_line("workers:");
+    assert!(workers.contains("workers: 1 (of 1 core)"), "{workers}");
+    assert!(workers.contains("busy polling for 20 µs"), "{workers}");
+    let mut client = kv::client::Client::connect(pinned.address).await.unwrap();
+    assert_eq!(client.info_field("worker_threads").await.unwrap(), 1);
+    assert_eq!(client.info_field("busy_poll_us").await.unwrap(), 20);
+
+    let Some(cgroup) = CpuQuotaGroup::create(50_000, 100_000) else {
+        eprintln!("no writable cgroup file system: the quota case is not checked here");
+        return;
+    };
+    let procs = cgroup.procs.display().to_string();
+    let limited = Binary::start_under(
+        &[
+            "sh",
+            "-c",
+            &format!("echo $$ > {procs} && exec \"$0\" \"$@\""),
+        ],
+        &[],
+    );
+    let workers = limited.log_line("workers:");
+    assert!(
+        workers.contains("workers: 1 (of ") && workers.contains("CPU quota of 0.50 cores"),
+        "{workers}"
+    );
+    assert!(workers.contains("no busy polling"), "{workers}");
+    let mut client = kv::client::Client::connect(limited.address).await.unwrap();
+    assert_eq!(client.info_field("worker_threads").await.unwrap(), 1);
+    assert_eq!(client.info_field("busy_poll_us").await.unwrap(), 0);
+}
+
+/// A cgroup with a CPU quota (v2 `cpu.max`, or v1 `cpu.cfs_quota_us`), removed when dropped.
+struct CpuQuotaGroup {
+    directory: std::path::PathBuf,
+    procs: std::path::PathBuf,
+}
+
+impl CpuQuotaGroup {
+    fn create(quota_us: u64, period_us: u64) -> Option<Self> {
+        let name = format!("kv-test-{}", std::process::id());
+        let v2 = std::path::Path::new("/sys/fs/cgroup");
+        let v1 = std::path::Path::new("/sys/fs/cgroup/cpu");
+        if v2.join("cgroup.controllers").exists() {
+            let directory = v2.join(&name);
+            std::fs::create_dir(&directory).ok()?;
+            let group = Self {
+                procs: directory.join("cgroup.procs"),
+                directory,
+            };
+            std::fs::write(
+                group.directory.join("cpu.max"),
+                format!("{quota_us} {period_us}"),
+            )
+            .ok()?;
+            Some(group)
+        } else if v1.join("cpu.cfs_quota_us").exists() {
+            let directory = v1.join(&name);
+            std::fs::create_dir(&directory).ok()?;
+            let group = Self {
+                procs: directory.join("cgroup.procs"),
+                directory,
+            };
+            std::fs::write(
+                group.directory.join("cpu.cfs_period_us"),
+                period_us.to_string(),
+            )
+            .ok()?;
+            std::fs::write(
+                group.directory.join("cpu.cfs_quota_us"),
+                quota_us.to_string(),
+            )
+            .ok()?;
+            Some(group)
+        } else {
+            None
+        }
+    }
+}
+
+impl Drop for CpuQuotaGroup {
+    fn drop(&mut self) {
+        // Its processes have exited by now (servers are dropped first: declared after).
+        let _ = std::fs::remove_dir(&self.directory);
+    }
+}

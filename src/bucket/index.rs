@@ -14,7 +14,7 @@
 
 use hashbrown::HashTable;
 
-use super::slab::{CompactRef, EntryRef};
+use super::slab::{CompactRef, EntryRef, PackedRef};
 use crate::encoding::shrunk_capacity;
 
 /// References held inline before the index becomes a hash table.
@@ -29,7 +29,7 @@ pub(super) enum EntryIndex {
         tags: [u8; INLINE_ENTRIES],
         references: [CompactRef; INLINE_ENTRIES],
     },
-    Table(HashTable<EntryRef>),
+    Table(HashTable<PackedRef>),
 }
 
 impl Default for EntryIndex {
@@ -103,7 +103,9 @@ impl EntryIndex {
             Self::Inline {
                 tags, references, ..
             } => inline_matches(tags, references, hash).find(|&entry| is_key(entry)),
-            Self::Table(table) => table.find(hash, |&entry| is_key(entry)).copied(),
+            Self::Table(table) => table
+                .find(hash, |&entry| is_key(entry.into()))
+                .map(|&entry| entry.into()),
         }
     }
 
@@ -118,7 +120,7 @@ impl EntryIndex {
             } => inline_matches(tags, references, hash).for_each(visit),
             Self::Table(table) => {
                 for &entry in table.iter_hash(hash) {
-                    visit(entry);
+                    visit(entry.into());
                 }
             }
         }
@@ -142,18 +144,20 @@ impl EntryIndex {
                     *len += 1;
                     return;
                 }
-                let mut table = HashTable::with_capacity(2 * INLINE_ENTRIES);
+                let mut table: HashTable<PackedRef> = HashTable::with_capacity(2 * INLINE_ENTRIES);
                 for existing in references[..slot]
                     .iter()
                     .map(|reference| reference.expand())
                 {
-                    table.insert_unique(rehash(existing), existing, |&entry| rehash(entry));
+                    table.insert_unique(rehash(existing), existing.into(), |&entry| {
+                        rehash(entry.into())
+                    });
                 }
-                table.insert_unique(hash, entry, |&entry| rehash(entry));
+                table.insert_unique(hash, entry.into(), |&entry| rehash(entry.into()));
                 *self = Self::Table(table);
             }
             Self::Table(table) => {
-                table.insert_unique(hash, entry, |&entry| rehash(entry));
+                table.insert_unique(hash, entry.into(), |&entry| rehash(entry.into()));
             }
         }
     }
@@ -178,19 +182,23 @@ impl EntryIndex {
                 }
             }
             Self::Table(table) => {
-                if let Ok(found) = table.find_entry(hash, |&candidate| candidate == entry) {
+                let packed = PackedRef::from(entry);
+                if let Ok(found) = table.find_entry(hash, |&candidate| candidate == packed) {
                     found.remove();
                 }
                 if table.len() <= BACK_INLINE_AT
-                    && table.iter().all(|remaining| remaining.compact().is_some())
+                    && table
+                        .iter()
+                        .all(|&remaining| EntryRef::from(remaining).compact().is_some())
                 {
                     let mut inline = Self::default();
                     for &remaining in table.iter() {
+                        let remaining = EntryRef::from(remaining);
                         inline.insert(rehash(remaining), remaining, &rehash);
                     }
                     *self = inline;
                 } else if let Some(capacity) = shrunk_capacity(table.len(), table.capacity()) {
-                    table.shrink_to(capacity, |&entry| rehash(entry));
+                    table.shrink_to(capacity, |&entry| rehash(entry.into()));
                 }
             }
         }
@@ -224,8 +232,9 @@ impl EntryIndex {
                 }
             }
             Self::Table(table) => {
+                let from = PackedRef::from(from);
                 if let Some(reference) = table.find_mut(hash, |&candidate| candidate == from) {
-                    *reference = to;
+                    *reference = to.into();
                 }
             }
         }
@@ -238,10 +247,11 @@ impl EntryIndex {
             } => (&references[..usize::from(*len)], None),
             Self::Table(table) => (&[], Some(table)),
         };
-        inline
-            .iter()
-            .map(|reference| reference.expand())
-            .chain(table.into_iter().flat_map(|table| table.iter().copied()))
+        inline.iter().map(|reference| reference.expand()).chain(
+            table
+                .into_iter()
+                .flat_map(|table| table.iter().map(|&entry| entry.into())),
+        )
     }
 
     #[cfg(test)]

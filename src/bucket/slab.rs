@@ -52,6 +52,35 @@ impl EntryRef {
     }
 }
 
+/// An [`EntryRef`] as a table's hash index keeps it: five bytes with an alignment of one, the
+/// slab's position and then the slot index's low 32 bits (slabs never hold more slots, see
+/// [`MAX_SLOTS`]). The index of a table of a million keys has two million places: five bytes
+/// each instead of eight is six bytes a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct PackedRef([u8; 5]);
+
+impl From<EntryRef> for PackedRef {
+    fn from(entry: EntryRef) -> Self {
+        let [position, ..] = (entry.position() as u8).to_le_bytes();
+        let [a, b, c, d] = (entry.index() as u32).to_le_bytes();
+        Self([position, a, b, c, d])
+    }
+}
+
+impl From<PackedRef> for EntryRef {
+    fn from(PackedRef([position, a, b, c, d]): PackedRef) -> Self {
+        EntryRef::new(
+            usize::from(position),
+            u32::from_le_bytes([a, b, c, d]) as usize,
+        )
+    }
+}
+
+/// The most slots one slab holds, so that a slot index fits a [`PackedRef`]; a table with more
+/// entries of one size opens another slab of that size. Large entries (over 4096 bytes each)
+/// cannot reach it: 2^32 of them would be 16 TiB.
+const MAX_SLOTS: usize = 1 << 32;
+
 /// An [`EntryRef`] in one byte: four bits of slab position above four bits of slot index. A
 /// table of at most 16 entries has dense slabs of at most 16 slots each, and most tables use
 /// their first few slabs, so its references almost always fit; one that does not is never
@@ -72,9 +101,11 @@ impl CompactRef {
     }
 }
 
-/// Slot sizes: steps of 8 up to 128 bytes, then eight classes per doubling up to 4096.
-const SLOT_SIZES: [usize; 55] = [
-    16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, // by 8
+/// Slot sizes: steps of 4 up to 128 bytes (the small entries most keys are, where each byte of
+/// rounding is a byte per key), then eight classes per doubling up to 4096.
+const SLOT_SIZES: [usize; 69] = [
+    16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104,
+    108, 112, 116, 120, 124, 128, // by 4
     144, 160, 176, 192, 208, 224, 240, 256, // by 16
     288, 320, 352, 384, 416, 448, 480, 512, // by 32
     576, 640, 704, 768, 832, 896, 960, 1024, // by 64
@@ -126,7 +157,8 @@ pub(super) struct Slabs {
     /// so reading an entry is one index, no search. Most tables hold values of one or two
     /// sizes, and then reading an entry follows no pointer but the slab's own. A slab that
     /// empties keeps its place (and gives back its bytes), so positions never change; there
-    /// are at most `SLOT_SIZES.len()` of them.
+    /// is one per slot size, and one more per [`MAX_SLOTS`] entries of a size (below
+    /// [`LARGE`] for any memory there is).
     inline: [Slab; INLINE_SLABS],
     spilled: Vec<Slab>,
     large: Vec<Box<[u8]>>,
@@ -163,9 +195,13 @@ impl Slabs {
             .take_while(|slab| slab.slot_size != 0)
     }
 
-    /// The position of the slab of slots of `size`, made if there is none yet.
+    /// The position of a slab of slots of `size` with room for one more, made if there is
+    /// none yet.
     fn position_for(&mut self, size: usize) -> usize {
-        if let Some(position) = self.in_use().position(|slab| slab.slot_size == size) {
+        if let Some(position) = self
+            .in_use()
+            .position(|slab| slab.slot_size == size && slab.bytes.len() / size < MAX_SLOTS)
+        {
             return position;
         }
         let used = self.in_use().count();
@@ -394,8 +430,20 @@ mod tests {
     }
 
     #[test]
+    fn a_packed_reference_is_the_same_reference() {
+        for position in (0..SLOT_SIZES.len()).chain([LARGE]) {
+            for index in [0, 1, 255, 65_536, MAX_SLOTS - 1] {
+                let entry = EntryRef::new(position, index);
+                assert_eq!(EntryRef::from(PackedRef::from(entry)), entry);
+            }
+        }
+        assert_eq!(size_of::<PackedRef>(), 5);
+        assert_eq!(align_of::<PackedRef>(), 1);
+    }
+
+    #[test]
     fn classes_fit_their_entries_closely() {
-        assert_eq!(stored_size(encoded_len(&[0; 16], &[0; 32])), 56);
+        assert_eq!(stored_size(encoded_len(&[0; 16], &[0; 32])), 52);
         assert_eq!(stored_size(1), 16);
         assert_eq!(stored_size(4096), 4096);
         assert_eq!(stored_size(4097), 4097);

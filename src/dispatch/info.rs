@@ -75,6 +75,12 @@ impl Dispatcher {
                 if let Some(port) = self.sessions.setting("port") {
                     line("tcp_port", &port);
                 }
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    line("worker_threads", &runtime.metrics().num_workers());
+                }
+                if let Some(window) = self.sessions.setting("busy-poll-us") {
+                    line("busy_poll_us", &window);
+                }
             }
             "clients" => {
                 line("connected_clients", &gauge(&stats.connections_open));
@@ -128,6 +134,7 @@ impl Dispatcher {
                 line("net_input_bytes", &count(&stats.net_input_bytes));
                 line("buffer_refusals", &count(&stats.buffer_refusals));
                 line("request_timeouts", &count(&stats.request_timeouts));
+                line("busy_poll_pauses", &count(&stats.busy_poll_pauses));
                 line("registry_starts", &status.starts);
             }
             "keyspace" => {

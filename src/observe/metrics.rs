@@ -158,6 +158,12 @@ impl Collector for KvCollector {
         )?;
         counter(
             &mut encoder,
+            "kv_busy_poll_pauses",
+            "Times busy polling stopped because its thread was kept waiting for a CPU",
+            load(&stats.busy_poll_pauses),
+        )?;
+        counter(
+            &mut encoder,
             "kv_net_input_bytes",
             "Bytes read from clients",
             load(&stats.net_input_bytes),

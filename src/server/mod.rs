@@ -6,6 +6,8 @@
 mod busy_poll;
 mod client_log;
 mod connection;
+mod cpu_budget;
 mod listener;
 
+pub use cpu_budget::CpuBudget;
 pub use listener::{Server, StartError};

@@ -139,8 +139,23 @@ pub struct Binary {
 
 impl Binary {
     pub fn start(arguments: &[&str]) -> Self {
+        Self::start_under(&[], arguments)
+    }
+
+    /// `kv serve arguments` run by `wrapper` (such as `taskset -c 0`), which is given the
+    /// binary's path and `serve arguments` as its last arguments.
+    pub fn start_under(wrapper: &[&str], arguments: &[&str]) -> Self {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kv"))
+        let kv = env!("CARGO_BIN_EXE_kv");
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_arguments)) => {
+                let mut command = std::process::Command::new(program);
+                command.args(wrapper_arguments).arg(kv);
+                command
+            }
+            None => std::process::Command::new(kv),
+        };
+        let mut child = command
             .arg("serve")
             .args(arguments)
             .env("PORT", "0")

@@ -34,6 +34,59 @@ enum Command {
     Cli(CliArgs),
     /// Load a server and measure throughput and latency.
     Bench(BenchArgs),
+    /// Look at a running cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Each node up or down, and each shard's leader, term, indexes and followers' lag.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+#[command(disable_help_flag = true)]
+struct StatusArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
+}
+
+/// Which server to talk to, as redis-cli takes it (`-h` is the host, so help is `--help`).
+#[derive(Args)]
+struct NodeArgs {
+    /// Server host (-h, as redis-cli has it; --help for help).
+    #[arg(short = 'h', long, default_value = "127.0.0.1")]
+    host: String,
+    /// Server port.
+    #[arg(short = 'p', long, env = "PORT", default_value_t = 4040)]
+    port: u16,
+    /// The password to give on connecting (better in KV_PASSWORD than on the command line).
+    #[arg(
+        short = 'a',
+        long = "pass",
+        env = "KV_PASSWORD",
+        hide_env_values = true
+    )]
+    password: Option<String>,
+    /// Several nodes of a cluster, as `host:port,host:port,…`, instead of -h and -p: the
+    /// first that answers is used (`kv cli` goes on to the next when it stops answering).
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
+}
+
+impl NodeArgs {
+    /// The addresses to try, in order.
+    fn addresses(&self) -> Vec<String> {
+        if self.nodes.is_empty() {
+            vec![format!("{}:{}", self.host, self.port)]
+        } else {
+            self.nodes.clone()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -265,28 +318,12 @@ fn parse_peers(text: &str) -> Result<BTreeMap<u64, SocketAddr>, String> {
 #[derive(Args)]
 #[command(disable_help_flag = true)]
 struct CliArgs {
-    /// Server host (-h, as redis-cli has it; --help for help).
-    #[arg(short = 'h', long, default_value = "127.0.0.1")]
-    host: String,
-    /// Server port.
-    #[arg(short = 'p', long, env = "PORT", default_value_t = 4040)]
-    port: u16,
+    #[command(flatten)]
+    node: NodeArgs,
     /// The server as a URI, instead of -h and -p: kv://[:password@]host[:port] (redis:// is
     /// read the same way).
     #[arg(short = 'u', long)]
     uri: Option<String>,
-    /// The password to give on connecting (better in KV_PASSWORD than on the command line).
-    #[arg(
-        short = 'a',
-        long = "pass",
-        env = "KV_PASSWORD",
-        hide_env_values = true
-    )]
-    password: Option<String>,
-    /// Several nodes of a cluster, as `host:port,host:port,…`, instead of -h and -p: the
-    /// first that answers is used, and the next when it stops answering.
-    #[arg(long, value_delimiter = ',')]
-    nodes: Vec<String>,
     /// Print replies as they are (values bare, one element a line), as when stdout is not a
     /// terminal.
     #[arg(long, conflicts_with = "no_raw")]
@@ -372,6 +409,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::process::exit(code);
         }
         Command::Bench(arguments) => runtime(Some(arguments.threads))?.block_on(bench(arguments)),
+        Command::Cluster(ClusterCommand::Status(arguments)) => {
+            let status = runtime(Some(1))?.block_on(kv::client::status::cluster_status(
+                &arguments.node.addresses(),
+                arguments.node.password.as_deref(),
+            ))?;
+            print!("{status}");
+            Ok(())
+        }
     }
 }
 
@@ -674,10 +719,7 @@ async fn talk(arguments: CliArgs) -> anyhow::Result<i32> {
             let (node, password) = parse_uri(uri)?;
             (vec![node], password)
         }
-        None if arguments.nodes.is_empty() => {
-            (vec![format!("{}:{}", arguments.host, arguments.port)], None)
-        }
-        None => (arguments.nodes.clone(), None),
+        None => (arguments.node.addresses(), None),
     };
     let raw = if arguments.raw {
         Some(true)
@@ -688,7 +730,7 @@ async fn talk(arguments: CliArgs) -> anyhow::Result<i32> {
     };
     Ok(kv::client::cli::run(kv::client::cli::CliOptions {
         nodes,
-        password: arguments.password.clone().or(uri_password),
+        password: arguments.node.password.clone().or(uri_password),
         raw,
         command: arguments.command.clone(),
     })

@@ -217,40 +217,32 @@ impl CpuQuotaGroup {
         let name = format!("kv-test-{}", std::process::id());
         let v2 = std::path::Path::new("/sys/fs/cgroup");
         let v1 = std::path::Path::new("/sys/fs/cgroup/cpu");
-        if v2.join("cgroup.controllers").exists() {
-            let directory = v2.join(&name);
-            std::fs::create_dir(&directory).ok()?;
-            let group = Self {
-                procs: directory.join("cgroup.procs"),
-                directory,
-            };
-            std::fs::write(
-                group.directory.join("cpu.max"),
-                format!("{quota_us} {period_us}"),
+        // The files that set the quota, in the order they must be written.
+        let (directory, settings) = if v2.join("cgroup.controllers").exists() {
+            (
+                v2.join(&name),
+                vec![("cpu.max", format!("{quota_us} {period_us}"))],
             )
-            .ok()?;
-            Some(group)
         } else if v1.join("cpu.cfs_quota_us").exists() {
-            let directory = v1.join(&name);
-            std::fs::create_dir(&directory).ok()?;
-            let group = Self {
-                procs: directory.join("cgroup.procs"),
-                directory,
-            };
-            std::fs::write(
-                group.directory.join("cpu.cfs_period_us"),
-                period_us.to_string(),
+            (
+                v1.join(&name),
+                vec![
+                    ("cpu.cfs_period_us", period_us.to_string()),
+                    ("cpu.cfs_quota_us", quota_us.to_string()),
+                ],
             )
-            .ok()?;
-            std::fs::write(
-                group.directory.join("cpu.cfs_quota_us"),
-                quota_us.to_string(),
-            )
-            .ok()?;
-            Some(group)
         } else {
-            None
+            return None;
+        };
+        std::fs::create_dir(&directory).ok()?;
+        let group = Self {
+            procs: directory.join("cgroup.procs"),
+            directory,
+        };
+        for (file, value) in settings {
+            std::fs::write(group.directory.join(file), value).ok()?;
         }
+        Some(group)
     }
 }
 

@@ -381,7 +381,29 @@ async fn kv_bench_and_kv_cli_take_several_nodes() {
         .unwrap();
     assert!(output.status.success(), "{output:?}");
     assert!(!output.stdout.is_empty());
+
+    // `kv cluster status` through the same list: every node up, every shard led.
+    let status = cluster_status(&format!("{closed},{}", addresses[1]));
+    for (index, address) in addresses.iter().enumerate() {
+        let node = status
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{} ", index + 1)))
+            .unwrap_or_else(|| panic!("node {} listed in {status}", index + 1));
+        assert!(node.contains(address) && node.contains(" up "), "{status}");
+    }
+    assert_eq!(status.matches(" up ").count(), 3, "{status}");
+    assert!(!status.contains("no leader"), "{status}");
     stop(servers).await;
+}
+
+/// `kv cluster status --nodes nodes`'s output; it must succeed.
+fn cluster_status(nodes: &str) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kv"))
+        .args(["cluster", "status", "--nodes", nodes])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap()
 }
 
 /// Limits hold in a cluster as on one node: the leader refuses a change past them, with the
@@ -748,6 +770,23 @@ async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
         .await;
         assert_eq!(reply, ok, "write {index} after the kill");
     }
+    // `kv cluster status` shows node 1 down and, once each of its shards has elected a new
+    // leader (those no write above went to may still be electing), every shard led.
+    let survivor = nodes[1].as_ref().unwrap().address.to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = cluster_status(&survivor);
+        if !status.contains("no leader") || std::time::Instant::now() > deadline {
+            break status;
+        }
+    };
+    let first_line = status
+        .lines()
+        .find(|line| line.trim_start().starts_with("1 "))
+        .unwrap();
+    assert!(first_line.ends_with("down"), "{status}");
+    assert_eq!(status.matches(" up ").count(), 2, "{status}");
+    assert!(!status.contains("no leader"), "{status}");
     for index in 0..80 {
         let reply = until_answered(&mut second, &[b"GET", &bucket(index), &key(index)]).await;
         assert_eq!(
@@ -786,4 +825,80 @@ async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
         node.signal("TERM");
         assert!(node.wait().await.success());
     }
+}
+
+/// A node whose data directory was wiped does not rejoin under its old id (it could vote a
+/// stale leader in and lose acknowledged writes): it stops at start with the reason. With its
+/// own directory back it rejoins and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_data_directory_was_wiped_is_refused_and_rejoins_with_it_restored() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    use kv::protocol::ReplyValue;
+    let directory = tempfile::tempdir().unwrap();
+    let (binds, peers) = common::cluster_peers(3);
+    let mut nodes: Vec<common::Binary> = (0..3)
+        .map(|index| node_process(index as u64 + 1, &peers, binds[index], directory.path()))
+        .collect();
+    // Through node 3, so that it has met the leader of the bucket's shard at least.
+    let mut third = kv::client::Client::connect(nodes[2].address).await.unwrap();
+    let ok = ReplyValue::Simple("OK".into());
+    assert_eq!(until_answered(&mut third, &[b"CREATE", b"a"]).await, ok);
+    assert_eq!(
+        until_answered(&mut third, &[b"PUT", b"a", b"k", b"v"]).await,
+        ok
+    );
+    drop(third);
+
+    let node = nodes.pop().unwrap();
+    node.signal("KILL");
+    node.wait().await;
+    let data = directory.path().join("3");
+    let saved = directory.path().join("3.saved");
+    std::fs::rename(&data, &saved).unwrap();
+
+    // Started on an empty directory under the same id: refused, and it says why. (`timeout`
+    // bounds the process should the refusal not come.)
+    let bind = binds[2].to_string();
+    let output = within(tokio::task::spawn_blocking({
+        let data = data.clone();
+        let peers = peers.clone();
+        move || {
+            std::process::Command::new("timeout")
+                .arg("60")
+                .arg(env!("CARGO_BIN_EXE_kv"))
+                .args([
+                    "serve",
+                    "--node-id",
+                    "3",
+                    "--cluster-bind",
+                    &bind,
+                    "--peers",
+                ])
+                .arg(&peers)
+                .arg("--data-dir")
+                .arg(&data)
+                .env("PORT", "0")
+                .output()
+                .unwrap()
+        }
+    }))
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("refused by the cluster") && stderr.contains("node 3's data directory"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("wiped"), "{stderr}");
+
+    // Its own directory back: it rejoins and answers, the write there.
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::rename(&saved, &data).unwrap();
+    let restored = node_process(3, &peers, binds[2], directory.path());
+    let mut client = kv::client::Client::connect(restored.address).await.unwrap();
+    assert_eq!(
+        until_answered(&mut client, &[b"GET", b"a", b"k"]).await,
+        ReplyValue::Bulk(Some(b"v".to_vec().into()))
+    );
 }

@@ -6,6 +6,7 @@
 
 pub mod cli;
 mod render;
+pub mod status;
 
 use std::collections::VecDeque;
 use std::io;

@@ -4,6 +4,7 @@
 //! request by running it where its shard is led (`router`). `docs/cluster.md` has the design
 //! and its guarantees. Without `--peers`, nothing here is on a request's path.
 
+pub mod identity;
 pub mod network;
 pub mod node;
 pub mod peer;

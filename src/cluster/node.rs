@@ -13,6 +13,7 @@ use openraft::type_config::async_runtime::WatchReceiver as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::identity::{Handshake, IdentityError};
 use super::network::{Peers, ShardNetwork};
 use super::peer::{self, Groups, PeerClient, PeerHandler, PeerRequest, PeerResponse, ShardGroup};
 use super::placement::{NodeId, preferred_leader, replicas_of};
@@ -22,6 +23,9 @@ use crate::config::{CoreConfig, FsyncPolicy};
 
 /// How often a node syncs logs (under `everysec`), starts due snapshots and spreads leaders.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a node on a new data directory waits for its peers to say whether they knew it.
+const ASK_PEERS_WITHIN: Duration = Duration::from_secs(2);
 
 /// How a node joins the cluster and what it holds.
 #[derive(Debug, Clone)]
@@ -73,6 +77,12 @@ pub enum NodeError {
     /// This node is not among the members.
     #[error("node {0} is not in --peers")]
     NotAMember(NodeId),
+    /// The node's identity on disk could not be read or made.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// A peer refuses this node: it knew another data directory under this id.
+    #[error("refused by the cluster: {0}")]
+    Refused(String),
 }
 
 /// A running node.
@@ -86,6 +96,8 @@ pub struct Node {
     logs: HashMap<u16, ShardLog>,
     sync_every_second: bool,
     peers: Peers,
+    /// This node's identity and its peers', checked on every peer connection.
+    handshake: Arc<Handshake>,
     shards: u16,
     /// The fewest entries between two snapshots of a shard.
     snapshot_every: u64,
@@ -146,14 +158,21 @@ impl Node {
         if !config.members.contains_key(&config.id) {
             return Err(NodeError::NotAMember(config.id));
         }
+        let handshake = Arc::new(Handshake::open(&config.data_dir, config.id)?);
         let peers: Peers = Arc::new(
             config
                 .members
                 .iter()
                 .filter(|(id, _)| **id != config.id)
-                .map(|(&id, &address)| (id, Arc::new(PeerClient::new(address))))
+                .map(|(&id, &address)| {
+                    let client = PeerClient::new(id, address, Arc::clone(&handshake));
+                    (id, Arc::new(client))
+                })
                 .collect(),
         );
+        if handshake.is_fresh() {
+            ask_peers_whether_they_knew_this_node(&peers).await?;
+        }
         let raft_config = Arc::new(
             openraft::Config {
                 cluster_name: "kv".into(),
@@ -231,6 +250,7 @@ impl Node {
             logs,
             sync_every_second: config.fsync == FsyncPolicy::EverySecond,
             peers,
+            handshake,
             shards: config.shards,
             snapshot_every: config.snapshot_every,
             budget,
@@ -250,7 +270,12 @@ impl Node {
     /// Answers peers on `listener` with `handler`, and keeps leadership spread, until the
     /// node stops.
     pub fn serve<H: PeerHandler>(self: &Arc<Self>, listener: TcpListener, handler: Arc<H>) {
-        tokio::spawn(peer::serve(listener, handler, self.shutdown.clone()));
+        tokio::spawn(peer::serve(
+            listener,
+            handler,
+            Arc::clone(&self.handshake),
+            self.shutdown.clone(),
+        ));
         tokio::spawn(Arc::clone(self).maintain());
     }
 
@@ -385,6 +410,25 @@ impl Node {
             }
         }
     }
+}
+
+/// On a new data directory: says hello to every peer that answers within
+/// [`ASK_PEERS_WITHIN`]. One that knew this node under another data directory refuses it, and
+/// the node stops with its reason instead of rejoining empty. Peers that do not answer (a
+/// cluster starting for the first time) are not waited for; they check again when they
+/// connect.
+async fn ask_peers_whether_they_knew_this_node(peers: &Peers) -> Result<(), NodeError> {
+    let answers =
+        futures::future::join_all(peers.values().map(|client| {
+            tokio::time::timeout(ASK_PEERS_WITHIN, client.call(PeerRequest::Describe))
+        }))
+        .await;
+    for answer in answers {
+        if let Ok(Err(peer::PeerError::Refused { reason, .. })) = answer {
+            return Err(NodeError::Refused(reason));
+        }
+    }
+    Ok(())
 }
 
 fn millis(duration: Duration) -> u64 {

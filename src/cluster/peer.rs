@@ -2,7 +2,9 @@
 //!
 //! Frames are length-delimited (at most [`MAX_FRAME`]) and hold a request id and a message,
 //! serialised with serde and postcard. A client sends requests as they come and matches the
-//! replies by id, so many shards' RPCs are in flight on one connection at once.
+//! replies by id, so many shards' RPCs are in flight on one connection at once. A connection
+//! opens with a [`PeerRequest::Hello`] each way, in which each node checks the other's
+//! incarnation ([`Handshake`]): nothing else passes before both have.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,6 +26,8 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
+use super::identity::Handshake;
+use super::placement::NodeId;
 use super::raft::{ShardRaft, ShardStateMachine, SnapshotBytes};
 use super::router::Replies;
 use crate::protocol::Dialect;
@@ -34,12 +38,23 @@ pub const MAX_FRAME: usize = 1 << 30;
 /// Requests in flight on one connection before a sender waits.
 const IN_FLIGHT: usize = 1024;
 
+/// How long either side waits for the other's hello on a new connection.
+const HELLO_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A shard's Raft group as this node runs it.
 pub type ShardGroup = Raft<ShardRaft, ShardStateMachine>;
 
 /// A request from a replica on one node to a replica of the same shard on another.
 #[derive(Serialize, Deserialize)]
 pub enum PeerRequest {
+    /// The first request on a connection: who sends it, and the incarnation of its data
+    /// directory.
+    Hello {
+        /// The sender's node id.
+        node: NodeId,
+        /// The sender's incarnation (see [`Handshake`]).
+        incarnation: u64,
+    },
     /// Raft's append-entries (and heartbeat).
     AppendEntries(u16, AppendEntriesRequest<ShardRaft>),
     /// Raft's vote request.
@@ -89,6 +104,9 @@ pub enum PeerRequest {
 /// The answer to a [`PeerRequest`].
 #[derive(Serialize, Deserialize)]
 pub enum PeerResponse {
+    /// To [`PeerRequest::Hello`]: the answering node's id and incarnation, or why it refuses
+    /// the sender.
+    Hello(Result<(NodeId, u64), String>),
     /// To [`PeerRequest::AppendEntries`].
     AppendEntries(Result<AppendEntriesResponse<ShardRaft>, RaftError<ShardRaft>>),
     /// To [`PeerRequest::Vote`].
@@ -134,11 +152,23 @@ pub enum PeerError {
     /// The connection closed before the answer came: the peer may have got the request.
     #[error("peer {0}: connection closed")]
     Closed(SocketAddr),
+    /// The handshake failed: one of the two nodes refuses the other (a wiped data directory,
+    /// or an address that answers as another node). Nothing was sent.
+    #[error("peer {address}: {reason}")]
+    Refused {
+        /// The peer.
+        address: SocketAddr,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A connection to one peer, opened on first use and again after it breaks.
 pub struct PeerClient {
+    /// The node expected at `address`.
+    id: NodeId,
     address: SocketAddr,
+    handshake: Arc<Handshake>,
     connection: Mutex<Option<mpsc::Sender<Call>>>,
     /// Whether the last attempt to connect succeeded: a peer that goes away is reported once,
     /// not at every heartbeat that cannot reach it.
@@ -151,11 +181,14 @@ type Call = (
 );
 
 impl PeerClient {
-    /// A client of the peer at `address`; nothing is connected until the first request.
+    /// A client of node `id` at `address`, introducing this node with `handshake`; nothing is
+    /// connected until the first request.
     #[must_use]
-    pub fn new(address: SocketAddr) -> Self {
+    pub fn new(id: NodeId, address: SocketAddr, handshake: Arc<Handshake>) -> Self {
         Self {
+            id,
             address,
+            handshake,
             connection: Mutex::new(None),
             reachable: std::sync::atomic::AtomicBool::new(true),
         }
@@ -206,10 +239,52 @@ impl PeerClient {
             address: self.address,
             source,
         })?;
+        let mut framed = framed(stream);
+        if let Err(error) = self.introduce(&mut framed).await {
+            if let PeerError::Refused { reason, .. } = &error {
+                tracing::error!(peer = self.id, address = %self.address, "{reason}");
+            }
+            return Err(error);
+        }
         let (sender, calls) = mpsc::channel(IN_FLIGHT);
-        tokio::spawn(drive(self.address, framed(stream), calls));
+        tokio::spawn(drive(self.address, framed, calls));
         *connection = Some(sender.clone());
         Ok(sender)
+    }
+}
+
+impl PeerClient {
+    /// Says hello on a new connection and checks the answer: the node expected, under the
+    /// incarnation this node knew it by (or first seen now).
+    async fn introduce(
+        &self,
+        framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
+    ) -> Result<(), PeerError> {
+        let address = self.address;
+        let (node, incarnation) = self.handshake.hello();
+        let hello = postcard::to_stdvec(&(0u64, PeerRequest::Hello { node, incarnation }))
+            .map_err(|_| PeerError::Malformed(address))?;
+        framed
+            .send(Bytes::from(hello))
+            .await
+            .map_err(|source| PeerError::Io { address, source })?;
+        let Ok(Some(Ok(answer))) = tokio::time::timeout(HELLO_WITHIN, framed.next()).await else {
+            return Err(PeerError::Closed(address));
+        };
+        let refused = |reason: String| PeerError::Refused { address, reason };
+        match postcard::from_bytes::<(u64, PeerResponse)>(&answer) {
+            Ok((0, PeerResponse::Hello(Ok((peer, incarnation))))) => {
+                if peer != self.id {
+                    return Err(refused(format!(
+                        "{address} answers as node {peer}, not node {}: check --peers",
+                        self.id
+                    )));
+                }
+                self.handshake.admit(peer, incarnation).map_err(refused)
+            }
+            Ok((0, PeerResponse::Hello(Err(reason)))) => Err(refused(reason)),
+            _ => Err(PeerError::Malformed(address)),
+        }
     }
 }
 
@@ -270,11 +345,13 @@ async fn drive(
 /// The shards this node runs, by index: what peers' requests are answered from.
 pub type Groups = Arc<HashMap<u16, ShardGroup>>;
 
-/// Answers peers on `listener` until `shutdown`: every request runs on its own task, so that
-/// one slow shard never holds up another's on the same connection.
+/// Answers peers on `listener` until `shutdown`, each connection once its hello has passed
+/// `handshake`: every request runs on its own task, so that one slow shard never holds up
+/// another's on the same connection.
 pub async fn serve<H: PeerHandler>(
     listener: TcpListener,
     handler: Arc<H>,
+    handshake: Arc<Handshake>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -288,6 +365,7 @@ pub async fn serve<H: PeerHandler>(
                 tokio::spawn(answer(
                     framed(stream),
                     Arc::clone(&handler),
+                    Arc::clone(&handshake),
                     shutdown.clone(),
                 ));
             }
@@ -296,11 +374,41 @@ pub async fn serve<H: PeerHandler>(
     }
 }
 
+/// Takes a new connection's hello: answers with this node's, or with the refusal (and then
+/// closes). Returns whether the connection may go on.
+async fn greet(
+    framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
+    handshake: &Handshake,
+) -> bool {
+    let Ok(Some(Ok(hello))) = tokio::time::timeout(HELLO_WITHIN, framed.next()).await else {
+        return false;
+    };
+    let answer = match postcard::from_bytes::<(u64, PeerRequest)>(&hello) {
+        Ok((0, PeerRequest::Hello { node, incarnation })) => handshake
+            .admit(node, incarnation)
+            .map(|()| handshake.hello())
+            .inspect_err(|reason| tracing::error!(peer = node, "refusing a peer: {reason}")),
+        _ => {
+            tracing::warn!("a peer connection did not open with a hello; closing it");
+            return false;
+        }
+    };
+    let admitted = answer.is_ok();
+    let Ok(frame) = postcard::to_stdvec(&(0u64, PeerResponse::Hello(answer))) else {
+        return false;
+    };
+    framed.send(Bytes::from(frame)).await.is_ok() && admitted
+}
+
 async fn answer<H: PeerHandler>(
-    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    mut framed: Framed<TcpStream, LengthDelimitedCodec>,
     handler: Arc<H>,
+    handshake: Arc<Handshake>,
     shutdown: CancellationToken,
 ) {
+    if !greet(&mut framed, &handshake).await {
+        return;
+    }
     let (mut sink, mut stream) = framed.split();
     let (answers, mut outgoing) = mpsc::channel::<Bytes>(IN_FLIGHT);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
@@ -321,6 +429,10 @@ async fn answer<H: PeerHandler>(
             tracing::warn!("a peer sent a frame that is not a request; closing its connection");
             break;
         };
+        if matches!(request, PeerRequest::Hello { .. }) {
+            tracing::warn!("a peer said hello twice; closing its connection");
+            break;
+        }
         // A peer's requests in flight are bounded: past the bound, its connection is not read
         // until one is answered.
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
@@ -435,7 +547,10 @@ pub async fn handle_raft(
             ),
             None => PeerResponse::NoSuchShard,
         },
-        PeerRequest::Forward { .. } | PeerRequest::ListBuckets { .. } | PeerRequest::Describe => {
+        PeerRequest::Forward { .. }
+        | PeerRequest::ListBuckets { .. }
+        | PeerRequest::Describe
+        | PeerRequest::Hello { .. } => {
             return None;
         }
     };

@@ -295,7 +295,7 @@ impl Router {
                 }
             }
             // Never sent: the peer could not be reached.
-            Ok(Err(PeerError::Io { .. })) => return Err(NotLed(None)),
+            Ok(Err(PeerError::Io { .. } | PeerError::Refused { .. })) => return Err(NotLed(None)),
             Ok(Ok(PeerResponse::NoSuchShard)) => return Err(NotLed(None)),
             // Sent, and no answer came (in time).
             _ => true,

@@ -116,6 +116,9 @@ pub struct ServerConfig {
     pub requirepass: Option<String>,
     /// Where the HTTP listener of metrics and the status page listens; `None`: nowhere.
     pub http_bind: Option<std::net::SocketAddr>,
+    /// Whether the server may start without its HTTP listener when `http_bind` cannot be
+    /// bound (in use): true for the default address, which the user did not ask for by name.
+    pub http_bind_optional: bool,
 }
 
 impl Default for ServerConfig {
@@ -139,6 +142,7 @@ impl Default for ServerConfig {
             cluster: None,
             requirepass: None,
             http_bind: None,
+            http_bind_optional: false,
         }
     }
 }

@@ -450,6 +450,7 @@ async fn serve(arguments: ServeArgs, budget: CpuBudget, workers: usize) -> anyho
         request_timeout: arguments.request_timeout,
         requirepass: arguments.requirepass.clone(),
         http_bind: http_bind(&arguments)?,
+        http_bind_optional: arguments.http_bind.is_none(),
         enable_debug_commands: arguments.enable_debug_commands,
         busy_poll: arguments.busy_poll_us.map_or_else(
             || {
@@ -495,6 +496,9 @@ async fn serve(arguments: ServeArgs, budget: CpuBudget, workers: usize) -> anyho
 
 /// Where the HTTP listener goes: `--http-bind`, or loopback at the client port + 5081 (any
 /// free port when the client port is 0); nowhere with `off`.
+/// Where the HTTP listener goes: `--http-bind`, or by default loopback at the client port
+/// plus 5081 (any free port with port 0). The default is given up, with a warning, where it
+/// cannot be had (past port 65535 here, in use at bind); an address asked for by name is not.
 fn http_bind(arguments: &ServeArgs) -> anyhow::Result<Option<SocketAddr>> {
     match arguments.http_bind.as_deref() {
         Some("off") => Ok(None),
@@ -503,12 +507,17 @@ fn http_bind(arguments: &ServeArgs) -> anyhow::Result<Option<SocketAddr>> {
         })?)),
         None => {
             let port = match arguments.port {
-                0 => 0,
-                port => port
-                    .checked_add(5081)
-                    .context("--port is too high for the default --http-bind; give one")?,
+                0 => Some(0),
+                port => port.checked_add(5081),
             };
-            Ok(Some(SocketAddr::from(([127, 0, 0, 1], port))))
+            if port.is_none() {
+                tracing::warn!(
+                    port = arguments.port,
+                    "no metrics or status page: the default HTTP port (the client port + 5081) \
+                     is past 65535 (--http-bind sets one)"
+                );
+            }
+            Ok(port.map(|port| SocketAddr::from(([127, 0, 0, 1], port))))
         }
     }
 }

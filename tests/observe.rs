@@ -175,3 +175,32 @@ fn http_bind_off_serves_no_http() {
         server.logs()
     );
 }
+
+/// The default HTTP address (the client port + 5081) is not one the user asked for: taken (or
+/// past 65535), the server starts without it and says so; one given by name is required.
+#[test]
+fn a_taken_default_http_address_is_given_up_and_a_named_one_is_not() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Whoever holds it, the default address is not free while this lives.
+    let taken = port
+        .checked_add(5081)
+        .and_then(|http| std::net::TcpListener::bind(("127.0.0.1", http)).ok());
+    let server = Binary::start(&["--port", &port.to_string()]);
+    let warning = server.log_line("no metrics or status page");
+    assert!(warning.contains("--http-bind"), "{warning}");
+
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let named = holder.local_addr().unwrap().to_string();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kv"))
+        .args(["serve", "--port", "0", "--http-bind", &named])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&named), "{stderr}");
+    drop(taken);
+}

@@ -143,11 +143,19 @@ impl Server {
             }
         };
         let http = match config.http_bind {
-            Some(address) => Some(
-                crate::observe::bind(address)
-                    .await
-                    .map_err(|source| StartError::Bind { address, source })?,
-            ),
+            Some(address) => match crate::observe::bind(address).await {
+                Ok(listener) => Some(listener),
+                Err(error) if config.http_bind_optional => {
+                    tracing::warn!(
+                        %address,
+                        %error,
+                        "no metrics or status page: the default HTTP address is not free \
+                         (--http-bind sets another)"
+                    );
+                    None
+                }
+                Err(source) => return Err(StartError::Bind { address, source }),
+            },
             None => None,
         };
         Ok(Self {

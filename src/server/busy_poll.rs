@@ -122,14 +122,16 @@ impl BusyPoll {
         let mut probe = RunDelay::sample();
         while !stop.is_cancelled() {
             tokio::task::yield_now().await;
-            let now = self.activity(Ordering::Relaxed);
-            if now != seen {
-                seen = now;
-                quiet_since = Instant::now();
-            } else if quiet_since.elapsed() >= self.window {
+            let count = self.activity(Ordering::Relaxed);
+            // One clock read a turn: the poller turns between every other task's polls.
+            let now = Instant::now();
+            if count != seen {
+                seen = count;
+                quiet_since = now;
+            } else if now.duration_since(quiet_since) >= self.window {
                 break;
             }
-            if probe.at.elapsed() >= PROBE_INTERVAL {
+            if now.duration_since(probe.at) >= PROBE_INTERVAL {
                 let next = RunDelay::sample();
                 if next.contended_since(&probe) {
                     return Polled::Contended;

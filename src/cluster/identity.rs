@@ -11,7 +11,7 @@
 //! A node that starts on a new data directory asks its peers first and stops with the reason
 //! if one refuses it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -56,6 +56,9 @@ pub enum IdentityError {
 pub struct Handshake {
     node: NodeId,
     incarnation: u64,
+    /// The cluster's members: the only ids a peer may introduce itself by, so that whatever
+    /// reaches the cluster port cannot grow the file of peers.
+    members: BTreeSet<NodeId>,
     /// Whether the incarnation was made at this start (a new or wiped data directory).
     fresh: bool,
     peers_path: PathBuf,
@@ -63,11 +66,16 @@ pub struct Handshake {
 }
 
 impl Handshake {
-    /// Reads node `node`'s identity from `data_dir`, making one if there is none.
+    /// Reads node `node`'s identity from `data_dir`, making one if there is none; peers are
+    /// taken only under the ids of `members`.
     ///
     /// # Errors
     /// If the files cannot be read or written, are damaged, or name another node.
-    pub fn open(data_dir: &Path, node: NodeId) -> Result<Self, IdentityError> {
+    pub fn open(
+        data_dir: &Path,
+        node: NodeId,
+        members: impl IntoIterator<Item = NodeId>,
+    ) -> Result<Self, IdentityError> {
         std::fs::create_dir_all(data_dir).map_err(io_error(data_dir))?;
         let identity_path = data_dir.join(IDENTITY_FILE);
         let (incarnation, fresh) = match read_optional(&identity_path)? {
@@ -112,6 +120,7 @@ impl Handshake {
         Ok(Self {
             node,
             incarnation,
+            members: members.into_iter().collect(),
             fresh,
             peers_path,
             peers: parking_lot::Mutex::new(peers),
@@ -136,6 +145,12 @@ impl Handshake {
     /// # Errors
     /// The reason, for the log and the peer, when it is not; or if the peer cannot be kept.
     pub fn admit(&self, peer: NodeId, incarnation: u64) -> Result<(), String> {
+        if peer == self.node || !self.members.contains(&peer) {
+            return Err(format!(
+                "node {peer} is not a member of node {}'s cluster",
+                self.node
+            ));
+        }
         let mut peers = self.peers.lock();
         match peers.get(&peer) {
             Some(&known) if known == incarnation => Ok(()),
@@ -214,14 +229,14 @@ mod tests {
     #[test]
     fn an_identity_is_made_once_and_kept() {
         let directory = tempfile::tempdir().expect("temporary directory");
-        let first = Handshake::open(directory.path(), 3).expect("made");
+        let first = Handshake::open(directory.path(), 3, [1, 2, 3]).expect("made");
         assert!(first.is_fresh());
-        let again = Handshake::open(directory.path(), 3).expect("read");
+        let again = Handshake::open(directory.path(), 3, [1, 2, 3]).expect("read");
         assert!(!again.is_fresh());
         assert_eq!(again.hello(), first.hello());
         assert_ne!(first.hello().1, 0);
         // Another node's directory is refused.
-        let error = Handshake::open(directory.path(), 4).expect_err("another node's");
+        let error = Handshake::open(directory.path(), 4, [1, 2, 3]).expect_err("another node's");
         assert!(
             error.to_string().contains("belongs to node 3, not node 4"),
             "{error}"
@@ -231,15 +246,18 @@ mod tests {
     #[test]
     fn a_peer_is_known_by_its_first_incarnation_across_restarts() {
         let directory = tempfile::tempdir().expect("temporary directory");
-        let node = Handshake::open(directory.path(), 1).expect("made");
+        let node = Handshake::open(directory.path(), 1, [1, 2, 3]).expect("made");
         node.admit(2, 77).expect("first seen");
         node.admit(2, 77).expect("the same again");
-        let reopened = Handshake::open(directory.path(), 1).expect("read");
+        let reopened = Handshake::open(directory.path(), 1, [1, 2, 3]).expect("read");
         reopened.admit(2, 77).expect("still known");
         let refusal = reopened.admit(2, 78).expect_err("another incarnation");
         assert!(refusal.contains("node 2's data directory"), "{refusal}");
         assert!(refusal.contains("wiped"), "{refusal}");
         reopened.admit(3, 5).expect("another peer");
+        // Ids outside the cluster, and its own, are refused and not kept.
+        assert!(reopened.admit(9, 1).is_err());
+        assert!(reopened.admit(1, 1).is_err());
         let text = std::fs::read_to_string(directory.path().join(PEERS_FILE)).expect("file");
         assert_eq!(text, "2 77\n3 5\n");
     }
@@ -248,7 +266,7 @@ mod tests {
     fn damaged_files_are_said_to_be_so() {
         let directory = tempfile::tempdir().expect("temporary directory");
         std::fs::write(directory.path().join(IDENTITY_FILE), "node=x\n").expect("written");
-        let error = Handshake::open(directory.path(), 1).expect_err("damaged");
+        let error = Handshake::open(directory.path(), 1, [1, 2, 3]).expect_err("damaged");
         assert!(error.to_string().contains("not a file kv wrote"), "{error}");
     }
 }

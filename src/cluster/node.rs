@@ -158,7 +158,11 @@ impl Node {
         if !config.members.contains_key(&config.id) {
             return Err(NodeError::NotAMember(config.id));
         }
-        let handshake = Arc::new(Handshake::open(&config.data_dir, config.id)?);
+        let handshake = Arc::new(Handshake::open(
+            &config.data_dir,
+            config.id,
+            config.members.keys().copied(),
+        )?);
         let peers: Peers = Arc::new(
             config
                 .members

@@ -213,8 +213,8 @@ struct ServeArgs {
     /// waits for a CPU. Default: 20, or 0 under a CPU quota that leaves no core spare.
     #[arg(long)]
     busy_poll_us: Option<u64>,
-    /// Worker threads. Default: one per core the process may use (its CPU affinity and any
-    /// cgroup CPU quota, rounded down, at least one).
+    /// Worker threads. Default: one per core the process may run on but one (left for the
+    /// network and the clients), at least one, at most the whole cores of a cgroup CPU quota.
     #[arg(long)]
     threads: Option<usize>,
     /// Join a cluster: every initial member's id and cluster address, this node's included,

@@ -269,8 +269,11 @@ pub struct ClusterConfig {
     pub node_id: u64,
     /// Where this node listens for the other nodes (`--cluster-bind`).
     pub bind: std::net::SocketAddr,
-    /// Every initial member's cluster address, this node's included (`--peers`).
+    /// Every initial member's cluster address, this node's included (`--peers`); empty when
+    /// joining a running cluster.
     pub peers: std::collections::BTreeMap<u64, std::net::SocketAddr>,
+    /// Members' cluster addresses to ask to admit this node (`--join`).
+    pub join: Vec<std::net::SocketAddr>,
     /// How many shards the slots are cut into (`--shards`): each is one Raft group.
     pub shards: u16,
     /// Replicas per shard (`--replicas`; every node if fewer).
@@ -305,6 +308,7 @@ impl ClusterConfig {
             node_id,
             bind,
             peers,
+            join: Vec::new(),
             shards: 3,
             replicas: 3,
             heartbeat: Duration::from_millis(200),

@@ -43,6 +43,23 @@ enum Command {
 enum ClusterCommand {
     /// Each node up or down, and each shard's leader, term, indexes and followers' lag.
     Status(StatusArgs),
+    /// Remove a member: its replicas move to the others first, then it leaves (stop it then).
+    RemoveNode(MemberArgs),
+    /// Forget a member that died for good: its replicas are rebuilt from the others, and it
+    /// is refused if it comes back. Its id is never reused.
+    Forget(MemberArgs),
+}
+
+#[derive(Args)]
+#[command(disable_help_flag = true)]
+struct MemberArgs {
+    /// The member's node id.
+    id: u64,
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
 }
 
 #[derive(Args)]
@@ -217,12 +234,17 @@ struct ServeArgs {
     /// network and the clients), at least one, at most the whole cores of a cgroup CPU quota.
     #[arg(long)]
     threads: Option<usize>,
-    /// Join a cluster: every initial member's id and cluster address, this node's included,
+    /// Form a cluster: every initial member's id and cluster address, this node's included,
     /// as `1=127.0.0.1:7401,2=127.0.0.1:7402,3=127.0.0.1:7403`. Needs --node-id,
     /// --cluster-bind and --data-dir.
     #[arg(long, value_parser = parse_peers, requires_all = ["node_id", "cluster_bind", "data_dir"])]
     peers: Option<BTreeMap<u64, SocketAddr>>,
-    /// This node's id among --peers.
+    /// Join a running cluster through any of its members' cluster addresses
+    /// (`host:port,host:port,…`), under a --node-id no member ever had. Needs --node-id,
+    /// --cluster-bind and --data-dir; once joined, the data directory remembers the cluster.
+    #[arg(long, value_delimiter = ',', conflicts_with = "peers", requires_all = ["node_id", "cluster_bind", "data_dir"])]
+    join: Vec<SocketAddr>,
+    /// This node's id in the cluster: one of --peers, or a new one to --join with.
     #[arg(long)]
     node_id: Option<u64>,
     /// Where this node listens for the other nodes of the cluster.
@@ -381,6 +403,19 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `kv cluster remove-node|forget`: asks a node to run `CLUSTER <subcommand> <id>` and prints
+/// what it did.
+fn change_member(arguments: &MemberArgs, subcommand: &[u8]) -> anyhow::Result<()> {
+    let id = arguments.id.to_string();
+    let done = runtime(Some(1))?.block_on(kv::client::status::ask_any(
+        &arguments.node.addresses(),
+        arguments.node.password.as_deref(),
+        &[b"CLUSTER", subcommand, id.as_bytes()],
+    ))?;
+    println!("{done}");
+    Ok(())
+}
+
 /// The error and its causes, one line, for a person: each cause once, though many errors
 /// (io's among them) repeat their source in their own text.
 fn one_line(error: &anyhow::Error) -> String {
@@ -409,6 +444,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::process::exit(code);
         }
         Command::Bench(arguments) => runtime(Some(arguments.threads))?.block_on(bench(arguments)),
+        Command::Cluster(ClusterCommand::RemoveNode(arguments)) => {
+            change_member(&arguments, b"REMOVENODE")
+        }
+        Command::Cluster(ClusterCommand::Forget(arguments)) => change_member(&arguments, b"FORGET"),
         Command::Cluster(ClusterCommand::Status(arguments)) => {
             let status = runtime(Some(1))?.block_on(kv::client::status::cluster_status(
                 &arguments.node.addresses(),
@@ -522,19 +561,24 @@ fn http_bind(arguments: &ServeArgs) -> anyhow::Result<Option<SocketAddr>> {
     }
 }
 
-/// The cluster this node joins, if `--peers` says it does.
+/// The cluster this node forms or joins, if `--peers` or `--join` says it does.
 fn cluster_config(arguments: &ServeArgs) -> anyhow::Result<Option<ClusterConfig>> {
-    let Some(peers) = arguments.peers.clone() else {
-        return Ok(None);
+    let peers = match (&arguments.peers, arguments.join.is_empty()) {
+        (None, true) => return Ok(None),
+        (Some(peers), _) => peers.clone(),
+        (None, false) => BTreeMap::new(),
     };
-    let node_id = arguments.node_id.context("--peers needs --node-id")?;
+    let node_id = arguments
+        .node_id
+        .context("--peers and --join need --node-id")?;
     let bind = arguments
         .cluster_bind
-        .context("--peers needs --cluster-bind")?;
+        .context("--peers and --join need --cluster-bind")?;
     anyhow::ensure!(
-        peers.get(&node_id) == Some(&bind),
+        peers.is_empty() || peers.get(&node_id) == Some(&bind),
         "--peers must list this node ({node_id}) at its --cluster-bind ({bind})"
     );
+    anyhow::ensure!(node_id > 0, "--node-id starts at 1");
     let election = Duration::from_millis(arguments.election_timeout_ms);
     anyhow::ensure!(
         arguments.heartbeat_ms * 2 < arguments.election_timeout_ms,
@@ -545,6 +589,7 @@ fn cluster_config(arguments: &ServeArgs) -> anyhow::Result<Option<ClusterConfig>
         replicas: usize::try_from(arguments.replicas).unwrap_or(usize::MAX),
         heartbeat: Duration::from_millis(arguments.heartbeat_ms),
         election_timeout: (election, election * 2),
+        join: arguments.join.clone(),
         ..ClusterConfig::new(node_id, bind, peers)
     }))
 }

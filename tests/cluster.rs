@@ -56,6 +56,8 @@ async fn start_one(
     let config = NodeConfig {
         id,
         members: members.clone(),
+        join: Vec::new(),
+        address: members[&id],
         shards: 1,
         replicas: 3,
         data_dir: directory.join(id.to_string()),
@@ -139,7 +141,8 @@ async fn read_everywhere(
             .applied_index_at_least(Some(index), "applied")
             .await
             .unwrap();
-        let registry = node.state(0).unwrap().registry();
+        let machine = node.state(0).unwrap();
+        let registry = machine.registry();
         values.push(
             registry
                 .lookup(bucket)

@@ -1,7 +1,8 @@
 //! `kv cluster status`: the cluster as its nodes report it. The members and their client
 //! addresses come from one node's `CLUSTER NODES`; then every member is asked for its
 //! `INFO cluster`, and each shard is shown as its leader reports it: term, indexes, and each
-//! follower's lag in entries and its last contact with the leader.
+//! follower's lag in entries and its last contact with the leader; a shard whose voters are
+//! not yet the nodes the layout places it on is a move in progress.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -41,6 +42,10 @@ struct ShardLine {
     applied: u64,
     /// Each follower's matched index and its last contact (as the leader reports them).
     followers: BTreeMap<u64, (u64, String)>,
+    /// The shard's voters, as this replica's membership has them.
+    voters: Vec<u64>,
+    /// The nodes the layout places the shard on.
+    placed: Vec<u64>,
 }
 
 /// The status of the cluster that `addresses` (tried in turn) belong to, as text.
@@ -79,11 +84,49 @@ pub async fn cluster_status(
     Ok(render(&members))
 }
 
+/// How long a change to the membership may take to be answered.
+const CHANGE_WITHIN: Duration = Duration::from_secs(15);
+
+/// Sends `request` to the first of `addresses` that answers, and gives its answer as text
+/// (for `kv cluster remove-node` and `forget`).
+///
+/// # Errors
+/// If no node answers, or the one that does answers with an error.
+pub async fn ask_any(
+    addresses: &[String],
+    password: Option<&str>,
+    request: &[&[u8]],
+) -> Result<String, ClientError> {
+    let mut last_error = ClientError::Server("no node given".into());
+    for address in addresses {
+        match ask_within(address, password, request, CHANGE_WITHIN).await {
+            Ok(ReplyValue::Error(message)) => return Err(ClientError::Server(message)),
+            Ok(ReplyValue::Bulk(Some(text))) => {
+                return Ok(String::from_utf8_lossy(&text).into_owned());
+            }
+            Ok(ReplyValue::Simple(text)) => return Ok(text),
+            Ok(other) => return Ok(format!("{other:?}")),
+            Err(error) => last_error = error,
+        }
+    }
+    Err(last_error)
+}
+
 /// Connects to `address`, authenticates, and sends one request, all within [`NODE_WITHIN`].
 async fn ask(
     address: &str,
     password: Option<&str>,
     request: &[&[u8]],
+) -> Result<ReplyValue, ClientError> {
+    ask_within(address, password, request, NODE_WITHIN).await
+}
+
+/// Connects to `address`, authenticates, and sends one request, all within `within`.
+async fn ask_within(
+    address: &str,
+    password: Option<&str>,
+    request: &[&[u8]],
+    within: Duration,
 ) -> Result<ReplyValue, ClientError> {
     let exchange = async {
         let mut client = Client::connect(address).await?;
@@ -92,12 +135,12 @@ async fn ask(
         }
         client.call(request).await
     };
-    tokio::time::timeout(NODE_WITHIN, exchange)
+    tokio::time::timeout(within, exchange)
         .await
         .unwrap_or_else(|_| {
             Err(ClientError::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("{address} did not answer within {NODE_WITHIN:?}"),
+                format!("{address} did not answer within {within:?}"),
             )))
         })
 }
@@ -144,6 +187,14 @@ fn parse_shard_line(value: &str) -> ShardLine {
             "last_log" => line.last_log = number(),
             "committed" => line.committed = number(),
             "applied" => line.applied = number(),
+            "voters" | "placed" => {
+                let nodes = value.split('+').filter_map(|id| id.parse().ok()).collect();
+                if name == "voters" {
+                    line.voters = nodes;
+                } else {
+                    line.placed = nodes;
+                }
+            }
             _ => {
                 if let Some(node) = name.strip_prefix("matched_").and_then(|n| n.parse().ok()) {
                     line.followers.insert(node, (number(), String::new()));
@@ -199,15 +250,7 @@ fn render(members: &[Member]) -> String {
     for shard in 0..shards {
         let slots = slots_of(shard, shards);
         let slots = format!("{}-{}", slots.start(), slots.end());
-        // The leader of the highest term that any node reports for the shard.
-        let leader = members
-            .iter()
-            .filter_map(|member| {
-                let line = member.report.as_ref()?.held.get(&shard)?;
-                line.leads.then_some((member.id, line))
-            })
-            .max_by_key(|(_, line)| line.term);
-        match leader {
+        match leading_line(members, shard) {
             Some((id, line)) => {
                 // openraft's replication progress includes the leader's own.
                 let followers: Vec<String> = line
@@ -241,11 +284,37 @@ fn render(members: &[Member]) -> String {
             }
         }
     }
-    let _ = writeln!(
-        text,
-        "moves: none (the members are fixed by --peers; adding and removing nodes is not in yet)"
-    );
+    let moves: Vec<String> = (0..shards)
+        .filter_map(|shard| {
+            let (_, line) = leading_line(members, shard)?;
+            (line.voters != line.placed).then(|| {
+                format!(
+                    "  shard {shard}: voters {:?} moving to {:?}",
+                    line.voters, line.placed
+                )
+            })
+        })
+        .collect();
+    if moves.is_empty() {
+        let _ = writeln!(text, "moves: none");
+    } else {
+        let _ = writeln!(text, "moves");
+        for line in moves {
+            let _ = writeln!(text, "{line}");
+        }
+    }
     text
+}
+
+/// The line of the leader of the highest term that any node reports for `shard`.
+fn leading_line(members: &[Member], shard: u16) -> Option<(u64, &ShardLine)> {
+    members
+        .iter()
+        .filter_map(|member| {
+            let line = member.report.as_ref()?.held.get(&shard)?;
+            line.leads.then_some((member.id, line))
+        })
+        .max_by_key(|(_, line)| line.term)
 }
 
 #[cfg(test)]

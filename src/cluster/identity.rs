@@ -58,7 +58,7 @@ pub struct Handshake {
     incarnation: u64,
     /// The cluster's members: the only ids a peer may introduce itself by, so that whatever
     /// reaches the cluster port cannot grow the file of peers.
-    members: BTreeSet<NodeId>,
+    members: parking_lot::RwLock<BTreeSet<NodeId>>,
     /// Whether the incarnation was made at this start (a new or wiped data directory).
     fresh: bool,
     peers_path: PathBuf,
@@ -120,7 +120,7 @@ impl Handshake {
         Ok(Self {
             node,
             incarnation,
-            members: members.into_iter().collect(),
+            members: parking_lot::RwLock::new(members.into_iter().collect()),
             fresh,
             peers_path,
             peers: parking_lot::Mutex::new(peers),
@@ -131,6 +131,12 @@ impl Handshake {
     #[must_use]
     pub fn hello(&self) -> (NodeId, u64) {
         (self.node, self.incarnation)
+    }
+
+    /// Takes peers under the ids of `members` from now on (the layout's members as they
+    /// change), and no other.
+    pub fn set_members(&self, members: impl IntoIterator<Item = NodeId>) {
+        *self.members.write() = members.into_iter().collect();
     }
 
     /// Whether this start made the data directory's incarnation.
@@ -145,7 +151,7 @@ impl Handshake {
     /// # Errors
     /// The reason, for the log and the peer, when it is not; or if the peer cannot be kept.
     pub fn admit(&self, peer: NodeId, incarnation: u64) -> Result<(), String> {
-        if peer == self.node || !self.members.contains(&peer) {
+        if peer == self.node || !self.members.read().contains(&peer) {
             return Err(format!(
                 "node {peer} is not a member of node {}'s cluster",
                 self.node
@@ -157,8 +163,8 @@ impl Handshake {
             Some(_) => Err(format!(
                 "node {peer}'s data directory is not the one node {} knew (it was wiped or \
                  replaced): rejoining under the same id could lose acknowledged writes; restore \
-                 its data directory (replacing a node under a new id needs membership changes, \
-                 not in kv yet)",
+                 its data directory, or forget it (`kv cluster forget {peer}`) and join a new \
+                 node under a new id",
                 self.node
             )),
             None => {
@@ -209,7 +215,7 @@ fn parse_fields(text: &str) -> Option<BTreeMap<&str, u64>> {
 }
 
 /// Replaces `path` with `text` so that a crash leaves the old file or the new, synced.
-fn write_durably(path: &Path, text: &str) -> Result<(), IdentityError> {
+pub(super) fn write_durably(path: &Path, text: &str) -> Result<(), IdentityError> {
     let temporary = path.with_extension("tmp");
     let mut file = std::fs::File::create(&temporary).map_err(io_error(&temporary))?;
     file.write_all(text.as_bytes())

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,12 +17,60 @@ use openraft::raft::{
 };
 use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotOf, VoteOf};
 
+use super::identity::Handshake;
 use super::peer::{PeerClient, PeerError, PeerRequest, PeerResponse};
 use super::placement::NodeId;
 use super::raft::{ShardRaft, SnapshotBytes};
 
-/// Every peer of this node, by id.
-pub type Peers = Arc<HashMap<NodeId, Arc<PeerClient>>>;
+/// Every peer of this node, by id: the members of the layout as this node last read it.
+pub type Peers = Arc<PeerBook>;
+
+/// The connections to the other members, kept in step with the layout.
+pub struct PeerBook {
+    node: NodeId,
+    handshake: Arc<Handshake>,
+    clients: parking_lot::RwLock<HashMap<NodeId, Arc<PeerClient>>>,
+}
+
+impl PeerBook {
+    /// No peers yet, for node `node` introducing itself with `handshake`.
+    #[must_use]
+    pub fn new(node: NodeId, handshake: Arc<Handshake>) -> Self {
+        Self {
+            node,
+            handshake,
+            clients: parking_lot::RwLock::default(),
+        }
+    }
+
+    /// The connection to `peer`, if it is a member.
+    #[must_use]
+    pub fn get(&self, peer: NodeId) -> Option<Arc<PeerClient>> {
+        self.clients.read().get(&peer).cloned()
+    }
+
+    /// Every peer's connection.
+    #[must_use]
+    pub fn clients(&self) -> Vec<Arc<PeerClient>> {
+        self.clients.read().values().cloned().collect()
+    }
+
+    /// Makes the book hold `members` (this node aside): a connection for each one new or at a
+    /// new address, none for one no longer there.
+    pub fn set(&self, members: impl IntoIterator<Item = (NodeId, SocketAddr)>) {
+        let members: HashMap<NodeId, SocketAddr> = members
+            .into_iter()
+            .filter(|(id, _)| *id != self.node)
+            .collect();
+        let mut clients = self.clients.write();
+        clients.retain(|id, client| members.get(id) == Some(&client.address()));
+        for (id, address) in members {
+            clients.entry(id).or_insert_with(|| {
+                Arc::new(PeerClient::new(id, address, Arc::clone(&self.handshake)))
+            });
+        }
+    }
+}
 
 /// The network of one shard's Raft group.
 pub struct ShardNetwork {
@@ -43,10 +92,12 @@ impl ShardNetwork {
     }
 }
 
-/// One shard's link to one peer.
+/// One shard's link to one peer, looked up in the peer book at each call (a member that
+/// joined after the link was made is reached as soon as the layout names it).
 pub struct ShardPeer {
     shard: u16,
-    client: Option<Arc<PeerClient>>,
+    target: NodeId,
+    peers: Peers,
     snapshot_piece: usize,
 }
 
@@ -56,7 +107,8 @@ impl RaftNetworkFactory<ShardRaft> for ShardNetwork {
     async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> ShardPeer {
         ShardPeer {
             shard: self.shard,
-            client: self.peers.get(&target).cloned(),
+            target,
+            peers: Arc::clone(&self.peers),
             snapshot_piece: self.snapshot_piece,
         }
     }
@@ -72,7 +124,7 @@ impl ShardPeer {
         request: PeerRequest,
         option: &RPCOption,
     ) -> Result<PeerResponse, RPCError<ShardRaft>> {
-        let Some(client) = &self.client else {
+        let Some(client) = self.peers.get(self.target) else {
             return Err(RPCError::Unreachable(Unreachable::from_string(
                 "not a member this node knows",
             )));

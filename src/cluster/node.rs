@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,9 +14,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::identity::{Handshake, IdentityError};
-use super::network::{Peers, ShardNetwork};
-use super::peer::{self, Groups, PeerClient, PeerHandler, PeerRequest, PeerResponse, ShardGroup};
-use super::placement::{NodeId, preferred_leader, replicas_of};
+use super::layout::{Layout, META_SHARD, Settings};
+use super::membership::join;
+use super::network::{PeerBook, Peers, ShardNetwork};
+use super::peer::{self, PeerHandler, PeerRequest, PeerResponse, ShardGroup};
+use super::placement::{NodeId, preferred_leader};
 use super::raft::{ShardLog, ShardStateMachine};
 use crate::bucket::MemoryBudget;
 use crate::config::{CoreConfig, FsyncPolicy};
@@ -32,8 +34,13 @@ const ASK_PEERS_WITHIN: Duration = Duration::from_secs(2);
 pub struct NodeConfig {
     /// This node's id (`--node-id`).
     pub id: NodeId,
-    /// Every initial member's cluster address, this node's included (`--peers`).
+    /// Every initial member's cluster address, this node's included (`--peers`); empty for
+    /// a node that joins a running cluster.
     pub members: BTreeMap<NodeId, SocketAddr>,
+    /// Members to ask to admit this node (`--join`), when `members` is empty.
+    pub join: Vec<SocketAddr>,
+    /// This node's cluster address, as the members will reach it (`--cluster-bind`).
+    pub address: SocketAddr,
     /// How many shards the slots are cut into (`--shards`).
     pub shards: u16,
     /// Replicas per shard (`--replicas`).
@@ -74,40 +81,132 @@ pub enum NodeError {
         /// What openraft said.
         message: String,
     },
-    /// This node is not among the members.
-    #[error("node {0} is not in --peers")]
+    /// This node is not among the members, and joins none.
+    #[error("node {0} is not in --peers, and no --join names a cluster to join")]
     NotAMember(NodeId),
+    /// The file saying the node formed or joined a cluster could not be read or written.
+    #[error("{path}: {source}")]
+    Formed {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
     /// The node's identity on disk could not be read or made.
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    /// A peer refuses this node: it knew another data directory under this id.
+    /// A peer refuses this node: it knew another data directory under this id, or the
+    /// cluster would not admit it.
     #[error("refused by the cluster: {0}")]
     Refused(String),
+    /// No member named by `--join` answered.
+    #[error("no member to join answered: {0}")]
+    NoOneToJoin(String),
 }
 
 /// A running node.
 pub struct Node {
     id: NodeId,
-    groups: Groups,
-    /// Each local shard's replicas.
-    replicas: HashMap<u16, Vec<NodeId>>,
-    machines: HashMap<u16, ShardStateMachine>,
-    /// Each local shard's log, and whether to sync them every second (`--fsync everysec`).
-    logs: HashMap<u16, ShardLog>,
+    /// The replicas this node holds, the metadata group's ([`META_SHARD`]) included: shards
+    /// are added as placement brings them here and dropped once they have moved away.
+    replicas: Replicas,
+    /// What opening a replica needs.
+    opener: ReplicaOpener,
     sync_every_second: bool,
-    peers: Peers,
+    pub(super) peers: Peers,
     /// This node's identity and its peers', checked on every peer connection.
-    handshake: Arc<Handshake>,
-    shards: u16,
+    pub(super) handshake: Arc<Handshake>,
+    /// How the slots are cut and replicated: the cluster's, fixed when it formed.
+    pub(super) settings: Settings,
+    /// The members `--peers` named, that the first layout is made of (empty on a node that
+    /// joined).
+    pub(super) initial: BTreeMap<NodeId, SocketAddr>,
+    /// The layout as the metadata group's replica here has applied it, read again each tick.
+    pub(super) layout: parking_lot::RwLock<Arc<Layout>>,
+    /// Serialises this node's changes to the layout (when it leads the metadata group).
+    pub(super) layout_writes: tokio::sync::Mutex<()>,
     /// The fewest entries between two snapshots of a shard.
     snapshot_every: u64,
     /// The memory the node's shards share.
     budget: Arc<MemoryBudget>,
     /// The snapshots peers are sending this node.
     inbox: peer::SnapshotInbox,
-    shutdown: CancellationToken,
-    /// Each local shard's leader changes seen since start (for metrics).
-    leader_changes: HashMap<u16, Arc<std::sync::atomic::AtomicU64>>,
+    pub(super) shutdown: CancellationToken,
+}
+
+/// A shard's replica on this node.
+pub struct Replica {
+    /// Its Raft group.
+    pub group: ShardGroup,
+    /// Its state, as applied here.
+    pub machine: ShardStateMachine,
+    log: ShardLog,
+    /// Leader changes seen since it opened (for metrics).
+    leader_changes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The replicas a node holds, by shard.
+pub type Replicas = parking_lot::RwLock<HashMap<u16, Arc<Replica>>>;
+
+/// What opening a replica on this node takes.
+struct ReplicaOpener {
+    id: NodeId,
+    data_dir: PathBuf,
+    fsync: FsyncPolicy,
+    core: CoreConfig,
+    raft_config: Arc<openraft::Config>,
+    snapshot_piece: usize,
+}
+
+impl ReplicaOpener {
+    /// Where `shard`'s replica keeps its log and snapshots.
+    fn directory(&self, shard: u16) -> PathBuf {
+        if shard == META_SHARD {
+            self.data_dir.join("meta")
+        } else {
+            self.data_dir.join("shards").join(shard.to_string())
+        }
+    }
+
+    /// Opens `shard`'s replica from its directory (a new one if there is none) and starts its
+    /// Raft group.
+    async fn open(
+        &self,
+        shard: u16,
+        peers: &Peers,
+        budget: &Arc<MemoryBudget>,
+    ) -> Result<Replica, NodeError> {
+        let directory = self.directory(shard);
+        let log = ShardLog::open(&directory, self.fsync)
+            .map_err(|source| NodeError::Log { shard, source })?;
+        let machine = ShardStateMachine::open(
+            &directory,
+            self.core.clone(),
+            Arc::clone(budget),
+            log.clone(),
+        )
+        .await
+        .map_err(|source| NodeError::Log { shard, source })?;
+        let network = ShardNetwork::new(shard, Arc::clone(peers), self.snapshot_piece);
+        let group = ShardGroup::new(
+            self.id,
+            Arc::clone(&self.raft_config),
+            network,
+            log.clone(),
+            machine.clone(),
+        )
+        .await
+        .map_err(|error| NodeError::Raft {
+            shard,
+            message: error.to_string(),
+        })?;
+        Ok(Replica {
+            leader_changes: count_leader_changes(&group),
+            group,
+            machine,
+            log,
+        })
+    }
 }
 
 /// Counts the leader changes `group` goes through: a task waits on the group's server metrics
@@ -129,12 +228,55 @@ fn count_leader_changes(group: &ShardGroup) -> Arc<std::sync::atomic::AtomicU64>
     changes
 }
 
+/// The file that says a data directory's node has formed or joined a cluster, and how that
+/// cluster cuts and replicates its slots. A node with it never initialises a Raft group again
+/// (a replica it gave up, re-created and initialised, would split its shard), and takes the
+/// cluster's settings from it rather than from its flags.
+const FORMED_FILE: &str = "cluster";
+
+fn read_formed(data_dir: &Path) -> Result<Option<Settings>, NodeError> {
+    let path = data_dir.join(FORMED_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(NodeError::Formed { path, source }),
+    };
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+            .map(str::trim)
+    };
+    let shards = field("shards").and_then(|value| value.parse().ok());
+    let replicas = field("replicas").and_then(|value| value.parse().ok());
+    match (shards, replicas) {
+        (Some(shards), Some(replicas)) => Ok(Some(Settings { shards, replicas })),
+        _ => Err(NodeError::Formed {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a file kv wrote"),
+        }),
+    }
+}
+
+fn write_formed(data_dir: &Path, settings: Settings) -> Result<(), NodeError> {
+    let path = data_dir.join(FORMED_FILE);
+    let text = format!(
+        "shards={}\nreplicas={}\n",
+        settings.shards, settings.replicas
+    );
+    super::identity::write_durably(&path, &text).map_err(|error| match error {
+        IdentityError::Io { path, source } => NodeError::Formed { path, source },
+        other => NodeError::Identity(other),
+    })
+}
+
 impl Node {
-    /// Leader changes shard `shard` has gone through since start, as this node saw them.
+    /// Leader changes shard `shard` has gone through since its replica here opened.
     #[must_use]
     pub fn leader_changes(&self, shard: u16) -> u64 {
-        self.leader_changes.get(&shard).map_or(0, |changes| {
-            changes.load(std::sync::atomic::Ordering::Relaxed)
+        self.replica(shard).map_or(0, |replica| {
+            replica
+                .leader_changes
+                .load(std::sync::atomic::Ordering::Relaxed)
         })
     }
 
@@ -148,14 +290,25 @@ impl Node {
         Ok(node)
     }
 
-    /// Opens every shard placed on this node, starts its Raft group, and initialises the
-    /// groups this node is the first replica of (a restart finds them initialised and skips
-    /// that). Peers are answered once [`serve`](Self::serve) is called.
+    /// Opens the node's replicas and starts their Raft groups.
+    ///
+    /// - A node forming a cluster (`--peers`, first start) opens the shards the initial
+    ///   layout places on it and the metadata group, and initialises those it is the first
+    ///   replica of (a start cut short and run again finds them initialised and goes on).
+    /// - A node joining (`--join`, first start) asks the cluster to admit it and opens only
+    ///   the metadata group; its shards come as the layout places them on it.
+    /// - A node that has formed or joined before reopens the replicas in its data directory.
+    ///
+    /// Peers are answered once [`serve`](Self::serve) is called.
     ///
     /// # Errors
-    /// If a log cannot be opened or openraft refuses to start.
+    /// If a log cannot be opened, openraft refuses to start, or the cluster refuses the node.
     pub async fn open(config: NodeConfig) -> Result<Self, NodeError> {
-        if !config.members.contains_key(&config.id) {
+        let joining = config.members.is_empty();
+        if joining && config.join.is_empty() {
+            return Err(NodeError::NotAMember(config.id));
+        }
+        if !joining && !config.members.contains_key(&config.id) {
             return Err(NodeError::NotAMember(config.id));
         }
         let handshake = Arc::new(Handshake::open(
@@ -163,20 +316,37 @@ impl Node {
             config.id,
             config.members.keys().copied(),
         )?);
-        let peers: Peers = Arc::new(
-            config
-                .members
-                .iter()
-                .filter(|(id, _)| **id != config.id)
-                .map(|(&id, &address)| {
-                    let client = PeerClient::new(id, address, Arc::clone(&handshake));
-                    (id, Arc::new(client))
-                })
-                .collect(),
-        );
-        if handshake.is_fresh() {
-            ask_peers_whether_they_knew_this_node(&peers).await?;
-        }
+        let peers: Peers = Arc::new(PeerBook::new(config.id, Arc::clone(&handshake)));
+        peers.set(config.members.iter().map(|(&id, &address)| (id, address)));
+        let formed = read_formed(&config.data_dir)?;
+        let flags = Settings {
+            shards: config.shards,
+            replicas: config.replicas,
+        };
+        let settings = match formed {
+            Some(settings) => {
+                if settings != flags && !joining {
+                    tracing::warn!(
+                        shards = settings.shards,
+                        replicas = settings.replicas,
+                        "the cluster formed with other --shards or --replicas; keeping the cluster's"
+                    );
+                }
+                settings
+            }
+            None if joining => {
+                let admitted = join(&config, &handshake).await?;
+                peers.set(admitted.members.iter().copied());
+                handshake.set_members(admitted.members.iter().map(|(id, _)| *id));
+                admitted.settings
+            }
+            None => {
+                if handshake.is_fresh() {
+                    ask_peers_whether_they_knew_this_node(&peers).await?;
+                }
+                flags
+            }
+        };
         let raft_config = Arc::new(
             openraft::Config {
                 cluster_name: "kv".into(),
@@ -194,45 +364,34 @@ impl Node {
                 message: error.to_string(),
             })?,
         );
-        let member_ids: Vec<NodeId> = config.members.keys().copied().collect();
+        let opener = ReplicaOpener {
+            id: config.id,
+            data_dir: config.data_dir.clone(),
+            fsync: config.fsync,
+            core: config.core.clone(),
+            raft_config,
+            snapshot_piece: config.snapshot_piece,
+        };
         // Memory is the node's: its shards' buckets draw on one budget.
         let budget = Arc::new(MemoryBudget::new(config.core.max_memory));
-        let mut groups = HashMap::new();
-        let mut machines = HashMap::new();
-        let mut logs = HashMap::new();
-        let mut replica_sets = HashMap::new();
-        let mut leader_changes = HashMap::new();
-        for shard in 0..config.shards {
-            let replicas = replicas_of(shard, &member_ids, config.replicas);
-            if !replicas.contains(&config.id) {
-                continue;
-            }
-            let directory = config.data_dir.join("shards").join(shard.to_string());
-            let log = ShardLog::open(&directory, config.fsync)
-                .map_err(|source| NodeError::Log { shard, source })?;
-            let machine = ShardStateMachine::open(
-                &directory,
-                config.core.clone(),
-                Arc::clone(&budget),
-                log.clone(),
-            )
-            .await
-            .map_err(|source| NodeError::Log { shard, source })?;
-            machines.insert(shard, machine.clone());
-            logs.insert(shard, log.clone());
-            let network = ShardNetwork::new(shard, Arc::clone(&peers), config.snapshot_piece);
-            let group = ShardGroup::new(config.id, Arc::clone(&raft_config), network, log, machine)
-                .await
-                .map_err(|error| NodeError::Raft {
-                    shard,
-                    message: error.to_string(),
-                })?;
-            if replicas.first() == Some(&config.id) {
-                let members: BTreeMap<NodeId, BasicNode> = replicas
+        let initial_layout = Layout::initial(settings, &config.members);
+        let mut replicas = HashMap::new();
+        let shards: Vec<u16> = match formed {
+            Some(_) => shards_on_disk(&config.data_dir, settings.shards),
+            None if joining => Vec::new(),
+            None => (0..settings.shards)
+                .filter(|&shard| initial_layout.replicas(shard).contains(&config.id))
+                .collect(),
+        };
+        for shard in std::iter::once(META_SHARD).chain(shards) {
+            let replica = opener.open(shard, &peers, &budget).await?;
+            let voters = initial_layout.replicas(shard);
+            if formed.is_none() && !joining && voters.first() == Some(&config.id) {
+                let members: BTreeMap<NodeId, BasicNode> = voters
                     .iter()
                     .map(|id| (*id, BasicNode::new(config.members[id].to_string())))
                     .collect();
-                match group.initialize(members).await {
+                match replica.group.initialize(members).await {
                     Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
                     Err(error) => {
                         return Err(NodeError::Raft {
@@ -242,20 +401,22 @@ impl Node {
                     }
                 }
             }
-            leader_changes.insert(shard, count_leader_changes(&group));
-            groups.insert(shard, group);
-            replica_sets.insert(shard, replicas);
+            replicas.insert(shard, Arc::new(replica));
         }
-        Ok(Self {
+        if formed.is_none() {
+            write_formed(&config.data_dir, settings)?;
+        }
+        let node = Self {
             id: config.id,
-            groups: Arc::new(groups),
-            replicas: replica_sets,
-            machines,
-            logs,
+            replicas: parking_lot::RwLock::new(replicas),
+            opener,
             sync_every_second: config.fsync == FsyncPolicy::EverySecond,
             peers,
             handshake,
-            shards: config.shards,
+            settings,
+            initial: config.members,
+            layout: parking_lot::RwLock::default(),
+            layout_writes: tokio::sync::Mutex::new(()),
             snapshot_every: config.snapshot_every,
             budget,
             // A snapshot holds about the data of a shard; a node's shards together hold no more
@@ -267,12 +428,13 @@ impl Node {
                     .max(64 << 20),
             ),
             shutdown: CancellationToken::new(),
-            leader_changes,
-        })
+        };
+        node.refresh_layout();
+        Ok(node)
     }
 
-    /// Answers peers on `listener` with `handler`, and keeps leadership spread, until the
-    /// node stops.
+    /// Answers peers on `listener` with `handler`, and keeps the node's replicas in step
+    /// with the layout, until the node stops.
     pub fn serve<H: PeerHandler>(self: &Arc<Self>, listener: TcpListener, handler: Arc<H>) {
         tokio::spawn(peer::serve(
             listener,
@@ -283,8 +445,10 @@ impl Node {
         tokio::spawn(Arc::clone(self).maintain());
     }
 
-    /// Once a second, until the node stops: syncs the shards' logs under `--fsync everysec`,
-    /// starts the snapshots that are due, and hands leadership to preferred leaders.
+    /// Once a second, until the node stops: reads the layout again and brings the replicas
+    /// in line with it (see `membership.rs`), syncs the shards' logs under `--fsync
+    /// everysec`, starts the snapshots that are due, and hands leadership to preferred
+    /// leaders.
     async fn maintain(self: Arc<Self>) {
         let mut tick = tokio::time::interval(MAINTAIN_EVERY);
         loop {
@@ -292,14 +456,16 @@ impl Node {
                 () = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            for (&shard, group) in self.groups.iter() {
+            self.refresh_layout();
+            self.follow_layout().await;
+            for (shard, replica) in self.replica_list() {
                 if self.sync_every_second
-                    && let Err(error) = self.logs[&shard].sync().await
+                    && let Err(error) = replica.log.sync().await
                 {
                     tracing::error!(%error, shard, "syncing a shard's log failed");
                 }
-                self.compact_log(shard, group).await;
-                self.spread_leadership(shard, group).await;
+                self.compact_log(shard, &replica).await;
+                self.spread_leadership(shard, &replica.group).await;
             }
         }
     }
@@ -309,27 +475,28 @@ impl Node {
     /// purged behind it. So a shard's log stays within about three times its data, and the
     /// cost of a snapshot, which copies every key, is spread over twice as many writes as it
     /// copies keys; a fixed number of entries would copy a large shard over and over.
-    async fn compact_log(&self, shard: u16, group: &ShardGroup) {
-        let metrics = group.metrics().borrow_watched().clone();
+    async fn compact_log(&self, shard: u16, replica: &Replica) {
+        let metrics = replica.group.metrics().borrow_watched().clone();
         let applied = metrics.last_applied.map_or(0, |log_id| log_id.index);
         let snapshot = metrics.snapshot.map_or(0, |log_id| log_id.index);
-        let records = self.machines[&shard].snapshot_records().await;
+        let records = replica.machine.snapshot_records().await;
         if applied.saturating_sub(snapshot) >= self.snapshot_every.max(records * 2)
-            && let Err(error) = group.trigger().snapshot().await
+            && let Err(error) = replica.group.trigger().snapshot().await
         {
             tracing::warn!(%error, shard, "could not start a snapshot");
         }
     }
 
     /// If this node leads `shard` and its preferred leader (see [`preferred_leader`]) is
-    /// another replica that has every entry, hands leadership to that one. Leaders spread
+    /// another voter that has every entry, hands leadership to that one. Leaders spread
     /// evenly this way, and come back to even after a node returns.
     async fn spread_leadership(&self, shard: u16, group: &ShardGroup) {
         let metrics = group.metrics().borrow_watched().clone();
         if metrics.current_leader != Some(self.id) {
             return;
         }
-        let Some(preferred) = preferred_leader(shard, &self.replicas[&shard]) else {
+        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let Some(preferred) = preferred_leader(shard, &voters) else {
             return;
         };
         let caught_up = metrics.replication.as_ref().is_some_and(|replication| {
@@ -351,7 +518,7 @@ impl Node {
 
     /// Answers a peer's Raft RPC; `None` for a request that is not one.
     pub async fn handle_raft(&self, request: PeerRequest) -> Option<PeerResponse> {
-        peer::handle_raft(&self.groups, &self.inbox, request).await
+        peer::handle_raft(|shard| self.group(shard), &self.inbox, request).await
     }
 
     /// The memory this node's shards share: what their buckets hold, against the limit.
@@ -363,9 +530,11 @@ impl Node {
     /// How many buckets this node's replicas hold, across its shards.
     #[must_use]
     pub fn buckets(&self) -> usize {
-        self.machines
-            .values()
-            .map(|machine| machine.registry().view().len())
+        self.replicas
+            .read()
+            .iter()
+            .filter(|(shard, _)| **shard != META_SHARD)
+            .map(|(_, replica)| replica.machine.registry().view().len())
             .sum()
     }
 
@@ -378,13 +547,42 @@ impl Node {
     /// How many shards the slots are cut into.
     #[must_use]
     pub fn shards(&self) -> u16 {
-        self.shards
+        self.settings.shards
     }
 
-    /// The Raft groups of the shards this node holds.
+    /// The replicas this node holds, the metadata group's included, by shard.
     #[must_use]
-    pub fn groups(&self) -> &Groups {
-        &self.groups
+    pub fn replica_list(&self) -> Vec<(u16, Arc<Replica>)> {
+        let mut list: Vec<_> = self
+            .replicas
+            .read()
+            .iter()
+            .map(|(&shard, replica)| (shard, Arc::clone(replica)))
+            .collect();
+        list.sort_unstable_by_key(|(shard, _)| *shard);
+        list
+    }
+
+    /// This node's replica of `shard`, if it holds one.
+    #[must_use]
+    pub fn replica(&self, shard: u16) -> Option<Arc<Replica>> {
+        self.replicas.read().get(&shard).cloned()
+    }
+
+    pub(super) fn add_replica(&self, shard: u16, replica: Replica) {
+        self.replicas.write().insert(shard, Arc::new(replica));
+    }
+
+    pub(super) fn take_replica(&self, shard: u16) -> Option<Arc<Replica>> {
+        self.replicas.write().remove(&shard)
+    }
+
+    pub(super) async fn open_replica(&self, shard: u16) -> Result<Replica, NodeError> {
+        self.opener.open(shard, &self.peers, &self.budget).await
+    }
+
+    pub(super) fn replica_directory(&self, shard: u16) -> PathBuf {
+        self.opener.directory(shard)
     }
 
     /// The connections to the other nodes.
@@ -395,25 +593,62 @@ impl Node {
 
     /// The Raft group of `shard`, if this node holds a replica of it.
     #[must_use]
-    pub fn group(&self, shard: u16) -> Option<&ShardGroup> {
-        self.groups.get(&shard)
+    pub fn group(&self, shard: u16) -> Option<ShardGroup> {
+        self.replicas
+            .read()
+            .get(&shard)
+            .map(|replica| replica.group.clone())
     }
 
     /// The state of `shard` as this node's replica has applied it.
     #[must_use]
-    pub fn state(&self, shard: u16) -> Option<&ShardStateMachine> {
-        self.machines.get(&shard)
+    pub fn state(&self, shard: u16) -> Option<ShardStateMachine> {
+        self.replicas
+            .read()
+            .get(&shard)
+            .map(|replica| replica.machine.clone())
+    }
+
+    /// The cluster's layout as this node last read it.
+    #[must_use]
+    pub fn layout(&self) -> Arc<Layout> {
+        Arc::clone(&self.layout.read())
+    }
+
+    /// The members that hold replicas or may (active and draining), by id.
+    #[must_use]
+    pub fn member_ids(&self) -> Vec<NodeId> {
+        self.layout().present().map(|(id, _)| id).collect()
+    }
+
+    /// The nodes `shard` is placed on, by the layout.
+    #[must_use]
+    pub fn placement_of(&self, shard: u16) -> Vec<NodeId> {
+        self.layout().replicas(shard)
     }
 
     /// Stops answering peers and shuts every group down.
     pub async fn stop(&self) {
         self.shutdown.cancel();
-        for group in self.groups.values() {
-            if let Err(error) = group.shutdown().await {
+        for (_, replica) in self.replica_list() {
+            if let Err(error) = replica.group.shutdown().await {
                 tracing::warn!(%error, "a Raft group did not shut down cleanly");
             }
         }
     }
+}
+
+/// The data shards below `shards` whose directories are in `data_dir`.
+fn shards_on_disk(data_dir: &Path, shards: u16) -> Vec<u16> {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("shards")) else {
+        return Vec::new();
+    };
+    let mut found: Vec<u16> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&shard| shard < shards)
+        .collect();
+    found.sort_unstable();
+    found
 }
 
 /// On a new data directory: says hello to every peer that answers within
@@ -422,11 +657,10 @@ impl Node {
 /// cluster starting for the first time) are not waited for; they check again when they
 /// connect.
 async fn ask_peers_whether_they_knew_this_node(peers: &Peers) -> Result<(), NodeError> {
-    let answers =
-        futures::future::join_all(peers.values().map(|client| {
-            tokio::time::timeout(ASK_PEERS_WITHIN, client.call(PeerRequest::Describe))
-        }))
-        .await;
+    let answers = futures::future::join_all(peers.clients().into_iter().map(|client| async move {
+        tokio::time::timeout(ASK_PEERS_WITHIN, client.call(PeerRequest::Describe)).await
+    }))
+    .await;
     for answer in answers {
         if let Ok(Err(peer::PeerError::Refused { reason, .. })) = answer {
             return Err(NodeError::Refused(reason));
@@ -440,10 +674,14 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl PeerHandler for Node {
-    /// Raft traffic only: a node without a router forwards nothing.
+    /// Raft traffic and membership: a node without a router forwards nothing.
     async fn handle(&self, request: PeerRequest) -> PeerResponse {
-        self.handle_raft(request)
-            .await
-            .unwrap_or(PeerResponse::NoSuchShard)
+        match self.handle_membership(request).await {
+            Ok(response) => response,
+            Err(request) => self
+                .handle_raft(request)
+                .await
+                .unwrap_or(PeerResponse::NoSuchShard),
+        }
     }
 }

@@ -27,6 +27,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use super::identity::Handshake;
+use super::layout::Settings;
 use super::placement::NodeId;
 use super::raft::{ShardRaft, ShardStateMachine, SnapshotBytes};
 use super::router::Replies;
@@ -55,6 +56,28 @@ pub enum PeerRequest {
         /// The sender's incarnation (see [`Handshake`]).
         incarnation: u64,
     },
+    /// A node asks to join the cluster, as the first request of a connection of its own (it
+    /// is no member yet, so it says no hello), or forwarded by a member to the metadata
+    /// group's leader.
+    Join {
+        /// The node's id: never one a member had.
+        node: NodeId,
+        /// Its data directory's incarnation.
+        incarnation: u64,
+        /// Where the members will reach it.
+        address: SocketAddr,
+    },
+    /// A member is to be removed (drained first) or forgotten (dead: its replicas rebuilt
+    /// from the others), for the metadata group's leader.
+    ChangeMember {
+        /// The member.
+        node: NodeId,
+        /// Which.
+        change: MemberChange,
+    },
+    /// Which nodes the receiver's replica of a shard has in its committed membership, if it
+    /// leads the shard (a node asks before dropping a replica that has moved away).
+    ShardMembers(u16),
     /// Raft's append-entries (and heartbeat).
     AppendEntries(u16, AppendEntriesRequest<ShardRaft>),
     /// Raft's vote request.
@@ -124,8 +147,47 @@ pub enum PeerResponse {
     /// To [`PeerRequest::ListBuckets`]: the names, or (`Err`) this node does not lead the
     /// shard (the node it believes does, if any).
     Buckets(Result<Vec<Vec<u8>>, Option<u64>>),
+    /// To [`PeerRequest::Join`].
+    Joined(Result<Admitted, JoinRefusal>),
+    /// To [`PeerRequest::ChangeMember`]: what was done, or why not.
+    MemberChanged(Result<String, JoinRefusal>),
+    /// To [`PeerRequest::ShardMembers`]: the voters and learners, if the receiver leads the
+    /// shard and its membership is committed and not mid-change.
+    ShardMembers(Option<Vec<NodeId>>),
     /// This node holds no replica of the shard.
     NoSuchShard,
+}
+
+/// How a member leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberChange {
+    /// Its replicas move to the other members first, then it is removed.
+    Remove,
+    /// It is dead and not coming back: removed at once, its replicas rebuilt from the others.
+    Forget,
+}
+
+/// What a node admitted to the cluster is told.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Admitted {
+    /// How the cluster cuts and replicates its slots.
+    pub settings: Settings,
+    /// Every member (the new one included) and where it is reached.
+    pub members: Vec<(NodeId, SocketAddr)>,
+}
+
+/// Why a change to the layout was not made.
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+pub enum JoinRefusal {
+    /// The receiver does not lead the metadata group; the one it believes does, if any.
+    #[error("not the leader of the cluster's metadata")]
+    NotLeader(Option<SocketAddr>),
+    /// Not now, and why: asking again later may succeed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Refused, and why.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// What answers the requests that come from peers.
@@ -192,6 +254,12 @@ impl PeerClient {
             connection: Mutex::new(None),
             reachable: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    /// Where the peer is reached.
+    #[must_use]
+    pub fn address(&self) -> SocketAddr {
+        self.address
     }
 
     /// Sends `request` and waits for its answer.
@@ -288,6 +356,36 @@ impl PeerClient {
     }
 }
 
+/// Sends `join` (a [`PeerRequest::Join`]) to the member at `address` on a connection of its
+/// own, and waits up to `within` for the answer.
+///
+/// # Errors
+/// If the member cannot be reached or does not answer in time.
+pub async fn ask_to_join(
+    address: SocketAddr,
+    join: PeerRequest,
+    within: std::time::Duration,
+) -> Result<PeerResponse, PeerError> {
+    let io = |source| PeerError::Io { address, source };
+    let exchange = async {
+        let stream = TcpStream::connect(address).await.map_err(io)?;
+        let mut framed = framed(stream);
+        let frame =
+            postcard::to_stdvec(&(1u64, join)).map_err(|_| PeerError::Malformed(address))?;
+        framed.send(Bytes::from(frame)).await.map_err(io)?;
+        match framed.next().await {
+            Some(Ok(frame)) => match postcard::from_bytes::<(u64, PeerResponse)>(&frame) {
+                Ok((1, response)) => Ok(response),
+                _ => Err(PeerError::Malformed(address)),
+            },
+            _ => Err(PeerError::Closed(address)),
+        }
+    };
+    tokio::time::timeout(within, exchange)
+        .await
+        .unwrap_or(Err(PeerError::Closed(address)))
+}
+
 fn framed(stream: TcpStream) -> Framed<TcpStream, LengthDelimitedCodec> {
     Framed::new(
         stream,
@@ -342,9 +440,6 @@ async fn drive(
     }
 }
 
-/// The shards this node runs, by index: what peers' requests are answered from.
-pub type Groups = Arc<HashMap<u16, ShardGroup>>;
-
 /// Answers peers on `listener` until `shutdown`, each connection once its hello has passed
 /// `handshake`: every request runs on its own task, so that one slow shard never holds up
 /// another's on the same connection.
@@ -374,30 +469,45 @@ pub async fn serve<H: PeerHandler>(
     }
 }
 
-/// Takes a new connection's hello: answers with this node's, or with the refusal (and then
-/// closes). Returns whether the connection may go on.
+/// What a new connection opened with.
+enum Opening {
+    /// A hello this node took: the connection goes on.
+    Admitted,
+    /// A node that is not a member asks to join: the connection carries that request alone.
+    Join(u64, PeerRequest),
+    /// Anything else, or a refused hello (answered): the connection is closed.
+    Refused,
+}
+
+/// Takes a new connection's first frame: a hello, answered with this node's or with the
+/// refusal; or a node's request to join.
 async fn greet(
     framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
     handshake: &Handshake,
-) -> bool {
+) -> Opening {
     let Ok(Some(Ok(hello))) = tokio::time::timeout(HELLO_WITHIN, framed.next()).await else {
-        return false;
+        return Opening::Refused;
     };
     let answer = match postcard::from_bytes::<(u64, PeerRequest)>(&hello) {
         Ok((0, PeerRequest::Hello { node, incarnation })) => handshake
             .admit(node, incarnation)
             .map(|()| handshake.hello())
             .inspect_err(|reason| tracing::error!(peer = node, "refusing a peer: {reason}")),
+        Ok((id, join @ PeerRequest::Join { .. })) => return Opening::Join(id, join),
         _ => {
             tracing::warn!("a peer connection did not open with a hello; closing it");
-            return false;
+            return Opening::Refused;
         }
     };
     let admitted = answer.is_ok();
     let Ok(frame) = postcard::to_stdvec(&(0u64, PeerResponse::Hello(answer))) else {
-        return false;
+        return Opening::Refused;
     };
-    framed.send(Bytes::from(frame)).await.is_ok() && admitted
+    if framed.send(Bytes::from(frame)).await.is_ok() && admitted {
+        Opening::Admitted
+    } else {
+        Opening::Refused
+    }
 }
 
 async fn answer<H: PeerHandler>(
@@ -406,8 +516,16 @@ async fn answer<H: PeerHandler>(
     handshake: Arc<Handshake>,
     shutdown: CancellationToken,
 ) {
-    if !greet(&mut framed, &handshake).await {
-        return;
+    match greet(&mut framed, &handshake).await {
+        Opening::Admitted => {}
+        Opening::Refused => return,
+        Opening::Join(id, join) => {
+            let response = handler.handle(join).await;
+            if let Ok(frame) = postcard::to_stdvec(&(id, response)) {
+                let _ = framed.send(Bytes::from(frame)).await;
+            }
+            return;
+        }
     }
     let (mut sink, mut stream) = framed.split();
     let (answers, mut outgoing) = mpsc::channel::<Bytes>(IN_FLIGHT);
@@ -510,19 +628,19 @@ impl SnapshotInbox {
     }
 }
 
-/// Answers a Raft RPC from `groups` (snapshots gathered in `inbox`); `None` for a request
-/// that is not one.
+/// Answers a Raft RPC from the group `group_of` gives for its shard (snapshots gathered in
+/// `inbox`); `None` for a request that is not one.
 pub async fn handle_raft(
-    groups: &HashMap<u16, ShardGroup>,
+    group_of: impl Fn(u16) -> Option<ShardGroup>,
     inbox: &SnapshotInbox,
     request: PeerRequest,
 ) -> Option<PeerResponse> {
     let response = match request {
-        PeerRequest::AppendEntries(shard, rpc) => match groups.get(&shard) {
+        PeerRequest::AppendEntries(shard, rpc) => match group_of(shard) {
             Some(group) => PeerResponse::AppendEntries(group.append_entries(rpc).await),
             None => PeerResponse::NoSuchShard,
         },
-        PeerRequest::Vote(shard, rpc) => match groups.get(&shard) {
+        PeerRequest::Vote(shard, rpc) => match group_of(shard) {
             Some(group) => PeerResponse::Vote(group.vote(rpc).await),
             None => PeerResponse::NoSuchShard,
         },
@@ -532,13 +650,13 @@ pub async fn handle_raft(
             offset,
             bytes,
             last,
-        } => match groups.get(&shard) {
+        } => match group_of(shard) {
             Some(group) => PeerResponse::Snapshot(
-                install_piece(group, inbox, shard, transfer, offset, &bytes, last).await,
+                install_piece(&group, inbox, shard, transfer, offset, &bytes, last).await,
             ),
             None => PeerResponse::NoSuchShard,
         },
-        PeerRequest::TransferLeader(shard, rpc) => match groups.get(&shard) {
+        PeerRequest::TransferLeader(shard, rpc) => match group_of(shard) {
             Some(group) => PeerResponse::TransferLeader(
                 group
                     .handle_transfer_leader(rpc)
@@ -550,7 +668,10 @@ pub async fn handle_raft(
         PeerRequest::Forward { .. }
         | PeerRequest::ListBuckets { .. }
         | PeerRequest::Describe
-        | PeerRequest::Hello { .. } => {
+        | PeerRequest::Hello { .. }
+        | PeerRequest::Join { .. }
+        | PeerRequest::ShardMembers(_)
+        | PeerRequest::ChangeMember { .. } => {
             return None;
         }
     };

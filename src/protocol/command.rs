@@ -29,6 +29,23 @@ pub enum ClusterQuery {
     Nodes,
     /// `CLUSTER SHARDS`: each shard's slots and its nodes, the leader as master.
     Shards,
+    /// `CLUSTER REMOVENODE id`: drain a member, then remove it (`None`: not a node id).
+    RemoveNode(Option<u64>),
+    /// `CLUSTER FORGET id`: remove a dead member at once, its replicas rebuilt elsewhere.
+    Forget(Option<u64>),
+}
+
+/// A node id as `CLUSTER` commands take one: decimal, or the forty hexadecimal digits
+/// `CLUSTER NODES` shows.
+fn node_id(word: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(word).ok()?;
+    match text.len() {
+        40 => u64::from_str_radix(text.get(24..)?, 16)
+            .ok()
+            .filter(|_| text[..24].bytes().all(|digit| digit == b'0')),
+        _ => text.parse().ok(),
+    }
+    .filter(|&id| id > 0)
 }
 
 /// What `CLIENT` is asked: about this connection, as Redis clients ask on connecting.
@@ -307,6 +324,12 @@ impl<'a> Request<'a> {
             [] if is("DBSIZE") => Self::DbSize,
             [subcommand, name] if is("CLUSTER") && subcommand.eq_ignore_ascii_case(b"KEYSLOT") => {
                 Self::ClusterKeySlot { name }
+            }
+            [subcommand, id] if is("CLUSTER") && subcommand.eq_ignore_ascii_case(b"REMOVENODE") => {
+                Self::Cluster(ClusterQuery::RemoveNode(node_id(id)))
+            }
+            [subcommand, id] if is("CLUSTER") && subcommand.eq_ignore_ascii_case(b"FORGET") => {
+                Self::Cluster(ClusterQuery::Forget(node_id(id)))
             }
             [subcommand] if is("CLUSTER") => {
                 let query = [

@@ -318,6 +318,8 @@ async fn join_cluster(
         Node::open(NodeConfig {
             id: cluster.node_id,
             members: cluster.peers.clone(),
+            join: cluster.join.clone(),
+            address: cluster.bind,
             shards: cluster.shards,
             replicas: cluster.replicas,
             data_dir: durability.data_dir.clone(),
@@ -332,8 +334,6 @@ async fn join_cluster(
     );
     let router = Arc::new(Router::new(
         Arc::clone(&node),
-        cluster.peers.keys().copied().collect(),
-        cluster.replicas,
         client_address,
         config.page_size,
     ));
@@ -341,8 +341,7 @@ async fn join_cluster(
     tracing::info!(
         node = cluster.node_id,
         cluster_bind = %cluster.bind,
-        shards = cluster.shards,
-        replicas = cluster.replicas,
+        shards = node.shards(),
         "joined the cluster"
     );
     Ok((node, router))

@@ -255,6 +255,35 @@ impl Binary {
         Self::start(&arguments)
     }
 
+    /// `kv serve` as node `id` joining the cluster that `via` (a member's cluster address)
+    /// belongs to, its cluster port `bind`, its data in `directory/<id>`, with a test's
+    /// timings.
+    pub fn joining_node(
+        id: usize,
+        via: SocketAddr,
+        bind: SocketAddr,
+        directory: &std::path::Path,
+    ) -> Self {
+        let id = id.to_string();
+        let bind = bind.to_string();
+        let via = via.to_string();
+        let data = directory.join(&id);
+        Self::start(&[
+            "--node-id",
+            &id,
+            "--cluster-bind",
+            &bind,
+            "--join",
+            &via,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--heartbeat-ms",
+            "50",
+            "--election-timeout-ms",
+            "300",
+        ])
+    }
+
     pub fn id(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }

@@ -63,7 +63,7 @@ impl Router {
                 Led::Elsewhere(target) => Some(target),
                 Led::Unknown => None,
             };
-            if let Some(client) = target.and_then(|target| self.node.peers().get(&target)) {
+            if let Some(client) = target.and_then(|target| self.node.peers().get(target)) {
                 let asked = PeerRequest::ListBuckets {
                     shard,
                     after: after.map(<[u8]>::to_vec),

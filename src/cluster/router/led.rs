@@ -42,8 +42,9 @@ impl Router {
         deadline: Instant,
         replies: &mut Replies,
     ) -> Result<(), NotLed> {
-        let group = self.node.group(shard).ok_or(NotLed(None))?;
-        let registry = self.node.state(shard).ok_or(NotLed(None))?.registry();
+        let replica = self.node.replica(shard).ok_or(NotLed(None))?;
+        let group = &replica.group;
+        let registry = replica.machine.registry();
         let buckets = || self.node.buckets();
         let first = replies.len();
         let unanswered = |replies: &Replies| requests.len() - (replies.len() - first);

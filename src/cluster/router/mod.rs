@@ -39,7 +39,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::node::Node;
 use super::peer::{PeerError, PeerHandler, PeerRequest, PeerResponse};
-use super::placement::{NodeId, replicas_of};
+use super::placement::NodeId;
 use super::slot::{shard_of, slot_of};
 use crate::change::Change;
 use crate::config::MAX_BULK_LEN_LIMIT;
@@ -66,8 +66,6 @@ const MAX_FORWARDED: usize = 4096;
 /// Routes requests on buckets to their shard's leader.
 pub struct Router {
     node: std::sync::Arc<Node>,
-    members: Vec<NodeId>,
-    replicas: usize,
     /// Where this node's clients connect.
     client_address: SocketAddr,
     /// Keys in one page of `KEYS`.
@@ -95,17 +93,9 @@ enum Led {
 impl Router {
     /// A router over `node`'s shards.
     #[must_use]
-    pub fn new(
-        node: std::sync::Arc<Node>,
-        members: Vec<NodeId>,
-        replicas: usize,
-        client_address: SocketAddr,
-        page_size: usize,
-    ) -> Self {
+    pub fn new(node: std::sync::Arc<Node>, client_address: SocketAddr, page_size: usize) -> Self {
         Self {
             node,
-            members,
-            replicas,
             client_address,
             page_size,
             client_addresses: tokio::sync::Mutex::new(HashMap::new()),
@@ -125,10 +115,16 @@ impl Router {
         self.node.id()
     }
 
-    /// Every node of the cluster.
+    /// Every member of the cluster that holds replicas or may (active and draining).
     #[must_use]
-    pub fn members(&self) -> &[NodeId] {
-        &self.members
+    pub fn members(&self) -> Vec<NodeId> {
+        self.node.member_ids()
+    }
+
+    /// The node this router routes for.
+    #[must_use]
+    pub fn node(&self) -> &Node {
+        &self.node
     }
 
     /// Whether `request` is one the router runs: a request on a bucket.
@@ -248,7 +244,7 @@ impl Router {
         if leader == Some(self.node.id()) {
             return Led::Here;
         }
-        let replicas = replicas_of(shard, &self.members, self.replicas);
+        let replicas = self.node.placement_of(shard);
         hint.or(leader)
             .or_else(|| replicas.get(attempt % replicas.len().max(1)).copied())
             .filter(|&target| target != self.node.id())
@@ -269,7 +265,7 @@ impl Router {
         deadline: Instant,
         replies: &mut Replies,
     ) -> Result<(), NotLed> {
-        let client = self.node.peers().get(&target).ok_or(NotLed(None))?;
+        let client = self.node.peers().get(target).ok_or(NotLed(None))?;
         self.forwarded
             .fetch_add(requests.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut encoded = BytesMut::new();
@@ -346,11 +342,7 @@ impl PeerHandler for Router {
                     None => PeerResponse::NoSuchShard,
                 }
             }
-            raft => self
-                .node
-                .handle_raft(raft)
-                .await
-                .unwrap_or(PeerResponse::NoSuchShard),
+            other => self.node.handle(other).await,
         }
     }
 }

@@ -9,15 +9,39 @@ use openraft::Instant as _;
 use openraft::type_config::async_runtime::WatchReceiver as _;
 
 use super::Router;
-use crate::cluster::peer::{PeerRequest, PeerResponse};
-use crate::cluster::placement::{NodeId, replicas_of};
+use crate::cluster::peer::{MemberChange, PeerRequest, PeerResponse};
+use crate::cluster::placement::NodeId;
 use crate::cluster::slot::{self, slots_of};
-use crate::protocol::{ClusterQuery, Dialect, Reply, ReplyValue, SlotRange, encode, encode_value};
+use crate::protocol::{
+    ClusterQuery, Dialect, ErrorReply, Reply, ReplyValue, SlotRange, encode, encode_value,
+};
 
 impl Router {
     /// Answers `CLUSTER INFO|MYID|SLOTS|NODES|SHARDS` from this node's view of the shards.
     pub async fn query(&self, query: ClusterQuery, dialect: Dialect, out: &mut BytesMut) {
         match query {
+            ClusterQuery::RemoveNode(node) | ClusterQuery::Forget(node) => {
+                let change = if matches!(query, ClusterQuery::Forget(_)) {
+                    MemberChange::Forget
+                } else {
+                    MemberChange::Remove
+                };
+                let done = match node {
+                    Some(node) => self
+                        .node
+                        .change_member(node, change)
+                        .await
+                        .map_err(|refusal| refusal.to_string()),
+                    None => Err(
+                        "Invalid node id: give it as CLUSTER NODES lists it, or as a number"
+                            .to_owned(),
+                    ),
+                };
+                match done {
+                    Ok(text) => encode(&Reply::Text(&text), dialect, out),
+                    Err(reason) => encode(&Reply::Error(ErrorReply::new(reason)), dialect, out),
+                }
+            }
             ClusterQuery::MyId => {
                 encode_value(Some(node_name(self.node.id()).as_bytes()), dialect, out);
             }
@@ -38,7 +62,7 @@ impl Router {
                      cluster_current_epoch:{term}\r\ncluster_my_epoch:{term}\r\n",
                     slot::SLOTS,
                     usize::from(slot::SLOTS) - slots_ok,
-                    self.members.len(),
+                    self.node.member_ids().len(),
                     shards.len(),
                 );
                 encode(&Reply::Text(&text), dialect, out);
@@ -110,7 +134,7 @@ impl Router {
             ClusterQuery::Nodes => {
                 let shards = self.shards().await;
                 let mut text = String::new();
-                for &id in &self.members {
+                for id in self.node.member_ids() {
                     let address = self.client_address_of(id).await;
                     let address =
                         address.map_or_else(|| ":0".to_owned(), |address| address.to_string());
@@ -163,6 +187,8 @@ impl Router {
                     .collect();
                 Some(ShardState {
                     shard,
+                    voters: metrics.membership_config.membership().voter_ids().collect(),
+                    placed: self.node.placement_of(shard),
                     leader_changes: self.node.leader_changes(shard),
                     leads: metrics.current_leader == Some(self.node.id()),
                     leader: metrics.current_leader,
@@ -182,6 +208,8 @@ impl Router {
     pub fn info(&self, text: &mut String) {
         let _ = write!(text, "cluster_node:{}\r\n", self.node.id());
         let _ = write!(text, "cluster_shards:{}\r\n", self.node.shards());
+        let members: Vec<String> = self.node.member_ids().iter().map(u64::to_string).collect();
+        let _ = write!(text, "cluster_members:{}\r\n", members.join(","));
         let states = self.shard_states();
         for state in &states {
             let _ = write!(
@@ -194,6 +222,19 @@ impl Router {
                 state.last_log,
                 state.committed,
                 state.applied,
+            );
+            let joined = |nodes: &[u64]| {
+                nodes
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join("+")
+            };
+            let _ = write!(
+                text,
+                ",voters={},placed={}",
+                joined(&state.voters),
+                joined(&state.placed)
             );
             for follower in &state.followers {
                 let _ = write!(text, ",matched_{}={}", follower.node, follower.matched);
@@ -226,7 +267,7 @@ impl Router {
         let count = self.node.shards();
         let mut shards = Vec::with_capacity(usize::from(count));
         for shard in 0..count {
-            let replicas = replicas_of(shard, &self.members, self.replicas);
+            let replicas = self.node.placement_of(shard);
             let (leader, term) = match self.node.group(shard) {
                 Some(group) => {
                     let metrics = group.metrics().borrow_watched().clone();
@@ -251,7 +292,7 @@ impl Router {
         if id == self.node.id() {
             return Some(self.client_address);
         }
-        let client = self.node.peers().get(&id)?;
+        let client = self.node.peers().get(id)?;
         match tokio::time::timeout(DESCRIBE_WITHIN, client.call(PeerRequest::Describe)).await {
             Ok(Ok(PeerResponse::Described(address))) => {
                 self.client_addresses.lock().await.insert(id, address);
@@ -304,6 +345,10 @@ pub struct ShardState {
     pub leader: Option<u64>,
     /// Leader changes this node has seen since it started.
     pub leader_changes: u64,
+    /// Its voters, as this replica's membership has them (the leader's is the latest).
+    pub voters: Vec<u64>,
+    /// The nodes the layout places it on: where the voters are headed while it moves.
+    pub placed: Vec<u64>,
     /// Its Raft term.
     pub term: u64,
     /// The last index in this replica's log.

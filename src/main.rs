@@ -43,11 +43,28 @@ enum Command {
 enum ClusterCommand {
     /// Each node up or down, and each shard's leader, term, indexes and followers' lag.
     Status(StatusArgs),
+    /// Add a node before starting it: replicas are placed on it at once, and move there once
+    /// it is started with its --node-id, --cluster-bind and --join.
+    AddNode(AddNodeArgs),
     /// Remove a member: its replicas move to the others first, then it leaves (stop it then).
     RemoveNode(MemberArgs),
     /// Forget a member that died for good: its replicas are rebuilt from the others, and it
     /// is refused if it comes back. Its id is never reused.
     Forget(MemberArgs),
+}
+
+#[derive(Args)]
+#[command(disable_help_flag = true)]
+struct AddNodeArgs {
+    /// The new node's id: one no member ever had.
+    id: u64,
+    /// Where the members will reach it (its --cluster-bind).
+    cluster_address: SocketAddr,
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
 }
 
 #[derive(Args)]
@@ -403,14 +420,16 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// `kv cluster remove-node|forget`: asks a node to run `CLUSTER <subcommand> <id>` and prints
+/// `kv cluster add-node|remove-node|forget`: asks a node to run `CLUSTER words…` and prints
 /// what it did.
-fn change_member(arguments: &MemberArgs, subcommand: &[u8]) -> anyhow::Result<()> {
-    let id = arguments.id.to_string();
+fn cluster_command(node: &NodeArgs, words: &[&[u8]]) -> anyhow::Result<()> {
+    let request: Vec<&[u8]> = std::iter::once(&b"CLUSTER"[..])
+        .chain(words.iter().copied())
+        .collect();
     let done = runtime(Some(1))?.block_on(kv::client::status::ask_any(
-        &arguments.node.addresses(),
-        arguments.node.password.as_deref(),
-        &[b"CLUSTER", subcommand, id.as_bytes()],
+        &node.addresses(),
+        node.password.as_deref(),
+        &request,
     ))?;
     println!("{done}");
     Ok(())
@@ -444,10 +463,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::process::exit(code);
         }
         Command::Bench(arguments) => runtime(Some(arguments.threads))?.block_on(bench(arguments)),
-        Command::Cluster(ClusterCommand::RemoveNode(arguments)) => {
-            change_member(&arguments, b"REMOVENODE")
+        Command::Cluster(ClusterCommand::AddNode(arguments)) => {
+            let id = arguments.id.to_string();
+            let address = arguments.cluster_address.to_string();
+            cluster_command(
+                &arguments.node,
+                &[b"ADDNODE", id.as_bytes(), address.as_bytes()],
+            )
         }
-        Command::Cluster(ClusterCommand::Forget(arguments)) => change_member(&arguments, b"FORGET"),
+        Command::Cluster(ClusterCommand::RemoveNode(arguments)) => {
+            let id = arguments.id.to_string();
+            cluster_command(&arguments.node, &[b"REMOVENODE", id.as_bytes()])
+        }
+        Command::Cluster(ClusterCommand::Forget(arguments)) => {
+            let id = arguments.id.to_string();
+            cluster_command(&arguments.node, &[b"FORGET", id.as_bytes()])
+        }
         Command::Cluster(ClusterCommand::Status(arguments)) => {
             let status = runtime(Some(1))?.block_on(kv::client::status::cluster_status(
                 &arguments.node.addresses(),

@@ -1,7 +1,8 @@
 //! A running cluster of `kv serve` processes grown from three nodes to five and shrunk back to
-//! three while clients write and read through its live nodes: two nodes join (`--join`), one
-//! initial member is drained and removed (`CLUSTER REMOVENODE`), and one that joined is
-//! killed and forgotten (`CLUSTER FORGET`), its replicas rebuilt from the others. After each
+//! three while clients write and read through its live nodes: two nodes join (`--join`), an
+//! initial member and a joined one are killed and restarted, one initial member is drained
+//! and removed (`CLUSTER REMOVENODE`), and one that joined is killed and forgotten
+//! (`CLUSTER FORGET`), its replicas rebuilt from the others. After each
 //! step every shard's voters are the nodes the layout places it on, and every node holds
 //! exactly those replicas; every key's history stays linearizable, so no acknowledged write
 //! was lost.
@@ -72,9 +73,25 @@ async fn grow_and_shrink() {
         .collect();
     progress(&record, 100).await;
 
-    // Two nodes join, through different members.
+    // Two nodes join, through different members: one by itself, one added first with
+    // `kv cluster add-node` (replicas wait for it until it starts).
     let four = cluster.join_node(0);
-    let five = cluster.join_node(1);
+    let five = cluster.reserve_node(1);
+    let added = kv_cluster(&[
+        "add-node",
+        "5",
+        &cluster.binds[five].to_string(),
+        "-p",
+        &cluster.nodes[2]
+            .as_ref()
+            .unwrap()
+            .address
+            .port()
+            .to_string(),
+    ])
+    .await;
+    assert!(added.starts_with("node 5 is added"), "{added}");
+    cluster.start_node(five);
     settled(&cluster, &[1, 2, 3, 4, 5]).await;
     let held = |node: u64| {
         (0..SHARDS)
@@ -89,13 +106,28 @@ async fn grow_and_shrink() {
     );
     progress(&record, 100).await;
 
+    // An initial member and a node that joined crash and come back on their directories
+    // (with --peers and --join as they first started): they rejoin as they were.
+    cluster.signal(1, "KILL").await;
+    cluster.signal(five, "KILL").await;
+    cluster.start_node(1);
+    cluster.start_node(five);
+    settled(&cluster, &[1, 2, 3, 4, 5]).await;
+    progress(&record, 100).await;
+
     // An initial member is drained and leaves; clients stop using it first (once removed, the
     // others no longer answer it, so it cannot forward).
     cluster.addresses.lock().unwrap()[0] = None;
-    let answer = ask(&cluster, 1, &[b"CLUSTER", b"REMOVENODE", b"1"]).await;
+    let port = cluster.nodes[1]
+        .as_ref()
+        .unwrap()
+        .address
+        .port()
+        .to_string();
+    let removing = kv_cluster(&["remove-node", "1", "-p", &port]).await;
     assert!(
-        matches!(&answer, ReplyValue::Bulk(Some(text)) if text.starts_with(b"node 1 is being removed")),
-        "{answer:?}"
+        removing.starts_with("node 1 is being removed"),
+        "{removing}"
     );
     settled(&cluster, &[2, 3, 4, 5]).await;
     let removed = cluster.nodes[0].take().unwrap();
@@ -159,6 +191,29 @@ async fn grow_and_shrink() {
             index + 1
         );
     }
+}
+
+/// Runs `kv cluster arguments…` and gives what it printed; it must succeed.
+async fn kv_cluster(arguments: &[&str]) -> String {
+    let arguments: Vec<String> = arguments.iter().map(ToString::to_string).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kv"))
+            .arg("cluster")
+            .args(&arguments)
+            .output()
+            .unwrap()
+    });
+    let output = tokio::time::timeout(Duration::from_secs(30), output)
+        .await
+        .expect("kv cluster ends in time")
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    printed
 }
 
 /// Sends `request` to node `index` and gives its answer.

@@ -32,6 +32,9 @@ pub const MAX_MEMBERS: usize = 1024;
 pub enum MemberState {
     /// Holds replicas as placement gives them.
     Active,
+    /// Added by an operator (`CLUSTER ADDNODE`) and not joined yet: placed on like an active
+    /// member, its replicas wait for it.
+    Expected,
     /// Being removed: its replicas move to the other members, then it is `Removed`.
     Draining,
     /// Gone for good: holds nothing, and is refused if it comes back. Its id is never reused.
@@ -162,12 +165,14 @@ impl Layout {
             .map(|(&id, member)| (id, member))
     }
 
-    /// The active members' ids: the ones placement puts replicas on.
+    /// The active (and expected) members' ids: the ones placement puts replicas on.
     #[must_use]
     pub fn active(&self) -> Vec<NodeId> {
         self.members
             .iter()
-            .filter(|(_, member)| member.state == MemberState::Active)
+            .filter(|(_, member)| {
+                matches!(member.state, MemberState::Active | MemberState::Expected)
+            })
             .map(|(&id, _)| id)
             .collect()
     }

@@ -238,13 +238,15 @@ impl Node {
         })
     }
 
-    /// Admits node `node` (data directory `incarnation`, reached at `address`) as an active
-    /// member, if this node leads the metadata group. Asking again with the same identity is
-    /// answered as the first time (a joiner that crashed before hearing the answer).
+    /// Admits node `node` (reached at `address`) if this node leads the metadata group: as an
+    /// active member when it joins (`incarnation`: its data directory's), or as one expected
+    /// to join (`None`: `CLUSTER ADDNODE`), placed on at once. Asking again with the same
+    /// identity is answered as the first time (a joiner that crashed before hearing the
+    /// answer).
     async fn admit(
         &self,
         node: NodeId,
-        incarnation: u64,
+        incarnation: Option<u64>,
         address: std::net::SocketAddr,
     ) -> Result<Admitted, JoinRefusal> {
         let _writing = self.layout_writes.lock().await;
@@ -256,17 +258,35 @@ impl Node {
                 .map(|(id, member)| (id, member.address))
                 .collect(),
         };
+        let joined = |incarnation: u64| Member {
+            address,
+            incarnation,
+            state: MemberState::Active,
+        };
         if let Some(member) = before.members.get(&node) {
-            if member.state == MemberState::Active
-                && member.incarnation == incarnation
-                && member.address == address
-            {
-                return Ok(admitted(&before));
+            let same_address = member.address == address;
+            match (member.state, incarnation) {
+                (MemberState::Active, Some(incarnation))
+                    if same_address && member.incarnation == incarnation =>
+                {
+                    return Ok(admitted(&before));
+                }
+                (MemberState::Expected, None) if same_address => return Ok(admitted(&before)),
+                (MemberState::Expected, Some(incarnation)) if same_address => {
+                    let mut after = before.clone();
+                    after.members.insert(node, joined(incarnation));
+                    self.write_layout(&before, &after).await?;
+                    tracing::info!(node, %address, "an expected node joined the cluster");
+                    self.refresh_layout();
+                    return Ok(admitted(&after));
+                }
+                _ => {
+                    return Err(JoinRefusal::Refused(format!(
+                        "node id {node} is taken: ids are never reused, not even a removed \
+                         node's; start the new node under another --node-id"
+                    )));
+                }
             }
-            return Err(JoinRefusal::Refused(format!(
-                "node id {node} is taken: ids are never reused, not even a removed node's; \
-                 start the new node under another --node-id"
-            )));
         }
         if node == 0 {
             return Err(JoinRefusal::Refused("node ids start at 1".to_owned()));
@@ -287,10 +307,13 @@ impl Node {
         let mut after = before.clone();
         after.members.insert(
             node,
-            Member {
-                address,
-                incarnation,
-                state: MemberState::Active,
+            match incarnation {
+                Some(incarnation) => joined(incarnation),
+                None => Member {
+                    address,
+                    incarnation: 0,
+                    state: MemberState::Expected,
+                },
             },
         );
         after.place();
@@ -300,13 +323,20 @@ impl Node {
         Ok(admitted(&after))
     }
 
-    /// Removes member `node` (draining it first) or forgets it, if this node leads the
-    /// metadata group; what was done.
+    /// Adds member `node` (expected to join), removes it (draining it first) or forgets it,
+    /// if this node leads the metadata group; what was done.
     async fn change_member_here(
         &self,
         node: NodeId,
         change: MemberChange,
     ) -> Result<String, JoinRefusal> {
+        if let MemberChange::Add(address) = change {
+            self.admit(node, None, address).await?;
+            return Ok(format!(
+                "node {node} is added: replicas are placed on it, and move there once it is \
+                 started with --node-id {node} --cluster-bind {address} --join <a member>"
+            ));
+        }
         let _writing = self.layout_writes.lock().await;
         let before = self.layout_to_change().await?;
         let Some(member) = before.members.get(&node) else {
@@ -329,8 +359,8 @@ impl Node {
         }
         let mut after = before.clone();
         let state = match change {
-            MemberChange::Remove => MemberState::Draining,
             MemberChange::Forget => MemberState::Removed,
+            _ => MemberState::Draining,
         };
         if let Some(member) = after.members.get_mut(&node) {
             member.state = state;
@@ -340,18 +370,18 @@ impl Node {
         self.refresh_layout();
         tracing::info!(node, ?change, "a member is leaving the cluster");
         Ok(match change {
-            MemberChange::Remove => format!(
-                "node {node} is being removed: its replicas move to the other members, then it leaves"
-            ),
             MemberChange::Forget => format!(
                 "node {node} is forgotten: its replicas are rebuilt on the other members, and it \
                  is refused if it comes back"
             ),
+            _ => format!(
+                "node {node} is being removed: its replicas move to the other members, then it leaves"
+            ),
         })
     }
 
-    /// Removes or forgets member `node`: here if this node leads the metadata group, else by
-    /// asking the node that does.
+    /// Adds, removes or forgets member `node`: here if this node leads the metadata group,
+    /// else by asking the node that does.
     ///
     /// # Errors
     /// Why it was not done.
@@ -403,7 +433,7 @@ impl Node {
                 incarnation,
                 address,
             } => Ok(PeerResponse::Joined(
-                self.admit(node, incarnation, address).await,
+                self.admit(node, Some(incarnation), address).await,
             )),
             PeerRequest::ChangeMember { node, change } => Ok(PeerResponse::MemberChanged(
                 self.change_member_here(node, change).await,

@@ -67,8 +67,8 @@ pub enum PeerRequest {
         /// Where the members will reach it.
         address: SocketAddr,
     },
-    /// A member is to be removed (drained first) or forgotten (dead: its replicas rebuilt
-    /// from the others), for the metadata group's leader.
+    /// A member is to be added (expected to join), removed (drained first) or forgotten
+    /// (dead: its replicas rebuilt from the others), for the metadata group's leader.
     ChangeMember {
         /// The member.
         node: NodeId,
@@ -158,9 +158,11 @@ pub enum PeerResponse {
     NoSuchShard,
 }
 
-/// How a member leaves.
+/// How a member comes or leaves, by an operator's command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemberChange {
+    /// It is expected to join, at this cluster address: replicas are placed on it now.
+    Add(SocketAddr),
     /// Its replicas move to the other members first, then it is removed.
     Remove,
     /// It is dead and not coming back: removed at once, its replicas rebuilt from the others.

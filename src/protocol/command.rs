@@ -29,6 +29,9 @@ pub enum ClusterQuery {
     Nodes,
     /// `CLUSTER SHARDS`: each shard's slots and its nodes, the leader as master.
     Shards,
+    /// `CLUSTER ADDNODE id host:port`: a node expected to join at that cluster address
+    /// (`None`: not a node id and an address).
+    AddNode(Option<(u64, std::net::SocketAddr)>),
     /// `CLUSTER REMOVENODE id`: drain a member, then remove it (`None`: not a node id).
     RemoveNode(Option<u64>),
     /// `CLUSTER FORGET id`: remove a dead member at once, its replicas rebuilt elsewhere.
@@ -324,6 +327,14 @@ impl<'a> Request<'a> {
             [] if is("DBSIZE") => Self::DbSize,
             [subcommand, name] if is("CLUSTER") && subcommand.eq_ignore_ascii_case(b"KEYSLOT") => {
                 Self::ClusterKeySlot { name }
+            }
+            [subcommand, id, address]
+                if is("CLUSTER") && subcommand.eq_ignore_ascii_case(b"ADDNODE") =>
+            {
+                let address = std::str::from_utf8(address)
+                    .ok()
+                    .and_then(|address| address.parse().ok());
+                Self::Cluster(ClusterQuery::AddNode(node_id(id).zip(address)))
             }
             [subcommand, id] if is("CLUSTER") && subcommand.eq_ignore_ascii_case(b"REMOVENODE") => {
                 Self::Cluster(ClusterQuery::RemoveNode(node_id(id)))
@@ -634,6 +645,41 @@ mod tests {
             Request::from_words(&[], false)
                 .unwrap_err()
                 .is_unknown_command()
+        );
+    }
+
+    #[test]
+    fn membership_commands_take_node_ids_as_numbers_or_as_cluster_nodes_shows_them() {
+        let cluster = |words: &[&[u8]]| match Request::from_words(words, false).unwrap() {
+            Request::Cluster(query) => query,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            cluster(&[b"CLUSTER", b"removenode", b"4"]),
+            ClusterQuery::RemoveNode(Some(4))
+        );
+        let named = format!("{:040x}", 12);
+        assert_eq!(
+            cluster(&[b"CLUSTER", b"FORGET", named.as_bytes()]),
+            ClusterQuery::Forget(Some(12))
+        );
+        for invalid in [
+            &b"0"[..],
+            b"x",
+            b"f0000000000000000000000000000000000000001",
+        ] {
+            assert_eq!(
+                cluster(&[b"CLUSTER", b"FORGET", invalid]),
+                ClusterQuery::Forget(None)
+            );
+        }
+        assert_eq!(
+            cluster(&[b"CLUSTER", b"ADDNODE", b"5", b"127.0.0.1:7405"]),
+            ClusterQuery::AddNode(Some((5, "127.0.0.1:7405".parse().unwrap())))
+        );
+        assert_eq!(
+            cluster(&[b"CLUSTER", b"ADDNODE", b"5", b"nowhere"]),
+            ClusterQuery::AddNode(None)
         );
     }
 

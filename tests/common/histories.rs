@@ -75,6 +75,14 @@ impl Cluster {
 
     /// Starts a new node that joins the running cluster through node `via`; its index.
     pub fn join_node(&mut self, via: usize) -> usize {
+        let index = self.reserve_node(via);
+        self.start_node(index);
+        index
+    }
+
+    /// A cluster address for a new node that will join through node `via` (with
+    /// [`start_node`](Self::start_node)); its index.
+    pub fn reserve_node(&mut self, via: usize) -> usize {
         let index = self.nodes.len();
         self.binds.push(
             std::net::TcpListener::bind("127.0.0.1:0")
@@ -85,7 +93,6 @@ impl Cluster {
         self.joined_via.push(Some(self.binds[via]));
         self.nodes.push(None);
         self.addresses.lock().unwrap().push(None);
-        self.start_node(index);
         index
     }
 

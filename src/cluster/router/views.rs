@@ -20,27 +20,23 @@ impl Router {
     /// Answers `CLUSTER INFO|MYID|SLOTS|NODES|SHARDS` from this node's view of the shards.
     pub async fn query(&self, query: ClusterQuery, dialect: Dialect, out: &mut BytesMut) {
         match query {
-            ClusterQuery::RemoveNode(node) | ClusterQuery::Forget(node) => {
-                let change = if matches!(query, ClusterQuery::Forget(_)) {
-                    MemberChange::Forget
-                } else {
-                    MemberChange::Remove
-                };
-                let done = match node {
-                    Some(node) => self
-                        .node
-                        .change_member(node, change)
-                        .await
-                        .map_err(|refusal| refusal.to_string()),
-                    None => Err(
-                        "Invalid node id: give it as CLUSTER NODES lists it, or as a number"
-                            .to_owned(),
-                    ),
-                };
-                match done {
-                    Ok(text) => encode(&Reply::Text(&text), dialect, out),
-                    Err(reason) => encode(&Reply::Error(ErrorReply::new(reason)), dialect, out),
-                }
+            ClusterQuery::AddNode(added) => {
+                let asked = added
+                    .map(|(node, address)| (node, MemberChange::Add(address)))
+                    .ok_or("Invalid node id or address: CLUSTER ADDNODE <id> <host:port>");
+                self.change_member(asked, dialect, out).await;
+            }
+            ClusterQuery::RemoveNode(node) => {
+                let asked = node
+                    .map(|node| (node, MemberChange::Remove))
+                    .ok_or(INVALID_ID);
+                self.change_member(asked, dialect, out).await;
+            }
+            ClusterQuery::Forget(node) => {
+                let asked = node
+                    .map(|node| (node, MemberChange::Forget))
+                    .ok_or(INVALID_ID);
+                self.change_member(asked, dialect, out).await;
             }
             ClusterQuery::MyId => {
                 encode_value(Some(node_name(self.node.id()).as_bytes()), dialect, out);
@@ -156,6 +152,28 @@ impl Router {
                 }
                 encode(&Reply::Text(&text), dialect, out);
             }
+        }
+    }
+
+    /// Makes the change `asked` (or answers why the request was not one) and answers what was
+    /// done.
+    async fn change_member(
+        &self,
+        asked: Result<(NodeId, MemberChange), &str>,
+        dialect: Dialect,
+        out: &mut BytesMut,
+    ) {
+        let done = match asked {
+            Ok((node, change)) => self
+                .node
+                .change_member(node, change)
+                .await
+                .map_err(|refusal| refusal.to_string()),
+            Err(reason) => Err(reason.to_owned()),
+        };
+        match done {
+            Ok(text) => encode(&Reply::Text(&text), dialect, out),
+            Err(reason) => encode(&Reply::Error(ErrorReply::new(reason)), dialect, out),
         }
     }
 
@@ -302,6 +320,9 @@ impl Router {
         }
     }
 }
+
+/// The refusal of a `CLUSTER` command given something that is not a node id.
+const INVALID_ID: &str = "Invalid node id: give it as CLUSTER NODES lists it, or as a number";
 
 /// How long `CLUSTER` waits for a node to say where its clients connect.
 const DESCRIBE_WITHIN: std::time::Duration = std::time::Duration::from_millis(300);

@@ -35,6 +35,8 @@ REQUESTS = {
     ("put", 1): int(300_000 * SCALE),
     ("get", 1): int(500_000 * SCALE),
 }
+# ONLY=moves runs only the measurement of a node joining a loaded cluster.
+ONLY = os.environ.get("ONLY", "")
 # Extra `kv serve` flags for the cluster's nodes, e.g. KV_FLAGS="--threads 1".
 KV_FLAGS = os.environ.get("KV_FLAGS", "").split()
 CLIENTS = 50
@@ -338,6 +340,10 @@ def main():
     os.makedirs(OUT)
     tags = slot_tags()
     slot_tags_for_redis = [tag.strip("{}") for tag in tags]
+    if ONLY in ("", "moves"):
+        move_report(*move_phase(tags))
+    if ONLY == "moves":
+        return
     servers = Servers()
     try:
         start_kv_cluster(servers)
@@ -460,16 +466,7 @@ on each shard it led: {failover}. Redis Cluster, kill -9 of a master, the time t
 its replica acknowledges (the writer following `CLUSTER SLOTS`): {redis_failover_text}.
 {END}
 """
-    path = "docs/benchmarks.md"
-    existing = open(path).read() if os.path.exists(path) else "# kv against Redis\n"
-    if BEGIN in existing:
-        head, rest = existing.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        existing = head.rstrip("\n") + "\n\n" + section + tail
-    else:
-        existing = existing.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as handle:
-        handle.write(existing)
+    write_section(BEGIN, END, section)
     with open("docs/benchmarks-cluster.svg", "w") as handle:
         handle.write(svg(bars))
     print(section)
@@ -500,6 +497,195 @@ def svg(bars):
     parts.append("</svg>")
     return "\n".join(parts)
 
+
+
+# --- Moves: a node joins a loaded cluster under load -------------------------------------
+
+MOVE_PORTS = [4161, 4162, 4163, 4164]
+MOVE_PEER_PORTS = [7511, 7512, 7513, 7514]
+# Keys loaded into one bucket of each shard before the node joins: the size of a shard moved.
+MOVE_KEYS = int(100_000 * max(SCALE, 0.1))
+# The foreground load: closed-loop clients at depth 1, in back-to-back runs of this many
+# requests (about a second each), so that each run's p99 tells when it ran.
+MOVE_CLIENTS = 20
+MOVE_RUN = int(20_000 * max(SCALE, 0.1))
+MOVE_STEADY_RUNS = 8
+MOVE_AFTER_RUNS = 3
+
+
+def shard_lines(port):
+    """{shard: (leads, voters, placed)} from a node's INFO cluster."""
+    info = call(port, "INFO", "cluster") or ""
+    shards = {}
+    for line in info.splitlines():
+        name, _, value = line.partition(":")
+        if not name.startswith("shard_"):
+            continue
+        fields = dict(field.split("=", 1) for field in value.split(",") if "=" in field)
+        shards[int(name[len("shard_"):])] = (fields.get("role") == "leader", fields.get("voters"),
+                                             fields.get("placed"))
+    return shards
+
+
+def move_watch(ports, stop, events):
+    """Polls every node's INFO every 50 ms; records, for each shard, when its leader first
+    reported voters other than its placement (a move started) and when they were equal again."""
+    moving = {}
+    while not stop.is_set():
+        now = time.monotonic()
+        leaders = {}
+        for port in ports:
+            try:
+                for shard, (leads, voters, placed) in shard_lines(port).items():
+                    if leads:
+                        leaders[shard] = (voters, placed)
+            except (OSError, ConnectionError, ValueError):
+                continue
+        for shard, (voters, placed) in leaders.items():
+            if voters != placed and shard not in moving:
+                moving[shard] = now
+                events.append(("started", shard, now, voters, placed))
+            elif voters == placed and shard in moving:
+                events.append(("done", shard, now, voters, placed))
+                del moving[shard]
+        time.sleep(0.05)
+
+
+def move_phase(tags):
+    """A 3-node kv cluster with MOVE_KEYS keys in a bucket of each shard, under a steady load;
+    a fourth node joins; the load's throughput and p99 per run before, during and after the
+    moves, and how long each shard's move took."""
+    servers = Servers()
+    peers = ",".join(f"{i + 1}=127.0.0.1:{port}" for i, port in enumerate(MOVE_PEER_PORTS[:3]))
+
+    def start(i, membership):
+        directory = os.path.join(OUT, f"move{i + 1}")
+        os.makedirs(directory, exist_ok=True)
+        servers.start(f"move{i + 1}", [KV, "serve", "--port", str(MOVE_PORTS[i]), "--node-id", str(i + 1),
+                                       "--cluster-bind", f"127.0.0.1:{MOVE_PEER_PORTS[i]}", *membership,
+                                       "--data-dir", directory, *KV_FLAGS], f"move{i + 1}.log")
+
+    try:
+        for i in range(3):
+            start(i, ["--peers", peers])
+        wait_until(lambda: all("cluster_state:ok" in call(port, "CLUSTER", "INFO") for port in MOVE_PORTS[:3]),
+                   "the kv cluster")
+        created = pipeline(MOVE_PORTS[0], [command("CREATE", "b" + tag) for tag in tags])
+        assert all(reply == "+OK" for reply in created), set(created)
+        shards = 3
+        for shard in range(shards):
+            bucket = "b" + tags[shard * SLOTS // shards + 1]
+            for start_at in range(0, MOVE_KEYS, 10_000):
+                replies = pipeline(MOVE_PORTS[0], [command("PUT", bucket, f"k{n}", VALUE)
+                                                   for n in range(start_at, min(start_at + 10_000, MOVE_KEYS))])
+                assert all(reply == "+OK" for reply in replies), set(replies)
+        print(f"loaded {MOVE_KEYS:,} keys in a bucket of each of {shards} shards", flush=True)
+        words = ["PUT", "b{tag}", "key:__rand_int__", VALUE]
+        runs = []
+        events = []
+        stop = threading.Event()
+        watcher = threading.Thread(target=move_watch, args=(MOVE_PORTS, stop, events))
+        watcher.start()
+        joined_at = None
+        after = 0
+        while True:
+            started = time.monotonic()
+            argv = ["redis-benchmark", "-p", str(MOVE_PORTS[1]), "-c", str(MOVE_CLIENTS), "-r", str(KEYSPACE),
+                    "-n", str(MOVE_RUN), "-P", "1", "--csv", "--cluster", *words]
+            output = subprocess.run(argv, capture_output=True, text=True, timeout=600).stdout
+            fields = list(csv.reader(io.StringIO(output.strip().splitlines()[-1])))[0]
+            # Throughput from the run's wall time: redis-benchmark's own figure moves in steps of
+            # its 250 ms tick, a quarter of a run this short.
+            ended = time.monotonic()
+            runs.append(dict(start=started, end=ended, ops=MOVE_RUN / (ended - started),
+                             p50=float(fields[4]), p99=float(fields[6])))
+            print(runs[-1], flush=True)
+            if joined_at is None and len(runs) == MOVE_STEADY_RUNS:
+                joined_at = time.monotonic()
+                start(3, ["--join", f"127.0.0.1:{MOVE_PEER_PORTS[0]}"])
+            settled = joined_at is not None and any(e[0] == "started" for e in events) and \
+                all(any(d[0] == "done" and d[1] == s[1] and d[2] >= s[2] for d in events)
+                    for s in events if s[0] == "started")
+            if settled:
+                after += 1
+                if after > MOVE_AFTER_RUNS:
+                    break
+            if len(runs) > 60:
+                raise SystemExit("the moves did not finish within 60 runs")
+        stop.set()
+        watcher.join()
+    finally:
+        servers.stop_all()
+    return runs, events, joined_at
+
+
+def move_report(runs, events, joined_at):
+    moves = []
+    for kind, shard, at, voters, placed in events:
+        if kind == "started":
+            done = next(e for e in events if e[0] == "done" and e[1] == shard and e[2] >= at)
+            moves.append((shard, at, done[2], voters, placed))
+    first = min(at for _, at, _, _, _ in moves)
+    last = max(done for _, _, done, _, _ in moves)
+    steady = [r for r in runs if r["end"] <= joined_at]
+    during = [r for r in runs if r["end"] > first and r["start"] < last]
+    settled = [r for r in runs if r["start"] >= last]
+    steady_p99 = statistics.median(r["p99"] for r in steady)
+    steady_ops = statistics.median(r["ops"] for r in steady)
+    rows = ["| runs | count | ops/s (median; min–max) | p99 ms (median; max) | max p99 ÷ steady p99 |",
+            "|---|---|---|---|---|"]
+    for name, chosen in (("steady, before the join", steady), ("during the moves", during),
+                         ("after the moves", settled)):
+        if not chosen:
+            rows.append(f"| {name} | 0 | | | |")
+            continue
+        rows.append(f"| {name} | {len(chosen)} | {statistics.median(r['ops'] for r in chosen):,.0f} "
+                    f"({min(r['ops'] for r in chosen):,.0f}–{max(r['ops'] for r in chosen):,.0f}) | "
+                    f"{statistics.median(r['p99'] for r in chosen):.2f}; {max(r['p99'] for r in chosen):.2f} | "
+                    f"{max(r['p99'] for r in chosen) / steady_p99:.2f} |")
+    move_lines = [f"- shard {shard}: voters {voters} to {placed} in {done - at:.2f} s "
+                  f"(started {at - joined_at:.2f} s after the node was started)"
+                  for shard, at, done, voters, placed in sorted(moves, key=lambda m: m[1])]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    section = f"""{MOVES_BEGIN}
+## A node joining a loaded cluster
+
+Measured {datetime.date.today()} by `bash bench/cluster.sh` (SCALE={SCALE}) at kv commit `{commit}`:
+a 3-node kv cluster (default flags) with {MOVE_KEYS:,} keys (32-byte values) in a bucket of each
+of its three shards, under `redis-benchmark --cluster -c {MOVE_CLIENTS} -P 1` PUTs in back-to-back
+runs of {MOVE_RUN:,} requests (throughput from each run's wall time, start-up included);
+after {MOVE_STEADY_RUNS} runs a fourth node is started with `--join`.
+A shard's move is timed from when its leader first reports voters other than the layout's
+placement to when they are the placement again (polled every 50 ms): adding the new node as a
+learner, sending it the shard's snapshot and log, and replacing a voter. Steady throughput
+{steady_ops:,.0f} ops/s, p99 {steady_p99:.2f} ms.
+
+{chr(10).join(rows)}
+
+{chr(10).join(move_lines)}
+{MOVES_END}
+"""
+    write_section(MOVES_BEGIN, MOVES_END, section)
+    print(section)
+
+
+MOVES_BEGIN = "<!-- moves: written by bench/cluster.sh -->"
+MOVES_END = "<!-- end of moves -->"
+
+
+def write_section(begin, end, section):
+    """Puts `section` (which starts with `begin` and ends with `end`) into docs/benchmarks.md,
+    in place of the one there if any."""
+    path = "docs/benchmarks.md"
+    existing = open(path).read() if os.path.exists(path) else "# kv against Redis\n"
+    if begin in existing:
+        head, rest = existing.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        existing = head.rstrip("\n") + "\n\n" + section + tail
+    else:
+        existing = existing.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as handle:
+        handle.write(existing)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -56,21 +56,16 @@ enum ClusterCommand {
 #[derive(Args)]
 #[command(disable_help_flag = true)]
 struct AddNodeArgs {
-    /// The new node's id: one no member ever had.
-    id: u64,
+    #[command(flatten)]
+    member: MemberArgs,
     /// Where the members will reach it (its --cluster-bind).
     cluster_address: SocketAddr,
-    #[command(flatten)]
-    node: NodeArgs,
-    /// Print help.
-    #[arg(long, action = clap::ArgAction::Help)]
-    help: Option<bool>,
 }
 
 #[derive(Args)]
 #[command(disable_help_flag = true)]
 struct MemberArgs {
-    /// The member's node id.
+    /// The node's id (a new one for add-node: ids are never reused).
     id: u64,
     #[command(flatten)]
     node: NodeArgs,
@@ -464,10 +459,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(arguments) => runtime(Some(arguments.threads))?.block_on(bench(arguments)),
         Command::Cluster(ClusterCommand::AddNode(arguments)) => {
-            let id = arguments.id.to_string();
+            let id = arguments.member.id.to_string();
             let address = arguments.cluster_address.to_string();
             cluster_command(
-                &arguments.node,
+                &arguments.member.node,
                 &[b"ADDNODE", id.as_bytes(), address.as_bytes()],
             )
         }

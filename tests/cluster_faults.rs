@@ -13,12 +13,10 @@ mod histories;
 #[path = "common/linearizability.rs"]
 mod linearizability;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use histories::{ANSWER_WITHIN, BUCKETS, Cluster, KEYS, Record, client, note, progress, request};
+use histories::{ANSWER_WITHIN, BUCKETS, Clients, Cluster, KEYS, note, request};
 use kv::protocol::ReplyValue;
-use tokio_util::sync::CancellationToken;
 
 /// The whole test, faults and checking included, ends within this.
 const BOUND: Duration = Duration::from_secs(120);
@@ -37,39 +35,17 @@ async fn histories_through_leader_kills_pauses_and_a_whole_cluster_crash_are_lin
 
 async fn faults_and_check() {
     let mut cluster = Cluster::start();
-    let mut setup = cluster.client(0).await;
-    for bucket in BUCKETS {
-        common::within(async {
-            while setup.call(&[b"CREATE", bucket.as_bytes()]).await.unwrap()
-                != ReplyValue::Simple("OK".into())
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-    }
-    drop(setup);
+    cluster.create_buckets().await;
 
-    let stop = CancellationToken::new();
-    let record = Arc::new(Mutex::new(Record::default()));
-    let clients: Vec<_> = (0..4)
-        .map(|id| {
-            tokio::spawn(client(
-                id,
-                Arc::clone(&cluster.addresses),
-                stop.clone(),
-                Arc::clone(&record),
-            ))
-        })
-        .collect();
-    progress(&record, 200).await;
+    let clients = Clients::start(&cluster, 4);
+    clients.progress(200).await;
 
     // kill -9 of a shard's leader while writes are in flight, then its restart.
     let victim = cluster.leader_of(BUCKETS[0], 0, None).await;
     cluster.signal(victim, "KILL").await;
-    progress(&record, 200).await;
+    clients.progress(200).await;
     cluster.start_node(victim);
-    progress(&record, 200).await;
+    clients.progress(200).await;
 
     // A leader paused long enough for the others to elect a new one, then woken. Meanwhile
     // keys of its shard are overwritten through the new leader, and then read through the
@@ -87,7 +63,14 @@ async fn faults_and_check() {
         let invoked = Instant::now();
         let answer = common::within(to_successor.call(&words)).await.unwrap();
         assert_eq!(answer, ReplyValue::Simple("OK".into()));
-        note(&record, BUCKETS[1], key, Some(value), invoked, Some(answer));
+        note(
+            &clients.record,
+            BUCKETS[1],
+            key,
+            Some(value),
+            invoked,
+            Some(answer),
+        );
     }
     let invoked = Instant::now();
     for key in KEYS {
@@ -97,9 +80,16 @@ async fn faults_and_check() {
     cluster.signal(paused, "CONT").await;
     for key in KEYS {
         let answer = common::within(to_paused.read_reply()).await.unwrap();
-        note(&record, BUCKETS[1], key, None, invoked, Some(answer));
+        note(
+            &clients.record,
+            BUCKETS[1],
+            key,
+            None,
+            invoked,
+            Some(answer),
+        );
     }
-    progress(&record, 200).await;
+    clients.progress(200).await;
 
     // Every node crashes at once and comes back on its directory.
     for index in 0..3 {
@@ -108,15 +98,9 @@ async fn faults_and_check() {
     for index in 0..3 {
         cluster.start_node(index);
     }
-    progress(&record, 200).await;
+    clients.progress(200).await;
 
-    stop.cancel();
-    for client in clients {
-        client.await.unwrap();
-    }
-    let record = std::mem::take(&mut *record.lock().unwrap());
-    assert!(record.unexpected.is_empty(), "{:?}", record.unexpected);
-    let checked = record.history.check().unwrap();
+    let checked = clients.check().await;
     assert!(checked >= 1000, "{checked} operations checked");
     for node in cluster.nodes.into_iter().flatten() {
         node.signal("TERM");

@@ -1,6 +1,7 @@
 //! A running cluster of `kv serve` processes grown from three nodes to five and shrunk back to
-//! three while clients write and read through its live nodes: two nodes join (`--join`), an
-//! initial member and a joined one are killed and restarted, one initial member is drained
+//! three while clients write and read through its live nodes: two nodes join (`--join`), a
+//! node is killed and restarted while replicas move, an initial member and a joined one are
+//! killed and restarted, one initial member is drained
 //! and removed (`CLUSTER REMOVENODE`), and one that joined is killed and forgotten
 //! (`CLUSTER FORGET`), its replicas rebuilt from the others. After each
 //! step every shard's voters are the nodes the layout places it on, and every node holds
@@ -17,14 +18,12 @@ mod linearizability;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use histories::{BUCKETS, Cluster, Record, client, progress};
+use histories::{Clients, Cluster};
 use kv::client::Client;
 use kv::cluster::placement::replicas_of;
 use kv::protocol::ReplyValue;
-use tokio_util::sync::CancellationToken;
 
 /// The whole test, moves and checking included, ends within this.
 const BOUND: Duration = Duration::from_secs(180);
@@ -45,37 +44,19 @@ async fn a_cluster_grown_to_five_and_shrunk_to_three_under_writes_stays_lineariz
 
 async fn grow_and_shrink() {
     let mut cluster = Cluster::start();
-    let mut setup = cluster.client(0).await;
-    for bucket in BUCKETS {
-        common::within(async {
-            while setup.call(&[b"CREATE", bucket.as_bytes()]).await.unwrap()
-                != ReplyValue::Simple("OK".into())
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-    }
-    drop(setup);
+    cluster.create_buckets().await;
     settled(&cluster, &[1, 2, 3]).await;
 
-    let stop = CancellationToken::new();
-    let record = Arc::new(Mutex::new(Record::default()));
-    let clients: Vec<_> = (0..4)
-        .map(|id| {
-            tokio::spawn(client(
-                id,
-                Arc::clone(&cluster.addresses),
-                stop.clone(),
-                Arc::clone(&record),
-            ))
-        })
-        .collect();
-    progress(&record, 100).await;
+    let clients = Clients::start(&cluster, 4);
+    clients.progress(100).await;
 
     // Two nodes join, through different members: one by itself, one added first with
     // `kv cluster add-node` (replicas wait for it until it starts).
     let four = cluster.join_node(0);
+    // Node 2 is killed while replicas move to node 4, and comes back: the moves finish.
+    move_under_way(&cluster).await;
+    cluster.signal(1, "KILL").await;
+    cluster.start_node(1);
     let five = cluster.reserve_node(1);
     let added = kv_cluster(&[
         "add-node",
@@ -104,7 +85,7 @@ async fn grow_and_shrink() {
         held(4),
         held(5)
     );
-    progress(&record, 100).await;
+    clients.progress(100).await;
 
     // An initial member and a node that joined crash and come back on their directories
     // (with --peers and --join as they first started): they rejoin as they were.
@@ -113,7 +94,7 @@ async fn grow_and_shrink() {
     cluster.start_node(1);
     cluster.start_node(five);
     settled(&cluster, &[1, 2, 3, 4, 5]).await;
-    progress(&record, 100).await;
+    clients.progress(100).await;
 
     // An initial member is drained and leaves; clients stop using it first (once removed, the
     // others no longer answer it, so it cannot forward).
@@ -131,9 +112,10 @@ async fn grow_and_shrink() {
     );
     settled(&cluster, &[2, 3, 4, 5]).await;
     let removed = cluster.nodes[0].take().unwrap();
+    removed.log_line("holds no replicas any more and is leaving the cluster: stop it");
     removed.signal("TERM");
     assert!(removed.wait().await.success());
-    progress(&record, 100).await;
+    clients.progress(100).await;
 
     // A node that joined dies and is forgotten: its replicas are rebuilt on the others.
     cluster.signal(four, "KILL").await;
@@ -143,7 +125,7 @@ async fn grow_and_shrink() {
         "{answer:?}"
     );
     settled(&cluster, &[2, 3, 5]).await;
-    progress(&record, 100).await;
+    clients.progress(100).await;
 
     // An id is never reused: a new node under node 4's id is refused, and exits saying why.
     let data = cluster.directory.path().join("new-4");
@@ -174,13 +156,7 @@ async fn grow_and_shrink() {
     assert!(!refused.status.success());
     assert!(stderr.contains("node id 4 is taken"), "{stderr}");
 
-    stop.cancel();
-    for client in clients {
-        client.await.unwrap();
-    }
-    let record = std::mem::take(&mut *record.lock().unwrap());
-    assert!(record.unexpected.is_empty(), "{:?}", record.unexpected);
-    let checked = record.history.check().unwrap();
+    let checked = clients.check().await;
     assert!(checked >= 400, "{checked} operations checked");
     for index in [1, 2, five] {
         let node = cluster.nodes[index].take().unwrap();
@@ -277,6 +253,26 @@ async fn report(address: SocketAddr) -> Option<Report> {
         }
     }
     Some(report)
+}
+
+/// Waits until a shard's leader reports voters other than the shard's placement.
+async fn move_under_way(cluster: &Cluster) {
+    common::within(async {
+        loop {
+            for address in cluster.nodes.iter().flatten().map(|node| node.address) {
+                if let Some(report) = report(address).await
+                    && report
+                        .shards
+                        .values()
+                        .any(|(leads, voters, placed)| *leads && voters != placed)
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
 }
 
 /// Waits until the cluster has settled on `members`: every live member lists them, every

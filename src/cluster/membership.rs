@@ -122,6 +122,22 @@ impl Node {
                 }
             }
         }
+        let drained = layout.members.get(&self.id()).is_some_and(|member| {
+            matches!(member.state, MemberState::Draining | MemberState::Removed)
+        }) && self
+            .replica_list()
+            .iter()
+            .all(|(shard, _)| *shard == META_SHARD);
+        if drained
+            && !self
+                .told_drained
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "this node holds no replicas any more and is leaving the cluster: stop it (its \
+                 id is not used again)"
+            );
+        }
         let mut moving = false;
         for (shard, replica) in self.replica_list() {
             let placed_here = shard == META_SHARD || layout.replicas(shard).contains(&self.id());
@@ -510,11 +526,13 @@ impl Node {
         };
         let metrics = group.metrics().borrow_watched().clone();
         let config = &metrics.membership_config;
-        if config.log_id() != metrics.committed_membership_config.log_id()
-            || config.membership().get_joint_config().len() > 1
-        {
+        if config.log_id() != metrics.committed_membership_config.log_id() {
             return;
         }
+        // A change cut short (its leader lost after the joint configuration committed) is
+        // finished first: to the configuration it was heading for.
+        let joint = config.membership().get_joint_config();
+        let cut_short = joint.last().filter(|_| joint.len() > 1).cloned();
         let voters: BTreeSet<NodeId> = config.membership().voter_ids().collect();
         let nodes: BTreeSet<NodeId> = config.membership().nodes().map(|(id, _)| *id).collect();
         let caught_up = |id: NodeId| {
@@ -537,7 +555,13 @@ impl Node {
         {
             *moving = true;
         }
-        let change = if let Some(&missing) = voters_wanted
+        let change = if let Some(heading_for) = cut_short {
+            tracing::info!(shard, to = ?heading_for, "finishing a change of voters cut short");
+            let change = ChangeMembers::ReplaceAllVoters(heading_for);
+            tokio::time::timeout(CHANGE_WITHIN, group.change_membership(change, false))
+                .await
+                .map(|written| written.map(|_| ()))
+        } else if let Some(&missing) = voters_wanted
             .union(&learners_wanted)
             .find(|id| !nodes.contains(id))
         {

@@ -125,6 +125,8 @@ pub struct Node {
     pub(super) layout: parking_lot::RwLock<Arc<Layout>>,
     /// Serialises this node's changes to the layout (when it leads the metadata group).
     pub(super) layout_writes: tokio::sync::Mutex<()>,
+    /// Whether the node has said it was drained and may be stopped.
+    pub(super) told_drained: std::sync::atomic::AtomicBool,
     /// The fewest entries between two snapshots of a shard.
     snapshot_every: u64,
     /// The memory the node's shards share.
@@ -417,6 +419,7 @@ impl Node {
             initial: config.members,
             layout: parking_lot::RwLock::default(),
             layout_writes: tokio::sync::Mutex::new(()),
+            told_drained: std::sync::atomic::AtomicBool::new(false),
             snapshot_every: config.snapshot_every,
             budget,
             // A snapshot holds about the data of a shard; a node's shards together hold no more

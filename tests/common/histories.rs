@@ -151,6 +151,71 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Creates the registers' buckets through node 0, once the cluster has leaders.
+    pub async fn create_buckets(&self) {
+        let mut setup = self.client(0).await;
+        for bucket in BUCKETS {
+            common::within(async {
+                while setup.call(&[b"CREATE", bucket.as_bytes()]).await.unwrap()
+                    != ReplyValue::Simple("OK".into())
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// Clients writing and reading the registers through the cluster's live nodes until
+/// [`check`](Self::check)ed.
+pub struct Clients {
+    stop: CancellationToken,
+    pub record: Arc<Mutex<Record>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Clients {
+    /// Starts `count` clients of `cluster`'s live nodes.
+    pub fn start(cluster: &Cluster, count: u64) -> Self {
+        let stop = CancellationToken::new();
+        let record = Arc::new(Mutex::new(Record::default()));
+        let tasks = (0..count)
+            .map(|id| {
+                tokio::spawn(client(
+                    id,
+                    Arc::clone(&cluster.addresses),
+                    stop.clone(),
+                    Arc::clone(&record),
+                ))
+            })
+            .collect();
+        Self {
+            stop,
+            record,
+            tasks,
+        }
+    }
+
+    /// Waits until they have had `more` operations acknowledged.
+    pub async fn progress(&self, more: usize) {
+        progress(&self.record, more).await;
+    }
+
+    /// Stops them, checks that no answer was one no request should get and that every key's
+    /// history is linearizable, and returns how many operations were checked.
+    pub async fn check(self) -> usize {
+        self.stop.cancel();
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let record = std::mem::take(&mut *self.record.lock().unwrap());
+        assert!(record.unexpected.is_empty(), "{:?}", record.unexpected);
+        record.history.check().unwrap()
+    }
+}
+
 /// What the clients recorded, and anything they were answered that no request should get.
 #[derive(Default)]
 pub struct Record {

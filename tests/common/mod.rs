@@ -234,54 +234,44 @@ impl Binary {
         directory: &std::path::Path,
         extra: &[&str],
     ) -> Self {
-        let id = id.to_string();
-        let bind = bind.to_string();
-        let data = directory.join(&id);
-        let mut arguments = vec![
-            "--node-id",
-            &id,
-            "--cluster-bind",
-            &bind,
-            "--peers",
-            peers,
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--heartbeat-ms",
-            "50",
-            "--election-timeout-ms",
-            "300",
-        ];
-        arguments.extend_from_slice(extra);
-        Self::start(&arguments)
+        Self::member(id, ["--peers", peers], bind, directory, extra)
     }
 
     /// `kv serve` as node `id` joining the cluster that `via` (a member's cluster address)
-    /// belongs to, its cluster port `bind`, its data in `directory/<id>`, with a test's
-    /// timings.
+    /// belongs to, otherwise as [`cluster_node`](Self::cluster_node).
     pub fn joining_node(
         id: usize,
         via: SocketAddr,
         bind: SocketAddr,
         directory: &std::path::Path,
     ) -> Self {
+        Self::member(id, ["--join", &via.to_string()], bind, directory, &[])
+    }
+
+    /// `kv serve` as node `id`, forming (`--peers`) or joining (`--join`) a cluster as
+    /// `membership` says.
+    fn member(
+        id: usize,
+        membership: [&str; 2],
+        bind: SocketAddr,
+        directory: &std::path::Path,
+        extra: &[&str],
+    ) -> Self {
         let id = id.to_string();
         let bind = bind.to_string();
-        let via = via.to_string();
         let data = directory.join(&id);
-        Self::start(&[
-            "--node-id",
-            &id,
-            "--cluster-bind",
-            &bind,
-            "--join",
-            &via,
+        let mut arguments = vec!["--node-id", &id, "--cluster-bind", &bind];
+        arguments.extend_from_slice(&membership);
+        arguments.extend_from_slice(&[
             "--data-dir",
             data.to_str().unwrap(),
             "--heartbeat-ms",
             "50",
             "--election-timeout-ms",
             "300",
-        ])
+        ]);
+        arguments.extend_from_slice(extra);
+        Self::start(&arguments)
     }
 
     pub fn id(&self) -> u32 {

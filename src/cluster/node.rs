@@ -26,6 +26,11 @@ use crate::config::{CoreConfig, FsyncPolicy};
 /// How often a node syncs logs (under `everysec`), starts due snapshots and spreads leaders.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
 
+/// How many times slower the metadata group's heartbeats and elections are than a data
+/// shard's: it changes only when members come and go, and a while without its leader stops
+/// no client, so it is kept cheap (idle, each group's heartbeats are most of a node's CPU).
+const META_PACE: u32 = 5;
+
 /// How long a node on a new data directory waits for its peers to say whether they knew it.
 const ASK_PEERS_WITHIN: Duration = Duration::from_secs(2);
 
@@ -157,6 +162,8 @@ struct ReplicaOpener {
     fsync: FsyncPolicy,
     core: CoreConfig,
     raft_config: Arc<openraft::Config>,
+    /// The metadata group's: [`META_PACE`] times slower.
+    meta_raft_config: Arc<openraft::Config>,
     snapshot_piece: usize,
 }
 
@@ -192,7 +199,11 @@ impl ReplicaOpener {
         let network = ShardNetwork::new(shard, Arc::clone(peers), self.snapshot_piece);
         let group = ShardGroup::new(
             self.id,
-            Arc::clone(&self.raft_config),
+            Arc::clone(if shard == META_SHARD {
+                &self.meta_raft_config
+            } else {
+                &self.raft_config
+            }),
             network,
             log.clone(),
             machine.clone(),
@@ -349,29 +360,31 @@ impl Node {
                 flags
             }
         };
-        let raft_config = Arc::new(
+        let raft_config = |pace: u32| {
             openraft::Config {
                 cluster_name: "kv".into(),
-                heartbeat_interval: millis(config.heartbeat),
-                election_timeout_min: millis(config.election_timeout.0),
-                election_timeout_max: millis(config.election_timeout.1),
+                heartbeat_interval: millis(config.heartbeat * pace),
+                election_timeout_min: millis(config.election_timeout.0 * pace),
+                election_timeout_max: millis(config.election_timeout.1 * pace),
                 // Snapshots are started by `compact_log`, at a pace set by their cost.
                 snapshot_policy: openraft::SnapshotPolicy::Never,
                 max_in_snapshot_log_to_keep: config.snapshot_every / 10,
                 ..openraft::Config::default()
             }
             .validate()
+            .map(Arc::new)
             .map_err(|error| NodeError::Raft {
                 shard: 0,
                 message: error.to_string(),
-            })?,
-        );
+            })
+        };
         let opener = ReplicaOpener {
             id: config.id,
             data_dir: config.data_dir.clone(),
             fsync: config.fsync,
             core: config.core.clone(),
-            raft_config,
+            raft_config: raft_config(1)?,
+            meta_raft_config: raft_config(META_PACE)?,
             snapshot_piece: config.snapshot_piece,
         };
         // Memory is the node's: its shards' buckets draw on one budget.

@@ -58,6 +58,8 @@ struct Inner {
     file: File,
     fsync: FsyncPolicy,
     frames: usize,
+    /// Whether anything was written (to the operating system) since the last sync.
+    unsynced: bool,
     vote: Option<VoteOf<ShardRaft>>,
     committed: Option<LogIdOf<ShardRaft>>,
     last_purged: Option<LogIdOf<ShardRaft>>,
@@ -113,6 +115,7 @@ impl ShardLog {
                 file,
                 fsync,
                 frames: state.frames,
+                unsynced: false,
                 vote: state.vote,
                 committed: state.committed,
                 last_purged: state.last_purged,
@@ -173,6 +176,7 @@ impl Inner {
             .await?;
         } else {
             self.file.write_all(&buffer)?;
+            self.unsynced = true;
         }
         self.frames += operations.len();
         Ok(())
@@ -228,8 +232,19 @@ impl ShardLog {
     /// # Errors
     /// If the sync fails.
     pub async fn sync(&self) -> io::Result<()> {
-        let file = self.inner.lock().await.file.try_clone()?;
-        blocking(move || file.sync_data()).await
+        let file = {
+            let mut inner = self.inner.lock().await;
+            // An idle shard has nothing to sync: no syscall, no blocking thread woken.
+            if !std::mem::take(&mut inner.unsynced) {
+                return Ok(());
+            }
+            inner.file.try_clone()?
+        };
+        let synced = blocking(move || file.sync_data()).await;
+        if synced.is_err() {
+            self.inner.lock().await.unsynced = true;
+        }
+        synced
     }
 
     /// The entries at `indexes` that the log holds, for a caller on a blocking thread (it

@@ -128,32 +128,7 @@ async fn grow_and_shrink() {
     clients.progress(100).await;
 
     // An id is never reused: a new node under node 4's id is refused, and exits saying why.
-    let data = cluster.directory.path().join("new-4");
-    let via = cluster.binds[1].to_string();
-    let bind = common::cluster_peers(1).0[0].to_string();
-    let refused = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_kv"))
-            .args([
-                "serve",
-                "--node-id",
-                "4",
-                "--cluster-bind",
-                &bind,
-                "--join",
-                &via,
-            ])
-            .arg("--data-dir")
-            .arg(&data)
-            .env("PORT", "0")
-            .output()
-            .unwrap()
-    });
-    let refused = tokio::time::timeout(Duration::from_secs(20), refused)
-        .await
-        .expect("a refused node exits")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
+    let stderr = refused_join(&cluster, "4").await;
     assert!(stderr.contains("node id 4 is taken"), "{stderr}");
 
     let checked = clients.check().await;
@@ -167,6 +142,46 @@ async fn grow_and_shrink() {
             index + 1
         );
     }
+}
+
+/// Starts a new node under `id`, joining through node 2, which must exit unsuccessfully; what
+/// it wrote to stderr. The free port picked for its cluster address may be taken meanwhile
+/// (by a connection's ephemeral port): it is tried again on another then.
+async fn refused_join(cluster: &Cluster, id: &str) -> String {
+    for _ in 0..3 {
+        let data = cluster.directory.path().join(format!("new-{id}"));
+        let via = cluster.binds[1].to_string();
+        let bind = common::cluster_peers(1).0[0].to_string();
+        let arguments = [
+            "serve",
+            "--node-id",
+            id,
+            "--cluster-bind",
+            &bind,
+            "--join",
+            &via,
+        ]
+        .map(ToString::to_string);
+        let refused = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_kv"))
+                .args(arguments)
+                .arg("--data-dir")
+                .arg(&data)
+                .env("PORT", "0")
+                .output()
+                .unwrap()
+        });
+        let refused = tokio::time::timeout(Duration::from_secs(40), refused)
+            .await
+            .expect("a refused node exits")
+            .unwrap();
+        assert!(!refused.status.success());
+        let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+        if !stderr.contains(&format!("binding {bind}")) {
+            return stderr;
+        }
+    }
+    panic!("no free cluster address for a new node in three tries");
 }
 
 /// Runs `kv cluster arguments…` and gives what it printed; it must succeed.

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::placement::{NodeId, replicas_of};
+use super::placement::{NodeId, preferred_leaders, replicas_of};
 use crate::change::Change;
 
 /// The shard index of the metadata group: past every data shard (`--shards` is at most
@@ -203,6 +203,19 @@ impl Layout {
             return self.meta_voters();
         }
         self.placement.get(&shard).cloned().unwrap_or_default()
+    }
+
+    /// The replica that should lead each shard (see [`preferred_leaders`]), the metadata
+    /// group's included: the voter of it leading the fewest data shards (it does little).
+    #[must_use]
+    pub fn preferred_leaders(&self) -> BTreeMap<u16, NodeId> {
+        let mut preferred = preferred_leaders(&self.placement);
+        let meta = self.meta_voters().into_iter().min_by_key(|&node| {
+            let leads = preferred.values().filter(|&&leader| leader == node).count();
+            (leads, node)
+        });
+        preferred.extend(meta.map(|node| (META_SHARD, node)));
+        preferred
     }
 
     /// Whether any shard is placed on `node`.

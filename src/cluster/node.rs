@@ -18,7 +18,7 @@ use super::layout::{Layout, META_SHARD, Settings};
 use super::membership::join;
 use super::network::{PeerBook, Peers, ShardNetwork};
 use super::peer::{self, PeerHandler, PeerRequest, PeerResponse, ShardGroup};
-use super::placement::{NodeId, preferred_leader};
+use super::placement::NodeId;
 use super::raft::{ShardLog, ShardStateMachine};
 use crate::bucket::MemoryBudget;
 use crate::config::{CoreConfig, FsyncPolicy};
@@ -474,6 +474,7 @@ impl Node {
             }
             self.refresh_layout();
             self.follow_layout().await;
+            let preferred = self.layout().preferred_leaders();
             for (shard, replica) in self.replica_list() {
                 if self.sync_every_second
                     && let Err(error) = replica.log.sync().await
@@ -481,7 +482,10 @@ impl Node {
                     tracing::error!(%error, shard, "syncing a shard's log failed");
                 }
                 self.compact_log(shard, &replica).await;
-                self.spread_leadership(shard, &replica.group).await;
+                if let Some(&preferred) = preferred.get(&shard) {
+                    self.spread_leadership(shard, &replica.group, preferred)
+                        .await;
+                }
             }
         }
     }
@@ -503,18 +507,20 @@ impl Node {
         }
     }
 
-    /// If this node leads `shard` and its preferred leader (see [`preferred_leader`]) is
-    /// another voter that has every entry, hands leadership to that one. Leaders spread
-    /// evenly this way, and come back to even after a node returns.
-    async fn spread_leadership(&self, shard: u16, group: &ShardGroup) {
+    /// If this node leads `shard` and its `preferred` leader (see
+    /// [`Layout::preferred_leaders`]) is another voter that has every entry, hands leadership
+    /// to that one. Leaders spread evenly this way, and come back to even after a node returns.
+    async fn spread_leadership(&self, shard: u16, group: &ShardGroup, preferred: NodeId) {
         let metrics = group.metrics().borrow_watched().clone();
-        if metrics.current_leader != Some(self.id) {
+        if metrics.current_leader != Some(self.id)
+            || !metrics
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|voter| voter == preferred)
+        {
             return;
         }
-        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
-        let Some(preferred) = preferred_leader(shard, &voters) else {
-            return;
-        };
         let caught_up = metrics.replication.as_ref().is_some_and(|replication| {
             replication
                 .get(&preferred)

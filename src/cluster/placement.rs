@@ -4,8 +4,8 @@
 //!
 //! Replicas are picked by rendezvous hashing: a shard's replicas are the members with the
 //! highest weight for it, so each node gets an even share, and a member added or removed moves
-//! only the replicas it gains or held (about 1/N of them). The preferred leader rotates through
-//! a shard's replicas with the shard's index, so that leaders spread evenly over the nodes.
+//! only the replicas it gains or held (about 1/N of them). Preferred leaders are picked so that
+//! leaderships spread as evenly over the nodes as the placement allows.
 
 /// A node's identity in the cluster (`--node-id`).
 pub type NodeId = u64;
@@ -28,11 +28,30 @@ pub fn replicas_of(shard: u16, members: &[NodeId], replicas: usize) -> Vec<NodeI
     chosen
 }
 
-/// The replica that should lead `shard`: its replicas in node order, rotated by the shard's
-/// index.
+/// The replica that should lead each shard of `placement` (shard to replicas): leaderships
+/// spread as evenly as the placement allows. Each shard in turn goes to the replica that leads
+/// the fewest so far, ties broken by rotating through its replicas with the shard's index (so
+/// that with every node holding every shard, shard `i` goes to the `i`th node, round and
+/// round).
 #[must_use]
-pub fn preferred_leader(shard: u16, replicas: &[NodeId]) -> Option<NodeId> {
-    (!replicas.is_empty()).then(|| replicas[usize::from(shard) % replicas.len()])
+pub fn preferred_leaders(
+    placement: &std::collections::BTreeMap<u16, Vec<NodeId>>,
+) -> std::collections::BTreeMap<u16, NodeId> {
+    let mut leads = std::collections::HashMap::<NodeId, usize>::new();
+    let mut preferred = std::collections::BTreeMap::new();
+    for (&shard, replicas) in placement {
+        let Some(count) = std::num::NonZeroUsize::new(replicas.len()) else {
+            continue;
+        };
+        let start = usize::from(shard) % count;
+        let chosen = (0..count.get())
+            .map(|offset| replicas[(start + offset) % count])
+            .min_by_key(|node| leads.get(node).copied().unwrap_or(0))
+            .unwrap_or(replicas[start]);
+        *leads.entry(chosen).or_default() += 1;
+        preferred.insert(shard, chosen);
+    }
+    preferred
 }
 
 /// A stable pseudo-random weight of `node` for `shard`, the same on every node and every
@@ -95,17 +114,36 @@ mod tests {
         assert!((500..=700).contains(&moved), "{moved} replicas moved");
     }
 
-    #[test]
-    fn leaders_spread_evenly_when_every_node_holds_every_shard() {
-        let members = [1, 2, 3];
-        let mut leads = BTreeMap::<NodeId, usize>::new();
-        for shard in 0..9 {
-            let replicas = replicas_of(shard, &members, 3);
-            *leads
-                .entry(preferred_leader(shard, &replicas).unwrap())
-                .or_default() += 1;
+    fn leaderships(shards: u16, members: &[NodeId]) -> BTreeMap<NodeId, usize> {
+        let placement = (0..shards)
+            .map(|shard| (shard, replicas_of(shard, members, 3)))
+            .collect();
+        let mut leads = BTreeMap::new();
+        for (shard, leader) in preferred_leaders(&placement) {
+            assert!(placement[&shard].contains(&leader), "a replica leads");
+            *leads.entry(leader).or_default() += 1;
         }
-        assert_eq!(leads, BTreeMap::from([(1, 3), (2, 3), (3, 3)]));
-        assert_eq!(preferred_leader(0, &[]), None);
+        leads
+    }
+
+    #[test]
+    fn leaders_spread_evenly_over_the_nodes() {
+        assert_eq!(
+            leaderships(9, &[1, 2, 3]),
+            BTreeMap::from([(1, 3), (2, 3), (3, 3)])
+        );
+        let three_over_four = leaderships(3, &[1, 2, 3, 4]);
+        assert!(
+            three_over_four.values().all(|&leads| leads == 1),
+            "{three_over_four:?}"
+        );
+        let twelve_over_five = leaderships(12, &[1, 2, 3, 4, 5]);
+        assert!(
+            twelve_over_five
+                .values()
+                .all(|&leads| (2..=3).contains(&leads)),
+            "{twelve_over_five:?}"
+        );
+        assert!(preferred_leaders(&BTreeMap::from([(0, vec![])])).is_empty());
     }
 }

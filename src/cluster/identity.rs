@@ -63,7 +63,13 @@ pub struct Handshake {
     fresh: bool,
     peers_path: PathBuf,
     peers: parking_lot::Mutex<BTreeMap<NodeId, u64>>,
+    /// When a refusal was last logged: a refused node tries again and again, and the log
+    /// tells of it at most every [`TELL_REFUSALS_EVERY`].
+    refusal_told: parking_lot::Mutex<Option<std::time::Instant>>,
 }
+
+/// How often refusals, given or met, are logged.
+const TELL_REFUSALS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Handshake {
     /// Reads node `node`'s identity from `data_dir`, making one if there is none; peers are
@@ -124,6 +130,7 @@ impl Handshake {
             fresh,
             peers_path,
             peers: parking_lot::Mutex::new(peers),
+            refusal_told: parking_lot::Mutex::new(None),
         })
     }
 
@@ -137,6 +144,16 @@ impl Handshake {
     /// change), and no other.
     pub fn set_members(&self, members: impl IntoIterator<Item = NodeId>) {
         *self.members.write() = members.into_iter().collect();
+    }
+
+    /// Whether a refusal should be logged now (none was in the last [`TELL_REFUSALS_EVERY`]).
+    pub fn refusals_to_tell(&self) -> bool {
+        let mut told = self.refusal_told.lock();
+        let tell = told.is_none_or(|at| at.elapsed() >= TELL_REFUSALS_EVERY);
+        if tell {
+            *told = Some(std::time::Instant::now());
+        }
+        tell
     }
 
     /// Whether this start made the data directory's incarnation.

@@ -39,6 +39,9 @@ pub const MAX_FRAME: usize = 1 << 30;
 /// Requests in flight on one connection before a sender waits.
 const IN_FLIGHT: usize = 1024;
 
+/// How long a node waits before asking a peer that refused it again.
+const ASK_AGAIN_AFTER_REFUSAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How long either side waits for the other's hello on a new connection.
 const HELLO_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -237,6 +240,8 @@ pub struct PeerClient {
     /// Whether the last attempt to connect succeeded: a peer that goes away is reported once,
     /// not at every heartbeat that cannot reach it.
     reachable: std::sync::atomic::AtomicBool,
+    /// When and why the peer last refused this node.
+    refused: parking_lot::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 type Call = (
@@ -255,6 +260,7 @@ impl PeerClient {
             handshake,
             connection: Mutex::new(None),
             reachable: std::sync::atomic::AtomicBool::new(true),
+            refused: parking_lot::Mutex::new(None),
         }
     }
 
@@ -283,6 +289,14 @@ impl PeerClient {
     }
 
     async fn connected(&self) -> Result<mpsc::Sender<Call>, PeerError> {
+        if let Some((at, reason)) = self.refused.lock().clone()
+            && at.elapsed() < ASK_AGAIN_AFTER_REFUSAL
+        {
+            return Err(PeerError::Refused {
+                address: self.address,
+                reason,
+            });
+        }
         let mut connection = self.connection.lock().await;
         if let Some(sender) = connection.as_ref().filter(|sender| !sender.is_closed()) {
             return Ok(sender.clone());
@@ -312,7 +326,11 @@ impl PeerClient {
         let mut framed = framed(stream);
         if let Err(error) = self.introduce(&mut framed).await {
             if let PeerError::Refused { reason, .. } = &error {
-                tracing::error!(peer = self.id, address = %self.address, "{reason}");
+                if self.handshake.refusals_to_tell() {
+                    tracing::error!(peer = self.id, address = %self.address, "{reason}");
+                }
+                // Asked again at once, it would refuse again: Raft's next tries wait.
+                *self.refused.lock() = Some((std::time::Instant::now(), reason.clone()));
             }
             return Err(error);
         }
@@ -494,7 +512,11 @@ async fn greet(
         Ok((0, PeerRequest::Hello { node, incarnation })) => handshake
             .admit(node, incarnation)
             .map(|()| handshake.hello())
-            .inspect_err(|reason| tracing::error!(peer = node, "refusing a peer: {reason}")),
+            .inspect_err(|reason| {
+                if handshake.refusals_to_tell() {
+                    tracing::error!(peer = node, "refusing a peer: {reason}");
+                }
+            }),
         Ok((id, join @ PeerRequest::Join { .. })) => return Opening::Join(id, join),
         _ => {
             tracing::warn!("a peer connection did not open with a hello; closing it");

@@ -5,7 +5,8 @@
 #
 #   bash tests/clients/tools.sh
 #
-# Installs redis-tools with apt-get if missing and builds kv in release mode. Exits non-zero
+# Installs redis-tools with apt-get if missing and builds kv in release mode, unless KV names
+# a kv binary to use instead (CI passes the one `cargo test` has just built). Exits non-zero
 # with the failing check.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,11 +14,14 @@ if ! command -v redis-cli >/dev/null || ! command -v redis-benchmark >/dev/null;
   echo "installing redis-tools"
   apt-get update -qq && apt-get install -y -qq redis-tools >/dev/null
 fi
-cargo build --release --quiet
+if [ -z "${KV:-}" ]; then
+  cargo build --release --quiet
+  KV=target/release/kv
+fi
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 out=target/client-tools
 mkdir -p "$out"
-target/release/kv serve --port "$port" >"$out/kv.log" 2>&1 &
+"$KV" serve --port "$port" >"$out/kv.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 100); do redis-cli -p "$port" PING >/dev/null 2>&1 && break; sleep 0.1; done

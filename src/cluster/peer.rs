@@ -429,17 +429,28 @@ async fn drive(
     let failure = loop {
         tokio::select! {
             call = calls.recv() => {
-                let Some((request, reply)) = call else { break None };
-                next_id += 1;
-                let Ok(frame) = postcard::to_stdvec(&(next_id, request)) else {
-                    let _ = reply.send(Err(PeerError::Malformed(address)));
-                    continue;
-                };
-                if let Err(source) = sink.send(Bytes::from(frame)).await {
-                    let _ = reply.send(Err(PeerError::Io { address, source }));
+                let Some(call) = call else { break None };
+                // The calls queued meanwhile go out with it, in one write.
+                let mut next = Some(call);
+                let mut failed = false;
+                while let Some((request, reply)) = next.take() {
+                    next_id += 1;
+                    let Ok(frame) = postcard::to_stdvec(&(next_id, request)) else {
+                        let _ = reply.send(Err(PeerError::Malformed(address)));
+                        next = calls.try_recv().ok();
+                        continue;
+                    };
+                    if let Err(source) = sink.feed(Bytes::from(frame)).await {
+                        let _ = reply.send(Err(PeerError::Io { address, source }));
+                        failed = true;
+                        break;
+                    }
+                    waiting.insert(next_id, reply);
+                    next = calls.try_recv().ok();
+                }
+                if failed || sink.flush().await.is_err() {
                     break Some(());
                 }
-                waiting.insert(next_id, reply);
             }
             frame = stream.next() => {
                 let Some(Ok(frame)) = frame else { break Some(()) };
@@ -555,8 +566,18 @@ async fn answer<H: PeerHandler>(
     let (answers, mut outgoing) = mpsc::channel::<Bytes>(IN_FLIGHT);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let writer = tokio::spawn(async move {
-        while let Some(frame) = outgoing.recv().await {
-            if sink.send(frame).await.is_err() {
+        while let Some(mut frame) = outgoing.recv().await {
+            // The answers ready meanwhile go out with it, in one write.
+            loop {
+                if sink.feed(frame).await.is_err() {
+                    return;
+                }
+                match outgoing.try_recv() {
+                    Ok(next) => frame = next,
+                    Err(_) => break,
+                }
+            }
+            if sink.flush().await.is_err() {
                 return;
             }
         }

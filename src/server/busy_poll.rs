@@ -169,14 +169,17 @@ impl RunDelay {
     }
 
     /// The file is three numbers: one read into a small buffer (no size query, no second read
-    /// for the end, as `read_to_string` would make) on the polling thread.
+    /// for the end, as `read_to_string` would make) on the polling thread. Each thread opens
+    /// its own file once and reads it again from the start: a stretch of polling begins with
+    /// a sample, and stretches can begin thousands of times a second.
     fn read_waited() -> Option<u64> {
-        use std::io::Read;
+        use std::os::unix::fs::FileExt;
+        thread_local! {
+            static SCHEDSTAT: Option<std::fs::File> =
+                std::fs::File::open("/proc/thread-self/schedstat").ok();
+        }
         let mut buffer = [0u8; 96];
-        let length = std::fs::File::open("/proc/thread-self/schedstat")
-            .ok()?
-            .read(&mut buffer)
-            .ok()?;
+        let length = SCHEDSTAT.with(|file| file.as_ref()?.read_at(&mut buffer, 0).ok())?;
         let text = std::str::from_utf8(&buffer[..length]).ok()?;
         text.split_whitespace().nth(1)?.parse().ok()
     }

@@ -185,12 +185,14 @@ impl Inner {
     /// Makes the entry's changes in order; what each did.
     async fn apply(&mut self, command: &ShardCommand) -> io::Result<Vec<Outcome>> {
         let mut outcomes = Vec::new();
+        // A batch's changes are mostly to one bucket: its handle is looked up once.
+        let mut bucket = None;
         for change in command.changes() {
             let Some(change) = change else {
                 outcomes.push(Outcome::NotAChange);
                 break;
             };
-            outcomes.push(apply_change(&self.registry, change).await?);
+            outcomes.push(apply_change(&self.registry, change, &mut bucket).await?);
         }
         Ok(outcomes)
     }
@@ -247,41 +249,58 @@ impl Inner {
             ));
         }
         self.snapshot_records = changes.len() as u64;
+        let mut bucket = None;
         for change in changes {
-            apply_change(&self.registry, change).await?;
+            apply_change(&self.registry, change, &mut bucket).await?;
         }
         Ok(())
     }
 }
 
+/// The bucket the last change of a batch went to, kept for the next: `None` when it was
+/// not a write to a live bucket.
+type LastBucket<'c> = Option<(&'c [u8], BucketHandle)>;
+
 /// Applies one committed change to `registry`, as every replica does. A bucket that is
 /// restarting (it crashed; it comes back from the replicated state) is waited for, so the
-/// change is made on every replica alike.
+/// change is made on every replica alike. `last` is the bucket the previous change went to.
 ///
 /// # Errors
 /// If the change cannot be made here (the bucket failed for good, the registry stopped): the
 /// replica stops applying rather than diverge from the others.
-async fn apply_change(registry: &Registry, change: Change<'_>) -> io::Result<Outcome> {
+async fn apply_change<'c>(
+    registry: &Registry,
+    change: Change<'c>,
+    last: &mut LastBucket<'c>,
+) -> io::Result<Outcome> {
     loop {
         let made = match change {
-            Change::Create { bucket } => registry
-                .create_from_log(bucket)
-                .await
-                .map(|_| Outcome::Done)
-                .map_err(Retry::from),
-            Change::Drop { bucket } => match registry.drop_bucket(bucket).await {
-                Ok(true) => Ok(Outcome::Done),
-                Ok(false) => Ok(Outcome::NothingToDrop),
-                Err(error) => Err(Retry::from(error)),
-            },
-            Change::Put { bucket, key, value } => match live(registry, bucket).await? {
-                Some(handle) => handle
-                    .restore(key, value)
-                    .map(|()| Outcome::Done)
-                    .map_err(Retry::from),
-                None => Ok(Outcome::NoSuchBucket),
-            },
-            Change::Delete { bucket, key } => match live(registry, bucket).await? {
+            Change::Create { bucket } => {
+                *last = None;
+                registry
+                    .create_from_log(bucket)
+                    .await
+                    .map(|_| Outcome::Done)
+                    .map_err(Retry::from)
+            }
+            Change::Drop { bucket } => {
+                *last = None;
+                match registry.drop_bucket(bucket).await {
+                    Ok(true) => Ok(Outcome::Done),
+                    Ok(false) => Ok(Outcome::NothingToDrop),
+                    Err(error) => Err(Retry::from(error)),
+                }
+            }
+            Change::Put { bucket, key, value } => {
+                match live_cached(registry, bucket, last).await? {
+                    Some(handle) => handle
+                        .restore(key, value)
+                        .map(|()| Outcome::Done)
+                        .map_err(Retry::from),
+                    None => Ok(Outcome::NoSuchBucket),
+                }
+            }
+            Change::Delete { bucket, key } => match live_cached(registry, bucket, last).await? {
                 Some(handle) => handle
                     .delete(key)
                     .map(|_| Outcome::Done)
@@ -291,7 +310,11 @@ async fn apply_change(registry: &Registry, change: Change<'_>) -> io::Result<Out
         };
         match made {
             Ok(outcome) => return Ok(outcome),
-            Err(Retry::Later) => tokio::time::sleep(RESTART_POLL).await,
+            Err(Retry::Later) => {
+                // The bucket stopped (it crashed): the handle of its restart is looked up.
+                *last = None;
+                tokio::time::sleep(RESTART_POLL).await;
+            }
             Err(Retry::Never(error)) => {
                 tracing::error!(%error, ?change, "a committed change could not be applied; the replica stops");
                 return Err(error);
@@ -352,6 +375,20 @@ impl From<BucketError> for Retry {
             other => Self::Never(io::Error::other(other)),
         }
     }
+}
+
+/// [`live`], from `last` when the previous change went to the same bucket. A handle kept
+/// there stays good within a batch: only the batch's own changes create or drop buckets (they
+/// clear it), and a bucket that crashed refuses changes through its old handle.
+async fn live_cached<'l, 'c>(
+    registry: &Registry,
+    name: &'c [u8],
+    last: &'l mut LastBucket<'c>,
+) -> io::Result<Option<&'l BucketHandle>> {
+    if last.as_ref().is_none_or(|(kept, _)| *kept != name) {
+        *last = live(registry, name).await?.map(|handle| (name, handle));
+    }
+    Ok(last.as_ref().map(|(_, handle)| handle))
 }
 
 /// The live bucket `name`, once any restart of it is over; `None` if there is no such bucket.
@@ -518,10 +555,17 @@ mod tests {
             },
             Change::Drop { bucket: b"s" },
             Change::Drop { bucket: b"s" },
+            // The batch's own DROP forgets the handle kept for the bucket.
+            Change::Put {
+                bucket: b"s",
+                key: b"k",
+                value: b"v",
+            },
         ];
         let mut outcomes = Vec::new();
+        let mut last = None;
         for change in changes {
-            outcomes.push(apply_change(&registry, change).await.unwrap());
+            outcomes.push(apply_change(&registry, change, &mut last).await.unwrap());
         }
         use Outcome::{Done, NoSuchBucket, NothingToDrop};
         assert_eq!(
@@ -534,7 +578,8 @@ mod tests {
                 NoSuchBucket,
                 NoSuchBucket,
                 Done,
-                NothingToDrop
+                NothingToDrop,
+                NoSuchBucket
             ]
         );
     }

@@ -64,7 +64,6 @@ async fn a_reopened_log_has_its_vote_entries_truncations_and_purges() {
         log.save_committed(Some(log_id::<ShardRaft>(1, 1, 6)))
             .await
             .unwrap();
-        log.write_committed().await.unwrap();
     }
     // A crash mid-write leaves a torn frame at the end: cut off at the next open.
     let file = directory.path().join("raft-log.kv");
@@ -89,58 +88,6 @@ async fn a_reopened_log_has_its_vote_entries_truncations_and_purges() {
         .map(|entry| entry.log_id.index)
         .collect();
     assert_eq!(indexes, [4, 5, 6, 7, 8]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_committed_index_goes_in_with_the_next_write_or_on_its_own() {
-    use openraft::storage::RaftLogStorage;
-    use openraft::testing::{blank_ent, log_id};
-
-    let directory = tempfile::tempdir().unwrap();
-    let reopened_committed = || async {
-        let mut log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
-        log.read_committed().await.unwrap()
-    };
-    {
-        let mut log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
-        append(
-            &mut log,
-            (1..=3).map(|i| blank_ent::<ShardRaft>(1, 1, i)).collect(),
-        )
-        .await;
-        log.save_committed(Some(log_id::<ShardRaft>(1, 1, 2)))
-            .await
-            .unwrap();
-        // Known here at once, not yet in the file: a process that dies now restarts on the
-        // committed index written before, which openraft allows.
-        assert_eq!(
-            log.read_committed().await.unwrap(),
-            Some(log_id::<ShardRaft>(1, 1, 2))
-        );
-    }
-    assert_eq!(reopened_committed().await, None);
-    {
-        let mut log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
-        log.save_committed(Some(log_id::<ShardRaft>(1, 1, 3)))
-            .await
-            .unwrap();
-        append(&mut log, vec![blank_ent::<ShardRaft>(1, 1, 4)]).await;
-    }
-    assert_eq!(
-        reopened_committed().await,
-        Some(log_id::<ShardRaft>(1, 1, 3))
-    );
-    {
-        let mut log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
-        log.save_committed(Some(log_id::<ShardRaft>(1, 1, 4)))
-            .await
-            .unwrap();
-        log.write_committed().await.unwrap();
-    }
-    assert_eq!(
-        reopened_committed().await,
-        Some(log_id::<ShardRaft>(1, 1, 4))
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

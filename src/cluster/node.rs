@@ -462,9 +462,9 @@ impl Node {
     }
 
     /// Once a second, until the node stops: reads the layout again and brings the replicas
-    /// in line with it (see `membership.rs`), writes the shards' committed indexes (and syncs
-    /// their logs under `--fsync everysec`), starts the snapshots that are due, and hands
-    /// leadership to preferred leaders.
+    /// in line with it (see `membership.rs`), syncs the shards' logs under `--fsync
+    /// everysec`, starts the snapshots that are due, and hands leadership to preferred
+    /// leaders.
     async fn maintain(self: Arc<Self>) {
         let mut tick = tokio::time::interval(MAINTAIN_EVERY);
         loop {
@@ -476,12 +476,10 @@ impl Node {
             self.follow_layout().await;
             let preferred = self.layout().preferred_leaders();
             for (shard, replica) in self.replica_list() {
-                if self.sync_every_second {
-                    if let Err(error) = replica.log.sync().await {
-                        tracing::error!(%error, shard, "syncing a shard's log failed");
-                    }
-                } else if let Err(error) = replica.log.write_committed().await {
-                    tracing::error!(%error, shard, "writing a shard's committed index failed");
+                if self.sync_every_second
+                    && let Err(error) = replica.log.sync().await
+                {
+                    tracing::error!(%error, shard, "syncing a shard's log failed");
                 }
                 self.compact_log(shard, &replica).await;
                 if let Some(&preferred) = preferred.get(&shard) {
@@ -657,9 +655,6 @@ impl Node {
         for (_, replica) in self.replica_list() {
             if let Err(error) = replica.group.shutdown().await {
                 tracing::warn!(%error, "a Raft group did not shut down cleanly");
-            }
-            if let Err(error) = replica.log.write_committed().await {
-                tracing::warn!(%error, "writing a shard's committed index failed");
             }
         }
     }

@@ -4,11 +4,7 @@
 //!
 //! Invariants:
 //! - Replaying the file from the start rebuilds exactly the state the last write left: every
-//!   operation is one frame, written before it is reported done; but the committed index,
-//!   which openraft lets a log keep or not, goes in with the next write or within the second
-//!   (a write of its own each time the index moves would be a third of the log's syscalls).
-//!   A replica restarted on an older committed index applies the rest once its leader says
-//!   they are committed; reads are served by leaders, which apply up to the reads' index first.
+//!   operation is one frame, written before it is reported done.
 //! - A vote is synced before `save_vote` returns; entries are synced before their append is
 //!   reported flushed under `--fsync always` (otherwise written to the system, and synced once
 //!   a second under `everysec`, as the single-node log does): a replica never acknowledges what
@@ -32,7 +28,7 @@ use tokio::sync::Mutex;
 
 use super::ShardRaft;
 use crate::config::FsyncPolicy;
-use crate::shard::wal::record::{ScanEnd, scan_frames, try_encode_frame};
+use crate::shard::wal::record::{ScanEnd, encode_frame, scan_frames};
 
 /// The log file's name in a shard's directory.
 const FILE: &str = "raft-log.kv";
@@ -64,12 +60,8 @@ struct Inner {
     frames: usize,
     /// Whether anything was written (to the operating system) since the last sync.
     unsynced: bool,
-    /// The frames of a write are made here: kept between writes so that its capacity is.
-    buffer: Vec<u8>,
     vote: Option<VoteOf<ShardRaft>>,
     committed: Option<LogIdOf<ShardRaft>>,
-    /// Whether `committed` has moved since it was last written.
-    committed_unwritten: bool,
     last_purged: Option<LogIdOf<ShardRaft>>,
     entries: BTreeMap<u64, EntryOf<ShardRaft>>,
 }
@@ -124,10 +116,8 @@ impl ShardLog {
                 fsync,
                 frames: state.frames,
                 unsynced: false,
-                buffer: Vec::new(),
                 vote: state.vote,
                 committed: state.committed,
-                committed_unwritten: false,
                 last_purged: state.last_purged,
                 entries: state.entries,
             })),
@@ -167,52 +157,28 @@ impl Replayed {
 }
 
 impl Inner {
-    /// Writes the committed index as a frame of its own, if it moved since it was last written.
-    fn write_committed(&mut self) -> io::Result<()> {
-        if !self.committed_unwritten {
-            return Ok(());
-        }
-        let mut frame = Vec::new();
-        encode_saved(&mut frame, &Saved::Committed(self.committed))?;
-        self.file.write_all(&frame)?;
-        self.committed_unwritten = false;
-        self.unsynced = true;
-        self.frames += 1;
-        Ok(())
-    }
-
     /// Writes `operations` as frames, in one write, and syncs them if `sync`. A sync (and the
     /// write before it) runs on a blocking thread, so that a slow disk never holds an async
     /// worker; the caller holds the log's lock meanwhile, which keeps the file's operations in
     /// order.
     async fn write(&mut self, operations: &[Saved], sync: bool) -> io::Result<()> {
-        let mut buffer = std::mem::take(&mut self.buffer);
-        buffer.clear();
-        let committed = self
-            .committed_unwritten
-            .then_some(Saved::Committed(self.committed));
-        for saved in committed.iter().chain(operations) {
-            encode_saved(&mut buffer, saved)?;
+        let mut buffer = Vec::new();
+        for saved in operations {
+            let payload = postcard::to_stdvec(saved).map_err(invalid)?;
+            encode_frame(&mut buffer, |out| out.extend_from_slice(&payload));
         }
-        let frames = operations.len() + usize::from(committed.is_some());
         if sync {
             let mut file = self.file.try_clone()?;
-            buffer = blocking(move || {
+            blocking(move || {
                 file.write_all(&buffer)?;
-                file.sync_data()?;
-                Ok(buffer)
+                file.sync_data()
             })
             .await?;
         } else {
             self.file.write_all(&buffer)?;
             self.unsynced = true;
         }
-        self.committed_unwritten = false;
-        self.frames += frames;
-        // A large entry's capacity is not kept for every later write.
-        if buffer.capacity() <= KEPT_BUFFER {
-            self.buffer = buffer;
-        }
+        self.frames += operations.len();
         Ok(())
     }
 
@@ -230,7 +196,8 @@ impl Inner {
         operations.extend(self.entries.values().cloned().map(Saved::Entry));
         let mut buffer = Vec::new();
         for saved in &operations {
-            encode_saved(&mut buffer, saved)?;
+            let payload = postcard::to_stdvec(saved).map_err(invalid)?;
+            encode_frame(&mut buffer, |out| out.extend_from_slice(&payload));
         }
         let directory = self.directory.clone();
         self.file = blocking(move || {
@@ -245,17 +212,8 @@ impl Inner {
         })
         .await?;
         self.frames = operations.len();
-        self.committed_unwritten = false;
         Ok(())
     }
-}
-
-/// The write buffer's capacity kept between writes, at most.
-const KEPT_BUFFER: usize = 1 << 20;
-
-/// Appends `saved` to `out` as one frame.
-fn encode_saved(out: &mut Vec<u8>, saved: &Saved) -> io::Result<()> {
-    try_encode_frame(out, |out| postcard::to_io(saved, out).map(drop)).map_err(invalid)
 }
 
 /// Runs file work that may wait on the disk on a blocking thread.
@@ -276,7 +234,6 @@ impl ShardLog {
     pub async fn sync(&self) -> io::Result<()> {
         let file = {
             let mut inner = self.inner.lock().await;
-            inner.write_committed()?;
             // An idle shard has nothing to sync: no syscall, no blocking thread woken.
             if !std::mem::take(&mut inner.unsynced) {
                 return Ok(());
@@ -288,14 +245,6 @@ impl ShardLog {
             self.inner.lock().await.unsynced = true;
         }
         synced
-    }
-
-    /// Writes the committed index if it moved since it was last written (a sync does too).
-    ///
-    /// # Errors
-    /// If the write fails.
-    pub async fn write_committed(&self) -> io::Result<()> {
-        self.inner.lock().await.write_committed()
     }
 
     /// The entries at `indexes` that the log holds, for a caller on a blocking thread (it
@@ -364,10 +313,14 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
         &mut self,
         committed: Option<LogIdOf<ShardRaft>>,
     ) -> Result<(), io::Error> {
-        // Written with the next write, or within the second (`write_committed`).
+        // Written at once, not with the next write: openraft restores a restarted leader
+        // (`enable_leader_restore`, on by default) with its state machine applied up to the
+        // committed index read back here, and serves reads from it; an index behind what was
+        // acknowledged would answer reads without those writes (a whole-cluster crash in
+        // `tests/cluster_faults.rs` did, when this write was put off).
         let mut inner = self.inner.lock().await;
+        inner.write(&[Saved::Committed(committed)], false).await?;
         inner.committed = committed;
-        inner.committed_unwritten = true;
         Ok(())
     }
 

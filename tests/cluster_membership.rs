@@ -150,31 +150,21 @@ async fn grow_and_shrink() {
 async fn refused_join(cluster: &Cluster, id: &str) -> String {
     for _ in 0..3 {
         let data = cluster.directory.path().join(format!("new-{id}"));
-        let via = cluster.binds[1].to_string();
         let bind = common::cluster_peers(1).0[0].to_string();
         let arguments = [
             "serve",
+            "--port",
+            "0",
             "--node-id",
             id,
             "--cluster-bind",
             &bind,
             "--join",
-            &via,
-        ]
-        .map(ToString::to_string);
-        let refused = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_kv"))
-                .args(arguments)
-                .arg("--data-dir")
-                .arg(&data)
-                .env("PORT", "0")
-                .output()
-                .unwrap()
-        });
-        let refused = tokio::time::timeout(Duration::from_secs(40), refused)
-            .await
-            .expect("a refused node exits")
-            .unwrap();
+            &cluster.binds[1].to_string(),
+            "--data-dir",
+            &data.to_string_lossy(),
+        ];
+        let refused = run_kv(&arguments, Duration::from_secs(40)).await;
         assert!(!refused.status.success());
         let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
         if !stderr.contains(&format!("binding {bind}")) {
@@ -186,18 +176,10 @@ async fn refused_join(cluster: &Cluster, id: &str) -> String {
 
 /// Runs `kv cluster arguments…` and gives what it printed; it must succeed.
 async fn kv_cluster(arguments: &[&str]) -> String {
-    let arguments: Vec<String> = arguments.iter().map(ToString::to_string).collect();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_kv"))
-            .arg("cluster")
-            .args(&arguments)
-            .output()
-            .unwrap()
-    });
-    let output = tokio::time::timeout(Duration::from_secs(30), output)
-        .await
-        .expect("kv cluster ends in time")
-        .unwrap();
+    let arguments: Vec<&str> = std::iter::once("cluster")
+        .chain(arguments.iter().copied())
+        .collect();
+    let output = run_kv(&arguments, Duration::from_secs(30)).await;
     let printed = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -205,6 +187,23 @@ async fn kv_cluster(arguments: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     printed
+}
+
+/// Runs the kv binary with `arguments` (off the async workers) and gives its output; it must
+/// end `within`.
+async fn run_kv(arguments: &[&str], within: Duration) -> std::process::Output {
+    let described = arguments.join(" ");
+    let arguments: Vec<String> = arguments.iter().map(ToString::to_string).collect();
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kv"))
+            .args(&arguments)
+            .output()
+            .unwrap()
+    });
+    tokio::time::timeout(within, run)
+        .await
+        .unwrap_or_else(|_| panic!("kv {described} ends within {within:?}"))
+        .unwrap()
 }
 
 /// Sends `request` to node `index` and gives its answer.

@@ -429,26 +429,31 @@ async fn drive(
     let failure = loop {
         tokio::select! {
             call = calls.recv() => {
-                let Some(call) = call else { break None };
+                let Some(mut call) = call else { break None };
                 // The calls queued meanwhile go out with it, in one write.
-                let mut next = Some(call);
-                let mut failed = false;
-                while let Some((request, reply)) = next.take() {
+                let fed = loop {
+                    let (request, reply) = call;
                     next_id += 1;
-                    let Ok(frame) = postcard::to_stdvec(&(next_id, request)) else {
-                        let _ = reply.send(Err(PeerError::Malformed(address)));
-                        next = calls.try_recv().ok();
-                        continue;
-                    };
-                    if let Err(source) = sink.feed(Bytes::from(frame)).await {
-                        let _ = reply.send(Err(PeerError::Io { address, source }));
-                        failed = true;
-                        break;
+                    match postcard::to_stdvec(&(next_id, request)) {
+                        Ok(frame) => match sink.feed(Bytes::from(frame)).await {
+                            Ok(()) => {
+                                waiting.insert(next_id, reply);
+                            }
+                            Err(source) => {
+                                let _ = reply.send(Err(PeerError::Io { address, source }));
+                                break false;
+                            }
+                        },
+                        Err(_) => {
+                            let _ = reply.send(Err(PeerError::Malformed(address)));
+                        }
                     }
-                    waiting.insert(next_id, reply);
-                    next = calls.try_recv().ok();
-                }
-                if failed || sink.flush().await.is_err() {
+                    match calls.try_recv() {
+                        Ok(next) => call = next,
+                        Err(_) => break true,
+                    }
+                };
+                if !fed || sink.flush().await.is_err() {
                     break Some(());
                 }
             }

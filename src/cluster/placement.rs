@@ -7,6 +7,9 @@
 //! only the replicas it gains or held (about 1/N of them). Preferred leaders are picked so that
 //! leaderships spread as evenly over the nodes as the placement allows.
 
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
+
 /// A node's identity in the cluster (`--node-id`).
 pub type NodeId = u64;
 
@@ -35,12 +38,12 @@ pub fn replicas_of(shard: u16, members: &[NodeId], replicas: usize) -> Vec<NodeI
 /// round).
 #[must_use]
 pub fn preferred_leaders(
-    placement: &std::collections::BTreeMap<u16, Vec<NodeId>>,
-) -> std::collections::BTreeMap<u16, NodeId> {
-    let mut leads = std::collections::HashMap::<NodeId, usize>::new();
-    let mut preferred = std::collections::BTreeMap::new();
+    placement: &BTreeMap<u16, Vec<NodeId>>,
+) -> BTreeMap<u16, NodeId> {
+    let mut leads = HashMap::<NodeId, usize>::new();
+    let mut preferred = BTreeMap::new();
     for (&shard, replicas) in placement {
-        let Some(count) = std::num::NonZeroUsize::new(replicas.len()) else {
+        let Some(count) = NonZeroUsize::new(replicas.len()) else {
             continue;
         };
         let start = usize::from(shard) % count;
@@ -65,8 +68,6 @@ fn weight(shard: u16, node: NodeId) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
 
     fn counts(shards: u16, members: &[NodeId], replicas: usize) -> BTreeMap<NodeId, usize> {

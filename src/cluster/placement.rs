@@ -37,9 +37,7 @@ pub fn replicas_of(shard: u16, members: &[NodeId], replicas: usize) -> Vec<NodeI
 /// that with every node holding every shard, shard `i` goes to the `i`th node, round and
 /// round).
 #[must_use]
-pub fn preferred_leaders(
-    placement: &BTreeMap<u16, Vec<NodeId>>,
-) -> BTreeMap<u16, NodeId> {
+pub fn preferred_leaders(placement: &BTreeMap<u16, Vec<NodeId>>) -> BTreeMap<u16, NodeId> {
     let mut leads = HashMap::<NodeId, usize>::new();
     let mut preferred = BTreeMap::new();
     for (&shard, replicas) in placement {

@@ -558,6 +558,27 @@ async fn any_node_answers_every_request_as_one_node_would() {
     first.send(b"GET shopping milk\n").await;
     first.expect(b"NOT FOUND\r\n").await;
 
+    // One pipelined batch of reads and writes on several buckets of one shard (a hash tag
+    // puts them in one slot), a missing bucket and a page of keys among them: the same bytes
+    // as a single node gives, whichever node leads the shard.
+    let session = b"CREATE {t}a\nCREATE {t}b\nPUT {t}a k 1\nPUT {t}b k 2\nPUT {t}a j 3\n\
+        GET {t}a k\nGET {t}a j\nGET {t}b k\nGET {t}c k\nGET {t}a missing\nKEYS {t}b\n\
+        GET {t}b k\nDELETE {t}a j\nGET {t}a j\nGET {t}a k\nPING\n";
+    let single = common::TestServer::default().await;
+    let mut alone = single.connect().await;
+    alone.send(session).await;
+    let mut expected = Vec::new();
+    while !expected.ends_with(b"PONG\r\n") {
+        expected.extend(alone.line().await);
+    }
+    assert!(
+        expected.starts_with(b"OK\r\nOK\r\nOK\r\nOK\r\nOK\r\n1\r\nOK\r\n3\r\nOK\r\n"),
+        "{}",
+        expected.escape_ascii()
+    );
+    second.send(session).await;
+    second.expect(&expected).await;
+
     // RESP, through the client library, on the third node.
     let mut client = servers[2].client().await;
     client.create(b"binary").await.unwrap();

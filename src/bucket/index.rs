@@ -126,6 +126,18 @@ impl EntryIndex {
         }
     }
 
+    /// Starts loading the index slots that may hold `hash`'s reference, without reading
+    /// them: the first stage of a prefetch, whose second ([`Self::for_each_candidate`]) then
+    /// finds the slots arriving. Only the control bytes that locate them are read. An inline
+    /// index lives in the table's header and needs nothing.
+    pub(super) fn prefetch_slots(&self, hash: u64) {
+        if let Self::Table(table) = self {
+            for slot in table.iter_hash(hash) {
+                crate::prefetch::prefetch(slot, size_of::<PackedRef>());
+            }
+        }
+    }
+
     /// Adds `entry` under `hash`; the caller knows its key is not in the index yet. `rehash`
     /// gives the hash of any entry, for growing.
     pub(super) fn insert(&mut self, hash: u64, entry: EntryRef, rehash: impl Fn(EntryRef) -> u64) {

@@ -17,6 +17,7 @@ use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use parking_lot::RwLock;
+use smallvec::SmallVec;
 
 use super::BucketError;
 use super::index::EntryIndex;
@@ -273,17 +274,28 @@ impl Table {
         Ok(read(found.map(|entry| entries.slabs.get(entry).1)))
     }
 
-    /// Starts loading into cache the entries that `keys` probably name, under one read lock:
-    /// the index is read, the entries are not, so the misses of several keys overlap.
+    /// Starts loading into cache the entries that `keys` probably name, under one read lock.
+    ///
+    /// In two passes over a group of keys: the first reads each key's control bytes and asks
+    /// for its index slots, the second reads the slots and asks for the entries. Each pass's
+    /// loads are independent of one another, so the misses of a group overlap; one pass per
+    /// key would wait for its control bytes, then for its slot, key after key.
     pub(crate) fn prefetch<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
+        /// Keys per group: enough to keep the processor's outstanding misses busy.
+        const GROUP: usize = 16;
         let guard = self.entries.read();
-        let Some(entries) = guard.as_ref() else {
+        let Some(Entries { index, slabs, .. }) = guard.as_ref() else {
             return;
         };
-        for key in keys {
-            entries
-                .index
-                .for_each_candidate(hash_key(key), |entry| entries.slabs.prefetch(entry));
+        let mut keys = keys.into_iter().map(hash_key).peekable();
+        while keys.peek().is_some() {
+            let hashes: SmallVec<[u64; GROUP]> = keys.by_ref().take(GROUP).collect();
+            for &hash in &hashes {
+                index.prefetch_slots(hash);
+            }
+            for &hash in &hashes {
+                index.for_each_candidate(hash, |entry| slabs.prefetch(entry));
+            }
         }
     }
 

@@ -21,6 +21,7 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::type_config::alias::{
     EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf,
 };
+use smallvec::SmallVec;
 use tokio::sync::Mutex;
 
 use super::applied::Applied;
@@ -332,19 +333,27 @@ fn prefetch(registry: &Registry, entry: &EntryOf<ShardRaft>) {
     let EntryPayload::Normal(command) = &entry.payload else {
         return;
     };
-    let mut last: Option<(&[u8], BucketHandle)> = None;
+    // A batch's changes are mostly to one bucket: it is looked up once, and the keys of a run
+    // of changes to it are asked for together, so that their misses overlap.
+    let mut run: Option<&[u8]> = None;
+    let mut keys = SmallVec::<[&[u8]; 16]>::new();
+    let flush = |run: Option<&[u8]>, keys: &mut SmallVec<[&[u8]; 16]>| {
+        if let Some(handle) = run.and_then(|bucket| registry.lookup(bucket)) {
+            handle.prefetch_entries(keys.iter().copied());
+        }
+        keys.clear();
+    };
     for change in command.changes() {
         let Some(Change::Put { bucket, key, .. } | Change::Delete { bucket, key }) = change else {
             continue;
         };
-        // A batch's changes are mostly to one bucket: it is looked up once.
-        if last.as_ref().is_none_or(|(name, _)| *name != bucket) {
-            last = registry.lookup(bucket).map(|handle| (bucket, handle));
+        if run != Some(bucket) {
+            flush(run, &mut keys);
+            run = Some(bucket);
         }
-        if let Some((_, handle)) = &last {
-            handle.prefetch_entries([key]);
-        }
+        keys.push(key);
     }
+    flush(run, &mut keys);
 }
 
 /// How often applying waits to see whether a restarting bucket (or registry) is back.

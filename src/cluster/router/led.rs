@@ -121,12 +121,11 @@ impl Router {
                 }
             }
             let before = replies.mark();
-            for request in rest
+            let reads = rest
                 .iter()
                 .take_while(|request| change_of(request).is_none())
-            {
-                self.read(registry, request, dialect, replies);
-            }
+                .count();
+            self.read(registry, &rest[..reads], dialect, replies);
             if !writes_committed && !lease_still_held(group).await {
                 // This node may have been paused between the check and the reads: what it
                 // read may be stale, so the reads are run again (elsewhere, if another node
@@ -138,33 +137,54 @@ impl Router {
         Ok(())
     }
 
-    /// Answers the read `request` from `registry`.
+    /// Answers the reads `requests` from `registry`. A run of reads on one bucket looks it up
+    /// once and asks for all its keys before reading the first, so that their cache misses
+    /// overlap.
     fn read(
         &self,
         registry: &crate::registry::Registry,
-        request: &Request<'_>,
+        requests: &[Request<'_>],
         dialect: Dialect,
         replies: &mut Replies,
     ) {
-        let name = bucket_of(request).unwrap_or_default();
-        let Some(bucket) = registry.lookup(name) else {
-            replies.push(&Reply::NotFound(name), dialect);
-            return;
-        };
-        match *request {
-            Request::Key(KeyRequest { key, .. }) => {
-                let read = replies.try_push_with(|out| {
-                    bucket.get_with(key, |found| encode_value(found, dialect, out))
-                });
-                if read.is_err() {
+        let mut rest = requests;
+        while let Some(first) = rest.first() {
+            let name = bucket_of(first).unwrap_or_default();
+            let on_bucket = rest
+                .iter()
+                .take_while(|request| bucket_of(request).unwrap_or_default() == name)
+                .count();
+            let (run, after) = rest.split_at(on_bucket);
+            rest = after;
+            let Some(bucket) = registry.lookup(name) else {
+                for _ in run {
                     replies.push(&Reply::NotFound(name), dialect);
                 }
+                continue;
+            };
+            bucket.prefetch_entries(run.iter().filter_map(|request| match *request {
+                Request::Key(KeyRequest { key, .. }) => Some(key),
+                _ => None,
+            }));
+            for request in run {
+                match *request {
+                    Request::Key(KeyRequest { key, .. }) => {
+                        let read = replies.try_push_with(|out| {
+                            bucket.get_with(key, |found| encode_value(found, dialect, out))
+                        });
+                        if read.is_err() {
+                            replies.push(&Reply::NotFound(name), dialect);
+                        }
+                    }
+                    Request::Keys { cursor, .. } => match bucket.scan(cursor, self.page_size) {
+                        Ok((next, keys)) => {
+                            replies.push_with(|out| encode_page(next, &keys, dialect, out));
+                        }
+                        Err(_) => replies.push(&Reply::NotFound(name), dialect),
+                    },
+                    _ => replies.push(&Reply::UnknownCommand, dialect),
+                }
             }
-            Request::Keys { cursor, .. } => match bucket.scan(cursor, self.page_size) {
-                Ok((next, keys)) => replies.push_with(|out| encode_page(next, &keys, dialect, out)),
-                Err(_) => replies.push(&Reply::NotFound(name), dialect),
-            },
-            _ => replies.push(&Reply::UnknownCommand, dialect),
         }
     }
 }

@@ -567,10 +567,7 @@ async fn any_node_answers_every_request_as_one_node_would() {
     let single = common::TestServer::default().await;
     let mut alone = single.connect().await;
     alone.send(session).await;
-    let mut expected = Vec::new();
-    while !expected.ends_with(b"PONG\r\n") {
-        expected.extend(alone.line().await);
-    }
+    let expected = alone.lines_until(b"PONG\r\n").await;
     assert!(
         expected.starts_with(b"OK\r\nOK\r\nOK\r\nOK\r\nOK\r\n1\r\nOK\r\n3\r\nOK\r\n"),
         "{}",

@@ -84,10 +84,7 @@ async fn metrics_count_what_info_counts_by_command_and_result() {
     assert_eq!(status, 200);
     let metrics = scrape(&text);
     client.send(b"INFO\n").await;
-    let mut info = String::new();
-    while !info.ends_with("OK\r\n") {
-        info.push_str(&String::from_utf8(client.line().await).unwrap());
-    }
+    let info = String::from_utf8(client.lines_until(b"OK\r\n").await).unwrap();
     let requests = |command: &str, result: &str| {
         value(
             &metrics,

@@ -22,11 +22,7 @@ async fn call(raw: &mut Raw, words: &[&[u8]], expected: &[u8]) {
 
 /// Reads the rest of a `HELLO` reply, whose last field is `modules`, an empty array.
 async fn rest_of_hello(raw: &mut Raw) -> Vec<u8> {
-    let mut rest = Vec::new();
-    while !rest.ends_with(b"$7\r\nmodules\r\n*0\r\n") {
-        rest.extend(raw.line().await);
-    }
-    rest
+    raw.lines_until(b"$7\r\nmodules\r\n*0\r\n").await
 }
 
 #[tokio::test]
@@ -65,10 +61,7 @@ async fn hello_3_switches_the_connection_to_resp3_and_hello_2_back() {
     // A line is answered as a line, whatever RESP version the connection chose.
     call(&mut raw, &[b"HELLO", b"3"], b"%7\r\n").await;
     raw.send(b"GET b k\n").await;
-    let mut rest = Vec::new();
-    while !rest.ends_with(b"\r\nOK\r\n") {
-        rest.extend(raw.line().await);
-    }
+    let rest = raw.lines_until(b"\r\nOK\r\n").await;
     assert!(
         rest.ends_with(b"*0\r\n\r\nOK\r\n"),
         "{}",

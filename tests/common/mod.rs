@@ -120,6 +120,15 @@ impl Raw {
         line
     }
 
+    /// Reads whole lines until what was read ends with `end`; returns all of it.
+    pub async fn lines_until(&mut self, end: &[u8]) -> Vec<u8> {
+        let mut read = Vec::new();
+        while !read.ends_with(end) {
+            read.extend(self.line().await);
+        }
+        read
+    }
+
     /// Waits for the server to close the connection; returns what came before.
     pub async fn until_closed(&mut self) -> Vec<u8> {
         let mut rest = Vec::new();

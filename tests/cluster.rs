@@ -68,6 +68,7 @@ async fn start_one(
         // Small, so that the test sees snapshots taken, logs purged, and a snapshot sent in
         // many pieces.
         snapshot_every: 20,
+        log_memory: 64 << 20,
         snapshot_piece: 256,
     };
     Node::start(config, listener).await.unwrap()
@@ -308,11 +309,16 @@ async fn stop(servers: Vec<common::TestServer>) {
 
 /// Three `kv serve`s in this process forming a cluster on loopback ports.
 async fn three_servers(directory: &Path) -> Vec<common::TestServer> {
-    three_servers_with(directory, CoreConfig::default()).await
+    three_servers_with(directory, CoreConfig::default(), |_| {}).await
 }
 
-/// Three in-process servers forming a cluster, with the limits of `core`.
-async fn three_servers_with(directory: &Path, core: CoreConfig) -> Vec<common::TestServer> {
+/// Three in-process servers forming a cluster, with the limits of `core` and the cluster
+/// settings `tune` leaves.
+async fn three_servers_with(
+    directory: &Path,
+    core: CoreConfig,
+    tune: impl Fn(&mut kv::config::ClusterConfig),
+) -> Vec<common::TestServer> {
     use kv::config::{ClusterConfig, DurabilityConfig, ServerConfig};
     // DEBUG CRASH is allowed, for the supervision test.
     let (bound, members) = listeners(3).await;
@@ -320,11 +326,12 @@ async fn three_servers_with(directory: &Path, core: CoreConfig) -> Vec<common::T
     drop(bound);
     let mut servers = Vec::new();
     for (&id, &address) in &members {
-        let cluster = ClusterConfig {
+        let mut cluster = ClusterConfig {
             heartbeat: Duration::from_millis(50),
             election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
             ..ClusterConfig::new(id, address, members.clone())
         };
+        tune(&mut cluster);
         let durability = DurabilityConfig {
             fsync: FsyncPolicy::No,
             ..DurabilityConfig::new(directory.join(id.to_string()))
@@ -426,7 +433,7 @@ async fn the_leader_refuses_changes_past_the_limits_as_one_node_does() {
     })
     .await;
     let directory = tempfile::tempdir().unwrap();
-    let servers = three_servers_with(directory.path(), core).await;
+    let servers = three_servers_with(directory.path(), core, |_| {}).await;
     let big = "v".repeat(2000);
     let requests = [
         "CREATE a-name-too-long".to_owned(),
@@ -700,6 +707,63 @@ async fn any_node_answers_every_request_as_one_node_would() {
     assert_eq!(nodes.lines().count(), 3, "{nodes}");
     assert_eq!(nodes.matches("myself").count(), 1, "{nodes}");
 
+    stop(servers).await;
+}
+
+/// Entries batch changes and may be megabytes each: a shard's log is compacted by the bytes
+/// its entries hold in memory, not only by their count. A few dozen large values written to
+/// one key, far fewer entries than a snapshot waits for, leave every replica's log within
+/// `log_memory` once compacted, and the value whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_of_few_large_entries_is_compacted_by_the_bytes_it_holds() {
+    const LOG_MEMORY: u64 = 256 << 10;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let directory = tempfile::tempdir().unwrap();
+    let servers = three_servers_with(directory.path(), CoreConfig::default(), |cluster| {
+        cluster.log_memory = LOG_MEMORY;
+    })
+    .await;
+    let mut writer = servers[0].client().await;
+    writer.create(b"big").await.unwrap();
+    let value = vec![b'v'; 64 << 10];
+    for round in 0..64u8 {
+        let mut value = value.clone();
+        value[0] = round;
+        writer.put(b"big", b"k", &value).await.unwrap();
+    }
+    // What each shard's log holds here, from INFO's `shard_N:…,log_bytes=B,…` lines.
+    let held = |info: &str| -> Vec<u64> {
+        info.lines()
+            .filter(|line| line.starts_with("shard_"))
+            .map(|line| {
+                line.split(',')
+                    .find_map(|field| field.strip_prefix("log_bytes="))
+                    .unwrap_or_else(|| panic!("log_bytes in {line}"))
+                    .parse()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(held(&writer.info().await.unwrap()).len(), 3, "every shard");
+    for server in &servers {
+        let mut client = server.client().await;
+        within(async {
+            loop {
+                let held = held(&client.info().await.unwrap());
+                if held.iter().all(|&bytes| bytes <= LOG_MEMORY) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let mut last = value.clone();
+        last[0] = 63;
+        assert_eq!(
+            client.get(b"big", b"k").await.unwrap().as_deref(),
+            Some(&last[..])
+        );
+    }
     stop(servers).await;
 }
 

@@ -90,6 +90,34 @@ async fn a_reopened_log_has_its_vote_entries_truncations_and_purges() {
     assert_eq!(indexes, [4, 5, 6, 7, 8]);
 }
 
+/// A few large entries, far fewer frames than the rewrite waits for, are rewritten away once
+/// purged too: the file is bounded by its bytes as well as its frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_of_few_large_entries_is_rewritten_once_purged() {
+    use openraft::storage::RaftLogStorage;
+    use openraft::testing::log_id;
+
+    let directory = tempfile::tempdir().unwrap();
+    let mut log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
+    let value = vec![b'v'; 1 << 20];
+    let changes: Vec<_> = (0..80)
+        .map(|_| kv::change::Change::Put {
+            bucket: b"big",
+            key: b"k",
+            value: &value,
+        })
+        .collect();
+    append(&mut log, entries_of(&changes, 1)).await;
+    let file = directory.path().join("raft-log.kv");
+    let before = std::fs::metadata(&file).unwrap().len();
+    assert!(before > 80 << 20, "{before}");
+    assert!(log.held_bytes() > 80 << 20, "{}", log.held_bytes());
+    log.purge(log_id::<ShardRaft>(1, 1, 79)).await.unwrap();
+    let after = std::fs::metadata(&file).unwrap().len();
+    assert!(after < 2 << 20, "rewritten: {before} bytes, then {after}");
+    assert!(log.held_bytes() < 2 << 20, "{}", log.held_bytes());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_mostly_purged_is_rewritten_and_reads_back_the_same() {
     use openraft::storage::{RaftLogReader, RaftLogStorage};

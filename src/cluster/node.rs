@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use openraft::BasicNode;
 use openraft::error::{InitializeError, RaftError};
+use openraft::type_config::alias::LogIdOf;
 use openraft::type_config::async_runtime::WatchReceiver as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +20,7 @@ use super::membership::join;
 use super::network::{PeerBook, Peers, ShardNetwork};
 use super::peer::{self, PeerHandler, PeerRequest, PeerResponse, ShardGroup};
 use super::placement::NodeId;
-use super::raft::{ShardLog, ShardStateMachine};
+use super::raft::{ShardLog, ShardRaft, ShardStateMachine};
 use crate::bucket::MemoryBudget;
 use crate::config::{CoreConfig, FsyncPolicy};
 
@@ -63,6 +64,9 @@ pub struct NodeConfig {
     /// The fewest entries between two snapshots of a shard (after which its log is purged); a
     /// shard snapshots less often the more it holds (see `Node::compact_log`).
     pub snapshot_every: u64,
+    /// The bytes a shard's log may hold in memory before it is compacted, at least (see
+    /// `Node::compact_log`).
+    pub log_memory: u64,
     /// Bytes per piece a snapshot is sent in, each piece its own frame.
     pub snapshot_piece: usize,
 }
@@ -134,6 +138,8 @@ pub struct Node {
     pub(super) told_drained: std::sync::atomic::AtomicBool,
     /// The fewest entries between two snapshots of a shard.
     snapshot_every: u64,
+    /// The bytes a shard's log may hold in memory before it is compacted, at least.
+    log_memory: u64,
     /// The memory the node's shards share.
     budget: Arc<MemoryBudget>,
     /// The snapshots peers are sending this node.
@@ -150,6 +156,14 @@ pub struct Replica {
     log: ShardLog,
     /// Leader changes seen since it opened (for metrics).
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Replica {
+    /// What its log's unpurged entries take in memory, in bytes.
+    #[must_use]
+    pub fn log_bytes(&self) -> u64 {
+        self.log.held_bytes()
+    }
 }
 
 /// The replicas a node holds, by shard.
@@ -434,6 +448,7 @@ impl Node {
             layout_writes: tokio::sync::Mutex::new(()),
             told_drained: std::sync::atomic::AtomicBool::new(false),
             snapshot_every: config.snapshot_every,
+            log_memory: config.log_memory,
             budget,
             // A snapshot holds about the data of a shard; a node's shards together hold no more
             // than its memory limit.
@@ -495,15 +510,35 @@ impl Node {
     /// purged behind it. So a shard's log stays within about three times its data, and the
     /// cost of a snapshot, which copies every key, is spread over twice as many writes as it
     /// copies keys; a fixed number of entries would copy a large shard over and over.
+    ///
+    /// Entries batch changes, up to megabytes each, so their count alone does not bound the
+    /// log's memory: once the entries held take more than twice the last snapshot's bytes
+    /// (and at least `log_memory`), the log is purged up to that snapshot, whatever openraft
+    /// keeps behind snapshots for replicas a little behind, or, with nothing left to purge, a
+    /// snapshot is started. Checked each tick, so the log holds at most that plus a second
+    /// or two of writes.
     async fn compact_log(&self, shard: u16, replica: &Replica) {
         let metrics = replica.group.metrics().borrow_watched().clone();
-        let applied = metrics.last_applied.map_or(0, |log_id| log_id.index);
-        let snapshot = metrics.snapshot.map_or(0, |log_id| log_id.index);
+        let index = |log_id: Option<&LogIdOf<ShardRaft>>| log_id.map_or(0, |log_id| log_id.index);
+        let applied = index(metrics.last_applied.as_ref());
+        let snapshot = index(metrics.snapshot.as_ref());
+        let purged = index(metrics.purged.as_ref());
         let records = replica.machine.snapshot_records().await;
-        if applied.saturating_sub(snapshot) >= self.snapshot_every.max(records * 2)
-            && let Err(error) = replica.group.trigger().snapshot().await
+        let too_large = replica.log.held_bytes()
+            > self
+                .log_memory
+                .max(replica.machine.snapshot_bytes().await.saturating_mul(2));
+        let triggered = if too_large && purged < snapshot {
+            replica.group.trigger().purge_log(snapshot).await
+        } else if too_large
+            || applied.saturating_sub(snapshot) >= self.snapshot_every.max(records * 2)
         {
-            tracing::warn!(%error, shard, "could not start a snapshot");
+            replica.group.trigger().snapshot().await
+        } else {
+            Ok(())
+        };
+        if let Err(error) = triggered {
+            tracing::warn!(%error, shard, "could not compact the log");
         }
     }
 

@@ -328,6 +328,7 @@ async fn join_cluster(
             election_timeout: cluster.election_timeout,
             core: config.core.clone(),
             snapshot_every: cluster.snapshot_every,
+            log_memory: cluster.log_memory,
             snapshot_piece: cluster.snapshot_piece,
         })
         .await?,

@@ -10,7 +10,9 @@
 //!   a second under `everysec`, as the single-node log does): a replica never acknowledges what
 //!   a crash of its process loses.
 //! - The file is rewritten (to a temporary file, synced, renamed) once purged entries make up
-//!   most of it, so it stays near the size of the unpurged log.
+//!   most of it, by frames or by bytes, so it stays near the size of the unpurged log.
+//! - `held` is the sum of [`held_bytes`] over `entries`: every insertion and removal updates
+//!   it, under the lock.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -19,7 +21,9 @@ use std::io::{self, Write as _};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use openraft::EntryPayload;
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
@@ -35,6 +39,9 @@ const FILE: &str = "raft-log.kv";
 
 /// Rewrite the file once it holds this many frames and more than twice what is live.
 const REWRITE_AT: usize = 4096;
+/// Or once it holds this many bytes and more than twice the live entries': a few large entries
+/// would not reach `REWRITE_AT` frames before taking gigabytes of disk.
+const REWRITE_BYTES: u64 = 64 << 20;
 
 /// One operation on the log, as the file keeps it.
 #[derive(Serialize, Deserialize)]
@@ -51,6 +58,24 @@ enum Saved {
 #[derive(Clone)]
 pub struct ShardLog {
     inner: Arc<Mutex<Inner>>,
+    /// What the entries held in memory take (see [`held_bytes`]): kept beside the lock, so that
+    /// compaction and `INFO` read it without waiting for a write.
+    held: Arc<AtomicU64>,
+}
+
+/// What an entry held in memory is counted as: its changes' bytes and a fixed overhead (its log
+/// id, its place in the map). An estimate for bounding the log, as the memory budget's is.
+fn held_bytes(entry: &EntryOf<ShardRaft>) -> u64 {
+    const OVERHEAD: u64 = 64;
+    let payload = match &entry.payload {
+        EntryPayload::Normal(command) => command.encoded_len(),
+        EntryPayload::Blank | EntryPayload::Membership(_) => 0,
+    };
+    OVERHEAD + payload as u64
+}
+
+fn total_held<'e>(entries: impl IntoIterator<Item = &'e EntryOf<ShardRaft>>) -> u64 {
+    entries.into_iter().map(held_bytes).sum()
 }
 
 struct Inner {
@@ -58,6 +83,8 @@ struct Inner {
     file: File,
     fsync: FsyncPolicy,
     frames: usize,
+    /// The file's length.
+    file_bytes: u64,
     /// Whether anything was written (to the operating system) since the last sync.
     unsynced: bool,
     vote: Option<VoteOf<ShardRaft>>,
@@ -95,9 +122,11 @@ impl ShardLog {
         )
         .unwrap_or(ScanEnd::Clean);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut file_bytes = bytes.len() as u64;
         match end {
             ScanEnd::Clean => {}
             ScanEnd::Torn { offset, reason } => {
+                file_bytes = offset;
                 tracing::warn!(file = %path.display(), offset, reason, "the Raft log ends in a torn write; cutting it off");
                 file.set_len(offset)?;
                 file.sync_all()?;
@@ -110,11 +139,13 @@ impl ShardLog {
             }
         }
         Ok(Self {
+            held: Arc::new(AtomicU64::new(total_held(state.entries.values()))),
             inner: Arc::new(Mutex::new(Inner {
                 directory: directory.to_owned(),
                 file,
                 fsync,
                 frames: state.frames,
+                file_bytes,
                 unsynced: false,
                 vote: state.vote,
                 committed: state.committed,
@@ -167,6 +198,7 @@ impl Inner {
             let payload = postcard::to_stdvec(saved).map_err(invalid)?;
             encode_frame(&mut buffer, |out| out.extend_from_slice(&payload));
         }
+        let written = buffer.len() as u64;
         if sync {
             let mut file = self.file.try_clone()?;
             blocking(move || {
@@ -179,6 +211,7 @@ impl Inner {
             self.unsynced = true;
         }
         self.frames += operations.len();
+        self.file_bytes += written;
         Ok(())
     }
 
@@ -186,7 +219,10 @@ impl Inner {
     /// blocking thread: it writes and syncs the whole live log).
     async fn rewrite_if_mostly_purged(&mut self) -> io::Result<()> {
         let live = self.entries.len() + 3;
-        if self.frames < REWRITE_AT || self.frames < 2 * live {
+        let many_frames = self.frames >= REWRITE_AT && self.frames >= 2 * live;
+        let many_bytes = self.file_bytes >= REWRITE_BYTES
+            && self.file_bytes >= 2 * total_held(self.entries.values());
+        if !many_frames && !many_bytes {
             return Ok(());
         }
         let mut operations = Vec::with_capacity(live);
@@ -199,6 +235,7 @@ impl Inner {
             let payload = postcard::to_stdvec(saved).map_err(invalid)?;
             encode_frame(&mut buffer, |out| out.extend_from_slice(&payload));
         }
+        let written = buffer.len() as u64;
         let directory = self.directory.clone();
         self.file = blocking(move || {
             let path = directory.join(FILE);
@@ -212,6 +249,7 @@ impl Inner {
         })
         .await?;
         self.frames = operations.len();
+        self.file_bytes = written;
         Ok(())
     }
 }
@@ -226,6 +264,13 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl ShardLog {
+    /// What the unpurged entries held in memory take, in bytes (estimated as [`held_bytes`]
+    /// counts them).
+    #[must_use]
+    pub fn held_bytes(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
     /// Syncs what has been written to the file (`--fsync everysec` does once a second). The
     /// log's lock is held only to take a handle: appends go on while the sync runs.
     ///
@@ -344,7 +389,11 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
         let written = inner.write(&operations, sync).await;
         if written.is_ok() {
             for entry in entries {
-                inner.entries.insert(entry.index(), entry);
+                self.held.fetch_add(held_bytes(&entry), Ordering::Relaxed);
+                if let Some(replaced) = inner.entries.insert(entry.index(), entry) {
+                    self.held
+                        .fetch_sub(held_bytes(&replaced), Ordering::Relaxed);
+                }
             }
         }
         // Both the callback and the caller are told of a failure; `io::Error` does not clone.
@@ -365,7 +414,9 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
             .write(&[Saved::TruncateAfter(last_log_id)], false)
             .await?;
         let from = last_log_id.map_or(0, |last| last.index() + 1);
-        inner.entries.split_off(&from);
+        let removed = inner.entries.split_off(&from);
+        self.held
+            .fetch_sub(total_held(removed.values()), Ordering::Relaxed);
         Ok(())
     }
 
@@ -373,7 +424,9 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
         let mut inner = self.inner.lock().await;
         inner.write(&[Saved::Purge(log_id)], false).await?;
         let kept = inner.entries.split_off(&(log_id.index() + 1));
-        inner.entries = kept;
+        let purged = std::mem::replace(&mut inner.entries, kept);
+        self.held
+            .fetch_sub(total_held(purged.values()), Ordering::Relaxed);
         inner.last_purged = Some(log_id);
         inner.rewrite_if_mostly_purged().await
     }

@@ -130,6 +130,16 @@ impl ShardStateMachine {
         self.inner.lock().await.snapshot_records
     }
 
+    /// The size of the latest snapshot, in bytes (0 before the first).
+    pub async fn snapshot_bytes(&self) -> u64 {
+        self.inner
+            .lock()
+            .await
+            .snapshot
+            .as_ref()
+            .map_or(0, |(_, bytes)| bytes.len() as u64)
+    }
+
     /// The registry of the shard's buckets, for reads.
     #[must_use]
     pub fn registry(&self) -> &Registry {

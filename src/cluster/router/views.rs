@@ -214,6 +214,10 @@ impl Router {
                     last_log: metrics.last_log_index.unwrap_or(0),
                     committed: index(metrics.cluster_committed.as_ref()),
                     applied: index(metrics.last_applied.as_ref()),
+                    log_bytes: self
+                        .node
+                        .replica(shard)
+                        .map_or(0, |replica| replica.log_bytes()),
                     followers,
                 })
             })
@@ -232,7 +236,7 @@ impl Router {
         for state in &states {
             let _ = write!(
                 text,
-                "shard_{}:role={},leader={},term={},last_log={},committed={},applied={}",
+                "shard_{}:role={},leader={},term={},last_log={},committed={},applied={},log_bytes={}",
                 state.shard,
                 if state.leads { "leader" } else { "follower" },
                 state.leader.unwrap_or(0),
@@ -240,6 +244,7 @@ impl Router {
                 state.last_log,
                 state.committed,
                 state.applied,
+                state.log_bytes,
             );
             let joined = |nodes: &[u64]| {
                 nodes
@@ -378,6 +383,8 @@ pub struct ShardState {
     pub committed: u64,
     /// The last index applied here.
     pub applied: u64,
+    /// What the log's unpurged entries take in memory here, in bytes.
+    pub log_bytes: u64,
     /// When this node leads: each follower's progress.
     pub followers: Vec<FollowerState>,
 }

@@ -32,7 +32,7 @@ use tokio::sync::Mutex;
 
 use super::ShardRaft;
 use crate::config::FsyncPolicy;
-use crate::shard::wal::record::{ScanEnd, encode_frame, scan_frames};
+use crate::shard::wal::record::{ScanEnd, scan_frames, try_encode_frame};
 
 /// The log file's name in a shard's directory.
 const FILE: &str = "raft-log.kv";
@@ -195,8 +195,7 @@ impl Inner {
     async fn write(&mut self, operations: &[Saved], sync: bool) -> io::Result<()> {
         let mut buffer = Vec::new();
         for saved in operations {
-            let payload = postcard::to_stdvec(saved).map_err(invalid)?;
-            encode_frame(&mut buffer, |out| out.extend_from_slice(&payload));
+            encode_saved(&mut buffer, saved)?;
         }
         let written = buffer.len() as u64;
         if sync {
@@ -216,12 +215,12 @@ impl Inner {
     }
 
     /// Rewrites the file as what is live now, once purged entries make up most of it (on a
-    /// blocking thread: it writes and syncs the whole live log).
-    async fn rewrite_if_mostly_purged(&mut self) -> io::Result<()> {
+    /// blocking thread: it writes and syncs the whole live log). `live_bytes` is what the
+    /// live entries take (the log's `held`).
+    async fn rewrite_if_mostly_purged(&mut self, live_bytes: u64) -> io::Result<()> {
         let live = self.entries.len() + 3;
         let many_frames = self.frames >= REWRITE_AT && self.frames >= 2 * live;
-        let many_bytes = self.file_bytes >= REWRITE_BYTES
-            && self.file_bytes >= 2 * total_held(self.entries.values());
+        let many_bytes = self.file_bytes >= REWRITE_BYTES && self.file_bytes >= 2 * live_bytes;
         if !many_frames && !many_bytes {
             return Ok(());
         }
@@ -232,8 +231,7 @@ impl Inner {
         operations.extend(self.entries.values().cloned().map(Saved::Entry));
         let mut buffer = Vec::new();
         for saved in &operations {
-            let payload = postcard::to_stdvec(saved).map_err(invalid)?;
-            encode_frame(&mut buffer, |out| out.extend_from_slice(&payload));
+            encode_saved(&mut buffer, saved)?;
         }
         let written = buffer.len() as u64;
         let directory = self.directory.clone();
@@ -252,6 +250,11 @@ impl Inner {
         self.file_bytes = written;
         Ok(())
     }
+}
+
+/// Appends `saved` to `out` as one frame, serialized in place.
+fn encode_saved(out: &mut Vec<u8>, saved: &Saved) -> io::Result<()> {
+    try_encode_frame(out, |out| postcard::to_io(saved, out).map(drop)).map_err(invalid)
 }
 
 /// Runs file work that may wait on the disk on a blocking thread.
@@ -388,13 +391,15 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
         let sync = inner.fsync == FsyncPolicy::Always;
         let written = inner.write(&operations, sync).await;
         if written.is_ok() {
+            let (mut added, mut replaced) = (0, 0);
             for entry in entries {
-                self.held.fetch_add(held_bytes(&entry), Ordering::Relaxed);
-                if let Some(replaced) = inner.entries.insert(entry.index(), entry) {
-                    self.held
-                        .fetch_sub(held_bytes(&replaced), Ordering::Relaxed);
+                added += held_bytes(&entry);
+                if let Some(old) = inner.entries.insert(entry.index(), entry) {
+                    replaced += held_bytes(&old);
                 }
             }
+            self.held.fetch_add(added, Ordering::Relaxed);
+            self.held.fetch_sub(replaced, Ordering::Relaxed);
         }
         // Both the callback and the caller are told of a failure; `io::Error` does not clone.
         let reported = match &written {
@@ -428,6 +433,6 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
         self.held
             .fetch_sub(total_held(purged.values()), Ordering::Relaxed);
         inner.last_purged = Some(log_id);
-        inner.rewrite_if_mostly_purged().await
+        inner.rewrite_if_mostly_purged(self.held_bytes()).await
     }
 }

@@ -70,9 +70,30 @@ pub fn encode_change(change: &Change<'_>, out: &mut Vec<u8>) {
 /// # Panics
 /// If the payload passes the frame's limit: callers refuse such payloads before they exist.
 pub fn encode_frame(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let framed: Result<(), std::convert::Infallible> = try_encode_frame(out, |out| {
+        write(out);
+        Ok(())
+    });
+    let Ok(()) = framed;
+}
+
+/// [`encode_frame`] with a payload whose making may fail: on failure `out` is left as it was.
+///
+/// # Errors
+/// What `write` returned.
+///
+/// # Panics
+/// If the payload passes the frame's limit: callers refuse such payloads before they exist.
+pub fn try_encode_frame<E>(
+    out: &mut Vec<u8>,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<(), E> {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
-    write(out);
+    if let Err(error) = write(out) {
+        out.truncate(start);
+        return Err(error);
+    }
     let payload_len = out.len() - start - HEADER_LEN;
     let length = u32::try_from(payload_len)
         .ok()
@@ -83,6 +104,7 @@ pub fn encode_frame(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
     out[start + 4..start + 8].copy_from_slice(&crc32c::crc32c(&length).to_le_bytes());
     let checksum = crc32c::crc32c(&out[start + HEADER_LEN..]);
     out.extend_from_slice(&checksum.to_le_bytes());
+    Ok(())
 }
 
 fn put_field(out: &mut Vec<u8>, field: &[u8]) {

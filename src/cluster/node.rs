@@ -523,11 +523,9 @@ impl Node {
         let applied = index(metrics.last_applied.as_ref());
         let snapshot = index(metrics.snapshot.as_ref());
         let purged = index(metrics.purged.as_ref());
-        let records = replica.machine.snapshot_records().await;
-        let too_large = replica.log.held_bytes()
-            > self
-                .log_memory
-                .max(replica.machine.snapshot_bytes().await.saturating_mul(2));
+        let (records, snapshot_bytes) = replica.machine.snapshot_size().await;
+        let too_large =
+            replica.log.held_bytes() > self.log_memory.max(snapshot_bytes.saturating_mul(2));
         let triggered = if too_large && purged < snapshot {
             replica.group.trigger().purge_log(snapshot).await
         } else if too_large

@@ -124,20 +124,15 @@ impl ShardStateMachine {
         Ok(machine)
     }
 
-    /// How many records (buckets and keys) the latest snapshot holds: what building the next
-    /// one costs.
-    pub async fn snapshot_records(&self) -> u64 {
-        self.inner.lock().await.snapshot_records
-    }
-
-    /// The size of the latest snapshot, in bytes (0 before the first).
-    pub async fn snapshot_bytes(&self) -> u64 {
-        self.inner
-            .lock()
-            .await
+    /// How many records (buckets and keys) the latest snapshot holds, which is what building
+    /// the next one costs, and its size in bytes (0 before the first).
+    pub async fn snapshot_size(&self) -> (u64, u64) {
+        let inner = self.inner.lock().await;
+        let bytes = inner
             .snapshot
             .as_ref()
-            .map_or(0, |(_, bytes)| bytes.len() as u64)
+            .map_or(0, |(_, bytes)| bytes.len() as u64);
+        (inner.snapshot_records, bytes)
     }
 
     /// The registry of the shard's buckets, for reads.
@@ -343,12 +338,15 @@ fn prefetch(registry: &Registry, entry: &EntryOf<ShardRaft>) {
     let EntryPayload::Normal(command) = &entry.payload else {
         return;
     };
-    // A batch's changes are mostly to one bucket: it is looked up once, and the keys of a run
-    // of changes to it are asked for together, so that their misses overlap.
+    // A batch's changes are mostly to one bucket: it is looked up once per group of up to
+    // `GROUP` keys of a run of changes to it, asked for together so that their misses overlap.
+    const GROUP: usize = 16;
     let mut run: Option<&[u8]> = None;
-    let mut keys = SmallVec::<[&[u8]; 16]>::new();
-    let flush = |run: Option<&[u8]>, keys: &mut SmallVec<[&[u8]; 16]>| {
-        if let Some(handle) = run.and_then(|bucket| registry.lookup(bucket)) {
+    let mut keys = SmallVec::<[&[u8]; GROUP]>::new();
+    let flush = |run: Option<&[u8]>, keys: &mut SmallVec<[&[u8]; GROUP]>| {
+        if !keys.is_empty()
+            && let Some(handle) = run.and_then(|bucket| registry.lookup(bucket))
+        {
             handle.prefetch_entries(keys.iter().copied());
         }
         keys.clear();
@@ -357,7 +355,7 @@ fn prefetch(registry: &Registry, entry: &EntryOf<ShardRaft>) {
         let Some(Change::Put { bucket, key, .. } | Change::Delete { bucket, key }) = change else {
             continue;
         };
-        if run != Some(bucket) {
+        if run != Some(bucket) || keys.len() == GROUP {
             flush(run, &mut keys);
             run = Some(bucket);
         }

@@ -287,9 +287,10 @@ pub struct ClusterConfig {
     /// shard snapshots once its log has grown by twice as many entries as its last snapshot
     /// holds records, so its log stays within about three times its data.
     pub snapshot_every: u64,
-    /// The bytes a shard's log may hold in memory before it is compacted, however few its
-    /// entries: the most of twice its last snapshot's size and this. Entries batch changes
-    /// and may be megabytes each, so a count of entries alone bounds nothing.
+    /// The bytes a node's shard logs may hold in memory together, however few their entries,
+    /// before the largest are compacted (or twice their last snapshots' size, if that is more).
+    /// Entries batch changes and may be megabytes each, so a count of entries alone bounds
+    /// nothing, and a node may hold many shards.
     pub log_memory: u64,
     /// Bytes per piece a snapshot is sent to a lagging replica in (each piece is one frame of
     /// the peer connection, which holds at most 1 GiB).
@@ -318,7 +319,7 @@ impl ClusterConfig {
             heartbeat: Duration::from_millis(200),
             election_timeout: (Duration::from_millis(600), Duration::from_millis(1200)),
             snapshot_every: 10_000,
-            log_memory: 64 << 20,
+            log_memory: 256 << 20,
             snapshot_piece: 16 << 20,
         }
     }

@@ -276,6 +276,11 @@ struct ServeArgs {
     /// starts an election.
     #[arg(long, default_value_t = default_cluster().election_timeout.0.as_millis() as u64)]
     election_timeout_ms: u64,
+    /// What this node's shard logs may hold in memory together (entries not yet compacted into
+    /// a snapshot); past it the largest are compacted at once. Twice the shards' snapshots, if
+    /// that is more.
+    #[arg(long, default_value = "256mb", value_parser = parse_bytes)]
+    log_memory: usize,
 }
 
 /// A size: bytes, or with a unit (`kb`, `mb`, `gb`, `tb`, as Redis reads them: powers of
@@ -616,6 +621,7 @@ fn cluster_config(arguments: &ServeArgs) -> anyhow::Result<Option<ClusterConfig>
         heartbeat: Duration::from_millis(arguments.heartbeat_ms),
         election_timeout: (election, election * 2),
         join: arguments.join.clone(),
+        log_memory: u64::try_from(arguments.log_memory).unwrap_or(u64::MAX),
         ..ClusterConfig::new(node_id, bind, peers)
     }))
 }

@@ -710,30 +710,51 @@ async fn any_node_answers_every_request_as_one_node_would() {
     stop(servers).await;
 }
 
-/// Entries batch changes and may be megabytes each: a shard's log is compacted by the bytes
-/// its entries hold in memory, not only by their count. A few dozen large values written to
-/// one key, far fewer entries than a snapshot waits for, leave every replica's log within
-/// `log_memory` once compacted, and the value whole.
+/// Entries batch changes and may be megabytes each, and a node may hold many shards: what a
+/// node's shard logs hold in memory is bounded by their bytes, together. Large values written to
+/// a bucket of each shard, each shard's log well within `log_memory` but all three past it and
+/// far fewer entries than a snapshot waits for, leave every node's logs within `log_memory`
+/// once compacted, and the values whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_log_of_few_large_entries_is_compacted_by_the_bytes_it_holds() {
-    const LOG_MEMORY: u64 = 256 << 10;
+async fn a_nodes_logs_are_compacted_by_the_bytes_they_hold_together() {
+    use kv::cluster::slot::{shard_of, slot_of};
+    const LOG_MEMORY: u64 = 1 << 20;
+    const ROUNDS: u8 = 12;
     let _alone = ONE_AT_A_TIME.lock().await;
     let directory = tempfile::tempdir().unwrap();
     let servers = three_servers_with(directory.path(), CoreConfig::default(), |cluster| {
         cluster.log_memory = LOG_MEMORY;
     })
     .await;
+    // The default number of shards; checked against INFO below.
+    let shards: u16 = 3;
+    let buckets: Vec<Vec<u8>> = (0..shards)
+        .map(|shard| {
+            (0u32..)
+                .map(|n| format!("big{{{n}}}").into_bytes())
+                .find(|name| shard_of(slot_of(name), shards) == shard)
+                .unwrap()
+        })
+        .collect();
     let mut writer = servers[0].client().await;
-    writer.create(b"big").await.unwrap();
-    let value = vec![b'v'; 64 << 10];
-    for round in 0..64u8 {
-        let mut value = value.clone();
-        value[0] = round;
-        writer.put(b"big", b"k", &value).await.unwrap();
+    for bucket in &buckets {
+        writer.create(bucket).await.unwrap();
     }
-    // What each shard's log holds here, from INFO's `shard_N:…,log_bytes=B,…` lines.
-    let held = |info: &str| -> Vec<u64> {
-        info.lines()
+    let value = |round: u8| {
+        let mut value = vec![b'v'; 64 << 10];
+        value[0] = round;
+        value
+    };
+    for round in 0..ROUNDS {
+        for bucket in &buckets {
+            writer.put(bucket, b"k", &value(round)).await.unwrap();
+        }
+    }
+    // What each shard's log holds here, from INFO's `shard_N:…,log_bytes=B,…` lines, and
+    // the node's logs together, from `cluster_log_memory:B`.
+    let held = |info: &str| -> (Vec<u64>, u64) {
+        let shards = info
+            .lines()
             .filter(|line| line.starts_with("shard_"))
             .map(|line| {
                 line.split(',')
@@ -742,27 +763,45 @@ async fn a_log_of_few_large_entries_is_compacted_by_the_bytes_it_holds() {
                     .parse()
                     .unwrap()
             })
-            .collect()
+            .collect();
+        let node = info
+            .lines()
+            .find_map(|line| line.strip_prefix("cluster_log_memory:"))
+            .unwrap_or_else(|| panic!("cluster_log_memory in {info}"))
+            .parse()
+            .unwrap();
+        (shards, node)
     };
-    assert_eq!(held(&writer.info().await.unwrap()).len(), 3, "every shard");
+    let written = u64::from(ROUNDS) * (64 << 10);
+    assert!(
+        written < LOG_MEMORY && written * u64::from(shards) > 2 * LOG_MEMORY,
+        "each shard's writes within the budget, all of them well past it"
+    );
+    let info = writer.info().await.unwrap();
+    assert_eq!(held(&info).0.len(), 3, "every shard");
+    assert!(info.contains(&format!("cluster_log_memory_budget:{LOG_MEMORY}\r\n")));
     for server in &servers {
         let mut client = server.client().await;
         within(async {
             loop {
-                let held = held(&client.info().await.unwrap());
-                if held.iter().all(|&bytes| bytes <= LOG_MEMORY) {
+                let (shards, node) = held(&client.info().await.unwrap());
+                if node <= LOG_MEMORY {
+                    assert!(
+                        shards.iter().sum::<u64>() <= node,
+                        "{shards:?} within {node}"
+                    );
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
         .await;
-        let mut last = value.clone();
-        last[0] = 63;
-        assert_eq!(
-            client.get(b"big", b"k").await.unwrap().as_deref(),
-            Some(&last[..])
-        );
+        for bucket in &buckets {
+            assert_eq!(
+                client.get(bucket, b"k").await.unwrap().as_deref(),
+                Some(&value(ROUNDS - 1)[..])
+            );
+        }
     }
     stop(servers).await;
 }
@@ -891,6 +930,15 @@ async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
         .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
         .max();
     assert!(most_changes >= Some(2), "{metrics}");
+    // What the node's logs hold in memory, under the default --log-memory (256 MiB).
+    assert!(
+        metrics.contains("\nkv_cluster_log_memory_budget_bytes 268435456\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nkv_cluster_log_memory_bytes "),
+        "{metrics}"
+    );
     assert_eq!(common::http_get(http, "/ready").await.0, 200);
 
     // It comes back on its directory and catches up.

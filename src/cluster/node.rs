@@ -20,12 +20,14 @@ use super::membership::join;
 use super::network::{PeerBook, Peers, ShardNetwork};
 use super::peer::{self, PeerHandler, PeerRequest, PeerResponse, ShardGroup};
 use super::placement::NodeId;
-use super::raft::{ShardLog, ShardRaft, ShardStateMachine};
+use super::raft::{LogMemory, ShardLog, ShardRaft, ShardStateMachine};
 use crate::bucket::MemoryBudget;
 use crate::config::{CoreConfig, FsyncPolicy};
 
 /// How often a node syncs logs (under `everysec`), starts due snapshots and spreads leaders.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
+/// The least time between two passes that relieve the logs' memory on appends past its alarm.
+const RELIEVE_PAUSE: Duration = Duration::from_millis(50);
 
 /// How many times slower the metadata group's heartbeats and elections are than a data
 /// shard's: it changes only when members come and go, and a while without its leader stops
@@ -64,8 +66,8 @@ pub struct NodeConfig {
     /// The fewest entries between two snapshots of a shard (after which its log is purged); a
     /// shard snapshots less often the more it holds (see `Node::compact_log`).
     pub snapshot_every: u64,
-    /// The bytes a shard's log may hold in memory before it is compacted, at least (see
-    /// `Node::compact_log`).
+    /// The bytes the node's shard logs may hold in memory together before the largest are
+    /// compacted, at least (see `Node::relieve_log_memory`).
     pub log_memory: u64,
     /// Bytes per piece a snapshot is sent in, each piece its own frame.
     pub snapshot_piece: usize,
@@ -138,8 +140,6 @@ pub struct Node {
     pub(super) told_drained: std::sync::atomic::AtomicBool,
     /// The fewest entries between two snapshots of a shard.
     snapshot_every: u64,
-    /// The bytes a shard's log may hold in memory before it is compacted, at least.
-    log_memory: u64,
     /// The memory the node's shards share.
     budget: Arc<MemoryBudget>,
     /// The snapshots peers are sending this node.
@@ -179,6 +179,8 @@ struct ReplicaOpener {
     /// The metadata group's: [`META_PACE`] times slower.
     meta_raft_config: Arc<openraft::Config>,
     snapshot_piece: usize,
+    /// What the node's logs hold in memory, together.
+    log_memory: Arc<LogMemory>,
 }
 
 impl ReplicaOpener {
@@ -200,7 +202,7 @@ impl ReplicaOpener {
         budget: &Arc<MemoryBudget>,
     ) -> Result<Replica, NodeError> {
         let directory = self.directory(shard);
-        let log = ShardLog::open(&directory, self.fsync)
+        let log = ShardLog::open_counted(&directory, self.fsync, &self.log_memory)
             .map_err(|source| NodeError::Log { shard, source })?;
         let machine = ShardStateMachine::open(
             &directory,
@@ -400,6 +402,7 @@ impl Node {
             raft_config: raft_config(1)?,
             meta_raft_config: raft_config(META_PACE)?,
             snapshot_piece: config.snapshot_piece,
+            log_memory: LogMemory::new(config.log_memory),
         };
         // Memory is the node's: its shards' buckets draw on one budget.
         let budget = Arc::new(MemoryBudget::new(config.core.max_memory));
@@ -448,7 +451,6 @@ impl Node {
             layout_writes: tokio::sync::Mutex::new(()),
             told_drained: std::sync::atomic::AtomicBool::new(false),
             snapshot_every: config.snapshot_every,
-            log_memory: config.log_memory,
             budget,
             // A snapshot holds about the data of a shard; a node's shards together hold no more
             // than its memory limit.
@@ -474,6 +476,7 @@ impl Node {
             self.shutdown.clone(),
         ));
         tokio::spawn(Arc::clone(self).maintain());
+        tokio::spawn(Arc::clone(self).relieve_log_memory_when_exceeded());
     }
 
     /// Once a second, until the node stops: reads the layout again and brings the replicas
@@ -502,6 +505,72 @@ impl Node {
                         .await;
                 }
             }
+            self.relieve_log_memory().await;
+        }
+    }
+
+    /// Relieves the logs' memory whenever an append takes it past its alarm, until the node
+    /// stops; at most once per [`RELIEVE_PAUSE`], so that appends while a snapshot is being
+    /// made do not run the pass over and over.
+    async fn relieve_log_memory_when_exceeded(self: Arc<Self>) {
+        let memory = Arc::clone(&self.opener.log_memory);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = memory.exceeded() => {}
+            }
+            self.relieve_log_memory().await;
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(RELIEVE_PAUSE) => {}
+            }
+        }
+    }
+
+    /// Keeps what the shard logs hold in memory within the node's `log_memory`, or within twice
+    /// their snapshots if that is more (a log compacted below twice its snapshot would copy
+    /// its data more often than it takes writes). Past it, the logs holding most beyond twice
+    /// their snapshot are compacted, largest first, until what is left fits: each is purged up
+    /// to its snapshot, whatever openraft keeps behind snapshots for replicas a little behind,
+    /// or, with nothing left to purge, a snapshot is started (and the log is purged once it is
+    /// made). Entries batch changes, up to megabytes each, so counting entries
+    /// (`compact_log`) bounds nothing on its own, and a bound per shard would not bound a node
+    /// of many shards.
+    async fn relieve_log_memory(&self) {
+        let memory = &self.opener.log_memory;
+        let mut logs = Vec::new();
+        for (shard, replica) in self.replica_list() {
+            let (_, snapshot_bytes) = replica.machine.snapshot_size().await;
+            let kept = snapshot_bytes.saturating_mul(2);
+            logs.push((replica.log.held_bytes(), kept, shard, replica));
+        }
+        let allowed = memory
+            .budget()
+            .max(logs.iter().map(|&(_, kept, ..)| kept).sum());
+        memory.set_alarm(allowed);
+        let mut held = memory.held();
+        logs.sort_by_key(|&(log_bytes, kept, ..)| {
+            std::cmp::Reverse(log_bytes.saturating_sub(kept))
+        });
+        for (log_bytes, kept, shard, replica) in logs {
+            if held <= allowed || log_bytes <= kept {
+                break;
+            }
+            held -= log_bytes - kept;
+            let metrics = replica.group.metrics().borrow_watched().clone();
+            let index =
+                |log_id: Option<&LogIdOf<ShardRaft>>| log_id.map_or(0, |log_id| log_id.index);
+            let snapshot = index(metrics.snapshot.as_ref());
+            let purged = index(metrics.purged.as_ref());
+            let trigger = replica.group.trigger();
+            let triggered = if purged < snapshot {
+                trigger.purge_log(snapshot).await
+            } else {
+                trigger.snapshot().await
+            };
+            if let Err(error) = triggered {
+                tracing::warn!(%error, shard, "could not compact the log");
+            }
         }
     }
 
@@ -509,33 +578,17 @@ impl Node {
     /// entries as that snapshot holds records (and at least `snapshot_every`); its log is
     /// purged behind it. So a shard's log stays within about three times its data, and the
     /// cost of a snapshot, which copies every key, is spread over twice as many writes as it
-    /// copies keys; a fixed number of entries would copy a large shard over and over.
-    ///
-    /// Entries batch changes, up to megabytes each, so their count alone does not bound the
-    /// log's memory: once the entries held take more than twice the last snapshot's bytes
-    /// (and at least `log_memory`), the log is purged up to that snapshot, whatever openraft
-    /// keeps behind snapshots for replicas a little behind, or, with nothing left to purge, a
-    /// snapshot is started. Checked each tick, so the log holds at most that plus a second
-    /// or two of writes.
+    /// copies keys; a fixed number of entries would copy a large shard over and over. What
+    /// the logs hold in bytes is bounded by `relieve_log_memory`.
     async fn compact_log(&self, shard: u16, replica: &Replica) {
         let metrics = replica.group.metrics().borrow_watched().clone();
         let index = |log_id: Option<&LogIdOf<ShardRaft>>| log_id.map_or(0, |log_id| log_id.index);
         let applied = index(metrics.last_applied.as_ref());
         let snapshot = index(metrics.snapshot.as_ref());
-        let purged = index(metrics.purged.as_ref());
-        let (records, snapshot_bytes) = replica.machine.snapshot_size().await;
-        let too_large =
-            replica.log.held_bytes() > self.log_memory.max(snapshot_bytes.saturating_mul(2));
-        let triggered = if too_large && purged < snapshot {
-            replica.group.trigger().purge_log(snapshot).await
-        } else if too_large
-            || applied.saturating_sub(snapshot) >= self.snapshot_every.max(records * 2)
+        let (records, _) = replica.machine.snapshot_size().await;
+        if applied.saturating_sub(snapshot) >= self.snapshot_every.max(records * 2)
+            && let Err(error) = replica.group.trigger().snapshot().await
         {
-            replica.group.trigger().snapshot().await
-        } else {
-            Ok(())
-        };
-        if let Err(error) = triggered {
             tracing::warn!(%error, shard, "could not compact the log");
         }
     }
@@ -574,6 +627,12 @@ impl Node {
     /// Answers a peer's Raft RPC; `None` for a request that is not one.
     pub async fn handle_raft(&self, request: PeerRequest) -> Option<PeerResponse> {
         peer::handle_raft(|shard| self.group(shard), &self.inbox, request).await
+    }
+
+    /// What this node's shard logs hold in memory together, against their budget.
+    #[must_use]
+    pub fn log_memory(&self) -> &LogMemory {
+        &self.opener.log_memory
     }
 
     /// The memory this node's shards share: what their buckets hold, against the limit.

@@ -263,6 +263,19 @@ impl Collector for KvCollector {
                 "Requests sent to the node that leads their shard",
                 router.forwarded(),
             )?;
+            let log_memory = router.node().log_memory();
+            gauge(
+                &mut encoder,
+                "kv_cluster_log_memory_bytes",
+                "What this node's shard logs hold in memory, together (entries not yet compacted)",
+                signed(log_memory.held()),
+            )?;
+            gauge(
+                &mut encoder,
+                "kv_cluster_log_memory_budget_bytes",
+                "--log-memory: past it the largest shard logs are compacted",
+                signed(log_memory.budget()),
+            )?;
             let states = router.shard_states();
             let shard_names: Vec<String> =
                 states.iter().map(|state| state.shard.to_string()).collect();

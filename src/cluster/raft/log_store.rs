@@ -12,7 +12,7 @@
 //! - The file is rewritten (to a temporary file, synced, renamed) once purged entries make up
 //!   most of it, by frames or by bytes, so it stays near the size of the unpurged log.
 //! - `held` is the sum of [`held_bytes`] over `entries`: every insertion and removal updates
-//!   it, under the lock.
+//!   it, under the lock. It counts in the node's [`LogMemory`] too.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -21,7 +21,6 @@ use std::io::{self, Write as _};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::EntryPayload;
 use openraft::entry::RaftEntry;
@@ -31,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use super::ShardRaft;
+use super::log_memory::{LogHeld, LogMemory};
 use crate::config::FsyncPolicy;
 use crate::shard::wal::record::{ScanEnd, scan_frames, try_encode_frame};
 
@@ -60,7 +60,7 @@ pub struct ShardLog {
     inner: Arc<Mutex<Inner>>,
     /// What the entries held in memory take (see [`held_bytes`]): kept beside the lock, so that
     /// compaction and `INFO` read it without waiting for a write.
-    held: Arc<AtomicU64>,
+    held: Arc<LogHeld>,
 }
 
 /// What an entry held in memory is counted as: its changes' bytes and a fixed overhead (its log
@@ -104,6 +104,19 @@ impl ShardLog {
     /// # Errors
     /// I/O errors, or a damaged file.
     pub fn open(directory: &Path, fsync: FsyncPolicy) -> io::Result<Self> {
+        Self::open_counted(directory, fsync, &LogMemory::unbounded())
+    }
+
+    /// Opens the log in `directory`, as [`ShardLog::open`] does, counting what its entries hold
+    /// in `memory`, the node's.
+    ///
+    /// # Errors
+    /// I/O errors, or a damaged file.
+    pub fn open_counted(
+        directory: &Path,
+        fsync: FsyncPolicy,
+        memory: &Arc<LogMemory>,
+    ) -> io::Result<Self> {
         std::fs::create_dir_all(directory)?;
         let path = directory.join(FILE);
         let bytes = match std::fs::read(&path) {
@@ -138,8 +151,10 @@ impl ShardLog {
                 )));
             }
         }
+        let held = memory.counter();
+        held.add(total_held(state.entries.values()));
         Ok(Self {
-            held: Arc::new(AtomicU64::new(total_held(state.entries.values()))),
+            held: Arc::new(held),
             inner: Arc::new(Mutex::new(Inner {
                 directory: directory.to_owned(),
                 file,
@@ -271,7 +286,7 @@ impl ShardLog {
     /// counts them).
     #[must_use]
     pub fn held_bytes(&self) -> u64 {
-        self.held.load(Ordering::Relaxed)
+        self.held.bytes()
     }
 
     /// Syncs what has been written to the file (`--fsync everysec` does once a second). The
@@ -398,8 +413,11 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
                     replaced += held_bytes(&old);
                 }
             }
-            self.held.fetch_add(added, Ordering::Relaxed);
-            self.held.fetch_sub(replaced, Ordering::Relaxed);
+            if added >= replaced {
+                self.held.add(added - replaced);
+            } else {
+                self.held.sub(replaced - added);
+            }
         }
         // Both the callback and the caller are told of a failure; `io::Error` does not clone.
         let reported = match &written {
@@ -420,8 +438,7 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
             .await?;
         let from = last_log_id.map_or(0, |last| last.index() + 1);
         let removed = inner.entries.split_off(&from);
-        self.held
-            .fetch_sub(total_held(removed.values()), Ordering::Relaxed);
+        self.held.sub(total_held(removed.values()));
         Ok(())
     }
 
@@ -430,8 +447,7 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
         inner.write(&[Saved::Purge(log_id)], false).await?;
         let kept = inner.entries.split_off(&(log_id.index() + 1));
         let purged = std::mem::replace(&mut inner.entries, kept);
-        self.held
-            .fetch_sub(total_held(purged.values()), Ordering::Relaxed);
+        self.held.sub(total_held(purged.values()));
         inner.last_purged = Some(log_id);
         inner.rewrite_if_mostly_purged(self.held_bytes()).await
     }

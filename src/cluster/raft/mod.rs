@@ -4,6 +4,7 @@
 //! between alphas, and its wire encoding is not stable across them.
 
 mod applied;
+mod log_memory;
 mod log_store;
 mod state_machine;
 
@@ -12,6 +13,7 @@ use std::fmt;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+pub use log_memory::LogMemory;
 pub use log_store::ShardLog;
 pub use state_machine::{ShardStateMachine, SnapshotBytes};
 

@@ -226,7 +226,8 @@ impl Router {
 
     /// Appends the cluster's lines of `INFO`: this node, and for each shard it holds its role,
     /// leader, term, last log, committed and applied index, and (if it leads) how far each
-    /// follower has replicated and when it last answered.
+    /// follower has replicated and when it last answered; what the node's logs hold in memory
+    /// and their budget.
     pub fn info(&self, text: &mut String) {
         let _ = write!(text, "cluster_node:{}\r\n", self.node.id());
         let _ = write!(text, "cluster_shards:{}\r\n", self.node.shards());
@@ -283,6 +284,13 @@ impl Router {
         let led = states.iter().filter(|state| state.leads).count();
         let _ = write!(text, "cluster_shards_led:{led}\r\n");
         let _ = write!(text, "cluster_shards_followed:{}\r\n", states.len() - led);
+        let log_memory = self.node.log_memory();
+        let _ = write!(text, "cluster_log_memory:{}\r\n", log_memory.held());
+        let _ = write!(
+            text,
+            "cluster_log_memory_budget:{}\r\n",
+            log_memory.budget()
+        );
     }
 
     /// Every shard's slots, replicas, leader (as this node knows it) and term.

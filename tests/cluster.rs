@@ -710,6 +710,101 @@ async fn any_node_answers_every_request_as_one_node_would() {
     stop(servers).await;
 }
 
+/// A node that does not hold every shard (here `--replicas 1`: each shard on one node) tells
+/// Redis Cluster clients every shard's leader all the same, as the shard's replicas say: its
+/// `CLUSTER INFO` is `ok` and its `CLUSTER SLOTS` names each shard's leader first. And it
+/// answers requests on every shard, forwarding them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_every_shard_shows_every_shards_leader() {
+    use kv::cluster::slot::{shard_of, slot_of};
+    use kv::protocol::ReplyValue;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let directory = tempfile::tempdir().unwrap();
+    let servers = three_servers_with(directory.path(), CoreConfig::default(), |cluster| {
+        cluster.replicas = 1;
+    })
+    .await;
+    // Which node's client port holds (and so leads) each shard, from their INFO.
+    let mut holder = BTreeMap::new();
+    for server in &servers {
+        let info = server.client().await.info().await.unwrap();
+        for line in info.lines().filter(|line| line.starts_with("shard_")) {
+            let shard: u16 = line["shard_".len()..line.find(':').unwrap()]
+                .parse()
+                .unwrap();
+            holder.insert(shard, i64::from(server.address.port()));
+        }
+    }
+    assert_eq!(holder.len(), 3, "each shard held once: {holder:?}");
+    for server in &servers {
+        let mut client = server.client().await;
+        within(async {
+            loop {
+                let ReplyValue::Bulk(Some(info)) =
+                    client.call(&[b"CLUSTER", b"INFO"]).await.unwrap()
+                else {
+                    panic!("CLUSTER INFO is text");
+                };
+                if String::from_utf8_lossy(&info).contains("cluster_state:ok") {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let ReplyValue::Array(Some(ranges)) = client.call(&[b"CLUSTER", b"SLOTS"]).await.unwrap()
+        else {
+            panic!("CLUSTER SLOTS is an array");
+        };
+        assert_eq!(ranges.len(), 3, "{ranges:?}");
+        for range in &ranges {
+            let ReplyValue::Array(Some(range)) = range else {
+                panic!("{range:?}")
+            };
+            let [
+                ReplyValue::Integer(first),
+                _,
+                ReplyValue::Array(Some(leader)),
+                ..,
+            ] = &range[..]
+            else {
+                panic!("{range:?}")
+            };
+            let shard = shard_of(u16::try_from(*first).unwrap(), 3);
+            assert_eq!(
+                leader.get(1),
+                Some(&ReplyValue::Integer(holder[&shard])),
+                "shard {shard}'s leader, as node {} says: {range:?}",
+                server.address
+            );
+        }
+    }
+    // Every node answers on every shard.
+    let buckets: Vec<Vec<u8>> = (0..3u16)
+        .map(|shard| {
+            (0u32..)
+                .map(|n| format!("b{{{n}}}").into_bytes())
+                .find(|name| shard_of(slot_of(name), 3) == shard)
+                .unwrap()
+        })
+        .collect();
+    let mut first = servers[0].client().await;
+    for bucket in &buckets {
+        first.create(bucket).await.unwrap();
+        first.put(bucket, b"k", bucket).await.unwrap();
+    }
+    for server in &servers {
+        let mut client = server.client().await;
+        for bucket in &buckets {
+            assert_eq!(
+                client.get(bucket, b"k").await.unwrap().as_deref(),
+                Some(&bucket[..])
+            );
+        }
+    }
+    stop(servers).await;
+}
+
 /// Entries batch changes and may be megabytes each, and a node may hold many shards: what a
 /// node's shard logs hold in memory is bounded by their bytes, together. Large values written to
 /// a bucket of each shard, each shard's log well within `log_memory` but all three past it and

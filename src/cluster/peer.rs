@@ -103,7 +103,8 @@ pub enum PeerRequest {
     },
     /// Raft's leader transfer: the receiver should campaign now.
     TransferLeader(u16, TransferLeaderRequest<ShardRaft>),
-    /// What the receiving node's client address is (for `CLUSTER SLOTS` and `NODES`).
+    /// What the receiving node's client address is, and which shards it leads (for
+    /// `CLUSTER SLOTS`, `NODES` and the like, on a node that does not hold every shard).
     Describe,
     /// `BUCKETS`' share of one shard, for the node that leads it: up to `limit` names after
     /// `after`, read after a ReadIndex round.
@@ -142,8 +143,14 @@ pub enum PeerResponse {
     Snapshot(Result<Option<SnapshotResponse<ShardRaft>>, String>),
     /// To [`PeerRequest::TransferLeader`].
     TransferLeader(Result<TransferLeaderResponse<ShardRaft>, String>),
-    /// To [`PeerRequest::Describe`]: where the node's clients connect.
-    Described(SocketAddr),
+    /// To [`PeerRequest::Describe`]: where the node's clients connect, and the shards it
+    /// leads, each with its term.
+    Described {
+        /// Where the node's clients connect.
+        address: SocketAddr,
+        /// The shards the node leads, each with its term.
+        leads: Vec<(u16, u64)>,
+    },
     /// To [`PeerRequest::Forward`]: the replies, encoded for the client, to the first of the
     /// requests or all of them (see [`Replies::not_led`]).
     Forwarded(Replies),

@@ -307,7 +307,10 @@ impl Router {
 impl PeerHandler for Router {
     async fn handle(&self, request: PeerRequest) -> PeerResponse {
         match request {
-            PeerRequest::Describe => PeerResponse::Described(self.client_address),
+            PeerRequest::Describe => PeerResponse::Described {
+                address: self.client_address,
+                leads: self.led_shards(),
+            },
             PeerRequest::ListBuckets {
                 shard,
                 after,

@@ -296,15 +296,44 @@ impl Router {
     /// Every shard's slots, replicas, leader (as this node knows it) and term.
     async fn shards(&self) -> Vec<ShardView> {
         let count = self.node.shards();
+        let placement: Vec<Vec<NodeId>> = (0..count)
+            .map(|shard| self.node.placement_of(shard))
+            .collect();
+        // A shard not held here is led by whichever of its replicas says it leads it (the one
+        // of the highest term, should two say so across an election): each is asked once.
+        let mut to_ask: Vec<NodeId> = (0..count)
+            .filter(|&shard| self.node.group(shard).is_none())
+            .flat_map(|shard| placement[usize::from(shard)].iter().copied())
+            .filter(|&id| id != self.node.id())
+            .collect();
+        to_ask.sort_unstable();
+        to_ask.dedup();
+        let told: Vec<(NodeId, Vec<(u16, u64)>)> =
+            futures::future::join_all(to_ask.into_iter().map(|id| async move {
+                (
+                    id,
+                    self.describe(id)
+                        .await
+                        .map(|(_, leads)| leads)
+                        .unwrap_or_default(),
+                )
+            }))
+            .await;
         let mut shards = Vec::with_capacity(usize::from(count));
-        for shard in 0..count {
-            let replicas = self.node.placement_of(shard);
+        for (shard, replicas) in (0..count).zip(placement) {
             let (leader, term) = match self.node.group(shard) {
                 Some(group) => {
                     let metrics = group.metrics().borrow_watched().clone();
                     (metrics.current_leader, metrics.current_term)
                 }
-                None => (None, 0),
+                None => told
+                    .iter()
+                    .filter_map(|(id, leads)| {
+                        let &(_, term) = leads.iter().find(|&&(led, _)| led == shard)?;
+                        Some((Some(*id), term))
+                    })
+                    .max_by_key(|&(_, term)| term)
+                    .unwrap_or((None, 0)),
             };
             shards.push(ShardView {
                 slots: slots_of(shard, count),
@@ -323,14 +352,34 @@ impl Router {
         if id == self.node.id() {
             return Some(self.client_address);
         }
+        match self.describe(id).await {
+            Some((address, _)) => Some(address),
+            None => self.client_addresses.lock().await.get(&id).copied(),
+        }
+    }
+
+    /// Where node `id`'s clients connect and the shards it leads (with their terms), as it
+    /// says within [`DESCRIBE_WITHIN`]; `None` if it does not.
+    async fn describe(&self, id: NodeId) -> Option<(SocketAddr, Vec<(u16, u64)>)> {
         let client = self.node.peers().get(id)?;
         match tokio::time::timeout(DESCRIBE_WITHIN, client.call(PeerRequest::Describe)).await {
-            Ok(Ok(PeerResponse::Described(address))) => {
+            Ok(Ok(PeerResponse::Described { address, leads })) => {
                 self.client_addresses.lock().await.insert(id, address);
-                Some(address)
+                Some((address, leads))
             }
-            _ => self.client_addresses.lock().await.get(&id).copied(),
+            _ => None,
         }
+    }
+
+    /// The shards this node leads, each with its term.
+    pub(super) fn led_shards(&self) -> Vec<(u16, u64)> {
+        (0..self.node.shards())
+            .filter_map(|shard| {
+                let metrics = self.node.group(shard)?.metrics().borrow_watched().clone();
+                (metrics.current_leader == Some(self.node.id()))
+                    .then_some((shard, metrics.current_term))
+            })
+            .collect()
     }
 }
 

@@ -805,6 +805,97 @@ async fn a_node_without_every_shard_shows_every_shards_leader() {
     stop(servers).await;
 }
 
+/// A node that holds no replica of a shard (here `--replicas 2`) forwards its requests to the
+/// shard's leader once it has learned which node that is: one hop per request, not a try at a
+/// follower first each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_shard_forwards_straight_to_its_leader() {
+    use kv::cluster::slot::{shard_of, slot_of};
+    const READS: u64 = 50;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let directory = tempfile::tempdir().unwrap();
+    let servers = three_servers_with(directory.path(), CoreConfig::default(), |cluster| {
+        cluster.replicas = 2;
+    })
+    .await;
+    let field = |info: &str, name: &str| -> String {
+        info.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("{name} in {info}"))
+            .to_owned()
+    };
+    // Leadership spreads: each node leads one shard and holds one more.
+    let infos = within(async {
+        loop {
+            let mut infos = Vec::new();
+            for server in &servers {
+                infos.push(server.client().await.info().await.unwrap());
+            }
+            if infos
+                .iter()
+                .all(|info| field(info, "cluster_shards_led") == "1")
+            {
+                return infos;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // The node lacking a shard whose leader is not the first of its replicas (where a node
+    // that knows no leader tries first): the placement of three shards on two of three nodes
+    // and the spread of their leaders give one.
+    let shard_lines = |info: &str| -> Vec<(u16, u64, Vec<u64>)> {
+        info.lines()
+            .filter(|line| line.starts_with("shard_"))
+            .map(|line| {
+                let shard = line["shard_".len()..line.find(':').unwrap()]
+                    .parse()
+                    .unwrap();
+                let value = |name: &str| {
+                    line.split(',')
+                        .find_map(|field| {
+                            field.split_once('=').filter(|(key, _)| key.ends_with(name))
+                        })
+                        .unwrap()
+                        .1
+                };
+                let placed = value("placed")
+                    .split('+')
+                    .map(|id| id.parse().unwrap())
+                    .collect();
+                (shard, value("leader").parse().unwrap(), placed)
+            })
+            .collect()
+    };
+    let held: Vec<Vec<(u16, u64, Vec<u64>)>> = infos.iter().map(|info| shard_lines(info)).collect();
+    let (asker, shard) = (0..servers.len())
+        .find_map(|asker| {
+            let lacking =
+                (0..3u16).find(|shard| held[asker].iter().all(|(held, ..)| held != shard))?;
+            let (_, leader, placed) = held.iter().flatten().find(|(held, ..)| *held == lacking)?;
+            (placed.first() != Some(leader)).then_some((asker, lacking))
+        })
+        .expect("a node lacking a shard led by its second replica");
+    let bucket = (0u32..)
+        .map(|n| format!("b{{{n}}}").into_bytes())
+        .find(|name| shard_of(slot_of(name), 3) == shard)
+        .unwrap();
+    let mut client = servers[asker].client().await;
+    client.create(&bucket).await.unwrap();
+    let forwarded =
+        |info: &str| -> u64 { field(info, "cluster_forwarded_requests").parse().unwrap() };
+    let before = forwarded(&client.info().await.unwrap());
+    for _ in 0..READS {
+        assert_eq!(client.get(&bucket, b"k").await.unwrap(), None);
+    }
+    let sent = forwarded(&client.info().await.unwrap()) - before;
+    assert!(
+        (READS..=READS + 1).contains(&sent),
+        "{READS} reads through a node without their shard forwarded {sent} times"
+    );
+    stop(servers).await;
+}
+
 /// Entries batch changes and may be megabytes each, and a node may hold many shards: what a
 /// node's shard logs hold in memory is bounded by their bytes, together. Large values written to
 /// a bucket of each shard, each shard's log well within `log_memory` but all three past it and

@@ -74,6 +74,9 @@ pub struct Router {
     client_addresses: tokio::sync::Mutex<HashMap<NodeId, SocketAddr>>,
     /// Requests sent to another node to run, since start.
     forwarded: std::sync::atomic::AtomicU64,
+    /// The node that last ran requests of each shard this node does not hold (it has no
+    /// Raft metrics of its own to say who leads): where they go first.
+    known_leaders: parking_lot::Mutex<HashMap<u16, NodeId>>,
 }
 
 /// This node does not lead the shard (this node does, as far as it knows): the requests not
@@ -100,6 +103,7 @@ impl Router {
             page_size,
             client_addresses: tokio::sync::Mutex::new(HashMap::new()),
             forwarded: std::sync::atomic::AtomicU64::new(0),
+            known_leaders: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 
@@ -207,16 +211,21 @@ impl Router {
         let deadline = Instant::now() + UNAVAILABLE_AFTER;
         let mut replies = Replies::default();
         let mut hint = None;
+        let mut hints_followed = 0;
         for attempt in 0usize.. {
             let rest = &requests[replies.len()..];
-            let ran = match self.where_led(shard, hint.take(), attempt).await {
+            let tried = self.where_led(shard, hint.take(), attempt).await;
+            let ran = match tried {
                 Led::Here => {
                     self.run_led(shard, rest, dialect, deadline, &mut replies)
                         .await
                 }
                 Led::Elsewhere(target) => {
-                    self.forward(target, shard, rest, dialect, deadline, &mut replies)
-                        .await
+                    let ran = self
+                        .forward(target, shard, rest, dialect, deadline, &mut replies)
+                        .await;
+                    self.learn_leader(shard, ran.is_ok().then_some(target));
+                    ran
                 }
                 Led::Unknown => Err(NotLed(None)),
             };
@@ -227,19 +236,29 @@ impl Router {
             if Instant::now() >= deadline {
                 break;
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
+            // A node named as the leader by the one just asked is tried at once (twice at
+            // most: during an election two nodes may name each other); otherwise the shard
+            // is given time to elect one.
+            let named_another =
+                matches!((hint, &tried), (Some(named), Led::Elsewhere(asked)) if named != *asked);
+            if named_another && hints_followed < 2 {
+                hints_followed += 1;
+            } else {
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
         }
         replies.push_unavailable(requests.len() - replies.len(), dialect);
         replies
     }
 
     /// Where to run requests on `shard` next: here if this node leads it; else on the node
-    /// the last one asked named (`hint`), or the one this node believes leads, or (while it
+    /// the last one asked named (`hint`), or the one this node believes leads (as its replica
+    /// of the shard knows, or, holding none, as the last forward to it went), or (while it
     /// knows none) each replica in turn by `attempt`.
     async fn where_led(&self, shard: u16, hint: Option<NodeId>, attempt: usize) -> Led {
         let leader = match self.node.group(shard) {
             Some(group) => group.current_leader().await,
-            None => None,
+            None => self.known_leaders.lock().get(&shard).copied(),
         };
         if leader == Some(self.node.id()) {
             return Led::Here;
@@ -249,6 +268,19 @@ impl Router {
             .or_else(|| replicas.get(attempt % replicas.len().max(1)).copied())
             .filter(|&target| target != self.node.id())
             .map_or(Led::Unknown, Led::Elsewhere)
+    }
+
+    /// Remembers which node ran requests of `shard` (`None`: the one tried did not), when this
+    /// node holds no replica of it.
+    fn learn_leader(&self, shard: u16, leader: Option<NodeId>) {
+        if self.node.group(shard).is_some() {
+            return;
+        }
+        let mut known = self.known_leaders.lock();
+        match leader {
+            Some(leader) => known.insert(shard, leader),
+            None => known.remove(&shard),
+        };
     }
 
     /// Sends `requests` to `target` in one message and appends the replies it gives.

@@ -226,8 +226,8 @@ impl Router {
 
     /// Appends the cluster's lines of `INFO`: this node, and for each shard it holds its role,
     /// leader, term, last log, committed and applied index, and (if it leads) how far each
-    /// follower has replicated and when it last answered; what the node's logs hold in memory
-    /// and their budget.
+    /// follower has replicated and when it last answered; the requests it forwarded to other
+    /// nodes; what the node's logs hold in memory and their budget.
     pub fn info(&self, text: &mut String) {
         let _ = write!(text, "cluster_node:{}\r\n", self.node.id());
         let _ = write!(text, "cluster_shards:{}\r\n", self.node.shards());
@@ -284,6 +284,7 @@ impl Router {
         let led = states.iter().filter(|state| state.leads).count();
         let _ = write!(text, "cluster_shards_led:{led}\r\n");
         let _ = write!(text, "cluster_shards_followed:{}\r\n", states.len() - led);
+        let _ = write!(text, "cluster_forwarded_requests:{}\r\n", self.forwarded());
         let log_memory = self.node.log_memory();
         let _ = write!(text, "cluster_log_memory:{}\r\n", log_memory.held());
         let _ = write!(

@@ -556,7 +556,7 @@ impl Node {
             if held <= allowed || log_bytes <= kept {
                 break;
             }
-            held -= log_bytes - kept;
+            held = held.saturating_sub(log_bytes - kept);
             let metrics = replica.group.metrics().borrow_watched().clone();
             let index =
                 |log_id: Option<&LogIdOf<ShardRaft>>| log_id.map_or(0, |log_id| log_id.index);

@@ -7,7 +7,7 @@ use openraft::ReadPolicy;
 use openraft::error::LinearizableReadError;
 use tokio::time::{Instant, timeout_at};
 
-use super::{Led, NotLed, RETRY_PAUSE, Router, UNAVAILABLE_AFTER, replies};
+use super::{Led, NotLed, Router, Seeking, UNAVAILABLE_AFTER, replies};
 use crate::cluster::peer::{PeerRequest, PeerResponse};
 use crate::protocol::{Dialect, Reply, encode};
 
@@ -51,8 +51,10 @@ impl Router {
     ) -> Option<Vec<Vec<u8>>> {
         let deadline = Instant::now() + UNAVAILABLE_AFTER;
         let mut hint = None;
+        let mut seeking = Seeking::default();
         for attempt in 0usize.. {
-            let target = match self.where_led(shard, hint.take(), attempt).await {
+            let led = self.where_led(shard, hint.take(), attempt).await;
+            let target = match led {
                 Led::Here => match self.list_led(shard, after, limit).await {
                     Ok(names) => return Some(names),
                     Err(NotLed(leader)) => {
@@ -69,7 +71,10 @@ impl Router {
                     after: after.map(<[u8]>::to_vec),
                     limit: u32::try_from(limit).unwrap_or(u32::MAX),
                 };
-                match timeout_at(deadline, client.call(asked)).await {
+                let answered = timeout_at(deadline, client.call(asked)).await;
+                let listed = matches!(answered, Ok(Ok(PeerResponse::Buckets(Ok(_)))));
+                self.learn_leader(shard, target.filter(|_| listed));
+                match answered {
                     Ok(Ok(PeerResponse::Buckets(Ok(names)))) => return Some(names),
                     Ok(Ok(PeerResponse::Buckets(Err(leader)))) => hint = leader,
                     _ => {}
@@ -78,7 +83,7 @@ impl Router {
             if Instant::now() >= deadline {
                 return None;
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
+            seeking.pause(self.asked(&led), hint).await;
         }
         None
     }

@@ -83,7 +83,27 @@ pub struct Router {
 /// yet answered were neither proposed nor read, and may be run elsewhere.
 struct NotLed(Option<NodeId>);
 
+/// Paces the tries of a shard's requests while its leader is sought.
+#[derive(Default)]
+struct Seeking {
+    hints_followed: u8,
+}
+
+impl Seeking {
+    /// Waits before the next try, after `asked` named `named` as the shard's leader: a node
+    /// named so is tried at once (twice at most: during an election two nodes may name each
+    /// other); otherwise the shard is given [`RETRY_PAUSE`] to elect one.
+    async fn pause(&mut self, asked: Option<NodeId>, named: Option<NodeId>) {
+        if named.is_some() && named != asked && self.hints_followed < 2 {
+            self.hints_followed += 1;
+        } else {
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+}
+
 /// Where a shard's requests go next.
+#[derive(Clone, Copy)]
 enum Led {
     /// This node leads the shard.
     Here,
@@ -211,7 +231,7 @@ impl Router {
         let deadline = Instant::now() + UNAVAILABLE_AFTER;
         let mut replies = Replies::default();
         let mut hint = None;
-        let mut hints_followed = 0;
+        let mut seeking = Seeking::default();
         for attempt in 0usize.. {
             let rest = &requests[replies.len()..];
             let tried = self.where_led(shard, hint.take(), attempt).await;
@@ -236,16 +256,7 @@ impl Router {
             if Instant::now() >= deadline {
                 break;
             }
-            // A node named as the leader by the one just asked is tried at once (twice at
-            // most: during an election two nodes may name each other); otherwise the shard
-            // is given time to elect one.
-            let named_another =
-                matches!((hint, &tried), (Some(named), Led::Elsewhere(asked)) if named != *asked);
-            if named_another && hints_followed < 2 {
-                hints_followed += 1;
-            } else {
-                tokio::time::sleep(RETRY_PAUSE).await;
-            }
+            seeking.pause(self.asked(&tried), hint).await;
         }
         replies.push_unavailable(requests.len() - replies.len(), dialect);
         replies
@@ -268,6 +279,15 @@ impl Router {
             .or_else(|| replicas.get(attempt % replicas.len().max(1)).copied())
             .filter(|&target| target != self.node.id())
             .map_or(Led::Unknown, Led::Elsewhere)
+    }
+
+    /// The node `led` sends requests to, if any.
+    fn asked(&self, led: &Led) -> Option<NodeId> {
+        match led {
+            Led::Here => Some(self.node.id()),
+            Led::Elsewhere(target) => Some(*target),
+            Led::Unknown => None,
+        }
     }
 
     /// Remembers which node ran requests of `shard` (`None`: the one tried did not), when this

@@ -716,7 +716,7 @@ async fn any_node_answers_every_request_as_one_node_would() {
 /// answers requests on every shard, forwarding them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_every_shard_shows_every_shards_leader() {
-    use kv::cluster::slot::{shard_of, slot_of};
+    use kv::cluster::slot::shard_of;
     use kv::protocol::ReplyValue;
     let _alone = ONE_AT_A_TIME.lock().await;
     let directory = tempfile::tempdir().unwrap();
@@ -780,14 +780,7 @@ async fn a_node_without_every_shard_shows_every_shards_leader() {
         }
     }
     // Every node answers on every shard.
-    let buckets: Vec<Vec<u8>> = (0..3u16)
-        .map(|shard| {
-            (0u32..)
-                .map(|n| format!("b{{{n}}}").into_bytes())
-                .find(|name| shard_of(slot_of(name), 3) == shard)
-                .unwrap()
-        })
-        .collect();
+    let buckets: Vec<Vec<u8>> = (0..3).map(|shard| bucket_in(shard, 3)).collect();
     let mut first = servers[0].client().await;
     for bucket in &buckets {
         first.create(bucket).await.unwrap();
@@ -810,7 +803,6 @@ async fn a_node_without_every_shard_shows_every_shards_leader() {
 /// follower first each time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_shard_forwards_straight_to_its_leader() {
-    use kv::cluster::slot::{shard_of, slot_of};
     const READS: u64 = 50;
     let _alone = ONE_AT_A_TIME.lock().await;
     let directory = tempfile::tempdir().unwrap();
@@ -876,10 +868,7 @@ async fn a_node_without_a_shard_forwards_straight_to_its_leader() {
             (placed.first() != Some(leader)).then_some((asker, lacking))
         })
         .expect("a node lacking a shard led by its second replica");
-    let bucket = (0u32..)
-        .map(|n| format!("b{{{n}}}").into_bytes())
-        .find(|name| shard_of(slot_of(name), 3) == shard)
-        .unwrap();
+    let bucket = bucket_in(shard, 3);
     let mut client = servers[asker].client().await;
     client.create(&bucket).await.unwrap();
     let forwarded =
@@ -903,7 +892,6 @@ async fn a_node_without_a_shard_forwards_straight_to_its_leader() {
 /// once compacted, and the values whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nodes_logs_are_compacted_by_the_bytes_they_hold_together() {
-    use kv::cluster::slot::{shard_of, slot_of};
     const LOG_MEMORY: u64 = 1 << 20;
     const ROUNDS: u8 = 12;
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -914,14 +902,7 @@ async fn a_nodes_logs_are_compacted_by_the_bytes_they_hold_together() {
     .await;
     // The default number of shards; checked against INFO below.
     let shards: u16 = 3;
-    let buckets: Vec<Vec<u8>> = (0..shards)
-        .map(|shard| {
-            (0u32..)
-                .map(|n| format!("big{{{n}}}").into_bytes())
-                .find(|name| shard_of(slot_of(name), shards) == shard)
-                .unwrap()
-        })
-        .collect();
+    let buckets: Vec<Vec<u8>> = (0..shards).map(|shard| bucket_in(shard, shards)).collect();
     let mut writer = servers[0].client().await;
     for bucket in &buckets {
         writer.create(bucket).await.unwrap();
@@ -990,6 +971,15 @@ async fn a_nodes_logs_are_compacted_by_the_bytes_they_hold_together() {
         }
     }
     stop(servers).await;
+}
+
+/// A bucket name (`b{N}`) whose slot falls in `shard` of `shards`.
+fn bucket_in(shard: u16, shards: u16) -> Vec<u8> {
+    use kv::cluster::slot::{shard_of, slot_of};
+    (0u32..)
+        .map(|n| format!("b{{{n}}}").into_bytes())
+        .find(|name| shard_of(slot_of(name), shards) == shard)
+        .unwrap()
 }
 
 /// A free loopback address for a node's cluster port.

@@ -279,7 +279,7 @@ struct ServeArgs {
     /// What this node's shard logs may hold in memory together (entries not yet compacted into
     /// a snapshot); past it the largest are compacted at once. Twice the shards' snapshots, if
     /// that is more.
-    #[arg(long, default_value = "256mb", value_parser = parse_bytes)]
+    #[arg(long, default_value = "256mb", value_parser = parse_log_memory)]
     log_memory: usize,
 }
 
@@ -303,6 +303,17 @@ fn parse_bulk_len(text: &str) -> Result<usize, String> {
             "{text:?} is outside 1 byte to {} bytes",
             kv::config::MAX_BULK_LEN_LIMIT
         ))
+    }
+}
+
+/// `--log-memory`: a size of at least 1 MiB. Below that the logs would be compacted at almost
+/// every write (each compaction copies a shard's data into a snapshot).
+fn parse_log_memory(text: &str) -> Result<usize, String> {
+    let bytes = parse_bytes(text)?;
+    if bytes >= 1 << 20 {
+        Ok(bytes)
+    } else {
+        Err(format!("{text:?} is under 1mb"))
     }
 }
 

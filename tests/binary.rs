@@ -117,6 +117,21 @@ fn a_bulk_limit_the_log_could_not_hold_is_refused_at_start() {
     assert!(message.contains("536870912"), "{message}");
 }
 
+#[test]
+fn a_log_memory_under_a_mebibyte_is_refused_at_start() {
+    let output = Command::new(env!("CARGO_BIN_EXE_kv"))
+        .args(["serve", "--log-memory", "64kb"])
+        .env("PORT", "0")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains("--log-memory") && message.contains("under 1mb"),
+        "{message}"
+    );
+}
+
 /// What the server says about clients, each line with the client's address; and how it says
 /// what it was started with: in words, sizes and durations with units.
 #[tokio::test]

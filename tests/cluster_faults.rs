@@ -53,7 +53,24 @@ async fn faults_and_check() {
     // what the old leader had.
     let paused = cluster.leader_of(BUCKETS[1], 0, None).await;
     let mut to_paused = cluster.client(paused).await;
+    let mut through_another = cluster.client((paused + 1) % 3).await;
     cluster.signal(paused, "STOP").await;
+    // A read through another node, sent before the others notice the pause: that node
+    // forwards it to the paused leader, and once a new leader is elected sends it there
+    // rather than waiting for the paused one until its bound ("try again").
+    let invoked = Instant::now();
+    let answer = common::within(through_another.call(&request(BUCKETS[1], KEYS[0], None)))
+        .await
+        .unwrap();
+    assert!(!matches!(answer, ReplyValue::Error(_)), "{answer:?}");
+    note(
+        &clients.record,
+        BUCKETS[1],
+        KEYS[0],
+        None,
+        invoked,
+        Some(answer),
+    );
     let other = (paused + 1) % 3;
     let successor = cluster.leader_of(BUCKETS[1], other, Some(paused)).await;
     let mut to_successor = cluster.client(successor).await;

@@ -34,6 +34,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use openraft::type_config::async_runtime::WatchReceiver as _;
 use smallvec::SmallVec;
 use tokio::time::{Instant, timeout_at};
 
@@ -307,7 +308,9 @@ impl Router {
     /// `Err(NotLed)` if it answered only some (or none): it does not lead the shard, and the
     /// rest may be run elsewhere. Requests that may have reached it but got no answer are
     /// answered unavailable if any is a write (it may have been made, and is never made
-    /// twice); reads are simply tried again.
+    /// twice); reads are simply tried again. No answer is waited for once this node's replica
+    /// of the shard knows another leader (the target was paused, say, and the others elected
+    /// one): the reads go there at once, rather than when the deadline has passed.
     async fn forward(
         &self,
         target: NodeId,
@@ -329,8 +332,12 @@ impl Router {
             requests: encoded.freeze(),
             dialect,
         };
-        let fate_unknown = match timeout_at(deadline, client.call(forwarded)).await {
-            Ok(Ok(PeerResponse::Forwarded(answer))) => {
+        let answered = tokio::select! {
+            answered = timeout_at(deadline, client.call(forwarded)) => answered.ok(),
+            () = self.led_elsewhere(shard, target) => None,
+        };
+        let fate_unknown = match answered {
+            Some(Ok(PeerResponse::Forwarded(answer))) => {
                 let answered = answer.len();
                 let not_led = answer.not_led();
                 if answered > requests.len() || replies.append(&answer).is_none() {
@@ -343,9 +350,11 @@ impl Router {
                 }
             }
             // Never sent: the peer could not be reached.
-            Ok(Err(PeerError::Io { .. } | PeerError::Refused { .. })) => return Err(NotLed(None)),
-            Ok(Ok(PeerResponse::NoSuchShard)) => return Err(NotLed(None)),
-            // Sent, and no answer came (in time).
+            Some(Err(PeerError::Io { .. } | PeerError::Refused { .. })) => {
+                return Err(NotLed(None));
+            }
+            Some(Ok(PeerResponse::NoSuchShard)) => return Err(NotLed(None)),
+            // Sent, and no answer came (in time, or before another node led).
             _ => true,
         };
         if fate_unknown && requests.iter().any(|request| change_of(request).is_some()) {
@@ -353,6 +362,23 @@ impl Router {
             return Ok(());
         }
         Err(NotLed(None))
+    }
+
+    /// Returns once this node's replica of `shard` comes to know a leader other than `target`
+    /// (a change: what it knew when asked may be older than the hint that named `target`);
+    /// never if this node holds no replica of it.
+    async fn led_elsewhere(&self, shard: u16, target: NodeId) {
+        if let Some(group) = self.node.group(shard) {
+            let mut server = group.server_metrics();
+            let known = server.borrow_watched().current_leader;
+            while server.changed().await.is_ok() {
+                let leader = server.borrow_watched().current_leader;
+                if leader.is_some_and(|leader| leader != target) && leader != known {
+                    return;
+                }
+            }
+        }
+        std::future::pending::<()>().await;
     }
 }
 

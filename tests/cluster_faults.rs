@@ -183,3 +183,82 @@ async fn with_a_majority_gone_nothing_is_acknowledged_or_read() {
     .await
     .expect("the test ends within its bound");
 }
+
+/// A node holding no replica of a shard (four nodes, three replicas each) stops waiting for a
+/// batch it forwarded to the shard's leader once that leader is paused and another elected:
+/// the read goes to the new leader, rather than waiting out its bound ("try again").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_shard_reads_from_the_new_leader_while_the_old_is_paused() {
+    use kv::cluster::slot::{shard_of, slot_of};
+    let _alone = ONE_AT_A_TIME.lock().await;
+    tokio::time::timeout(BOUND, async {
+        let directory = tempfile::tempdir().unwrap();
+        let (binds, peers) = common::cluster_peers(4);
+        let nodes: Vec<common::Binary> = (0..4)
+            .map(|index| {
+                common::Binary::cluster_node(index + 1, &peers, binds[index], directory.path(), &[])
+            })
+            .collect();
+        // Each node's INFO, once every node has every shard led.
+        let infos = common::within(async {
+            loop {
+                let mut infos = Vec::new();
+                for node in &nodes {
+                    let mut client = kv::client::Client::connect(node.address).await.unwrap();
+                    let cluster = client.call(&[b"CLUSTER", b"INFO"]).await.unwrap();
+                    let ReplyValue::Bulk(Some(cluster)) = cluster else {
+                        panic!("CLUSTER INFO is text: {cluster:?}");
+                    };
+                    if !String::from_utf8_lossy(&cluster).contains("cluster_state:ok") {
+                        break;
+                    }
+                    infos.push(client.info().await.unwrap());
+                }
+                if infos.len() == nodes.len() {
+                    return infos;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        // A node lacking a shard, and the node that leads that shard.
+        let holds = |info: &str, shard: u16| info.contains(&format!("shard_{shard}:"));
+        let (asker, shard) = (0..nodes.len())
+            .find_map(|asker| {
+                let lacking = (0..3).find(|&shard| !holds(&infos[asker], shard))?;
+                Some((asker, lacking))
+            })
+            .expect("three shards of three replicas on four nodes leave one out somewhere");
+        let leader = infos
+            .iter()
+            .position(|info| {
+                info.lines().any(|line| {
+                    line.starts_with(&format!("shard_{shard}:")) && line.contains("role=leader")
+                })
+            })
+            .unwrap();
+        let bucket = (0u32..)
+            .map(|n| format!("b{{{n}}}").into_bytes())
+            .find(|name| shard_of(slot_of(name), 3) == shard)
+            .unwrap();
+        // The asker learns who leads as it forwards these.
+        let mut client = kv::client::Client::connect(nodes[asker].address)
+            .await
+            .unwrap();
+        client.create(&bucket).await.unwrap();
+        client.put(&bucket, b"k", b"v").await.unwrap();
+
+        nodes[leader].signal("STOP");
+        let answer = tokio::time::timeout(ANSWER_WITHIN, client.get(&bucket, b"k"))
+            .await
+            .expect("answered within the bound");
+        nodes[leader].signal("CONT");
+        assert_eq!(answer.unwrap().as_deref(), Some(&b"v"[..]));
+        for node in nodes {
+            node.signal("TERM");
+            assert!(node.wait().await.success());
+        }
+    })
+    .await
+    .expect("the test ends within its bound");
+}

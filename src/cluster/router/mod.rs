@@ -61,6 +61,10 @@ pub const UNAVAILABLE_AFTER: Duration = Duration::from_secs(5);
 /// A pause between tries while a shard elects a leader.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
+/// How often a node holding no replica of a shard asks the shard's other replicas whether one
+/// of them leads it now, while a batch it forwarded waits for an answer.
+const LEADER_ASKED_EVERY: Duration = Duration::from_millis(500);
+
 /// Most requests a forwarded batch may carry (a connection sends far fewer at once).
 const MAX_FORWARDED: usize = 4096;
 
@@ -364,9 +368,10 @@ impl Router {
         Err(NotLed(None))
     }
 
-    /// Returns once this node's replica of `shard` comes to know a leader other than `target`
-    /// (a change: what it knew when asked may be older than the hint that named `target`);
-    /// never if this node holds no replica of it.
+    /// Returns once this node comes to know a leader of `shard` other than `target`: as its
+    /// replica of the shard learns (a change: what it knew when asked may be older than the
+    /// hint that named `target`), or, holding none, as the shard's other replicas say when
+    /// asked every [`LEADER_ASKED_EVERY`].
     async fn led_elsewhere(&self, shard: u16, target: NodeId) {
         if let Some(group) = self.node.group(shard) {
             let mut server = group.server_metrics();
@@ -377,8 +382,21 @@ impl Router {
                     return;
                 }
             }
+            std::future::pending::<()>().await;
         }
-        std::future::pending::<()>().await;
+        loop {
+            tokio::time::sleep(LEADER_ASKED_EVERY).await;
+            for replica in self.node.placement_of(shard) {
+                if replica == target || replica == self.node.id() {
+                    continue;
+                }
+                if let Some((_, leads)) = self.describe(replica).await
+                    && leads.iter().any(|&(led, _)| led == shard)
+                {
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -361,7 +361,7 @@ impl Router {
 
     /// Where node `id`'s clients connect and the shards it leads (with their terms), as it
     /// says within [`DESCRIBE_WITHIN`]; `None` if it does not.
-    async fn describe(&self, id: NodeId) -> Option<(SocketAddr, Vec<(u16, u64)>)> {
+    pub(super) async fn describe(&self, id: NodeId) -> Option<(SocketAddr, Vec<(u16, u64)>)> {
         let client = self.node.peers().get(id)?;
         match tokio::time::timeout(DESCRIBE_WITHIN, client.call(PeerRequest::Describe)).await {
             Ok(Ok(PeerResponse::Described { address, leads })) => {

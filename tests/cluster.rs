@@ -780,7 +780,7 @@ async fn a_node_without_every_shard_shows_every_shards_leader() {
         }
     }
     // Every node answers on every shard.
-    let buckets: Vec<Vec<u8>> = (0..3).map(|shard| bucket_in(shard, 3)).collect();
+    let buckets: Vec<Vec<u8>> = (0..3).map(|shard| common::bucket_in(shard, 3)).collect();
     let mut first = servers[0].client().await;
     for bucket in &buckets {
         first.create(bucket).await.unwrap();
@@ -868,7 +868,7 @@ async fn a_node_without_a_shard_forwards_straight_to_its_leader() {
             (placed.first() != Some(leader)).then_some((asker, lacking))
         })
         .expect("a node lacking a shard led by its second replica");
-    let bucket = bucket_in(shard, 3);
+    let bucket = common::bucket_in(shard, 3);
     let mut client = servers[asker].client().await;
     client.create(&bucket).await.unwrap();
     let forwarded =
@@ -902,7 +902,9 @@ async fn a_nodes_logs_are_compacted_by_the_bytes_they_hold_together() {
     .await;
     // The default number of shards; checked against INFO below.
     let shards: u16 = 3;
-    let buckets: Vec<Vec<u8>> = (0..shards).map(|shard| bucket_in(shard, shards)).collect();
+    let buckets: Vec<Vec<u8>> = (0..shards)
+        .map(|shard| common::bucket_in(shard, shards))
+        .collect();
     let mut writer = servers[0].client().await;
     for bucket in &buckets {
         writer.create(bucket).await.unwrap();
@@ -971,15 +973,6 @@ async fn a_nodes_logs_are_compacted_by_the_bytes_they_hold_together() {
         }
     }
     stop(servers).await;
-}
-
-/// A bucket name (`b{N}`) whose slot falls in `shard` of `shards`.
-fn bucket_in(shard: u16, shards: u16) -> Vec<u8> {
-    use kv::cluster::slot::{shard_of, slot_of};
-    (0u32..)
-        .map(|n| format!("b{{{n}}}").into_bytes())
-        .find(|name| shard_of(slot_of(name), shards) == shard)
-        .unwrap()
 }
 
 /// A free loopback address for a node's cluster port.

@@ -189,7 +189,6 @@ async fn with_a_majority_gone_nothing_is_acknowledged_or_read() {
 /// the read goes to the new leader, rather than waiting out its bound ("try again").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_the_shard_reads_from_the_new_leader_while_the_old_is_paused() {
-    use kv::cluster::slot::{shard_of, slot_of};
     let _alone = ONE_AT_A_TIME.lock().await;
     tokio::time::timeout(BOUND, async {
         let directory = tempfile::tempdir().unwrap();
@@ -237,10 +236,7 @@ async fn a_node_without_the_shard_reads_from_the_new_leader_while_the_old_is_pau
                 })
             })
             .unwrap();
-        let bucket = (0u32..)
-            .map(|n| format!("b{{{n}}}").into_bytes())
-            .find(|name| shard_of(slot_of(name), 3) == shard)
-            .unwrap();
+        let bucket = common::bucket_in(shard, 3);
         // The asker learns who leads as it forwards these.
         let mut client = kv::client::Client::connect(nodes[asker].address)
             .await

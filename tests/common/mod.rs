@@ -320,6 +320,15 @@ pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// A bucket name (`b{N}`) whose slot falls in `shard` of `shards`.
+pub fn bucket_in(shard: u16, shards: u16) -> Vec<u8> {
+    use kv::cluster::slot::{shard_of, slot_of};
+    (0u32..)
+        .map(|n| format!("b{{{n}}}").into_bytes())
+        .find(|name| shard_of(slot_of(name), shards) == shard)
+        .unwrap()
+}
+
 /// `count` free loopback addresses for cluster ports, and the `--peers` list naming them as
 /// nodes 1, 2, …
 pub fn cluster_peers(count: usize) -> (Vec<SocketAddr>, String) {

@@ -104,28 +104,28 @@ async fn kv_cli_reads_commands_from_a_pipe() {
     assert_eq!(server.wait().await.code(), Some(0));
 }
 
-#[test]
-fn a_bulk_limit_the_log_could_not_hold_is_refused_at_start() {
+/// What `kv serve` with `arguments` says on stderr as it refuses to start.
+fn refused_at_start(arguments: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_kv"))
-        .args(["serve", "--max-bulk-len", "2000000000"])
+        .arg("serve")
+        .args(arguments)
         .env("PORT", "0")
         .output()
         .unwrap();
     assert!(!output.status.success());
-    let message = String::from_utf8_lossy(&output.stderr);
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_bulk_limit_the_log_could_not_hold_is_refused_at_start() {
+    let message = refused_at_start(&["--max-bulk-len", "2000000000"]);
     assert!(message.contains("--max-bulk-len"), "{message}");
     assert!(message.contains("536870912"), "{message}");
 }
 
 #[test]
 fn a_log_memory_under_a_mebibyte_is_refused_at_start() {
-    let output = Command::new(env!("CARGO_BIN_EXE_kv"))
-        .args(["serve", "--log-memory", "64kb"])
-        .env("PORT", "0")
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let message = String::from_utf8_lossy(&output.stderr);
+    let message = refused_at_start(&["--log-memory", "64kb"]);
     assert!(
         message.contains("--log-memory") && message.contains("under 1mb"),
         "{message}"

@@ -166,6 +166,31 @@ impl Replica {
     }
 }
 
+/// A replica's log and its last snapshot, as compaction weighs them.
+struct LogSize {
+    shard: u16,
+    replica: Arc<Replica>,
+    /// What the log's entries hold in memory.
+    held: u64,
+    /// The records (buckets and keys) the last snapshot holds.
+    records: u64,
+    /// The last snapshot's size.
+    snapshot_bytes: u64,
+}
+
+impl LogSize {
+    /// What the log may hold whatever the node's budget: twice its snapshot (compacting below
+    /// that would copy the data more often than the log takes writes).
+    fn kept(&self) -> u64 {
+        self.snapshot_bytes.saturating_mul(2)
+    }
+}
+
+/// A log id's index; 0 for none.
+fn log_index(log_id: Option<&LogIdOf<ShardRaft>>) -> u64 {
+    log_id.map_or(0, |log_id| log_id.index)
+}
+
 /// The replicas a node holds, by shard.
 pub type Replicas = parking_lot::RwLock<HashMap<u16, Arc<Replica>>>;
 
@@ -493,20 +518,38 @@ impl Node {
             self.refresh_layout();
             self.follow_layout().await;
             let preferred = self.layout().preferred_leaders();
-            for (shard, replica) in self.replica_list() {
+            let logs = self.log_sizes().await;
+            for log in &logs {
+                let (shard, replica) = (log.shard, &log.replica);
                 if self.sync_every_second
                     && let Err(error) = replica.log.sync().await
                 {
                     tracing::error!(%error, shard, "syncing a shard's log failed");
                 }
-                self.compact_log(shard, &replica).await;
+                self.compact_log(log).await;
                 if let Some(&preferred) = preferred.get(&shard) {
                     self.spread_leadership(shard, &replica.group, preferred)
                         .await;
                 }
             }
-            self.relieve_log_memory().await;
+            self.relieve_log_memory(logs).await;
         }
+    }
+
+    /// What each replica's log holds and its last snapshot's size, as compaction weighs them.
+    async fn log_sizes(&self) -> Vec<LogSize> {
+        let mut logs = Vec::new();
+        for (shard, replica) in self.replica_list() {
+            let (records, snapshot_bytes) = replica.machine.snapshot_size().await;
+            logs.push(LogSize {
+                shard,
+                held: replica.log.held_bytes(),
+                records,
+                snapshot_bytes,
+                replica,
+            });
+        }
+        logs
     }
 
     /// Relieves the logs' memory whenever an append takes it past its alarm, until the node
@@ -519,7 +562,7 @@ impl Node {
                 () = self.shutdown.cancelled() => return,
                 () = memory.exceeded() => {}
             }
-            self.relieve_log_memory().await;
+            self.relieve_log_memory(self.log_sizes().await).await;
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 () = tokio::time::sleep(RELIEVE_PAUSE) => {}
@@ -536,40 +579,27 @@ impl Node {
     /// made). Entries batch changes, up to megabytes each, so counting entries
     /// (`compact_log`) bounds nothing on its own, and a bound per shard would not bound a node
     /// of many shards.
-    async fn relieve_log_memory(&self) {
+    async fn relieve_log_memory(&self, mut logs: Vec<LogSize>) {
         let memory = &self.opener.log_memory;
-        let mut logs = Vec::new();
-        for (shard, replica) in self.replica_list() {
-            let (_, snapshot_bytes) = replica.machine.snapshot_size().await;
-            let kept = snapshot_bytes.saturating_mul(2);
-            logs.push((replica.log.held_bytes(), kept, shard, replica));
-        }
-        let allowed = memory
-            .budget()
-            .max(logs.iter().map(|&(_, kept, ..)| kept).sum());
+        let allowed = memory.budget().max(logs.iter().map(LogSize::kept).sum());
         memory.set_alarm(allowed);
         let mut held = memory.held();
-        logs.sort_by_key(|&(log_bytes, kept, ..)| {
-            std::cmp::Reverse(log_bytes.saturating_sub(kept))
-        });
-        for (log_bytes, kept, shard, replica) in logs {
-            if held <= allowed || log_bytes <= kept {
+        logs.sort_by_key(|log| std::cmp::Reverse(log.held.saturating_sub(log.kept())));
+        for log in logs {
+            if held <= allowed || log.held <= log.kept() {
                 break;
             }
-            held = held.saturating_sub(log_bytes - kept);
-            let metrics = replica.group.metrics().borrow_watched().clone();
-            let index =
-                |log_id: Option<&LogIdOf<ShardRaft>>| log_id.map_or(0, |log_id| log_id.index);
-            let snapshot = index(metrics.snapshot.as_ref());
-            let purged = index(metrics.purged.as_ref());
-            let trigger = replica.group.trigger();
-            let triggered = if purged < snapshot {
+            held = held.saturating_sub(log.held - log.kept());
+            let metrics = log.replica.group.metrics().borrow_watched().clone();
+            let snapshot = log_index(metrics.snapshot.as_ref());
+            let trigger = log.replica.group.trigger();
+            let triggered = if log_index(metrics.purged.as_ref()) < snapshot {
                 trigger.purge_log(snapshot).await
             } else {
                 trigger.snapshot().await
             };
             if let Err(error) = triggered {
-                tracing::warn!(%error, shard, "could not compact the log");
+                tracing::warn!(%error, shard = log.shard, "could not compact the log");
             }
         }
     }
@@ -580,16 +610,15 @@ impl Node {
     /// cost of a snapshot, which copies every key, is spread over twice as many writes as it
     /// copies keys; a fixed number of entries would copy a large shard over and over. What
     /// the logs hold in bytes is bounded by `relieve_log_memory`.
-    async fn compact_log(&self, shard: u16, replica: &Replica) {
-        let metrics = replica.group.metrics().borrow_watched().clone();
-        let index = |log_id: Option<&LogIdOf<ShardRaft>>| log_id.map_or(0, |log_id| log_id.index);
-        let applied = index(metrics.last_applied.as_ref());
-        let snapshot = index(metrics.snapshot.as_ref());
-        let (records, _) = replica.machine.snapshot_size().await;
-        if applied.saturating_sub(snapshot) >= self.snapshot_every.max(records * 2)
-            && let Err(error) = replica.group.trigger().snapshot().await
+    async fn compact_log(&self, log: &LogSize) {
+        let group = &log.replica.group;
+        let metrics = group.metrics().borrow_watched().clone();
+        let grown = log_index(metrics.last_applied.as_ref())
+            .saturating_sub(log_index(metrics.snapshot.as_ref()));
+        if grown >= self.snapshot_every.max(log.records * 2)
+            && let Err(error) = group.trigger().snapshot().await
         {
-            tracing::warn!(%error, shard, "could not compact the log");
+            tracing::warn!(%error, shard = log.shard, "could not compact the log");
         }
     }
 

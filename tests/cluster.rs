@@ -597,19 +597,7 @@ async fn any_node_answers_every_request_as_one_node_would() {
     use kv::protocol::ReplyValue;
     let myid = other.call(&[b"CLUSTER", b"MYID"]).await.unwrap();
     assert_eq!(myid, ReplyValue::Bulk(Some(format!("{:040x}", 1).into())));
-    let info = within(async {
-        loop {
-            let ReplyValue::Bulk(Some(info)) = other.call(&[b"CLUSTER", b"INFO"]).await.unwrap()
-            else {
-                panic!("CLUSTER INFO is text");
-            };
-            let info = String::from_utf8(info.to_vec()).unwrap();
-            if info.contains("cluster_state:ok") {
-                return info;
-            }
-        }
-    })
-    .await;
+    let info = common::cluster_ok(&mut other).await;
     assert!(info.contains("cluster_slots_ok:16384"), "{info}");
     assert!(info.contains("cluster_known_nodes:3"), "{info}");
     let ReplyValue::Array(Some(ranges)) = other.call(&[b"CLUSTER", b"SLOTS"]).await.unwrap() else {
@@ -738,20 +726,7 @@ async fn a_node_without_every_shard_shows_every_shards_leader() {
     assert_eq!(holder.len(), 3, "each shard held once: {holder:?}");
     for server in &servers {
         let mut client = server.client().await;
-        within(async {
-            loop {
-                let ReplyValue::Bulk(Some(info)) =
-                    client.call(&[b"CLUSTER", b"INFO"]).await.unwrap()
-                else {
-                    panic!("CLUSTER INFO is text");
-                };
-                if String::from_utf8_lossy(&info).contains("cluster_state:ok") {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
+        common::cluster_ok(&mut client).await;
         let ReplyValue::Array(Some(ranges)) = client.call(&[b"CLUSTER", b"SLOTS"]).await.unwrap()
         else {
             panic!("CLUSTER SLOTS is an array");

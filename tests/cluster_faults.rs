@@ -198,29 +198,14 @@ async fn a_node_without_the_shard_reads_from_the_new_leader_while_the_old_is_pau
                 common::Binary::cluster_node(index + 1, &peers, binds[index], directory.path(), &[])
             })
             .collect();
-        // Each node's INFO, once every node has every shard led.
-        let infos = common::within(async {
-            loop {
-                let mut infos = Vec::new();
-                for node in &nodes {
-                    let mut client = kv::client::Client::connect(node.address).await.unwrap();
-                    let cluster = client.call(&[b"CLUSTER", b"INFO"]).await.unwrap();
-                    let ReplyValue::Bulk(Some(cluster)) = cluster else {
-                        panic!("CLUSTER INFO is text: {cluster:?}");
-                    };
-                    if !String::from_utf8_lossy(&cluster).contains("cluster_state:ok") {
-                        break;
-                    }
-                    infos.push(client.info().await.unwrap());
-                }
-                if infos.len() == nodes.len() {
-                    return infos;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        // A node lacking a shard, and the node that leads that shard.
+        // Each node's INFO, once it knows every shard led.
+        let mut infos = Vec::new();
+        for node in &nodes {
+            let mut client = kv::client::Client::connect(node.address).await.unwrap();
+            common::cluster_ok(&mut client).await;
+            infos.push(client.info().await.unwrap());
+        }
+        // A node lacking a shard.
         let holds = |info: &str, shard: u16| info.contains(&format!("shard_{shard}:"));
         let (asker, shard) = (0..nodes.len())
             .find_map(|asker| {
@@ -228,14 +213,6 @@ async fn a_node_without_the_shard_reads_from_the_new_leader_while_the_old_is_pau
                 Some((asker, lacking))
             })
             .expect("three shards of three replicas on four nodes leave one out somewhere");
-        let leader = infos
-            .iter()
-            .position(|info| {
-                info.lines().any(|line| {
-                    line.starts_with(&format!("shard_{shard}:")) && line.contains("role=leader")
-                })
-            })
-            .unwrap();
         let bucket = common::bucket_in(shard, 3);
         // The asker learns who leads as it forwards these.
         let mut client = kv::client::Client::connect(nodes[asker].address)
@@ -243,6 +220,18 @@ async fn a_node_without_the_shard_reads_from_the_new_leader_while_the_old_is_pau
             .unwrap();
         client.create(&bucket).await.unwrap();
         client.put(&bucket, b"k", b"v").await.unwrap();
+        // The node leading the shard now, as its INFO says.
+        let mut leader = None;
+        for (index, node) in nodes.iter().enumerate() {
+            let mut client = kv::client::Client::connect(node.address).await.unwrap();
+            let info = client.info().await.unwrap();
+            if info.lines().any(|line| {
+                line.starts_with(&format!("shard_{shard}:")) && line.contains("role=leader")
+            }) {
+                leader = Some(index);
+            }
+        }
+        let leader = leader.expect("the shard is led");
 
         nodes[leader].signal("STOP");
         let answer = tokio::time::timeout(ANSWER_WITHIN, client.get(&bucket, b"k"))

@@ -320,6 +320,25 @@ pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// `CLUSTER INFO` from `client`'s node, once it says `cluster_state:ok` (every shard led, as
+/// that node knows); within [`PATIENCE`].
+pub async fn cluster_ok(client: &mut kv::client::Client) -> String {
+    within(async {
+        loop {
+            let info = client.call(&[b"CLUSTER", b"INFO"]).await.unwrap();
+            let kv::protocol::ReplyValue::Bulk(Some(info)) = info else {
+                panic!("CLUSTER INFO is text: {info:?}");
+            };
+            let info = String::from_utf8(info.to_vec()).unwrap();
+            if info.contains("cluster_state:ok") {
+                return info;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
 /// A bucket name (`b{N}`) whose slot falls in `shard` of `shards`.
 pub fn bucket_in(shard: u16, shards: u16) -> Vec<u8> {
     use kv::cluster::slot::{shard_of, slot_of};

@@ -113,6 +113,7 @@ async fn a_log_of_few_large_entries_is_rewritten_once_purged() {
     assert!(before > 80 << 20, "{before}");
     assert!(log.held_bytes() > 80 << 20, "{}", log.held_bytes());
     log.purge(log_id::<ShardRaft>(1, 1, 79)).await.unwrap();
+    log.wait_for_rewrite().await;
     let after = std::fs::metadata(&file).unwrap().len();
     assert!(after < 2 << 20, "rewritten: {before} bytes, then {after}");
     assert!(log.held_bytes() < 2 << 20, "{}", log.held_bytes());
@@ -137,6 +138,7 @@ async fn a_log_mostly_purged_is_rewritten_and_reads_back_the_same() {
             .unwrap()
             .len();
         log.purge(log_id::<ShardRaft>(1, 1, 4990)).await.unwrap();
+        log.wait_for_rewrite().await;
         let after = std::fs::metadata(directory.path().join("raft-log.kv"))
             .unwrap()
             .len();
@@ -153,6 +155,67 @@ async fn a_log_mostly_purged_is_rewritten_and_reads_back_the_same() {
     );
     assert_eq!(state.last_log_id, Some(log_id::<ShardRaft>(1, 1, 5000)));
     assert_eq!(log.try_get_log_entries(0..10_000).await.unwrap().len(), 10);
+}
+
+/// A rewrite runs in the background: what is appended, truncated and voted while it writes
+/// the live log is in the new file too. (On one thread, the rewrite cannot finish before the
+/// test yields: everything after the purge is written while it runs.)
+#[tokio::test(flavor = "current_thread")]
+async fn what_is_written_during_a_rewrite_is_in_the_rewritten_file() {
+    use openraft::storage::{RaftLogReader, RaftLogStorage};
+    use openraft::testing::log_id;
+    use openraft::type_config::alias::VoteOf;
+
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("raft-log.kv");
+    let value = vec![b'v'; 1 << 20];
+    let change = kv::change::Change::Put {
+        bucket: b"big",
+        key: b"k",
+        value: &value,
+    };
+    let vote = VoteOf::<ShardRaft>::new(2, 1);
+    {
+        let mut log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
+        append(&mut log, entries_of(&vec![change; 80], 1)).await;
+        let before = std::fs::metadata(&file).unwrap().len();
+        log.purge(log_id::<ShardRaft>(1, 1, 70)).await.unwrap();
+        append(&mut log, entries_of(&vec![change; 10], 81)).await;
+        log.truncate_after(Some(log_id::<ShardRaft>(1, 1, 85)))
+            .await
+            .unwrap();
+        log.save_vote(&vote).await.unwrap();
+        log.wait_for_rewrite().await;
+        let after = std::fs::metadata(&file).unwrap().len();
+        assert!(
+            after < before / 2,
+            "rewritten: {before} bytes, then {after}"
+        );
+        // Written after the rewrite, to the new file.
+        log.save_committed(Some(log_id::<ShardRaft>(1, 1, 84)))
+            .await
+            .unwrap();
+    }
+    let mut log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(
+        state.last_purged_log_id,
+        Some(log_id::<ShardRaft>(1, 1, 70))
+    );
+    assert_eq!(state.last_log_id, Some(log_id::<ShardRaft>(1, 1, 85)));
+    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    assert_eq!(
+        log.read_committed().await.unwrap(),
+        Some(log_id::<ShardRaft>(1, 1, 84))
+    );
+    let indexes: Vec<u64> = log
+        .try_get_log_entries(0..100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|entry| entry.log_id.index)
+        .collect();
+    assert_eq!(indexes, (71..=85).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use openraft::BasicNode;
 use openraft::EntryPayload;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -215,7 +214,7 @@ impl RaftNetworkV2<ShardRaft> for ShardPeer {
         option: RPCOption,
     ) -> Result<SnapshotResponse<ShardRaft>, StreamingError<ShardRaft>> {
         let transfer = fastrand::u64(..);
-        let bytes = Bytes::from(snapshot.snapshot);
+        let bytes = snapshot.snapshot;
         let mut offset = 0;
         loop {
             let end = bytes.len().min(offset + self.snapshot_piece);

@@ -751,6 +751,7 @@ async fn install_piece(
     };
     let snapshot = inbox
         .complete(shard, transfer)
+        .map(SnapshotBytes::from)
         .ok_or_else(|| "the snapshot transfer was replaced meanwhile".to_owned())?;
     let snapshot =
         openraft::type_config::alias::SnapshotOf::<ShardRaft, SnapshotBytes> { meta, snapshot };

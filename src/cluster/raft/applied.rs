@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use openraft::EntryPayload;
 use parking_lot::Mutex;
 
@@ -28,7 +29,7 @@ pub struct Applied {
 #[derive(Default)]
 struct Progress {
     /// The index of the last entry the latest snapshot holds, and its records.
-    snapshot: Option<(u64, Arc<Vec<u8>>)>,
+    snapshot: Option<(u64, Bytes)>,
     /// The index of the last entry applied (its change made).
     through: Option<u64>,
 }
@@ -43,7 +44,7 @@ impl Applied {
     }
 
     /// A snapshot holding every entry through `index` now stands for them.
-    pub fn snapshot_taken(&self, index: Option<u64>, records: Arc<Vec<u8>>) {
+    pub fn snapshot_taken(&self, index: Option<u64>, records: Bytes) {
         let mut progress = self.inner.lock();
         progress.snapshot = index.map(|index| (index, records));
         progress.through = progress.through.max(index);

@@ -10,7 +10,10 @@
 //!   a second under `everysec`, as the single-node log does): a replica never acknowledges what
 //!   a crash of its process loses.
 //! - The file is rewritten (to a temporary file, synced, renamed) once purged entries make up
-//!   most of it, by frames or by bytes, so it stays near the size of the unpurged log.
+//!   most of it, by frames or by bytes, so it stays near the size of the unpurged log. The
+//!   rewrite runs in the background: what is written meanwhile goes to the old file and is kept
+//!   aside (`rewrite_tail`), then written after the live log in the new file before the rename,
+//!   under the lock, so either file holds every operation.
 //! - `held` is the sum of [`held_bytes`] over `entries`: every insertion and removal updates
 //!   it, under the lock. It counts in the node's [`LogMemory`] too.
 
@@ -44,7 +47,7 @@ const REWRITE_AT: usize = 4096;
 const REWRITE_BYTES: u64 = 64 << 20;
 
 /// One operation on the log, as the file keeps it.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 enum Saved {
     Entry(EntryOf<ShardRaft>),
     TruncateAfter(Option<LogIdOf<ShardRaft>>),
@@ -58,6 +61,8 @@ enum Saved {
 #[derive(Clone)]
 pub struct ShardLog {
     inner: Arc<Mutex<Inner>>,
+    /// The rewrite running in the background, if one is.
+    rewrite: Arc<parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>>,
     /// What the entries held in memory take (see [`held_bytes`]): kept beside the lock, so that
     /// compaction and `INFO` read it without waiting for a write.
     held: Arc<LogHeld>,
@@ -91,6 +96,8 @@ struct Inner {
     committed: Option<LogIdOf<ShardRaft>>,
     last_purged: Option<LogIdOf<ShardRaft>>,
     entries: BTreeMap<u64, EntryOf<ShardRaft>>,
+    /// While the file is rewritten: what was written since the rewrite copied the live log.
+    rewrite_tail: Option<Vec<Saved>>,
 }
 
 fn invalid(error: impl std::fmt::Display) -> io::Error {
@@ -155,6 +162,7 @@ impl ShardLog {
         held.add(total_held(state.entries.values()));
         Ok(Self {
             held: Arc::new(held),
+            rewrite: Arc::default(),
             inner: Arc::new(Mutex::new(Inner {
                 directory: directory.to_owned(),
                 file,
@@ -166,6 +174,7 @@ impl ShardLog {
                 committed: state.committed,
                 last_purged: state.last_purged,
                 entries: state.entries,
+                rewrite_tail: None,
             })),
         })
     }
@@ -226,44 +235,91 @@ impl Inner {
         }
         self.frames += operations.len();
         self.file_bytes += written;
+        if let Some(tail) = &mut self.rewrite_tail {
+            tail.extend_from_slice(operations);
+        }
         Ok(())
     }
 
-    /// Rewrites the file as what is live now, once purged entries make up most of it (on a
-    /// blocking thread: it writes and syncs the whole live log). `live_bytes` is what the
-    /// live entries take (the log's `held`).
-    async fn rewrite_if_mostly_purged(&mut self, live_bytes: u64) -> io::Result<()> {
+    /// What the file would be rewritten as, if purged entries make up most of it (by frames
+    /// or by bytes; `live_bytes` is what the live entries take, the log's `held`) and no
+    /// rewrite is running. The entries' clones share their payloads.
+    fn due_rewrite(&self, live_bytes: u64) -> Option<Vec<Saved>> {
         let live = self.entries.len() + 3;
         let many_frames = self.frames >= REWRITE_AT && self.frames >= 2 * live;
         let many_bytes = self.file_bytes >= REWRITE_BYTES && self.file_bytes >= 2 * live_bytes;
-        if !many_frames && !many_bytes {
-            return Ok(());
+        if self.rewrite_tail.is_some() || (!many_frames && !many_bytes) {
+            return None;
         }
         let mut operations = Vec::with_capacity(live);
         operations.extend(self.vote.map(Saved::Vote));
         operations.push(Saved::Committed(self.committed));
         operations.extend(self.last_purged.map(Saved::Purge));
         operations.extend(self.entries.values().cloned().map(Saved::Entry));
-        let mut buffer = Vec::new();
-        for saved in &operations {
-            encode_saved(&mut buffer, saved)?;
-        }
-        let written = buffer.len() as u64;
-        let directory = self.directory.clone();
-        self.file = blocking(move || {
-            let path = directory.join(FILE);
-            let temporary = directory.join(format!("{FILE}.tmp"));
+        Some(operations)
+    }
+}
+
+/// Rewrites the log's file as `live` (its operations when the rewrite started) followed by
+/// what was written since. The live log, possibly hundreds of megabytes, is encoded, written
+/// and synced on a blocking thread without the log's lock, so that appends (and the shard's
+/// Raft core waiting on them) go on; only the tail and the rename happen under it. On failure
+/// the old file stays, complete.
+async fn rewrite_in_background(log: Arc<Mutex<Inner>>, directory: PathBuf, live: Vec<Saved>) {
+    let temporary = directory.join(format!("{FILE}.tmp"));
+    let frames = live.len();
+    let written = {
+        let temporary = temporary.clone();
+        blocking(move || {
+            let mut buffer = Vec::new();
+            for saved in &live {
+                encode_saved(&mut buffer, saved)?;
+            }
+            drop(live);
             let mut file = File::create(&temporary)?;
             file.write_all(&buffer)?;
             file.sync_all()?;
-            std::fs::rename(&temporary, &path)?;
-            File::open(&directory)?.sync_all()?;
-            OpenOptions::new().append(true).open(&path)
+            Ok((file, buffer.len() as u64))
         })
-        .await?;
-        self.frames = operations.len();
-        self.file_bytes = written;
-        Ok(())
+        .await
+    };
+    let mut inner = log.lock().await;
+    let tail = inner.rewrite_tail.take().unwrap_or_default();
+    let swapped = match written {
+        Ok((mut file, bytes)) => {
+            let mut buffer = Vec::new();
+            let encoded = tail
+                .iter()
+                .try_for_each(|saved| encode_saved(&mut buffer, saved));
+            match encoded {
+                Ok(()) => {
+                    blocking(move || {
+                        file.write_all(&buffer)?;
+                        file.sync_all()?;
+                        let path = directory.join(FILE);
+                        std::fs::rename(&temporary, &path)?;
+                        File::open(&directory)?.sync_all()?;
+                        let appender = OpenOptions::new().append(true).open(&path)?;
+                        Ok((appender, bytes + buffer.len() as u64))
+                    })
+                    .await
+                }
+                Err(error) => Err(error),
+            }
+        }
+        Err(error) => Err(error),
+    };
+    match swapped {
+        Ok((file, bytes)) => {
+            inner.file = file;
+            inner.frames = frames + tail.len();
+            inner.file_bytes = bytes;
+            // Everything in the new file was synced before the rename.
+            inner.unsynced = false;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "rewriting a shard's Raft log failed; it keeps its file as it is");
+        }
     }
 }
 
@@ -282,6 +338,15 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl ShardLog {
+    /// Waits for the file's rewrite, if one is running (a purge starts one when purged entries
+    /// make up most of the file).
+    pub async fn wait_for_rewrite(&self) {
+        let rewrite = self.rewrite.lock().take();
+        if let Some(rewrite) = rewrite {
+            let _ = rewrite.await;
+        }
+    }
+
     /// What the unpurged entries held in memory take, in bytes (estimated as [`held_bytes`]
     /// counts them).
     #[must_use]
@@ -449,6 +514,16 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
         let purged = std::mem::replace(&mut inner.entries, kept);
         self.held.sub(total_held(purged.values()));
         inner.last_purged = Some(log_id);
-        inner.rewrite_if_mostly_purged(self.held_bytes()).await
+        if let Some(live) = inner.due_rewrite(self.held_bytes()) {
+            inner.rewrite_tail = Some(Vec::new());
+            let directory = inner.directory.clone();
+            let rewrite = tokio::spawn(rewrite_in_background(
+                Arc::clone(&self.inner),
+                directory,
+                live,
+            ));
+            *self.rewrite.lock() = Some(rewrite);
+        }
+        Ok(())
     }
 }

@@ -33,26 +33,37 @@ use crate::config::CoreConfig;
 use crate::registry::{Down, Registry, RegistryError};
 use crate::shard::wal::record::{self, ScanEnd, scan};
 
-/// What a snapshot's bytes are: records of the single-node log.
-pub type SnapshotBytes = Vec<u8>;
+/// What a snapshot's bytes are: records of the single-node log. `Bytes`, so that handing a
+/// snapshot to openraft, to a peer or to the crash-restart path shares it rather than copying
+/// a shard's worth of memory.
+pub type SnapshotBytes = bytes::Bytes;
 
 /// A shard's state machine. Cheap to clone: clones share one state (the snapshot builder is a
 /// clone).
 #[derive(Clone)]
 pub struct ShardStateMachine {
     inner: Arc<Mutex<Inner>>,
+    /// Where snapshots are written. Taken after `inner` or alone, never the other way round.
+    snapshot_file: Arc<Mutex<SnapshotFile>>,
     /// The registry of `inner`, for reads without its lock: it stays the same registry for
     /// the machine's life (a snapshot installed replaces its buckets, not it).
     registry: Registry,
 }
 
-struct Inner {
+/// A shard's snapshot file: written by one snapshot at a time, never an older over a newer
+/// (a snapshot built while a newer one is installed is written after it, or not at all).
+struct SnapshotFile {
     /// Where snapshots are kept; `None`: in memory only.
     directory: Option<PathBuf>,
+    /// The last entry the snapshot on disk holds.
+    written: Option<LogIdOf<ShardRaft>>,
+}
+
+struct Inner {
     registry: Registry,
     last_applied: Option<LogIdOf<ShardRaft>>,
     membership: StoredMembershipOf<ShardRaft>,
-    snapshot: Option<(SnapshotMetaOf<ShardRaft>, Arc<SnapshotBytes>)>,
+    snapshot: Option<(SnapshotMetaOf<ShardRaft>, SnapshotBytes)>,
     /// The latest snapshot and how far this replica has applied, which a crashed bucket is
     /// restarted from; `None` in memory only (a crashed bucket is then lost).
     applied: Option<Applied>,
@@ -75,8 +86,11 @@ impl ShardStateMachine {
         let registry = Registry::start_sharing(core, budget);
         Self {
             registry: registry.clone(),
-            inner: Arc::new(Mutex::new(Inner {
+            snapshot_file: Arc::new(Mutex::new(SnapshotFile {
                 directory: None,
+                written: None,
+            })),
+            inner: Arc::new(Mutex::new(Inner {
                 registry,
                 last_applied: None,
                 membership: StoredMembershipOf::<ShardRaft>::default(),
@@ -103,15 +117,18 @@ impl ShardStateMachine {
         let machine = Self::sharing(core, budget);
         {
             let mut inner = machine.inner.lock().await;
-            inner.directory = Some(directory.to_owned());
+            let mut snapshot_file = machine.snapshot_file.lock().await;
+            snapshot_file.directory = Some(directory.to_owned());
             let applied = Applied::new(log);
             match std::fs::read(directory.join(SNAPSHOT_FILE)) {
-                Ok(bytes) => {
-                    let (meta, data) = split_snapshot(&bytes)?;
+                Ok(file) => {
+                    let file = SnapshotBytes::from(file);
+                    let (meta, data) = split_snapshot(&file)?;
                     inner.install(data).await?;
-                    let data = Arc::new(data.to_vec());
-                    applied.snapshot_taken(meta.last_log_id.map(|id| id.index), Arc::clone(&data));
+                    let data = file.slice_ref(data);
+                    applied.snapshot_taken(meta.last_log_id.map(|id| id.index), data.clone());
                     inner.last_applied = meta.last_log_id;
+                    snapshot_file.written = meta.last_log_id;
                     inner.membership = meta.last_membership.clone();
                     inner.snapshot = Some((meta, data));
                 }
@@ -169,25 +186,93 @@ fn split_snapshot(bytes: &[u8]) -> io::Result<(SnapshotMetaOf<ShardRaft>, &[u8])
     Ok((meta, &bytes[data_at..]))
 }
 
-impl Inner {
-    /// Writes the snapshot to the directory, if there is one, before it counts.
-    fn persist(&self, meta: &SnapshotMetaOf<ShardRaft>, data: &[u8]) -> io::Result<()> {
-        let Some(directory) = &self.directory else {
+/// About what a record of the snapshot takes beyond its bucket's name, key and value.
+const RECORD_OVERHEAD: usize = 16;
+
+/// The buckets of `registry` as snapshot bytes, each copied under its read lock, and how
+/// many records they are.
+fn export(registry: &Registry) -> (SnapshotBytes, u64) {
+    let buckets = registry.view().buckets();
+    // Sized ahead from what the buckets hold (each record repeats its bucket's name and a
+    // frame's header): growing a buffer of hundreds of megabytes by doubling copies it again
+    // and again.
+    let expected: usize = buckets
+        .iter()
+        .filter_map(|bucket| {
+            let (keys, bytes) = bucket.size().ok()?;
+            Some(bytes + keys * (bucket.name().as_bytes().len() + RECORD_OVERHEAD))
+        })
+        .sum();
+    let mut bytes = Vec::with_capacity(expected);
+    let mut records = 0;
+    for bucket in buckets {
+        let name = bucket.name().as_bytes();
+        let start = bytes.len();
+        let mut copied_records = 1;
+        record::encode(&Change::Create { bucket: name }, &mut bytes);
+        let copied = bucket.for_each_entry(|key, value| {
+            copied_records += 1;
+            record::encode(
+                &Change::Put {
+                    bucket: name,
+                    key,
+                    value,
+                },
+                &mut bytes,
+            );
+        });
+        if copied.is_err() {
+            // Dropped while being copied: not in the snapshot.
+            bytes.truncate(start);
+        } else {
+            records += copied_records;
+        }
+    }
+    (bytes.into(), records)
+}
+
+/// Writes a snapshot file into `directory`: a frame of its `encoded_meta`, then `data`;
+/// through a temporary file, synced and renamed, so that a crash leaves the old one or the new.
+fn write_snapshot(directory: &Path, encoded_meta: &[u8], data: &[u8]) -> io::Result<()> {
+    let mut header = Vec::with_capacity(encoded_meta.len() + 16);
+    record::encode_frame(&mut header, |out| out.extend_from_slice(encoded_meta));
+    let temporary = directory.join(format!("{SNAPSHOT_FILE}.tmp"));
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(&header)?;
+    file.write_all(data)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, directory.join(SNAPSHOT_FILE))?;
+    std::fs::File::open(directory)?.sync_all()
+}
+
+impl SnapshotFile {
+    /// Writes the snapshot to the directory, if there is one and no newer snapshot is there,
+    /// before it counts. The writing and syncing run on a blocking thread: a large shard's
+    /// snapshot takes seconds to reach the disk, and the runtime's threads serve the node's
+    /// clients and heartbeats meanwhile.
+    async fn write(
+        &mut self,
+        meta: &SnapshotMetaOf<ShardRaft>,
+        data: &SnapshotBytes,
+    ) -> io::Result<()> {
+        let Some(directory) = self.directory.clone() else {
             return Ok(());
         };
+        if self.written > meta.last_log_id {
+            return Ok(());
+        }
         let encoded = postcard::to_stdvec(meta)
             .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
-        let mut bytes = Vec::with_capacity(encoded.len() + data.len() + 16);
-        record::encode_frame(&mut bytes, |out| out.extend_from_slice(&encoded));
-        bytes.extend_from_slice(data);
-        let temporary = directory.join(format!("{SNAPSHOT_FILE}.tmp"));
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, directory.join(SNAPSHOT_FILE))?;
-        std::fs::File::open(directory)?.sync_all()
+        let data = data.clone();
+        tokio::task::spawn_blocking(move || write_snapshot(&directory, &encoded, &data))
+            .await
+            .map_err(io::Error::other)??;
+        self.written = meta.last_log_id;
+        Ok(())
     }
+}
 
+impl Inner {
     /// Makes the entry's changes in order; what each did.
     async fn apply(&mut self, command: &ShardCommand) -> io::Result<Vec<Outcome>> {
         let mut outcomes = Vec::new();
@@ -201,37 +286,6 @@ impl Inner {
             outcomes.push(apply_change(&self.registry, change, &mut bucket).await?);
         }
         Ok(outcomes)
-    }
-
-    /// The buckets as snapshot bytes, each copied under its read lock, and how many records
-    /// they are.
-    fn export(&self) -> (SnapshotBytes, u64) {
-        let mut bytes = Vec::new();
-        let mut records = 0;
-        for bucket in self.registry.view().buckets() {
-            let name = bucket.name().as_bytes();
-            let start = bytes.len();
-            let mut copied_records = 1;
-            record::encode(&Change::Create { bucket: name }, &mut bytes);
-            let copied = bucket.for_each_entry(|key, value| {
-                copied_records += 1;
-                record::encode(
-                    &Change::Put {
-                        bucket: name,
-                        key,
-                        value,
-                    },
-                    &mut bytes,
-                );
-            });
-            if copied.is_err() {
-                // Dropped while being copied: not in the snapshot.
-                bytes.truncate(start);
-            } else {
-                records += copied_records;
-            }
-        }
-        (bytes, records)
     }
 
     /// Replaces every bucket with those of `bytes`.
@@ -437,22 +491,39 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
     type SnapshotData = SnapshotBytes;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<ShardRaft, SnapshotBytes>, io::Error> {
-        let mut inner = self.inner.lock().await;
-        let (bytes, records) = inner.export();
-        inner.snapshot_records = records;
-        let meta = SnapshotMetaOf::<ShardRaft> {
-            last_log_id: inner.last_applied,
-            last_membership: inner.membership.clone(),
+        let (meta, bytes, records) = {
+            let inner = self.inner.lock().await;
+            // Copying every record of a large shard takes a while: on a blocking thread, so
+            // that the node's other work goes on. This shard's applying waits for the lock, so
+            // the copy is of one applied state.
+            let registry = inner.registry.clone();
+            let (bytes, records) = tokio::task::spawn_blocking(move || export(&registry))
+                .await
+                .map_err(io::Error::other)?;
+            let meta = SnapshotMetaOf::<ShardRaft> {
+                last_log_id: inner.last_applied,
+                last_membership: inner.membership.clone(),
+            };
+            (meta, bytes, records)
         };
-        inner.persist(&meta, &bytes)?;
-        let bytes = Arc::new(bytes);
-        if let Some(applied) = &inner.applied {
-            applied.snapshot_taken(meta.last_log_id.map(|id| id.index), Arc::clone(&bytes));
+        // Written without the state machine's lock: applying goes on while it reaches the disk.
+        self.snapshot_file.lock().await.write(&meta, &bytes).await?;
+        let mut inner = self.inner.lock().await;
+        // A newer snapshot installed meanwhile stays the current one.
+        let newer = inner
+            .snapshot
+            .as_ref()
+            .is_some_and(|(current, _)| current.last_log_id > meta.last_log_id);
+        if !newer {
+            inner.snapshot_records = records;
+            if let Some(applied) = &inner.applied {
+                applied.snapshot_taken(meta.last_log_id.map(|id| id.index), bytes.clone());
+            }
+            inner.snapshot = Some((meta.clone(), bytes.clone()));
         }
-        inner.snapshot = Some((meta.clone(), Arc::clone(&bytes)));
         Ok(SnapshotOf::<ShardRaft, SnapshotBytes> {
             meta,
-            snapshot: (*bytes).clone(),
+            snapshot: bytes,
         })
     }
 }
@@ -516,11 +587,14 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
         snapshot: SnapshotBytes,
     ) -> Result<(), io::Error> {
         let mut inner = self.inner.lock().await;
-        inner.persist(meta, &snapshot)?;
+        self.snapshot_file
+            .lock()
+            .await
+            .write(meta, &snapshot)
+            .await?;
         inner.install(&snapshot).await?;
-        let snapshot = Arc::new(snapshot);
         if let Some(applied) = &inner.applied {
-            applied.snapshot_taken(meta.last_log_id.map(|id| id.index), Arc::clone(&snapshot));
+            applied.snapshot_taken(meta.last_log_id.map(|id| id.index), snapshot.clone());
         }
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
@@ -535,10 +609,7 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
         Ok(inner
             .snapshot
             .clone()
-            .map(|(meta, snapshot)| SnapshotOf::<ShardRaft, SnapshotBytes> {
-                meta,
-                snapshot: (*snapshot).clone(),
-            }))
+            .map(|(meta, snapshot)| SnapshotOf::<ShardRaft, SnapshotBytes> { meta, snapshot }))
     }
 }
 
@@ -599,5 +670,39 @@ mod tests {
                 NoSuchBucket
             ]
         );
+    }
+
+    /// A snapshot built before a newer one was installed, and written after it (a build writes
+    /// without the state machine's lock), leaves the newer one on disk: the log may already be
+    /// purged up to it.
+    #[tokio::test]
+    async fn an_older_snapshot_is_never_written_over_a_newer_one() {
+        use openraft::testing::log_id;
+
+        let directory = tempfile::tempdir().unwrap();
+        let mut file = SnapshotFile {
+            directory: Some(directory.path().to_owned()),
+            written: None,
+        };
+        let meta = |index| SnapshotMetaOf::<ShardRaft> {
+            last_log_id: Some(log_id::<ShardRaft>(1, 1, index)),
+            last_membership: StoredMembershipOf::<ShardRaft>::default(),
+        };
+        // A snapshot's data: one bucket's record.
+        let records = |bucket: &[u8]| {
+            let mut data = Vec::new();
+            record::encode(&Change::Create { bucket }, &mut data);
+            SnapshotBytes::from(data)
+        };
+        let on_disk = || {
+            let bytes = std::fs::read(directory.path().join(SNAPSHOT_FILE)).unwrap();
+            let (meta, data) = split_snapshot(&bytes).unwrap();
+            (meta.last_log_id.unwrap().index, data.to_vec())
+        };
+        file.write(&meta(5), &records(b"five")).await.unwrap();
+        assert_eq!(on_disk(), (5, records(b"five").to_vec()));
+        file.write(&meta(10), &records(b"ten")).await.unwrap();
+        file.write(&meta(7), &records(b"seven")).await.unwrap();
+        assert_eq!(on_disk(), (10, records(b"ten").to_vec()));
     }
 }

@@ -297,8 +297,8 @@ impl Inner {
                 .map_err(io::Error::other)?;
         }
         let mut changes = Vec::new();
-        let end = scan(bytes, |change, _| {
-            changes.push(change);
+        let end = scan(bytes, |change, offset| {
+            changes.push((change, offset));
             Ok::<(), ()>(())
         })
         .unwrap_or(ScanEnd::Clean);
@@ -310,10 +310,37 @@ impl Inner {
         }
         self.snapshot_records = changes.len() as u64;
         let mut bucket = None;
-        for change in changes {
+        let mut pace = Pace::default();
+        // A record's offset is where it starts: what lies between two is the earlier one.
+        let mut previous = 0;
+        for (change, offset) in changes {
             apply_change(&self.registry, change, &mut bucket).await?;
+            let taken = usize::try_from(offset - previous).unwrap_or(usize::MAX);
+            pace.applied(taken).await;
+            previous = offset;
         }
         Ok(())
+    }
+}
+
+/// How many bytes of changes are applied between two yields to the runtime.
+const YIELD_EVERY: usize = 1 << 20;
+
+/// Yields to the runtime every [`YIELD_EVERY`] bytes of changes applied. Applying a long
+/// stretch (a large snapshot installed, a replica catching up on many entries) would otherwise
+/// hold the runtime's worker thread, and with it the node's clients and heartbeats, to the end.
+#[derive(Default)]
+struct Pace {
+    since_yield: usize,
+}
+
+impl Pace {
+    async fn applied(&mut self, bytes: usize) {
+        self.since_yield += bytes;
+        if self.since_yield >= YIELD_EVERY {
+            self.since_yield = 0;
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -551,6 +578,7 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
         for entry in entries.iter().take(PREFETCH_AHEAD) {
             prefetch(&inner.registry, entry);
         }
+        let mut pace = Pace::default();
         for (index, (entry, responder)) in entries.iter().zip(responders).enumerate() {
             if let Some(ahead) = entries.get(index + PREFETCH_AHEAD) {
                 prefetch(&inner.registry, ahead);
@@ -558,7 +586,11 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
             inner.last_applied = Some(entry.log_id);
             let outcome = match &entry.payload {
                 EntryPayload::Blank => Vec::new(),
-                EntryPayload::Normal(command) => inner.apply(command).await?,
+                EntryPayload::Normal(command) => {
+                    let outcome = inner.apply(command).await?;
+                    pace.applied(command.encoded_len()).await;
+                    outcome
+                }
                 EntryPayload::Membership(membership) => {
                     inner.membership = StoredMembershipOf::<ShardRaft>::new(
                         Some(entry.log_id),

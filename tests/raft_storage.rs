@@ -41,7 +41,7 @@ async fn append(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reopened_log_has_its_vote_entries_truncations_and_purges() {
-    use openraft::storage::{RaftLogReader, RaftLogStorage};
+    use openraft::storage::RaftLogStorage;
     use openraft::testing::{blank_ent, log_id};
     use openraft::type_config::alias::VoteOf;
 
@@ -71,23 +71,49 @@ async fn a_reopened_log_has_its_vote_entries_truncations_and_purges() {
     bytes.extend_from_slice(&[0x10, 0, 0, 0, 1, 2]);
     std::fs::write(&file, &bytes).unwrap();
 
-    let mut log = ShardLog::open(directory.path(), FsyncPolicy::Always).unwrap();
-    let state = log.get_log_state().await.unwrap();
-    assert_eq!(state.last_purged_log_id, Some(log_id::<ShardRaft>(1, 1, 3)));
-    assert_eq!(state.last_log_id, Some(log_id::<ShardRaft>(1, 1, 8)));
-    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
     assert_eq!(
-        log.read_committed().await.unwrap(),
-        Some(log_id::<ShardRaft>(1, 1, 6))
+        Reopened::from(directory.path()).await,
+        Reopened {
+            purged: Some(3),
+            last: Some(8),
+            vote: Some(vote),
+            committed: Some(6),
+            entries: vec![4, 5, 6, 7, 8],
+        }
     );
-    let indexes: Vec<u64> = log
-        .try_get_log_entries(0..100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|entry| entry.log_id.index)
-        .collect();
-    assert_eq!(indexes, [4, 5, 6, 7, 8]);
+}
+
+/// What a log reopened from its directory holds: indexes of its last purged entry, its last
+/// entry, its committed entry and its entries, and its vote.
+#[derive(Debug, PartialEq)]
+struct Reopened {
+    purged: Option<u64>,
+    last: Option<u64>,
+    vote: Option<openraft::type_config::alias::VoteOf<ShardRaft>>,
+    committed: Option<u64>,
+    entries: Vec<u64>,
+}
+
+impl Reopened {
+    async fn from(directory: &std::path::Path) -> Self {
+        use openraft::storage::{RaftLogReader, RaftLogStorage};
+
+        let mut log = ShardLog::open(directory, FsyncPolicy::No).unwrap();
+        let state = log.get_log_state().await.unwrap();
+        Self {
+            purged: state.last_purged_log_id.map(|id| id.index),
+            last: state.last_log_id.map(|id| id.index),
+            vote: log.read_vote().await.unwrap(),
+            committed: log.read_committed().await.unwrap().map(|id| id.index),
+            entries: log
+                .try_get_log_entries(0..u64::MAX)
+                .await
+                .unwrap()
+                .iter()
+                .map(|entry| entry.log_id.index)
+                .collect(),
+        }
+    }
 }
 
 /// A few large entries, far fewer frames than the rewrite waits for, are rewritten away once
@@ -162,7 +188,7 @@ async fn a_log_mostly_purged_is_rewritten_and_reads_back_the_same() {
 /// test yields: everything after the purge is written while it runs.)
 #[tokio::test(flavor = "current_thread")]
 async fn what_is_written_during_a_rewrite_is_in_the_rewritten_file() {
-    use openraft::storage::{RaftLogReader, RaftLogStorage};
+    use openraft::storage::RaftLogStorage;
     use openraft::testing::log_id;
     use openraft::type_config::alias::VoteOf;
 
@@ -196,26 +222,16 @@ async fn what_is_written_during_a_rewrite_is_in_the_rewritten_file() {
             .await
             .unwrap();
     }
-    let mut log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
-    let state = log.get_log_state().await.unwrap();
     assert_eq!(
-        state.last_purged_log_id,
-        Some(log_id::<ShardRaft>(1, 1, 70))
+        Reopened::from(directory.path()).await,
+        Reopened {
+            purged: Some(70),
+            last: Some(85),
+            vote: Some(vote),
+            committed: Some(84),
+            entries: (71..=85).collect(),
+        }
     );
-    assert_eq!(state.last_log_id, Some(log_id::<ShardRaft>(1, 1, 85)));
-    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
-    assert_eq!(
-        log.read_committed().await.unwrap(),
-        Some(log_id::<ShardRaft>(1, 1, 84))
-    );
-    let indexes: Vec<u64> = log
-        .try_get_log_entries(0..100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|entry| entry.log_id.index)
-        .collect();
-    assert_eq!(indexes, (71..=85).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

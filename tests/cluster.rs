@@ -986,6 +986,28 @@ async fn until_answered(
     .await
 }
 
+/// Asks `client`'s node for `CLUSTER NODES` until `wanted` holds of the text (or the test's
+/// patience runs out), and gives that text.
+async fn cluster_nodes_until(
+    client: &mut kv::client::Client,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
+    within(async {
+        loop {
+            if let kv::protocol::ReplyValue::Bulk(Some(text)) =
+                client.call(&[b"CLUSTER", b"NODES"]).await.unwrap()
+            {
+                let text = String::from_utf8(text.to_vec()).unwrap();
+                if wanted(&text) {
+                    return text;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -1055,6 +1077,16 @@ async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
     assert!(first_line.ends_with("down"), "{status}");
     assert_eq!(status.matches(" up ").count(), 2, "{status}");
     assert!(!status.contains("no leader"), "{status}");
+    // `CLUSTER NODES` on a survivor flags node 1 as failing in this node's view (`fail?`,
+    // link down) and no other.
+    let dead = format!("{:040x} ", 1);
+    let nodes_seen = cluster_nodes_until(&mut second, |text| {
+        text.lines()
+            .any(|line| line.starts_with(&dead) && line.contains(" master,fail? "))
+    })
+    .await;
+    assert_eq!(nodes_seen.matches("fail?").count(), 1, "{nodes_seen}");
+    assert!(nodes_seen.contains(" disconnected"), "{nodes_seen}");
     for index in 0..80 {
         let reply = until_answered(&mut second, &[b"GET", &bucket(index), &key(index)]).await;
         assert_eq!(
@@ -1085,8 +1117,10 @@ async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
     );
     assert_eq!(common::http_get(http, "/ready").await.0, 200);
 
-    // It comes back on its directory and catches up.
+    // It comes back on its directory and catches up; the survivors see it answer again.
     nodes[0] = Some(node_process(1, &peers, binds[0], directory.path()));
+    let nodes_seen = cluster_nodes_until(&mut second, |text| !text.contains("fail?")).await;
+    assert!(!nodes_seen.contains("disconnected"), "{nodes_seen}");
     let mut first = kv::client::Client::connect(nodes[0].as_ref().unwrap().address)
         .await
         .unwrap();

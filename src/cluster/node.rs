@@ -144,6 +144,9 @@ pub struct Node {
     budget: Arc<MemoryBudget>,
     /// The snapshots peers are sending this node.
     inbox: peer::SnapshotInbox,
+    /// How long a shard's followers wait without hearing from its leader before they elect
+    /// another: a peer silent that long is taken for down.
+    silence_before_election: Duration,
     pub(super) shutdown: CancellationToken,
 }
 
@@ -485,6 +488,9 @@ impl Node {
                     .saturating_mul(2)
                     .max(64 << 20),
             ),
+            // openraft elects once a follower has heard nothing for its leader lease (the
+            // longest election timeout) and then an election timeout.
+            silence_before_election: config.election_timeout.1 * 2,
             shutdown: CancellationToken::new(),
         };
         node.refresh_layout();
@@ -732,6 +738,19 @@ impl Node {
     #[must_use]
     pub fn peers(&self) -> &Peers {
         &self.peers
+    }
+
+    /// Whether node `id` looks down from here: it has left a request of this node's
+    /// unanswered for as long as a shard's followers wait before electing another leader.
+    /// This node's view only (Redis's `fail?`); a node this node does not talk to is not
+    /// judged.
+    #[must_use]
+    pub fn seems_down(&self, id: NodeId) -> bool {
+        id != self.id
+            && self.peers.get(id).is_some_and(|peer| {
+                peer.unanswered_for()
+                    .is_some_and(|silent| silent >= self.silence_before_election)
+            })
     }
 
     /// The Raft group of `shard`, if this node holds a replica of it.

@@ -249,6 +249,12 @@ pub struct PeerClient {
     reachable: std::sync::atomic::AtomicBool,
     /// When and why the peer last refused this node.
     refused: parking_lot::Mutex<Option<(std::time::Instant, String)>>,
+    /// When the oldest request still unanswered was sent, in milliseconds after `created`
+    /// plus one; 0 once an answer has come to every request sent before it. Set by the first
+    /// request after an answer, cleared by the next answer (a request given up on stays
+    /// unanswered until then).
+    unanswered_since: std::sync::atomic::AtomicU64,
+    created: std::time::Instant,
 }
 
 type Call = (
@@ -268,6 +274,23 @@ impl PeerClient {
             connection: Mutex::new(None),
             reachable: std::sync::atomic::AtomicBool::new(true),
             refused: parking_lot::Mutex::new(None),
+            unanswered_since: std::sync::atomic::AtomicU64::new(0),
+            created: std::time::Instant::now(),
+        }
+    }
+
+    /// How long the peer has left a request unanswered (the oldest sent since its last
+    /// answer), if it has.
+    #[must_use]
+    pub fn unanswered_for(&self) -> Option<std::time::Duration> {
+        use std::sync::atomic::Ordering;
+        match self.unanswered_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(
+                self.created
+                    .elapsed()
+                    .saturating_sub(std::time::Duration::from_millis(since - 1)),
+            ),
         }
     }
 
@@ -282,6 +305,11 @@ impl PeerClient {
     /// # Errors
     /// If the peer cannot be reached or the connection breaks first.
     pub async fn call(&self, request: PeerRequest) -> Result<PeerResponse, PeerError> {
+        use std::sync::atomic::Ordering;
+        let sent = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        let _ =
+            self.unanswered_since
+                .compare_exchange(0, sent, Ordering::Relaxed, Ordering::Relaxed);
         let sender = self.connected().await?;
         let (reply, answer) = oneshot::channel();
         if sender.send((request, reply)).await.is_err() {
@@ -291,6 +319,8 @@ impl PeerClient {
         let answered = answer.await.unwrap_or(Err(PeerError::Closed(self.address)));
         if answered.is_err() {
             *self.connection.lock().await = None;
+        } else {
+            self.unanswered_since.store(0, Ordering::Relaxed);
         }
         answered
     }

@@ -100,6 +100,11 @@ impl Router {
                         } else {
                             "replica"
                         };
+                        let health = if self.node.seems_down(id) {
+                            "failed"
+                        } else {
+                            "online"
+                        };
                         nodes.push(map(vec![
                             ("id", bulk(node_name(id))),
                             ("port", ReplyValue::Integer(i64::from(address.port()))),
@@ -107,7 +112,7 @@ impl Router {
                             ("endpoint", bulk(address.ip().to_string())),
                             ("role", bulk(role.to_owned())),
                             ("replication-offset", ReplyValue::Integer(0)),
-                            ("health", bulk("online".to_owned())),
+                            ("health", bulk(health.to_owned())),
                         ]));
                     }
                     described.push(map(vec![
@@ -134,15 +139,17 @@ impl Router {
                     let address = self.client_address_of(id).await;
                     let address =
                         address.map_or_else(|| ":0".to_owned(), |address| address.to_string());
-                    let flags = if id == self.node.id() {
-                        "myself,master"
+                    let (flags, link) = if id == self.node.id() {
+                        ("myself,master", "connected")
+                    } else if self.node.seems_down(id) {
+                        ("master,fail?", "disconnected")
                     } else {
-                        "master"
+                        ("master", "connected")
                     };
                     let term = shards.iter().map(|shard| shard.term).max().unwrap_or(0);
                     let _ = write!(
                         text,
-                        "{} {address}@0 {flags} - 0 0 {term} connected",
+                        "{} {address}@0 {flags} - 0 0 {term} {link}",
                         node_name(id)
                     );
                     for shard in shards.iter().filter(|shard| shard.leader == Some(id)) {

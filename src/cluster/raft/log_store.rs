@@ -285,34 +285,17 @@ async fn rewrite_in_background(log: Arc<Mutex<Inner>>, directory: PathBuf, live:
     };
     let mut inner = log.lock().await;
     let tail = inner.rewrite_tail.take().unwrap_or_default();
+    let tail_frames = tail.len();
     let swapped = match written {
-        Ok((mut file, bytes)) => {
-            let mut buffer = Vec::new();
-            let encoded = tail
-                .iter()
-                .try_for_each(|saved| encode_saved(&mut buffer, saved));
-            match encoded {
-                Ok(()) => {
-                    blocking(move || {
-                        file.write_all(&buffer)?;
-                        file.sync_all()?;
-                        let path = directory.join(FILE);
-                        std::fs::rename(&temporary, &path)?;
-                        File::open(&directory)?.sync_all()?;
-                        let appender = OpenOptions::new().append(true).open(&path)?;
-                        Ok((appender, bytes + buffer.len() as u64))
-                    })
-                    .await
-                }
-                Err(error) => Err(error),
-            }
+        Ok((file, bytes)) => {
+            blocking(move || finish_rewrite(file, bytes, &tail, &directory, &temporary)).await
         }
         Err(error) => Err(error),
     };
     match swapped {
         Ok((file, bytes)) => {
             inner.file = file;
-            inner.frames = frames + tail.len();
+            inner.frames = frames + tail_frames;
             inner.file_bytes = bytes;
             // Everything in the new file was synced before the rename.
             inner.unsynced = false;
@@ -321,6 +304,31 @@ async fn rewrite_in_background(log: Arc<Mutex<Inner>>, directory: PathBuf, live:
             tracing::warn!(%error, "rewriting a shard's Raft log failed; it keeps its file as it is");
         }
     }
+}
+
+/// Writes `tail` after the `bytes` of the live log in `file` (the temporary file), syncs it and
+/// renames it into place; the new file's handle for appending, and its length. The handle is
+/// opened before the rename: once renamed, the log's file is this one, and appending to the
+/// old one would lose what is appended.
+fn finish_rewrite(
+    mut file: File,
+    bytes: u64,
+    tail: &[Saved],
+    directory: &Path,
+    temporary: &Path,
+) -> io::Result<(File, u64)> {
+    let mut buffer = Vec::new();
+    for saved in tail {
+        encode_saved(&mut buffer, saved)?;
+    }
+    file.write_all(&buffer)?;
+    file.sync_all()?;
+    let appender = OpenOptions::new().append(true).open(temporary)?;
+    std::fs::rename(temporary, directory.join(FILE))?;
+    if let Err(error) = File::open(directory).and_then(|directory| directory.sync_all()) {
+        tracing::warn!(%error, directory = %directory.display(), "could not sync the directory after rewriting a shard's Raft log");
+    }
+    Ok((appender, bytes + buffer.len() as u64))
 }
 
 /// Appends `saved` to `out` as one frame, serialized in place.

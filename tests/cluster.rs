@@ -986,28 +986,6 @@ async fn until_answered(
     .await
 }
 
-/// Asks `client`'s node for `CLUSTER NODES` until `wanted` holds of the text (or the test's
-/// patience runs out), and gives that text.
-async fn cluster_nodes_until(
-    client: &mut kv::client::Client,
-    wanted: impl Fn(&str) -> bool,
-) -> String {
-    within(async {
-        loop {
-            if let kv::protocol::ReplyValue::Bulk(Some(text)) =
-                client.call(&[b"CLUSTER", b"NODES"]).await.unwrap()
-            {
-                let text = String::from_utf8(text.to_vec()).unwrap();
-                if wanted(&text) {
-                    return text;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -1080,7 +1058,7 @@ async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
     // `CLUSTER NODES` on a survivor flags node 1 as failing in this node's view (`fail?`,
     // link down) and no other.
     let dead = format!("{:040x} ", 1);
-    let nodes_seen = cluster_nodes_until(&mut second, |text| {
+    let nodes_seen = common::cluster_text_until(&mut second, b"NODES", |text| {
         text.lines()
             .any(|line| line.starts_with(&dead) && line.contains(" master,fail? "))
     })
@@ -1119,7 +1097,8 @@ async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
 
     // It comes back on its directory and catches up; the survivors see it answer again.
     nodes[0] = Some(node_process(1, &peers, binds[0], directory.path()));
-    let nodes_seen = cluster_nodes_until(&mut second, |text| !text.contains("fail?")).await;
+    let nodes_seen =
+        common::cluster_text_until(&mut second, b"NODES", |text| !text.contains("fail?")).await;
     assert!(!nodes_seen.contains("disconnected"), "{nodes_seen}");
     let mut first = kv::client::Client::connect(nodes[0].as_ref().unwrap().address)
         .await

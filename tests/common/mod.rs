@@ -323,15 +323,25 @@ pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
 /// `CLUSTER INFO` from `client`'s node, once it says `cluster_state:ok` (every shard led, as
 /// that node knows); within [`PATIENCE`].
 pub async fn cluster_ok(client: &mut kv::client::Client) -> String {
+    cluster_text_until(client, b"INFO", |info| info.contains("cluster_state:ok")).await
+}
+
+/// The text `CLUSTER <subcommand>` gives on `client`'s node, once `wanted` holds of it;
+/// within [`PATIENCE`].
+pub async fn cluster_text_until(
+    client: &mut kv::client::Client,
+    subcommand: &[u8],
+    wanted: impl Fn(&str) -> bool,
+) -> String {
     within(async {
         loop {
-            let info = client.call(&[b"CLUSTER", b"INFO"]).await.unwrap();
-            let kv::protocol::ReplyValue::Bulk(Some(info)) = info else {
-                panic!("CLUSTER INFO is text: {info:?}");
+            let reply = client.call(&[b"CLUSTER", subcommand]).await.unwrap();
+            let kv::protocol::ReplyValue::Bulk(Some(text)) = reply else {
+                panic!("CLUSTER answers text: {reply:?}");
             };
-            let info = String::from_utf8(info.to_vec()).unwrap();
-            if info.contains("cluster_state:ok") {
-                return info;
+            let text = String::from_utf8(text.to_vec()).unwrap();
+            if wanted(&text) {
+                return text;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

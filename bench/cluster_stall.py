@@ -1,7 +1,8 @@
 """How long a 3-node kv cluster stops answering while one shard fills with large values: its
 snapshots, log purges and log rewrites all run while a client writes. Pings every node every
-5 ms (a PING on its own connection) and reports the longest wait per node, how many write
-batches got TRYAGAIN, and whether any shard elected a new leader meanwhile. Then a node that
+5 ms (a PING on its own connection) and reports the longest wait per node, how long the write
+batches took (the longest, the median), how many got TRYAGAIN, and whether any shard elected a
+new leader meanwhile. Then a node that
 was killed before the fill (one not leading the shard) is restarted and catches up, from a
 snapshot of the whole shard: the longest PING wait on it until it has caught up.
 
@@ -104,8 +105,10 @@ def main():
         for thread in pingers:
             thread.start()
         value, retried, started = "v" * VALUE_BYTES, 0, time.monotonic()
+        batch_times = []
         for first in range(0, KEYS, BATCH):
             batch = [c.command("PUT", "b" + tag, f"k{i}", value) for i in range(first, min(KEYS, first + BATCH))]
+            sent = time.monotonic()
             while True:
                 refused = [r for r in c.pipeline(leader, batch) if r != "+OK"]
                 if not refused:
@@ -113,6 +116,7 @@ def main():
                 assert all("TRYAGAIN" in r for r in refused), refused[:3]
                 retried += 1
                 time.sleep(0.1)
+            batch_times.append(time.monotonic() - sent)
         filled = time.monotonic() - started
         time.sleep(3)
         stop.set()
@@ -122,6 +126,10 @@ def main():
         print(f"{KEYS} PUTs of {VALUE_BYTES} bytes to one shard in {filled:.1f} s "
               f"({KEYS * VALUE_BYTES / filled / 2**20:.0f} MiB/s), node {victim + 1} down; "
               f"batches answered TRYAGAIN: {retried}")
+        batch_times.sort()
+        print(f"write batches of {BATCH} PUTs: median {batch_times[len(batch_times) // 2] * 1000:.0f} ms, "
+              f"longest {batch_times[-1] * 1000:.0f} ms, over 250 ms: "
+              f"{sum(t > 0.25 for t in batch_times)}")
         print("longest PING wait per node:", ", ".join(f"{port}: {worst[port] * 1000:.0f} ms" for port in live))
         print("elections during the fill:", "none" if before == after else f"terms {before} then {after}")
 

@@ -342,6 +342,158 @@ async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_fr
     assert!(reopened.get_current_snapshot().await.unwrap().is_some());
 }
 
+/// A snapshot is built while the shard's changes go on (its buckets are copied a page at a
+/// time, not under the shard's applying), and holds exactly the state after the last entry
+/// applied when it ended: keys overwritten meanwhile (some with values of another size, which
+/// moves them in the table), deleted or added, and a bucket dropped and created again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_built_while_changes_apply_is_the_state_after_its_last_entry() {
+    use kv::change::Change;
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+
+    const KEYS: usize = 50_000;
+    let key = |i: usize| format!("key{i}").into_bytes();
+    let mut history = Vec::new();
+    let mut machine = ShardStateMachine::new(CoreConfig::default());
+    let mut fill = vec![
+        Change::Create { bucket: b"s" },
+        Change::Create { bucket: b"t" },
+    ];
+    let keys: Vec<Vec<u8>> = (0..KEYS).map(key).collect();
+    fill.extend(keys.iter().map(|key| Change::Put {
+        bucket: b"s",
+        key,
+        value: b"first",
+    }));
+    for changes in fill.chunks(1_000) {
+        apply_entry(&mut machine, &mut history, changes).await;
+    }
+    // A build that happened to run while nothing was applied (the copy is quick, and other
+    // tests share the cores) proves nothing about changes during the copy: build again.
+    let long = vec![b'L'; 300];
+    let mut round = 0;
+    for _attempt in 0..10 {
+        let started_at = history.len() as u64;
+        let mut builder = machine.get_snapshot_builder().await;
+        let build = tokio::spawn(async move { builder.build_snapshot().await });
+        while !build.is_finished() {
+            let (overwritten, deleted, added) = (
+                key(round * 7 % KEYS),
+                key(round * 13 % KEYS),
+                key(KEYS + round),
+            );
+            let mut changes = vec![
+                Change::Put {
+                    bucket: b"s",
+                    key: &overwritten,
+                    value: if round % 2 == 0 { &long } else { b"short" },
+                },
+                Change::Delete {
+                    bucket: b"s",
+                    key: &deleted,
+                },
+                Change::Put {
+                    bucket: b"s",
+                    key: &added,
+                    value: b"new",
+                },
+            ];
+            if round % 50 == 0 {
+                changes.extend([
+                    Change::Drop { bucket: b"t" },
+                    Change::Create { bucket: b"t" },
+                    Change::Put {
+                        bucket: b"t",
+                        key: &added,
+                        value: b"again",
+                    },
+                ]);
+            }
+            apply_entry(&mut machine, &mut history, &changes).await;
+            round += 1;
+            tokio::task::yield_now().await;
+        }
+        let snapshot = build.await.unwrap().unwrap();
+        let last = snapshot.meta.last_log_id.unwrap().index;
+        assert!(last >= started_at);
+
+        let mut replayed = ShardStateMachine::new(CoreConfig::default());
+        let through = history
+            .iter()
+            .filter(|entry| entry.log_id.index <= last)
+            .cloned()
+            .map(|entry| Ok((entry, None)));
+        replayed
+            .apply(futures::stream::iter(through))
+            .await
+            .unwrap();
+        let mut installed = ShardStateMachine::new(CoreConfig::default());
+        installed
+            .install_snapshot(&snapshot.meta, snapshot.snapshot.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            contents(installed.registry()),
+            contents(replayed.registry()),
+            "the snapshot ending at entry {last} holds what applying through it leaves"
+        );
+
+        // The copy writes only `Create`s and `Put`s: a `Delete` is a change made while it ran.
+        let mut made_during_the_copy = 0;
+        kv::shard::wal::record::scan(&snapshot.snapshot, |change, _| {
+            made_during_the_copy += usize::from(matches!(change, Change::Delete { .. }));
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        if made_during_the_copy > 0 {
+            return;
+        }
+    }
+    panic!("no snapshot build saw a change applied while it copied the buckets");
+}
+
+/// A bucket's name and its entries, in order.
+type Contents = (Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>);
+
+/// Every bucket of `registry` with its entries, in order.
+fn contents(registry: &kv::Registry) -> Vec<Contents> {
+    let mut buckets: Vec<_> = registry
+        .view()
+        .buckets()
+        .iter()
+        .map(|bucket| {
+            let mut entries = Vec::new();
+            bucket
+                .for_each_entry(|key, value| entries.push((key.to_vec(), value.to_vec())))
+                .unwrap();
+            entries.sort();
+            (bucket.name().as_bytes().to_vec(), entries)
+        })
+        .collect();
+    buckets.sort();
+    buckets
+}
+
+/// Applies `changes` to `machine` as one committed entry, the next after those in `history`,
+/// and adds it there.
+async fn apply_entry(
+    machine: &mut ShardStateMachine,
+    history: &mut Vec<openraft::type_config::alias::EntryOf<ShardRaft>>,
+    changes: &[kv::change::Change<'_>],
+) {
+    use kv::cluster::raft::ShardCommand;
+    use openraft::storage::RaftStateMachine;
+    let entry = openraft::Entry {
+        log_id: openraft::testing::log_id::<ShardRaft>(1, 1, history.len() as u64 + 1),
+        payload: openraft::EntryPayload::Normal(ShardCommand::batch(changes)),
+    };
+    history.push(entry.clone());
+    machine
+        .apply(futures::stream::iter([Ok((entry, None))]))
+        .await
+        .unwrap();
+}
+
 /// Applies `changes` to `machine` as committed entries 1, 2, …
 async fn apply_changes(machine: &mut ShardStateMachine, changes: &[kv::change::Change<'_>]) {
     use openraft::storage::RaftStateMachine;
@@ -426,6 +578,23 @@ async fn a_bucket_that_crashes_on_a_replica_comes_back_with_what_every_replica_h
     let crashed = registry.lookup(b"s").unwrap();
     crashed.inject_fault(kv::BucketFault::Panic).unwrap();
     crashed.stopped().await;
+    // A snapshot built while the bucket restarts holds it all the same.
+    let snapshot = machine
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let mut installed = ShardStateMachine::new(CoreConfig::default());
+    installed
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    let held: Vec<(Vec<u8>, Vec<u8>)> = [(b"b", b"3"), (b"c", b"4")]
+        .iter()
+        .map(|(key, value)| (key.to_vec(), value.to_vec()))
+        .collect();
+    assert_eq!(contents(installed.registry()), [(b"s".to_vec(), held)]);
     // A change committed while the bucket restarts waits for it, then is made.
     let next = entries_of(&[put(b"d", b"5")], 7);
     log.blocking_append(next.clone()).await.unwrap();

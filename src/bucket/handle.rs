@@ -165,6 +165,24 @@ impl BucketHandle {
         self.shared.table.scan(cursor, limit)
     }
 
+    /// One page of the bucket's entries, in the order [`scan`](Self::scan) lists keys: `visit`
+    /// gets each key and value from `cursor` (zero to start) until they add up to `bytes` (at
+    /// least one entry); returns the cursor of the next page (zero when done). Writers wait
+    /// for the page only. An entry that stays unchanged for the whole walk is visited at least
+    /// once; one changed meanwhile may be visited with its old value, its new one, both or
+    /// neither (a snapshot copied this way is made whole by the changes made meanwhile).
+    ///
+    /// # Errors
+    /// [`BucketError::Stopped`] if the bucket has ended.
+    pub fn scan_entries(
+        &self,
+        cursor: u64,
+        bytes: usize,
+        visit: impl FnMut(&[u8], &[u8]),
+    ) -> Result<u64, BucketError> {
+        self.shared.table.scan_entries(cursor, bytes, visit)
+    }
+
     /// How many keys the bucket holds, and the bytes it takes of the memory budget.
     ///
     /// # Errors

@@ -339,25 +339,21 @@ impl ScanCursor {
 }
 
 impl Slabs {
-    /// Calls `visit` with the key of each entry from `cursor` on, until `limit` keys or the
-    /// end; returns where to go on from (zero at the end). Costs the keys visited plus at most
-    /// one step per slab passed: never a walk over the whole table.
+    /// Calls `visit` with the key and value of each entry from `cursor` on, until it says to
+    /// stop (returns `false`) or the end; returns where to go on from (zero at the end). Costs
+    /// the entries visited plus at most one step per slab passed: never a walk over the whole
+    /// table.
     pub(super) fn scan(
         &self,
         cursor: ScanCursor,
-        limit: usize,
-        mut visit: impl FnMut(&[u8]),
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> ScanCursor {
-        if limit == 0 {
-            return cursor;
-        }
         let used = self.in_use().count();
         let mut position = cursor.position();
         let mut below = cursor.below();
         if position >= used && position != LARGE {
             position = LARGE;
         }
-        let mut visited = 0;
         loop {
             let len = match position {
                 LARGE => self.large.len(),
@@ -367,13 +363,14 @@ impl Slabs {
                 }
             };
             let mut index = below.min(len);
-            while index > 0 {
-                if visited == limit {
-                    return ScanCursor::at(position, index);
-                }
+            let mut go_on = true;
+            while index > 0 && go_on {
                 index -= 1;
-                visit(self.key(EntryRef::new(position, index)));
-                visited += 1;
+                let (key, value) = self.get(EntryRef::new(position, index));
+                go_on = visit(key, value);
+            }
+            if index > 0 {
+                return ScanCursor::at(position, index);
             }
             below = INDEX_MASK as usize;
             position = match position {
@@ -381,7 +378,7 @@ impl Slabs {
                 position if position + 1 < used => position + 1,
                 _ => LARGE,
             };
-            if visited == limit {
+            if !go_on {
                 return ScanCursor::at(position, below);
             }
         }

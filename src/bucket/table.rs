@@ -361,11 +361,35 @@ impl Table {
     pub(crate) fn scan(&self, cursor: u64, limit: usize) -> Result<(u64, Vec<Bytes>), BucketError> {
         let guard = self.entries.read();
         let entries = guard.as_ref().ok_or(BucketError::Stopped)?;
+        if limit == 0 {
+            return Ok((cursor, Vec::new()));
+        }
         let mut page = Vec::with_capacity(limit.min(entries.index.len()));
-        let next = entries.slabs.scan(ScanCursor(cursor), limit, |key| {
+        let next = entries.slabs.scan(ScanCursor(cursor), |key, _| {
             page.push(Bytes::copy_from_slice(key));
+            page.len() < limit
         });
         Ok((next.0, page))
+    }
+
+    /// One page of entries, as [`scan`](Self::scan) walks them: `visit` gets each key and
+    /// value from `cursor` on until they add up to `bytes` (at least one entry), under the
+    /// read lock for that page only. Returns the cursor of the next page (zero: the end).
+    pub(crate) fn scan_entries(
+        &self,
+        cursor: u64,
+        bytes: usize,
+        mut visit: impl FnMut(&[u8], &[u8]),
+    ) -> Result<u64, BucketError> {
+        let guard = self.entries.read();
+        let entries = guard.as_ref().ok_or(BucketError::Stopped)?;
+        let mut left = bytes;
+        let next = entries.slabs.scan(ScanCursor(cursor), |key, value| {
+            visit(key, value);
+            left = left.saturating_sub(key.len() + value.len());
+            left > 0
+        });
+        Ok(next.0)
     }
 
     /// Up to `limit` keys greater than `after`, in byte order: one page of a sorted listing.

@@ -264,6 +264,26 @@ impl RegistryView {
             .collect()
     }
 
+    /// The name of every bucket the registry holds: live, ended and not yet taken in, and
+    /// down (restarting or failed). What a snapshot walks: a bucket that is restarting has its
+    /// data all the same.
+    #[must_use]
+    pub fn every_name(&self) -> Vec<BucketName> {
+        let mut every: Vec<BucketName> = {
+            let names = self.names.read();
+            names
+                .handles
+                .iter()
+                .map(|bucket| bucket.name().clone())
+                .chain(names.down.keys().cloned())
+                .collect()
+        };
+        // A restarted bucket may be named in both for a moment.
+        every.sort_unstable();
+        every.dedup();
+        every
+    }
+
     /// The writing half, for the registry loop only.
     pub(super) fn writer(&self) -> ViewWriter {
         ViewWriter {

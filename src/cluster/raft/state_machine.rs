@@ -3,8 +3,9 @@
 //!
 //! Applying a change is what recovery's replay does on a single node: no limit is checked
 //! again (the leader checked them before proposing; replicas must not decide differently), and
-//! nothing is logged (the Raft log is the log). A snapshot is the buckets in the single-node
-//! snapshot format: a `Create` and the `Put`s of each bucket.
+//! nothing is logged (the Raft log is the log). A snapshot is records of the single-node log:
+//! a `Create` and the `Put`s of each bucket, copied while changes go on, then the changes
+//! made during the copy (see [`Copying`]).
 //!
 //! With a directory, every snapshot built or installed is written there before it counts
 //! (`snapshot.kv`: a frame with its metadata, then its records; written to a temporary file,
@@ -27,7 +28,7 @@ use tokio::sync::Mutex;
 use super::applied::Applied;
 use super::log_store::ShardLog;
 use super::{Outcome, ShardCommand, ShardRaft};
-use crate::bucket::{BucketError, BucketHandle, MemoryBudget};
+use crate::bucket::{BucketError, BucketHandle, BucketName, MemoryBudget};
 use crate::change::Change;
 use crate::config::CoreConfig;
 use crate::registry::{Down, Registry, RegistryError};
@@ -48,6 +49,44 @@ pub struct ShardStateMachine {
     /// The registry of `inner`, for reads without its lock: it stays the same registry for
     /// the machine's life (a snapshot installed replaces its buckets, not it).
     registry: Registry,
+    /// The entries applied since a snapshot build began copying the buckets, while it does.
+    /// Set and taken with `inner` locked, so that it starts and ends at an applied state.
+    copying: Arc<parking_lot::Mutex<Option<Copying>>>,
+}
+
+/// What applying keeps for a snapshot build while it copies the shard's buckets. The copy
+/// does not hold applying (a large shard takes seconds to copy, and the shard's writes would
+/// wait as long), so each bucket is copied a page at a time while changes go on: what it
+/// read of an entry changed meanwhile may be older or newer than where the copy ends. The
+/// changes applied meanwhile, made again after the copied records, make the snapshot exactly
+/// the state after the last of them. Every change sets what it touches whatever was there
+/// (a `Put` its value, a `Delete` and a `Drop` absence, a `Create` a bucket), so the state
+/// after them depends only on what they left untouched, and an entry left untouched
+/// throughout the copy is copied as it is (see [`BucketHandle::scan_entries`]).
+struct Copying {
+    /// Which build keeps them: a snapshot installed meanwhile ends the build's copy (it is of
+    /// no state the replica will be in), and a later build starts its own.
+    build: u64,
+    /// The entries applied since the copy began, in order.
+    since: Vec<ShardCommand>,
+}
+
+/// Stops keeping applied entries for a build that ends, however it ends.
+struct StopKeeping {
+    copying: Arc<parking_lot::Mutex<Option<Copying>>>,
+    build: u64,
+}
+
+impl Drop for StopKeeping {
+    fn drop(&mut self) {
+        let mut copying = self.copying.lock();
+        if copying
+            .as_ref()
+            .is_some_and(|kept| kept.build == self.build)
+        {
+            *copying = None;
+        }
+    }
 }
 
 /// A shard's snapshot file: written by one snapshot at a time, never an older over a newer
@@ -69,6 +108,8 @@ struct Inner {
     applied: Option<Applied>,
     /// How many records (buckets and keys) the latest snapshot holds.
     snapshot_records: u64,
+    /// Snapshot builds begun, which numbers them.
+    builds: u64,
 }
 
 impl ShardStateMachine {
@@ -97,7 +138,9 @@ impl ShardStateMachine {
                 snapshot: None,
                 applied: None,
                 snapshot_records: 0,
+                builds: 0,
             })),
+            copying: Arc::default(),
         }
     }
 
@@ -124,8 +167,8 @@ impl ShardStateMachine {
                 Ok(file) => {
                     let file = SnapshotBytes::from(file);
                     let (meta, data) = split_snapshot(&file)?;
-                    inner.install(data).await?;
                     let data = file.slice_ref(data);
+                    inner.install(&data).await?;
                     applied.snapshot_taken(meta.last_log_id.map(|id| id.index), data.clone());
                     inner.last_applied = meta.last_log_id;
                     snapshot_file.written = meta.last_log_id;
@@ -189,46 +232,125 @@ fn split_snapshot(bytes: &[u8]) -> io::Result<(SnapshotMetaOf<ShardRaft>, &[u8])
 /// About what a record of the snapshot takes beyond its bucket's name, key and value.
 const RECORD_OVERHEAD: usize = 16;
 
-/// The buckets of `registry` as snapshot bytes, each copied under its read lock, and how
-/// many records they are.
-fn export(registry: &Registry) -> (SnapshotBytes, u64) {
-    let buckets = registry.view().buckets();
-    // Sized ahead from what the buckets hold (each record repeats its bucket's name and a
-    // frame's header): growing a buffer of hundreds of megabytes by doubling copies it again
-    // and again.
-    let expected: usize = buckets
+/// How many bytes of keys and values a snapshot's copy reads of a bucket under its lock at a
+/// time: the bucket's writers wait for one page at most.
+const COPY_PAGE_BYTES: usize = 64 << 10;
+
+/// The buckets `names` of `registry` as snapshot records (a `Create` and the `Put`s of each),
+/// and how many records they are. Copied a page at a time on blocking threads while the
+/// shard's changes go on (see [`Copying`]). A bucket that crashes or is restarting is copied
+/// once it is back; one dropped is left out (its `Drop` is among the changes made meanwhile).
+///
+/// # Errors
+/// If a bucket failed for good: a snapshot without it would lose it.
+async fn copy_buckets(registry: &Registry, names: Vec<BucketName>) -> io::Result<(Vec<u8>, u64)> {
+    let mut copied = Vec::new();
+    let mut records = 0;
+    let mut pending = names;
+    loop {
+        let shard = registry.clone();
+        let (bytes, more, restarting) = tokio::task::spawn_blocking(move || {
+            if copied.is_empty() {
+                copied.reserve(expected_size(&shard));
+            }
+            copy_live(&shard, pending, copied)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        copied = bytes;
+        records += more;
+        if restarting.is_empty() {
+            return Ok((copied, records));
+        }
+        for name in &restarting {
+            live(registry, name.as_bytes()).await?;
+        }
+        pending = restarting;
+    }
+}
+
+/// About the bytes a snapshot of `registry`'s live buckets takes (each record repeats its
+/// bucket's name and a frame's header): a buffer of hundreds of megabytes grown by doubling
+/// would be copied again and again.
+fn expected_size(registry: &Registry) -> usize {
+    registry
+        .view()
+        .buckets()
         .iter()
         .filter_map(|bucket| {
             let (keys, bytes) = bucket.size().ok()?;
             Some(bytes + keys * (bucket.name().as_bytes().len() + RECORD_OVERHEAD))
         })
-        .sum();
-    let mut bytes = Vec::with_capacity(expected);
+        .sum()
+}
+
+/// Copies the live buckets of `names` after `copied`; returns the bytes, the records added,
+/// and the buckets to copy once they are back (restarting, or crashed while being copied).
+fn copy_live(
+    registry: &Registry,
+    names: Vec<BucketName>,
+    mut copied: Vec<u8>,
+) -> (Vec<u8>, u64, Vec<BucketName>) {
     let mut records = 0;
-    for bucket in buckets {
-        let name = bucket.name().as_bytes();
-        let start = bytes.len();
-        let mut copied_records = 1;
-        record::encode(&Change::Create { bucket: name }, &mut bytes);
-        let copied = bucket.for_each_entry(|key, value| {
-            copied_records += 1;
+    let mut restarting = Vec::new();
+    for name in names {
+        let Some(bucket) = registry.lookup(name.as_bytes()) else {
+            let down = registry
+                .view()
+                .why_missing(name.as_bytes(), registry.restarts_crashed_buckets());
+            if down.is_some() {
+                restarting.push(name);
+            }
+            continue;
+        };
+        let start = copied.len();
+        match copy_bucket(&bucket, &mut copied) {
+            Ok(added) => records += added,
+            Err(_) => {
+                // It ended while being copied: crashed (then copied again once restarted) or
+                // dropped (then gone by then).
+                copied.truncate(start);
+                restarting.push(name);
+            }
+        }
+    }
+    (copied, records, restarting)
+}
+
+/// Appends `bucket`'s `Create` and `Put` records to `out`, a page at a time; how many.
+fn copy_bucket(bucket: &BucketHandle, out: &mut Vec<u8>) -> Result<u64, BucketError> {
+    let name = bucket.name().as_bytes();
+    record::encode(&Change::Create { bucket: name }, out);
+    let mut records = 1;
+    let mut cursor = 0;
+    loop {
+        cursor = bucket.scan_entries(cursor, COPY_PAGE_BYTES, |key, value| {
             record::encode(
                 &Change::Put {
                     bucket: name,
                     key,
                     value,
                 },
-                &mut bytes,
+                out,
             );
-        });
-        if copied.is_err() {
-            // Dropped while being copied: not in the snapshot.
-            bytes.truncate(start);
-        } else {
-            records += copied_records;
+            records += 1;
+        })?;
+        if cursor == 0 {
+            return Ok(records);
         }
     }
-    (bytes.into(), records)
+}
+
+/// Appends the changes of `entries` to a snapshot's copied records, as records; how many.
+fn append_changes(out: &mut Vec<u8>, entries: &[ShardCommand]) -> u64 {
+    let mut records = 0;
+    for command in entries {
+        for change in command.changes().flatten() {
+            record::encode(&change, out);
+            records += 1;
+        }
+    }
+    records
 }
 
 /// Writes a snapshot file into `directory`: a frame of its `encoded_meta`, then `data`;
@@ -288,40 +410,65 @@ impl Inner {
         Ok(outcomes)
     }
 
-    /// Replaces every bucket with those of `bytes`.
-    async fn install(&mut self, bytes: &[u8]) -> io::Result<()> {
-        for bucket in self.registry.view().buckets() {
-            self.registry
-                .drop_bucket(bucket.name().as_bytes())
-                .await
-                .map_err(io::Error::other)?;
-        }
-        let mut changes = Vec::new();
-        let end = scan(bytes, |change, offset| {
-            changes.push((change, offset));
-            Ok::<(), ()>(())
+    /// Replaces every bucket with those of `bytes`. The snapshot is read whole first (on a
+    /// blocking thread: it may be hundreds of megabytes), so that a damaged one changes
+    /// nothing; its records are then made a chunk at a time, never all held decoded at once.
+    async fn install(&mut self, bytes: &SnapshotBytes) -> io::Result<()> {
+        let whole = bytes.clone();
+        let (end, records) = tokio::task::spawn_blocking(move || {
+            let mut records = 0u64;
+            let end = scan(&whole, |_, _| {
+                records += 1;
+                Ok::<(), ()>(())
+            })
+            .unwrap_or(ScanEnd::Clean);
+            (end, records)
         })
-        .unwrap_or(ScanEnd::Clean);
+        .await
+        .map_err(io::Error::other)?;
         if end != ScanEnd::Clean {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("a snapshot that does not read whole: {end:?}"),
             ));
         }
-        self.snapshot_records = changes.len() as u64;
+        for bucket in self.registry.view().buckets() {
+            self.registry
+                .drop_bucket(bucket.name().as_bytes())
+                .await
+                .map_err(io::Error::other)?;
+        }
+        self.snapshot_records = records;
         let mut bucket = None;
         let mut pace = Pace::default();
-        // A record's offset is where it starts: what lies between two is the earlier one.
-        let mut previous = 0;
-        for (change, offset) in changes {
-            apply_change(&self.registry, change, &mut bucket).await?;
-            let taken = usize::try_from(offset - previous).unwrap_or(usize::MAX);
-            pace.applied(taken).await;
-            previous = offset;
+        let mut at = 0;
+        let mut chunk = Vec::with_capacity(INSTALL_CHUNK);
+        while at < bytes.len() {
+            // Where each record starts, from `at`; the chunk's end is where the next begins.
+            let mut end = bytes.len() - at;
+            let _ = scan(&bytes[at..], |change, offset| {
+                if chunk.len() == INSTALL_CHUNK {
+                    end = offset as usize;
+                    return Err(());
+                }
+                chunk.push((change, offset as usize));
+                Ok(())
+            });
+            for index in 0..chunk.len() {
+                let (change, start) = chunk[index];
+                let next = chunk.get(index + 1).map_or(end, |&(_, next)| next);
+                apply_change(&self.registry, change, &mut bucket).await?;
+                pace.applied(next - start).await;
+            }
+            chunk.clear();
+            at += end;
         }
         Ok(())
     }
 }
+
+/// How many records of a snapshot being installed are decoded at a time.
+const INSTALL_CHUNK: usize = 4096;
 
 /// How many bytes of changes are applied between two yields to the runtime.
 const YIELD_EVERY: usize = 1 << 20;
@@ -518,21 +665,48 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
     type SnapshotData = SnapshotBytes;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<ShardRaft, SnapshotBytes>, io::Error> {
-        let (meta, bytes, records) = {
+        let (build, names) = {
+            let mut inner = self.inner.lock().await;
+            inner.builds += 1;
+            *self.copying.lock() = Some(Copying {
+                build: inner.builds,
+                since: Vec::new(),
+            });
+            (inner.builds, inner.registry.view().every_name())
+        };
+        let _stop_keeping = StopKeeping {
+            copying: Arc::clone(&self.copying),
+            build,
+        };
+        let copied = copy_buckets(&self.registry, names).await;
+        let (meta, since) = {
             let inner = self.inner.lock().await;
-            // Copying every record of a large shard takes a while: on a blocking thread, so
-            // that the node's other work goes on. This shard's applying waits for the lock, so
-            // the copy is of one applied state.
-            let registry = inner.registry.clone();
-            let (bytes, records) = tokio::task::spawn_blocking(move || export(&registry))
-                .await
-                .map_err(io::Error::other)?;
+            let kept = self.copying.lock().take_if(|kept| kept.build == build);
+            let Some(kept) = kept else {
+                // A snapshot was installed while the buckets were copied: the copy is of no
+                // state this replica was in, and the installed snapshot, newer, stands.
+                return inner
+                    .snapshot
+                    .clone()
+                    .map(|(meta, snapshot)| SnapshotOf::<ShardRaft, SnapshotBytes> {
+                        meta,
+                        snapshot,
+                    })
+                    .ok_or_else(|| io::Error::other("a snapshot build ended without one"));
+            };
             let meta = SnapshotMetaOf::<ShardRaft> {
                 last_log_id: inner.last_applied,
                 last_membership: inner.membership.clone(),
             };
-            (meta, bytes, records)
+            (meta, kept.since)
         };
+        let (mut copied, copied_records) = copied?;
+        let (bytes, records) = tokio::task::spawn_blocking(move || {
+            let made_again = append_changes(&mut copied, &since);
+            (SnapshotBytes::from(copied), copied_records + made_again)
+        })
+        .await
+        .map_err(io::Error::other)?;
         // Written without the state machine's lock: applying goes on while it reaches the disk.
         self.snapshot_file.lock().await.write(&meta, &bytes).await?;
         let mut inner = self.inner.lock().await;
@@ -587,6 +761,9 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
             let outcome = match &entry.payload {
                 EntryPayload::Blank => Vec::new(),
                 EntryPayload::Normal(command) => {
+                    if let Some(copying) = self.copying.lock().as_mut() {
+                        copying.since.push(command.clone());
+                    }
                     let outcome = inner.apply(command).await?;
                     pace.applied(command.encoded_len()).await;
                     outcome
@@ -619,6 +796,9 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
         snapshot: SnapshotBytes,
     ) -> Result<(), io::Error> {
         let mut inner = self.inner.lock().await;
+        // A build copying the buckets now would copy them as the install leaves them, and
+        // they are no state the changes it keeps apply to.
+        *self.copying.lock() = None;
         self.snapshot_file
             .lock()
             .await

@@ -1,4 +1,4 @@
-//! Where a table's entries live: packed by size class into a few large byte vectors.
+//! Where a table's entries live: packed by size class into a few slabs of large byte vectors.
 //!
 //! Each entry is `varint(key length) ++ varint(value length) ++ key ++ value`, stored in a slot
 //! of the smallest size class that holds it (16 to 4096 bytes, classes at most 12.5% apart);
@@ -134,11 +134,144 @@ pub(super) fn encoded_len(key: &[u8], value: &[u8]) -> usize {
     varint_len(key.len()) + varint_len(value.len()) + key.len() + value.len()
 }
 
-/// Slots of one size, laid end to end. A slab whose `slot_size` is zero has never been used.
+/// The most bytes a slab reallocates: past a segment of this size (rounded down to a power
+/// of two of slots) it grows by another segment rather than by copying what it holds.
+const SEGMENT_BYTES: usize = 16 << 20;
+
+/// Slots of one size, laid end to end in segments. A slab whose `slot_size` is zero has never
+/// been used.
+///
+/// The first `1 << shift` slots are in `first`, which grows by doubling as a vector does; the
+/// rest are in `more`, segments of `1 << shift` slots each, every one allocated whole (its
+/// pages are taken only as its slots are written). A slab of gigabytes grown by doubling would
+/// copy all it holds on the thread writing to the table (a third of a second at 512 MiB, with
+/// writers to the bucket waiting) and hold the old and the new copy at once. Most tables never
+/// pass their first segment, and reading their entries is one index into it.
+///
+/// Invariant: while `more` is not empty, `first` is full and so is every segment of `more`
+/// but the last, which is not empty.
 #[derive(Default)]
 struct Slab {
-    slot_size: usize,
-    bytes: Vec<u8>,
+    slot_size: u32,
+    /// The base-2 logarithm of the slots a segment holds.
+    shift: u32,
+    first: Vec<u8>,
+    more: Vec<Vec<u8>>,
+}
+
+impl Slab {
+    fn new(slot_size: usize) -> Self {
+        Self {
+            slot_size: slot_size as u32,
+            shift: (SEGMENT_BYTES / slot_size).ilog2(),
+            first: Vec::new(),
+            more: Vec::new(),
+        }
+    }
+
+    fn slot_size(&self) -> usize {
+        self.slot_size as usize
+    }
+
+    /// Slots per segment.
+    fn segment_slots(&self) -> usize {
+        1 << self.shift
+    }
+
+    /// How many slots are in use.
+    fn len(&self) -> usize {
+        match self.more.last() {
+            None => self.first.len() / self.slot_size(),
+            Some(last) => self.segment_slots() * self.more.len() + last.len() / self.slot_size(),
+        }
+    }
+
+    /// Where slot `index` is: its segment (`None`: `first`) and its byte offset there.
+    fn locate(&self, index: usize) -> (Option<usize>, usize) {
+        match index.checked_sub(self.segment_slots()) {
+            None => (None, index * self.slot_size()),
+            Some(beyond) => (
+                Some(beyond >> self.shift),
+                (beyond & (self.segment_slots() - 1)) * self.slot_size(),
+            ),
+        }
+    }
+
+    fn slot(&self, index: usize) -> &[u8] {
+        let (segment, offset) = self.locate(index);
+        let segment = segment.map_or(&self.first, |segment| &self.more[segment]);
+        &segment[offset..][..self.slot_size()]
+    }
+
+    fn slot_mut(&mut self, index: usize) -> &mut [u8] {
+        let size = self.slot_size();
+        let (segment, offset) = self.locate(index);
+        let segment = match segment {
+            None => &mut self.first,
+            Some(segment) => &mut self.more[segment],
+        };
+        &mut segment[offset..][..size]
+    }
+
+    /// Stores an entry in a new last slot; its index.
+    fn push(&mut self, key: &[u8], value: &[u8]) -> usize {
+        let size = self.slot_size();
+        let index = self.len();
+        let segment_bytes = self.segment_slots() * size;
+        let segment = if self.more.is_empty() && self.first.len() < segment_bytes {
+            &mut self.first
+        } else {
+            if self
+                .more
+                .last()
+                .is_none_or(|last| last.len() == segment_bytes)
+            {
+                self.more.push(Vec::with_capacity(segment_bytes));
+            }
+            self.more.last_mut().expect("a segment was just ensured")
+        };
+        let start = segment.len();
+        encode(segment, key, value);
+        segment.resize(start + size, 0);
+        index
+    }
+
+    /// Moves the last slot into `hole` (unless it is the last) and drops the last slot;
+    /// returns the last slot's index.
+    fn remove(&mut self, hole: usize) -> usize {
+        let size = self.slot_size();
+        let last = self.len() - 1;
+        if hole != last {
+            match (self.locate(hole), self.locate(last)) {
+                ((None, to), (None, from)) => self.first.copy_within(from..from + size, to),
+                _ => {
+                    // In different vectors: through a buffer (a slot is at most 4096 bytes).
+                    let mut moving = [0; SLOT_SIZES[SLOT_SIZES.len() - 1]];
+                    moving[..size].copy_from_slice(self.slot(last));
+                    self.slot_mut(hole).copy_from_slice(&moving[..size]);
+                }
+            }
+        }
+        match self.more.last_mut() {
+            None => {
+                self.first.truncate(last * size);
+                shrink(&mut self.first);
+            }
+            Some(segment) => {
+                segment.truncate(segment.len() - size);
+                if segment.is_empty() {
+                    self.more.pop();
+                }
+            }
+        }
+        last
+    }
+
+    /// Whether the slab holds no memory.
+    #[cfg(test)]
+    fn is_freed(&self) -> bool {
+        self.first.capacity() == 0 && self.more.is_empty()
+    }
 }
 
 /// Slabs held inline in a table's header, before any go to the heap.
@@ -172,7 +305,8 @@ pub(super) struct Moved {
 
 impl Slabs {
     /// The leading bytes that reading an entry in the first slab uses.
-    pub(super) const HOT_BYTES: usize = std::mem::offset_of!(Slabs, inline) + size_of::<Slab>();
+    pub(super) const HOT_BYTES: usize =
+        std::mem::offset_of!(Slabs, inline) + std::mem::offset_of!(Slab, more);
 
     fn slab(&self, position: usize) -> &Slab {
         match position.checked_sub(INLINE_SLABS) {
@@ -200,15 +334,12 @@ impl Slabs {
     fn position_for(&mut self, size: usize) -> usize {
         if let Some(position) = self
             .in_use()
-            .position(|slab| slab.slot_size == size && slab.bytes.len() / size < MAX_SLOTS)
+            .position(|slab| slab.slot_size() == size && slab.len() < MAX_SLOTS)
         {
             return position;
         }
         let used = self.in_use().count();
-        let slab = Slab {
-            slot_size: size,
-            bytes: Vec::new(),
-        };
+        let slab = Slab::new(size);
         match self.inline.get_mut(used) {
             Some(unused) => *unused = slab,
             None => self.spilled.push(slab),
@@ -226,13 +357,8 @@ impl Slabs {
             self.large.push(block.into_boxed_slice());
             return EntryRef::new(LARGE, self.large.len() - 1);
         }
-        let size = SLOT_SIZES[class];
-        let position = self.position_for(size);
-        let slab = &mut self.slab_mut(position).bytes;
-        let index = slab.len() / size;
-        let start = slab.len();
-        encode(slab, key, value);
-        slab.resize(start + size, 0);
+        let position = self.position_for(SLOT_SIZES[class]);
+        let index = self.slab_mut(position).push(key, value);
         EntryRef::new(position, index)
     }
 
@@ -244,11 +370,10 @@ impl Slabs {
             return false;
         }
         let slab = self.slab_mut(entry.position());
-        let size = slab.slot_size;
-        if SLOT_SIZES[class] != size {
+        if SLOT_SIZES[class] != slab.slot_size() {
             return false;
         }
-        let slot = &mut slab.bytes[entry.index() * size..][..size];
+        let slot = slab.slot_mut(entry.index());
         // On the stack: overwriting a value is the common write, and allocates nothing.
         let mut header = SmallVec::<[u8; 2 * MAX_VARINT_LEN]>::new();
         write_varint(&mut header, key.len());
@@ -277,10 +402,7 @@ impl Slabs {
     fn bytes(&self, entry: EntryRef) -> &[u8] {
         match entry.position() {
             LARGE => &self.large[entry.index()],
-            position => {
-                let slab = self.slab(position);
-                &slab.bytes[entry.index() * slab.slot_size..][..slab.slot_size]
-            }
+            position => self.slab(position).slot(entry.index()),
         }
     }
 
@@ -293,14 +415,7 @@ impl Slabs {
             shrink(&mut self.large);
             (last, entry.index() != last)
         } else {
-            let Slab { slot_size, bytes } = self.slab_mut(position);
-            let size = *slot_size;
-            let last = bytes.len() / size - 1;
-            if entry.index() != last {
-                bytes.copy_within(last * size.., entry.index() * size);
-            }
-            bytes.truncate(last * size);
-            shrink(bytes);
+            let last = self.slab_mut(position).remove(entry.index());
             (last, entry.index() != last)
         };
         moved.then(|| Moved {
@@ -357,10 +472,7 @@ impl Slabs {
         loop {
             let len = match position {
                 LARGE => self.large.len(),
-                position => {
-                    let slab = self.slab(position);
-                    slab.bytes.len() / slab.slot_size
-                }
+                position => self.slab(position).len(),
             };
             let mut index = below.min(len);
             let mut go_on = true;
@@ -477,8 +589,54 @@ mod tests {
                 mover.0 = moved.to;
             }
         }
-        assert!(slabs.in_use().all(|slab| slab.bytes.capacity() == 0));
+        assert!(slabs.in_use().all(Slab::is_freed));
         assert!(slabs.large.is_empty());
+    }
+
+    #[test]
+    fn a_slab_past_its_first_segment_grows_and_shrinks_by_whole_segments() {
+        let mut slabs = Slabs::default();
+        // 4,000-byte values take the largest slots: a segment holds 4,096 of them.
+        let value = |i: u32| vec![i as u8; 4000];
+        let per_segment = SEGMENT_BYTES / 4096;
+        let count = (per_segment * 5 / 2) as u32;
+        let mut live: Vec<(EntryRef, u32)> = (0..count)
+            .map(|i| (slabs.insert(&i.to_le_bytes(), &value(i)), i))
+            .collect();
+        let slab = slabs.slab(0);
+        assert_eq!(slab.first.len(), SEGMENT_BYTES);
+        assert_eq!(slab.more.len(), 2);
+        assert!(
+            slab.more
+                .iter()
+                .all(|segment| segment.capacity() == SEGMENT_BYTES)
+        );
+        let reads_back = |slabs: &Slabs, live: &[(EntryRef, u32)]| {
+            for &(entry, i) in live {
+                assert_eq!(slabs.get(entry), (&i.to_le_bytes()[..], &value(i)[..]));
+            }
+        };
+        reads_back(&slabs, &live);
+        // Removed from the front: each hole is filled from the last segment.
+        let mut removed = 0;
+        while let Some(&(entry, _)) = live.first() {
+            live.swap_remove(0);
+            if let Some(moved) = slabs.remove(entry) {
+                let mover = live
+                    .iter_mut()
+                    .find(|(live_entry, _)| *live_entry == moved.from)
+                    .expect("the moved entry was live");
+                mover.0 = moved.to;
+            }
+            removed += 1;
+            if removed % 2048 == 0 {
+                reads_back(&slabs, &live);
+                let slab = slabs.slab(0);
+                let segments = live.len().div_ceil(per_segment).saturating_sub(1);
+                assert_eq!(slab.more.len(), segments, "{} live", live.len());
+            }
+        }
+        assert!(slabs.in_use().all(Slab::is_freed));
     }
 
     #[test]

@@ -237,7 +237,7 @@ async fn what_is_written_during_a_rewrite_is_in_the_rewritten_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_apply_to_the_shards_buckets_and_travel_in_a_snapshot() {
     use kv::change::Change;
-    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::storage::RaftStateMachine;
     use openraft::testing::log_id;
 
     let changes = [
@@ -271,17 +271,7 @@ async fn changes_apply_to_the_shards_buckets_and_travel_in_a_snapshot() {
     assert!(applied.lookup(b"gone").is_none());
     assert!(applied.lookup(b"nowhere").is_none());
 
-    let snapshot = machine
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
-    let mut follower = ShardStateMachine::new(CoreConfig::default());
-    follower
-        .install_snapshot(&snapshot.meta, snapshot.snapshot)
-        .await
-        .unwrap();
+    let mut follower = installed_from(&mut machine).await;
     let registry = follower.registry().clone();
     let names: Vec<_> = registry.view().names(None, 10);
     assert_eq!(names.len(), 1);
@@ -427,11 +417,7 @@ async fn a_snapshot_built_while_changes_apply_is_the_state_after_its_last_entry(
             .apply(futures::stream::iter(through))
             .await
             .unwrap();
-        let mut installed = ShardStateMachine::new(CoreConfig::default());
-        installed
-            .install_snapshot(&snapshot.meta, snapshot.snapshot.clone())
-            .await
-            .unwrap();
+        let installed = installed(snapshot.clone()).await;
         assert_eq!(
             contents(installed.registry()),
             contents(replayed.registry()),
@@ -450,6 +436,31 @@ async fn a_snapshot_built_while_changes_apply_is_the_state_after_its_last_entry(
         }
     }
     panic!("no snapshot build saw a change applied while it copied the buckets");
+}
+
+/// A new state machine that installed the snapshot `machine` builds now.
+async fn installed_from(machine: &mut ShardStateMachine) -> ShardStateMachine {
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    let snapshot = machine
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    installed(snapshot).await
+}
+
+/// A new state machine that installed `snapshot`.
+async fn installed(
+    snapshot: openraft::type_config::alias::SnapshotOf<ShardRaft, kv::cluster::raft::SnapshotBytes>,
+) -> ShardStateMachine {
+    use openraft::storage::RaftStateMachine;
+    let mut machine = ShardStateMachine::new(CoreConfig::default());
+    machine
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    machine
 }
 
 /// A bucket's name and its entries, in order.
@@ -579,17 +590,7 @@ async fn a_bucket_that_crashes_on_a_replica_comes_back_with_what_every_replica_h
     crashed.inject_fault(kv::BucketFault::Panic).unwrap();
     crashed.stopped().await;
     // A snapshot built while the bucket restarts holds it all the same.
-    let snapshot = machine
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
-    let mut installed = ShardStateMachine::new(CoreConfig::default());
-    installed
-        .install_snapshot(&snapshot.meta, snapshot.snapshot)
-        .await
-        .unwrap();
+    let installed = installed_from(&mut machine).await;
     let held: Vec<(Vec<u8>, Vec<u8>)> = [(b"b", b"3"), (b"c", b"4")]
         .iter()
         .map(|(key, value)| (key.to_vec(), value.to_vec()))

@@ -657,11 +657,21 @@ async fn answer<H: PeerHandler>(
     let _ = writer.await;
 }
 
-/// The snapshots being received, a shard's pieces gathered until the last arrives.
+/// The snapshots being received, a shard's pieces gathered until the last arrives. The pieces
+/// are kept apart and joined once, off the runtime's thread: one buffer grown as they came
+/// would be copied whole at every doubling (half a gigabyte at once for a snapshot of one).
 pub struct SnapshotInbox {
     /// The largest snapshot this node takes: a peer cannot make it hold more.
     limit: u64,
-    transfers: parking_lot::Mutex<HashMap<u16, (u64, Vec<u8>)>>,
+    transfers: parking_lot::Mutex<HashMap<u16, Transfer>>,
+}
+
+/// A snapshot being received.
+struct Transfer {
+    id: u64,
+    /// Bytes received so far.
+    received: u64,
+    pieces: Vec<Vec<u8>>,
 }
 
 impl SnapshotInbox {
@@ -679,16 +689,25 @@ impl SnapshotInbox {
         let mut transfers = self.transfers.lock();
         if offset == 0 {
             // A new transfer replaces any that was left unfinished.
-            transfers.insert(shard, (transfer, Vec::new()));
+            transfers.insert(
+                shard,
+                Transfer {
+                    id: transfer,
+                    received: 0,
+                    pieces: Vec::new(),
+                },
+            );
         }
-        let Some((_, received)) = transfers.get_mut(&shard).filter(|(id, _)| *id == transfer)
+        let Some(under_way) = transfers
+            .get_mut(&shard)
+            .filter(|under_way| under_way.id == transfer)
         else {
             return Err(format!(
                 "no snapshot transfer {transfer} of shard {shard} under way"
             ));
         };
-        if received.len() as u64 != offset {
-            let expected = received.len();
+        if under_way.received != offset {
+            let expected = under_way.received;
             transfers.remove(&shard);
             return Err(format!(
                 "a snapshot piece at offset {offset}; expected {expected}"
@@ -701,18 +720,31 @@ impl SnapshotInbox {
                 self.limit
             ));
         }
-        received.extend_from_slice(bytes);
+        under_way.received += bytes.len() as u64;
+        under_way.pieces.push(bytes.to_vec());
         Ok(())
     }
 
-    /// The whole of transfer `transfer` of `shard`'s snapshot, once its last piece is in.
-    fn complete(&self, shard: u16, transfer: u64) -> Option<Vec<u8>> {
+    /// The pieces of transfer `transfer` of `shard`'s snapshot, once its last is in.
+    fn complete(&self, shard: u16, transfer: u64) -> Option<Vec<Vec<u8>>> {
         let mut transfers = self.transfers.lock();
         match transfers.get(&shard) {
-            Some((id, _)) if *id == transfer => transfers.remove(&shard).map(|(_, bytes)| bytes),
+            Some(under_way) if under_way.id == transfer => {
+                transfers.remove(&shard).map(|under_way| under_way.pieces)
+            }
             _ => None,
         }
     }
+}
+
+/// A snapshot's pieces in one buffer, joined on a blocking thread.
+async fn joined(mut pieces: Vec<Vec<u8>>) -> Result<Vec<u8>, String> {
+    if pieces.len() <= 1 {
+        return Ok(pieces.pop().unwrap_or_default());
+    }
+    tokio::task::spawn_blocking(move || pieces.concat())
+        .await
+        .map_err(|error| error.to_string())
 }
 
 /// Answers a Raft RPC from the group `group_of` gives for its shard (snapshots gathered in
@@ -779,10 +811,10 @@ async fn install_piece(
     let Some((vote, meta)) = last else {
         return Ok(None);
     };
-    let snapshot = inbox
+    let pieces = inbox
         .complete(shard, transfer)
-        .map(SnapshotBytes::from)
         .ok_or_else(|| "the snapshot transfer was replaced meanwhile".to_owned())?;
+    let snapshot = SnapshotBytes::from(joined(pieces).await?);
     let snapshot =
         openraft::type_config::alias::SnapshotOf::<ShardRaft, SnapshotBytes> { meta, snapshot };
     group
@@ -801,7 +833,13 @@ mod tests {
         let inbox = SnapshotInbox::new(10);
         inbox.receive(0, 7, 0, b"abc").unwrap();
         inbox.receive(0, 7, 3, b"def").unwrap();
-        assert_eq!(inbox.complete(0, 7).as_deref(), Some(&b"abcdef"[..]));
+        assert_eq!(
+            inbox
+                .complete(0, 7)
+                .map(|pieces| pieces.concat())
+                .as_deref(),
+            Some(&b"abcdef"[..])
+        );
         assert_eq!(inbox.complete(0, 7), None, "taken once");
 
         inbox.receive(0, 8, 0, b"abc").unwrap();
@@ -821,6 +859,13 @@ mod tests {
             inbox.receive(1, 1, 3, b"!").is_err(),
             "replaced by a newer transfer"
         );
-        assert_eq!(inbox.complete(1, 2).as_deref(), Some(&b"new"[..]));
+        inbox.receive(1, 2, 3, b"er").unwrap();
+        assert_eq!(
+            inbox
+                .complete(1, 2)
+                .map(|pieces| pieces.concat())
+                .as_deref(),
+            Some(&b"newer"[..])
+        );
     }
 }

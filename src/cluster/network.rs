@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::BasicNode;
 use openraft::EntryPayload;
@@ -118,17 +119,18 @@ fn unreachable(error: &PeerError) -> RPCError<ShardRaft> {
 }
 
 impl ShardPeer {
+    /// Sends `request` and waits up to `within` for the answer.
     async fn call(
         &self,
         request: PeerRequest,
-        option: &RPCOption,
+        within: Duration,
     ) -> Result<PeerResponse, RPCError<ShardRaft>> {
         let Some(client) = self.peers.get(self.target) else {
             return Err(RPCError::Unreachable(Unreachable::from_string(
                 "not a member this node knows",
             )));
         };
-        match tokio::time::timeout(option.soft_ttl(), client.call(request)).await {
+        match tokio::time::timeout(within, client.call(request)).await {
             Ok(Ok(PeerResponse::NoSuchShard)) => Err(RPCError::Unreachable(
                 Unreachable::from_string("the peer holds no replica of this shard"),
             )),
@@ -151,7 +153,10 @@ impl RaftNetworkV2<ShardRaft> for ShardPeer {
     ) -> Result<AppendEntriesResponse<ShardRaft>, RPCError<ShardRaft>> {
         let cut_after = keep_within_a_frame(&mut rpc.entries);
         match self
-            .call(PeerRequest::AppendEntries(self.shard, rpc), &option)
+            .call(
+                PeerRequest::AppendEntries(self.shard, rpc),
+                option.soft_ttl(),
+            )
             .await?
         {
             // Only the first of the entries went: openraft sends the rest next.
@@ -176,7 +181,7 @@ impl RaftNetworkV2<ShardRaft> for ShardPeer {
         option: RPCOption,
     ) -> Result<VoteResponse<ShardRaft>, RPCError<ShardRaft>> {
         match self
-            .call(PeerRequest::Vote(self.shard, rpc), &option)
+            .call(PeerRequest::Vote(self.shard, rpc), option.soft_ttl())
             .await?
         {
             PeerResponse::Vote(Ok(response)) => Ok(response),
@@ -193,7 +198,10 @@ impl RaftNetworkV2<ShardRaft> for ShardPeer {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<ShardRaft>, RPCError<ShardRaft>> {
         match self
-            .call(PeerRequest::TransferLeader(self.shard, rpc), &option)
+            .call(
+                PeerRequest::TransferLeader(self.shard, rpc),
+                option.soft_ttl(),
+            )
             .await?
         {
             PeerResponse::TransferLeader(Ok(response)) => Ok(response),
@@ -215,6 +223,11 @@ impl RaftNetworkV2<ShardRaft> for ShardPeer {
     ) -> Result<SnapshotResponse<ShardRaft>, StreamingError<ShardRaft>> {
         let transfer = fastrand::u64(..);
         let bytes = snapshot.snapshot;
+        // The last piece is answered once the snapshot is installed, which takes time by its
+        // size (a gigabyte: seconds); an answer too late for the wait means sending it all
+        // again.
+        let install_within = option.soft_ttl()
+            + Duration::from_secs_f64(bytes.len() as f64 / INSTALLED_BYTES_PER_SECOND);
         let mut offset = 0;
         loop {
             let end = bytes.len().min(offset + self.snapshot_piece);
@@ -226,7 +239,12 @@ impl RaftNetworkV2<ShardRaft> for ShardPeer {
                 bytes: bytes.slice(offset..end),
                 last: last.then(|| (vote, snapshot.meta.clone())),
             };
-            match self.call(piece, &option).await {
+            let within = if last {
+                install_within
+            } else {
+                option.soft_ttl()
+            };
+            match self.call(piece, within).await {
                 Ok(PeerResponse::Snapshot(Ok(Some(response)))) if last => return Ok(response),
                 Ok(PeerResponse::Snapshot(Ok(None))) if !last => offset = end,
                 Ok(PeerResponse::Snapshot(Err(error))) => {
@@ -245,6 +263,11 @@ impl RaftNetworkV2<ShardRaft> for ShardPeer {
         }
     }
 }
+
+/// The slowest a replica is expected to install a snapshot, for how long the last piece's
+/// answer is waited for: far below what one here installs (a gigabyte in about two seconds
+/// on this two-core machine, with two other nodes on it).
+const INSTALLED_BYTES_PER_SECOND: f64 = 16.0 * (1 << 20) as f64;
 
 /// The most bytes of changes one append message carries: openraft hands over up to
 /// `max_payload_entries` entries whatever their size, and a frame holds at most

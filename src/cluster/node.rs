@@ -24,6 +24,9 @@ use super::raft::{LogMemory, ShardLog, ShardRaft, ShardStateMachine};
 use crate::bucket::MemoryBudget;
 use crate::config::{CoreConfig, FsyncPolicy};
 
+/// How long a node waits for a peer to take one piece of a snapshot.
+const SNAPSHOT_PIECE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often a node syncs logs (under `everysec`), starts due snapshots and spreads leaders.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
 /// The least time between two passes that relieve the logs' memory on appends past its alarm.
@@ -413,6 +416,12 @@ impl Node {
                 // Snapshots are started by `compact_log`, at a pace set by their cost.
                 snapshot_policy: openraft::SnapshotPolicy::Never,
                 max_in_snapshot_log_to_keep: config.snapshot_every / 10,
+                // How long a snapshot's piece may take to be answered (three quarters of it;
+                // the last piece, which installs the snapshot, gets more: see
+                // `ShardPeer::full_snapshot`). openraft's 200 ms asks 100 MB/s of the network
+                // for a piece of 16 MiB, and a snapshot whose every sending timed out would be
+                // sent again and again, its replica never catching up.
+                install_snapshot_timeout: SNAPSHOT_PIECE_TIMEOUT.as_millis() as u64,
                 ..openraft::Config::default()
             }
             .validate()

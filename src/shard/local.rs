@@ -266,7 +266,7 @@ impl LocalShard {
         }
         log.generation.store(generation, Ordering::Relaxed);
         // 2. The state as of the rotation, bucket by bucket: every bucket the old files hold,
-        //    copied from memory under its read lock where it is live, and read from those
+        //    copied from memory a page at a time where it is live, and read from those
         //    files where it is not (crashed and restarting, or down after too many failures):
         //    its data must not go with the old files. A change made after the rotation is in
         //    the new log too; replaying it after the snapshot gives the same result whether or
@@ -355,18 +355,29 @@ fn write_snapshot(
     Ok(())
 }
 
-/// Appends a record of every entry of `bucket` to `out`, under its read lock: a consistent
-/// copy for a snapshot.
+/// How many bytes of keys and values a snapshot copies of a bucket under its lock at a time:
+/// the bucket's writers wait for one page at most, not for the whole bucket.
+const EXPORT_PAGE_BYTES: usize = 64 << 10;
+
+/// Appends a record of every entry of `bucket` to `out`, a page at a time. An entry changed
+/// meanwhile may be copied as it was or as it is (or not at all); the change is in the new
+/// log, which recovery replays after the snapshot (see `LocalShard::compact`).
 fn export(bucket: &BucketHandle, out: &mut Vec<u8>) -> Result<(), BucketError> {
     let name = bucket.name().as_bytes();
-    bucket.for_each_entry(|key, value| {
-        let put = Change::Put {
-            bucket: name,
-            key,
-            value,
-        };
-        wal::record::encode(&put, out);
-    })
+    let mut cursor = 0;
+    loop {
+        cursor = bucket.scan_entries(cursor, EXPORT_PAGE_BYTES, |key, value| {
+            let put = Change::Put {
+                bucket: name,
+                key,
+                value,
+            };
+            wal::record::encode(&put, out);
+        })?;
+        if cursor == 0 {
+            return Ok(());
+        }
+    }
 }
 
 /// Runs file work on a blocking thread; a panic there is an I/O error of `path`.

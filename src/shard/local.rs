@@ -359,11 +359,13 @@ fn write_snapshot(
 /// the bucket's writers wait for one page at most, not for the whole bucket.
 const EXPORT_PAGE_BYTES: usize = 64 << 10;
 
-/// Appends a record of every entry of `bucket` to `out`, a page at a time. An entry changed
-/// meanwhile may be copied as it was or as it is (or not at all); the change is in the new
-/// log, which recovery replays after the snapshot (see `LocalShard::compact`).
-fn export(bucket: &BucketHandle, out: &mut Vec<u8>) -> Result<(), BucketError> {
+/// Appends a `Put` record of every entry of `bucket` to `out`, a page at a time; how many.
+/// An entry changed meanwhile may be copied as it was or as it is (or not at all): a snapshot
+/// copied this way is made whole by the changes made during the copy, replayed after it (the
+/// new log here, see `LocalShard::compact`; the entries applied meanwhile in a cluster's shard).
+pub(crate) fn export(bucket: &BucketHandle, out: &mut Vec<u8>) -> Result<u64, BucketError> {
     let name = bucket.name().as_bytes();
+    let mut records = 0;
     let mut cursor = 0;
     loop {
         cursor = bucket.scan_entries(cursor, EXPORT_PAGE_BYTES, |key, value| {
@@ -373,9 +375,10 @@ fn export(bucket: &BucketHandle, out: &mut Vec<u8>) -> Result<(), BucketError> {
                 value,
             };
             wal::record::encode(&put, out);
+            records += 1;
         })?;
         if cursor == 0 {
-            return Ok(());
+            return Ok(records);
         }
     }
 }

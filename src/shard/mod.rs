@@ -10,4 +10,5 @@
 mod local;
 pub mod wal;
 
+pub(crate) use local::export;
 pub use local::{LocalShard, LogStatus, RecoveryReport};

@@ -232,10 +232,6 @@ fn split_snapshot(bytes: &[u8]) -> io::Result<(SnapshotMetaOf<ShardRaft>, &[u8])
 /// About what a record of the snapshot takes beyond its bucket's name, key and value.
 const RECORD_OVERHEAD: usize = 16;
 
-/// How many bytes of keys and values a snapshot's copy reads of a bucket under its lock at a
-/// time: the bucket's writers wait for one page at most.
-const COPY_PAGE_BYTES: usize = 64 << 10;
-
 /// The buckets `names` of `registry` as snapshot records (a `Create` and the `Put`s of each),
 /// and how many records they are. Copied a page at a time on blocking threads while the
 /// shard's changes go on (see [`Copying`]). A bucket that crashes or is restarting is copied
@@ -319,26 +315,13 @@ fn copy_live(
 
 /// Appends `bucket`'s `Create` and `Put` records to `out`, a page at a time; how many.
 fn copy_bucket(bucket: &BucketHandle, out: &mut Vec<u8>) -> Result<u64, BucketError> {
-    let name = bucket.name().as_bytes();
-    record::encode(&Change::Create { bucket: name }, out);
-    let mut records = 1;
-    let mut cursor = 0;
-    loop {
-        cursor = bucket.scan_entries(cursor, COPY_PAGE_BYTES, |key, value| {
-            record::encode(
-                &Change::Put {
-                    bucket: name,
-                    key,
-                    value,
-                },
-                out,
-            );
-            records += 1;
-        })?;
-        if cursor == 0 {
-            return Ok(records);
-        }
-    }
+    record::encode(
+        &Change::Create {
+            bucket: bucket.name().as_bytes(),
+        },
+        out,
+    );
+    Ok(1 + crate::shard::export(bucket, out)?)
 }
 
 /// Appends the changes of `entries` to a snapshot's copied records, as records; how many.

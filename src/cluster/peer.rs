@@ -666,6 +666,9 @@ pub struct SnapshotInbox {
     transfers: parking_lot::Mutex<HashMap<u16, Transfer>>,
 }
 
+/// The smallest snapshot piece kept apart from the one before it.
+const KEPT_APART_FROM: usize = 1 << 20;
+
 /// A snapshot being received.
 struct Transfer {
     id: u64,
@@ -721,7 +724,12 @@ impl SnapshotInbox {
             ));
         }
         under_way.received += bytes.len() as u64;
-        under_way.pieces.push(bytes.to_vec());
+        // Small pieces join the last one: a piece kept apart costs a vector's header and an
+        // allocation, so a peer sending many tiny pieces could hold many times the limit.
+        match under_way.pieces.last_mut() {
+            Some(last) if bytes.len() < KEPT_APART_FROM => last.extend_from_slice(bytes),
+            _ => under_way.pieces.push(bytes.to_vec()),
+        }
         Ok(())
     }
 
@@ -860,6 +868,13 @@ mod tests {
             "replaced by a newer transfer"
         );
         inbox.receive(1, 2, 3, b"er").unwrap();
+        let tiny = SnapshotInbox::new(1 << 20);
+        for offset in 0..1000 {
+            tiny.receive(2, 1, offset, b"x").unwrap();
+        }
+        let pieces = tiny.complete(2, 1).unwrap();
+        assert_eq!(pieces.len(), 1, "tiny pieces are joined as they come");
+        assert_eq!(pieces.concat(), vec![b'x'; 1000]);
         assert_eq!(
             inbox
                 .complete(1, 2)

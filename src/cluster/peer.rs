@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use openraft::Raft;
 use openraft::error::RaftError;
@@ -23,7 +23,7 @@ use openraft::type_config::alias::{SnapshotMetaOf, VoteOf};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc, oneshot};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use super::identity::Handshake;
@@ -381,16 +381,11 @@ impl PeerClient {
 impl PeerClient {
     /// Says hello on a new connection and checks the answer: the node expected, under the
     /// incarnation this node knew it by (or first seen now).
-    async fn introduce(
-        &self,
-        framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
-    ) -> Result<(), PeerError> {
+    async fn introduce(&self, framed: &mut PeerFramed) -> Result<(), PeerError> {
         let address = self.address;
         let (node, incarnation) = self.handshake.hello();
-        let hello = postcard::to_stdvec(&(0u64, PeerRequest::Hello { node, incarnation }))
-            .map_err(|_| PeerError::Malformed(address))?;
         framed
-            .send(Bytes::from(hello))
+            .send((0u64, PeerRequest::Hello { node, incarnation }))
             .await
             .map_err(|source| PeerError::Io { address, source })?;
         let Ok(Some(Ok(answer))) = tokio::time::timeout(HELLO_WITHIN, framed.next()).await else {
@@ -427,9 +422,7 @@ pub async fn ask_to_join(
     let exchange = async {
         let stream = TcpStream::connect(address).await.map_err(io)?;
         let mut framed = framed(stream);
-        let frame =
-            postcard::to_stdvec(&(1u64, join)).map_err(|_| PeerError::Malformed(address))?;
-        framed.send(Bytes::from(frame)).await.map_err(io)?;
+        framed.send((1u64, join)).await.map_err(io)?;
         match framed.next().await {
             Some(Ok(frame)) => match postcard::from_bytes::<(u64, PeerResponse)>(&frame) {
                 Ok((1, response)) => Ok(response),
@@ -443,22 +436,83 @@ pub async fn ask_to_join(
         .unwrap_or(Err(PeerError::Closed(address)))
 }
 
-fn framed(stream: TcpStream) -> Framed<TcpStream, LengthDelimitedCodec> {
+/// A peer connection, framed.
+type PeerFramed = Framed<TcpStream, PeerCodec>;
+
+fn framed(stream: TcpStream) -> PeerFramed {
     Framed::new(
         stream,
-        LengthDelimitedCodec::builder()
-            .max_frame_length(MAX_FRAME)
-            .new_codec(),
+        PeerCodec {
+            frames: LengthDelimitedCodec::builder()
+                .max_frame_length(MAX_FRAME)
+                .new_codec(),
+        },
     )
+}
+
+/// The peer wire: a frame is a 4-byte big-endian length and that many bytes of postcard, a
+/// request id and a message ([`LengthDelimitedCodec`]'s default framing, which reads them).
+/// A message is serialised straight into the connection's write buffer, whose memory is reused
+/// from frame to frame: serialised into a `Vec` of its own first, every replication message
+/// was a fresh allocation grown by doubling (large ones faulting their pages in anew) and was
+/// then copied into that buffer.
+struct PeerCodec {
+    frames: LengthDelimitedCodec,
+}
+
+/// A message the codec could not make a frame of; the frames before it are unharmed.
+#[derive(Debug, thiserror::Error)]
+#[error("a peer message could not be framed: {0}")]
+struct Unsendable(String);
+
+impl Unsendable {
+    fn is(error: &std::io::Error) -> bool {
+        matches!(error.get_ref(), Some(inner) if inner.is::<Self>())
+    }
+}
+
+impl Decoder for PeerCodec {
+    type Item = BytesMut;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, source: &mut BytesMut) -> std::io::Result<Option<BytesMut>> {
+        self.frames.decode(source)
+    }
+}
+
+impl<T: Serialize> Encoder<(u64, T)> for PeerCodec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, message: (u64, T), buffer: &mut BytesMut) -> std::io::Result<()> {
+        const LENGTH: usize = 4;
+        let start = buffer.len();
+        buffer.put_u32(0);
+        let serialised = postcard::to_io(&message, (&mut *buffer).writer()).map(drop);
+        let length = buffer.len() - start - LENGTH;
+        let unsendable = match serialised {
+            Err(error) => Some(Unsendable(error.to_string())),
+            Ok(()) if length > MAX_FRAME => {
+                Some(Unsendable(format!("{length} bytes, over the frame limit")))
+            }
+            Ok(()) => None,
+        };
+        if let Some(unsendable) = unsendable {
+            // The buffer holds the frames before this one only: the connection goes on.
+            buffer.truncate(start);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                unsendable,
+            ));
+        }
+        let length = u32::try_from(length).expect("MAX_FRAME fits the length field");
+        buffer[start..start + LENGTH].copy_from_slice(&length.to_be_bytes());
+        Ok(())
+    }
 }
 
 /// One connection's life on the client side: sends each call with a fresh id, answers each
 /// caller when its id comes back, and fails every caller left when the connection ends.
-async fn drive(
-    address: SocketAddr,
-    framed: Framed<TcpStream, LengthDelimitedCodec>,
-    mut calls: mpsc::Receiver<Call>,
-) {
+async fn drive(address: SocketAddr, framed: PeerFramed, mut calls: mpsc::Receiver<Call>) {
     let (mut sink, mut stream) = framed.split();
     let mut waiting: HashMap<u64, oneshot::Sender<Result<PeerResponse, PeerError>>> =
         HashMap::new();
@@ -471,18 +525,17 @@ async fn drive(
                 let fed = loop {
                     let (request, reply) = call;
                     next_id += 1;
-                    match postcard::to_stdvec(&(next_id, request)) {
-                        Ok(frame) => match sink.feed(Bytes::from(frame)).await {
-                            Ok(()) => {
-                                waiting.insert(next_id, reply);
-                            }
-                            Err(source) => {
-                                let _ = reply.send(Err(PeerError::Io { address, source }));
-                                break false;
-                            }
-                        },
-                        Err(_) => {
+                    match sink.feed((next_id, request)).await {
+                        Ok(()) => {
+                            waiting.insert(next_id, reply);
+                        }
+                        Err(error) if Unsendable::is(&error) => {
+                            tracing::warn!(%address, %error);
                             let _ = reply.send(Err(PeerError::Malformed(address)));
+                        }
+                        Err(source) => {
+                            let _ = reply.send(Err(PeerError::Io { address, source }));
+                            break false;
                         }
                     }
                     match calls.try_recv() {
@@ -554,10 +607,7 @@ enum Opening {
 
 /// Takes a new connection's first frame: a hello, answered with this node's or with the
 /// refusal; or a node's request to join.
-async fn greet(
-    framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
-    handshake: &Handshake,
-) -> Opening {
+async fn greet(framed: &mut PeerFramed, handshake: &Handshake) -> Opening {
     let Ok(Some(Ok(hello))) = tokio::time::timeout(HELLO_WITHIN, framed.next()).await else {
         return Opening::Refused;
     };
@@ -577,10 +627,12 @@ async fn greet(
         }
     };
     let admitted = answer.is_ok();
-    let Ok(frame) = postcard::to_stdvec(&(0u64, PeerResponse::Hello(answer))) else {
-        return Opening::Refused;
-    };
-    if framed.send(Bytes::from(frame)).await.is_ok() && admitted {
+    if framed
+        .send((0u64, PeerResponse::Hello(answer)))
+        .await
+        .is_ok()
+        && admitted
+    {
         Opening::Admitted
     } else {
         Opening::Refused
@@ -588,7 +640,7 @@ async fn greet(
 }
 
 async fn answer<H: PeerHandler>(
-    mut framed: Framed<TcpStream, LengthDelimitedCodec>,
+    mut framed: PeerFramed,
     handler: Arc<H>,
     handshake: Arc<Handshake>,
     shutdown: CancellationToken,
@@ -598,21 +650,22 @@ async fn answer<H: PeerHandler>(
         Opening::Refused => return,
         Opening::Join(id, join) => {
             let response = handler.handle(join).await;
-            if let Ok(frame) = postcard::to_stdvec(&(id, response)) {
-                let _ = framed.send(Bytes::from(frame)).await;
-            }
+            let _ = framed.send((id, response)).await;
             return;
         }
     }
     let (mut sink, mut stream) = framed.split();
-    let (answers, mut outgoing) = mpsc::channel::<Bytes>(IN_FLIGHT);
+    let (answers, mut outgoing) = mpsc::channel::<(u64, PeerResponse)>(IN_FLIGHT);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let writer = tokio::spawn(async move {
         while let Some(mut frame) = outgoing.recv().await {
             // The answers ready meanwhile go out with it, in one write.
             loop {
-                if sink.feed(frame).await.is_err() {
-                    return;
+                match sink.feed(frame).await {
+                    Ok(()) => {}
+                    // Its asker hears nothing and gives up at its bound.
+                    Err(error) if Unsendable::is(&error) => tracing::warn!(%error),
+                    Err(_) => return,
                 }
                 match outgoing.try_recv() {
                     Ok(next) => frame = next,
@@ -648,9 +701,7 @@ async fn answer<H: PeerHandler>(
         tokio::spawn(async move {
             let _permit = permit;
             let response = handler.handle(request).await;
-            if let Ok(frame) = postcard::to_stdvec(&(id, response)) {
-                let _ = answers.send(Bytes::from(frame)).await;
-            }
+            let _ = answers.send((id, response)).await;
         });
     }
     drop(answers);
@@ -834,7 +885,52 @@ async fn install_piece(
 
 #[cfg(test)]
 mod tests {
-    use super::SnapshotInbox;
+    use bytes::BytesMut;
+    use tokio_util::codec::{Decoder, Encoder};
+
+    use super::{PeerCodec, SnapshotInbox, Unsendable};
+
+    /// A message whose serialisation fails.
+    struct Unserialisable;
+
+    impl serde::Serialize for Unserialisable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("not this one"))
+        }
+    }
+
+    fn codec() -> PeerCodec {
+        PeerCodec {
+            frames: tokio_util::codec::LengthDelimitedCodec::new(),
+        }
+    }
+
+    #[test]
+    fn a_message_is_framed_as_its_length_and_its_postcard_and_one_that_fails_leaves_the_rest() {
+        let mut codec = codec();
+        let mut buffer = BytesMut::new();
+        codec.encode((7u64, "first"), &mut buffer).unwrap();
+        let error = codec
+            .encode((8u64, Unserialisable), &mut buffer)
+            .unwrap_err();
+        assert!(Unsendable::is(&error), "{error}");
+        assert!(!Unsendable::is(&std::io::Error::other("a socket's error")));
+        codec.encode((9u64, vec![1u8, 2, 3]), &mut buffer).unwrap();
+
+        let first = postcard::to_stdvec(&(7u64, "first")).unwrap();
+        assert_eq!(
+            buffer[..4],
+            u32::try_from(first.len()).unwrap().to_be_bytes()
+        );
+        let frame = codec.decode(&mut buffer).unwrap().unwrap();
+        assert_eq!(frame[..], first[..]);
+        let frame = codec.decode(&mut buffer).unwrap().unwrap();
+        assert_eq!(
+            postcard::from_bytes::<(u64, Vec<u8>)>(&frame).unwrap(),
+            (9, vec![1, 2, 3])
+        );
+        assert!(codec.decode(&mut buffer).unwrap().is_none());
+    }
 
     #[test]
     fn a_snapshot_is_taken_in_order_within_its_limit() {

@@ -98,7 +98,14 @@ struct Inner {
     entries: BTreeMap<u64, EntryOf<ShardRaft>>,
     /// While the file is rewritten: what was written since the rewrite copied the live log.
     rewrite_tail: Option<Vec<Saved>>,
+    /// The buffer the last write encoded its frames in, kept for the next (up to
+    /// [`KEPT_BUFFER`]): a fresh one per write grew by doubling, and a follower's large
+    /// appends faulted its pages in anew each time.
+    encoded: Vec<u8>,
 }
+
+/// The largest encoding buffer a log keeps between writes.
+const KEPT_BUFFER: usize = 1 << 20;
 
 fn invalid(error: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error.to_string())
@@ -175,6 +182,7 @@ impl ShardLog {
                 last_purged: state.last_purged,
                 entries: state.entries,
                 rewrite_tail: None,
+                encoded: Vec::new(),
             })),
         })
     }
@@ -217,21 +225,26 @@ impl Inner {
     /// worker; the caller holds the log's lock meanwhile, which keeps the file's operations in
     /// order.
     async fn write(&mut self, operations: &[Saved], sync: bool) -> io::Result<()> {
-        let mut buffer = Vec::new();
+        let mut buffer = std::mem::take(&mut self.encoded);
+        buffer.clear();
         for saved in operations {
             encode_saved(&mut buffer, saved)?;
         }
         let written = buffer.len() as u64;
         if sync {
             let mut file = self.file.try_clone()?;
-            blocking(move || {
+            buffer = blocking(move || {
                 file.write_all(&buffer)?;
-                file.sync_data()
+                file.sync_data()?;
+                Ok(buffer)
             })
             .await?;
         } else {
             self.file.write_all(&buffer)?;
             self.unsynced = true;
+        }
+        if buffer.capacity() <= KEPT_BUFFER {
+            self.encoded = buffer;
         }
         self.frames += operations.len();
         self.file_bytes += written;

@@ -319,7 +319,7 @@ impl ClusterConfig {
             heartbeat: Duration::from_millis(200),
             election_timeout: (Duration::from_millis(600), Duration::from_millis(1200)),
             snapshot_every: 10_000,
-            log_memory: 256 << 20,
+            log_memory: 64 << 20,
             snapshot_piece: 16 << 20,
         }
     }

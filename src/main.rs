@@ -279,7 +279,7 @@ struct ServeArgs {
     /// What this node's shard logs may hold in memory together (entries not yet compacted into
     /// a snapshot); past it the largest are compacted at once. Twice the shards' snapshots, if
     /// that is more.
-    #[arg(long, default_value = "256mb", value_parser = parse_log_memory)]
+    #[arg(long, default_value = "64mb", value_parser = parse_log_memory)]
     log_memory: usize,
 }
 

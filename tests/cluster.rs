@@ -1084,9 +1084,9 @@ async fn a_node_killed_mid_writes_loses_no_acknowledged_write_and_rejoins() {
         .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
         .max();
     assert!(most_changes >= Some(2), "{metrics}");
-    // What the node's logs hold in memory, under the default --log-memory (256 MiB).
+    // What the node's logs hold in memory, under the default --log-memory (64 MiB).
     assert!(
-        metrics.contains("\nkv_cluster_log_memory_budget_bytes 268435456\n"),
+        metrics.contains("\nkv_cluster_log_memory_budget_bytes 67108864\n"),
         "{metrics}"
     );
     assert!(

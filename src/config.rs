@@ -287,7 +287,7 @@ pub struct ClusterConfig {
     /// shard snapshots once its log has grown by twice as many entries as its last snapshot
     /// holds records, so its log stays within about three times its data.
     pub snapshot_every: u64,
-    /// The bytes a node's shard logs may hold in memory together, however few their entries,
+    /// The bytes a node's shard logs may hold together, however few their entries,
     /// before the largest are compacted (or twice their last snapshots' size, if that is more).
     /// Entries batch changes and may be megabytes each, so a count of entries alone bounds
     /// nothing, and a node may hold many shards.

@@ -276,9 +276,9 @@ struct ServeArgs {
     /// starts an election.
     #[arg(long, default_value_t = default_cluster().election_timeout.0.as_millis() as u64)]
     election_timeout_ms: u64,
-    /// What this node's shard logs may hold in memory together (entries not yet compacted into
-    /// a snapshot); past it the largest are compacted at once. Twice the shards' snapshots, if
-    /// that is more.
+    /// What this node's shard logs may hold together (entries not yet compacted into a
+    /// snapshot, on disk; of each log, the newest 4 MiB in memory too); past it the largest
+    /// are compacted at once. Twice the shards' snapshots, if that is more.
     #[arg(long, default_value = "64mb", value_parser = parse_log_memory)]
     log_memory: usize,
 }

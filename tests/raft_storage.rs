@@ -17,6 +17,8 @@ impl StoreBuilder<ShardRaft, ShardLog, ShardStateMachine, tempfile::TempDir> for
         let directory = tempfile::tempdir().unwrap();
         // Syncing is not what the suite checks; a vote is synced whatever the policy.
         let log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
+        // Every entry the suite reads comes back from the file.
+        log.keep_in_memory(0).await;
         Ok((
             directory,
             log,
@@ -231,6 +233,73 @@ async fn what_is_written_during_a_rewrite_is_in_the_rewritten_file() {
             committed: Some(84),
             entries: (71..=85).collect(),
         }
+    );
+}
+
+/// Entries the log no longer keeps in memory are read back from their frames: from the file
+/// they were appended to, from the file a rewrite replaced it with (entries copied into it, and
+/// those written while it ran), and after appends to that one.
+#[tokio::test(flavor = "current_thread")]
+async fn entries_not_kept_in_memory_read_back_the_same_across_a_rewrite() {
+    use openraft::storage::{RaftLogReader, RaftLogStorage};
+    use openraft::testing::log_id;
+
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("raft-log.kv");
+    let values: Vec<Vec<u8>> = (0..100u8).map(|byte| vec![byte; 1 << 20]).collect();
+    let changes: Vec<_> = values
+        .iter()
+        .map(|value| kv::change::Change::Put {
+            bucket: b"big",
+            key: b"k",
+            value,
+        })
+        .collect();
+    let entries =
+        |from: u64, through: u64| entries_of(&changes[from as usize..=through as usize], from);
+    let mut log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
+    // The two newest entries stay in memory; older ones are read back.
+    log.keep_in_memory(2 << 20 | 4096).await;
+    append(&mut log, entries(1, 80)).await;
+    assert_eq!(
+        log.try_get_log_entries(1..=80).await.unwrap(),
+        entries(1, 80)
+    );
+    let before = std::fs::metadata(&file).unwrap().len();
+
+    log.purge(log_id::<ShardRaft>(1, 1, 70)).await.unwrap();
+    append(&mut log, entries(81, 90)).await;
+    log.truncate_after(Some(log_id::<ShardRaft>(1, 1, 85)))
+        .await
+        .unwrap();
+    log.wait_for_rewrite().await;
+    let after = std::fs::metadata(&file).unwrap().len();
+    assert!(
+        after < before / 2,
+        "rewritten: {before} bytes, then {after}"
+    );
+    assert_eq!(
+        log.try_get_log_entries(0..100).await.unwrap(),
+        entries(71, 85)
+    );
+
+    append(&mut log, entries(86, 95)).await;
+    log.keep_in_memory(0).await;
+    assert_eq!(
+        log.try_get_log_entries(0..100).await.unwrap(),
+        entries(71, 95)
+    );
+    let blocking = log.clone();
+    let read = tokio::task::spawn_blocking(move || blocking.entries_blocking(71..=95))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read, entries(71, 95));
+    drop(log);
+    let mut reopened = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
+    assert_eq!(
+        reopened.try_get_log_entries(0..100).await.unwrap(),
+        entries(71, 95)
     );
 }
 

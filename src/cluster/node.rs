@@ -29,7 +29,7 @@ const SNAPSHOT_PIECE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often a node syncs logs (under `everysec`), starts due snapshots and spreads leaders.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
-/// The least time between two passes that relieve the logs' memory on appends past its alarm.
+/// The least time between two passes that relieve the logs on appends past their alarm.
 const RELIEVE_PAUSE: Duration = Duration::from_millis(50);
 
 /// How many times slower the metadata group's heartbeats and elections are than a data
@@ -69,8 +69,8 @@ pub struct NodeConfig {
     /// The fewest entries between two snapshots of a shard (after which its log is purged); a
     /// shard snapshots less often the more it holds (see `Node::compact_log`).
     pub snapshot_every: u64,
-    /// The bytes the node's shard logs may hold in memory together before the largest are
-    /// compacted, at least (see `Node::relieve_log_memory`).
+    /// The bytes the node's shard logs may hold together (their unpurged entries) before the
+    /// largest are compacted, at least (see `Node::relieve_log_memory`).
     pub log_memory: u64,
     /// Bytes per piece a snapshot is sent in, each piece its own frame.
     pub snapshot_piece: usize,
@@ -165,7 +165,7 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// What its log's unpurged entries take in memory, in bytes.
+    /// What its log's unpurged entries take, in bytes.
     #[must_use]
     pub fn log_bytes(&self) -> u64 {
         self.log.held_bytes()
@@ -176,7 +176,7 @@ impl Replica {
 struct LogSize {
     shard: u16,
     replica: Arc<Replica>,
-    /// What the log's entries hold in memory.
+    /// What the log's unpurged entries hold.
     held: u64,
     /// The records (buckets and keys) the last snapshot holds.
     records: u64,
@@ -210,7 +210,7 @@ struct ReplicaOpener {
     /// The metadata group's: [`META_PACE`] times slower.
     meta_raft_config: Arc<openraft::Config>,
     snapshot_piece: usize,
-    /// What the node's logs hold in memory, together.
+    /// What the node's logs hold, together.
     log_memory: Arc<LogMemory>,
 }
 
@@ -567,7 +567,7 @@ impl Node {
         logs
     }
 
-    /// Relieves the logs' memory whenever an append takes it past its alarm, until the node
+    /// Relieves the logs whenever an append takes what they hold past its alarm, until the node
     /// stops; at most once per [`RELIEVE_PAUSE`], so that appends while a snapshot is being
     /// made do not run the pass over and over.
     async fn relieve_log_memory_when_exceeded(self: Arc<Self>) {
@@ -585,7 +585,7 @@ impl Node {
         }
     }
 
-    /// Keeps what the shard logs hold in memory within the node's `log_memory`, or within twice
+    /// Keeps what the shard logs hold within the node's `log_memory`, or within twice
     /// their snapshots if that is more (a log compacted below twice its snapshot would copy
     /// its data more often than it takes writes). Past it, the logs holding most beyond twice
     /// their snapshot are compacted, largest first, until what is left fits: each is purged up

@@ -267,7 +267,7 @@ impl Collector for KvCollector {
             gauge(
                 &mut encoder,
                 "kv_cluster_log_memory_bytes",
-                "What this node's shard logs hold in memory, together (entries not yet compacted)",
+                "What this node's shard logs hold together (entries not yet compacted, on disk; the newest also in memory)",
                 signed(log_memory.held()),
             )?;
             gauge(

@@ -84,7 +84,7 @@ impl Applied {
         let Some(through) = through.filter(|&through| through >= from) else {
             return Ok(buckets);
         };
-        let entries = self.log.entries_blocking(from..=through);
+        let entries = self.log.entries_blocking(from..=through)?;
         let expected = through - from + 1;
         if entries.len() as u64 != expected
             || entries

@@ -1,8 +1,8 @@
-//! What a node's shard logs hold in memory, together, against one budget.
+//! What a node's shard logs hold together (their unpurged entries), against one budget.
 //!
-//! Each shard's log keeps its unpurged entries in memory, and entries batch changes (up to
-//! megabytes each), so neither a count of entries nor a bound per shard bounds a node: a node
-//! may hold thousands of shards. Every log counts what it holds here as well as in its own
+//! A log keeps its unpurged entries on disk, and the newest of them in memory too; what it
+//! holds bounds both. Entries batch changes (up to megabytes each), so neither a count of
+//! entries nor a bound per shard bounds a node: a node may hold thousands of shards. Every log counts what it holds here as well as in its own
 //! counter; an append that takes the node past its alarm wakes whoever waits on
 //! [`LogMemory::exceeded`] (the node, which compacts the largest logs), at once rather than at
 //! its next tick, so the logs overshoot the budget by what arrives while they are compacted.
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
-/// A node's shard logs' memory, against its budget.
+/// What a node's shard logs hold, against its budget.
 #[derive(Debug)]
 pub struct LogMemory {
     budget: u64,
@@ -29,7 +29,7 @@ pub struct LogMemory {
 }
 
 impl LogMemory {
-    /// Logs that may hold `budget` bytes in memory together.
+    /// Logs that may hold `budget` bytes together.
     #[must_use]
     pub fn new(budget: u64) -> Arc<Self> {
         Arc::new(Self {
@@ -81,7 +81,7 @@ impl LogMemory {
     }
 }
 
-/// What one log holds in memory, counted in its node's [`LogMemory`] too.
+/// What one log holds, counted in its node's [`LogMemory`] too.
 #[derive(Debug)]
 pub struct LogHeld {
     bytes: AtomicU64,

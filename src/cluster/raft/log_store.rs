@@ -1,6 +1,9 @@
 //! A shard's Raft log on disk: every entry, the vote, the committed index, truncations and
-//! purges, as checksummed frames (the single-node log's framing) in one append-only file, with
-//! the unpurged entries kept in memory for reading.
+//! purges, as checksummed frames (the single-node log's framing) in one append-only file. The
+//! newest entries (up to [`KEPT_IN_MEMORY`] bytes) are kept in memory too, for the reads that
+//! follow an append (applying, replicating); an older one is read back from its frame, which
+//! only a replica catching up asks for. Holding every unpurged entry, a node held up to twice
+//! its data in logs beside the data.
 //!
 //! Invariants:
 //! - Replaying the file from the start rebuilds exactly the state the last write left: every
@@ -16,16 +19,19 @@
 //!   under the lock, so either file holds every operation.
 //! - `held` is the sum of [`held_bytes`] over `entries`: every insertion and removal updates
 //!   it, under the lock. It counts in the node's [`LogMemory`] too.
+//! - Every live entry's `place` is its frame in the current file (a rewrite moves them all at
+//!   the rename); entries below `evicted_below` are not in memory, and `in_memory` is the sum
+//!   of the frames of those that are.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
 use std::ops::RangeBounds;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use openraft::EntryPayload;
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
@@ -39,6 +45,10 @@ use crate::shard::wal::record::{ScanEnd, scan_frames, try_encode_frame};
 
 /// The log file's name in a shard's directory.
 const FILE: &str = "raft-log.kv";
+
+/// The bytes of a log's newest entries kept in memory (their frames' size); older ones are
+/// read back from the file.
+pub const KEPT_IN_MEMORY: u64 = 4 << 20;
 
 /// Rewrite the file once it holds this many frames and more than twice what is live.
 const REWRITE_AT: usize = 4096;
@@ -68,24 +78,97 @@ pub struct ShardLog {
     held: Arc<LogHeld>,
 }
 
-/// What an entry held in memory is counted as: its changes' bytes and a fixed overhead (its log
-/// id, its place in the map). An estimate for bounding the log, as the memory budget's is.
-fn held_bytes(entry: &EntryOf<ShardRaft>) -> u64 {
+/// What a live entry is counted as: its frame's bytes and a fixed overhead (its place in the
+/// map). An estimate for bounding the log, as the budget's is.
+fn held_bytes(stored: &Stored) -> u64 {
     const OVERHEAD: u64 = 64;
-    let payload = match &entry.payload {
-        EntryPayload::Normal(command) => command.encoded_len(),
-        EntryPayload::Blank | EntryPayload::Membership(_) => 0,
-    };
-    OVERHEAD + payload as u64
+    OVERHEAD + u64::from(stored.place.len)
 }
 
-fn total_held<'e>(entries: impl IntoIterator<Item = &'e EntryOf<ShardRaft>>) -> u64 {
+fn total_held<'e>(entries: impl IntoIterator<Item = &'e Stored>) -> u64 {
     entries.into_iter().map(held_bytes).sum()
+}
+
+/// Where a frame is in the log's file.
+#[derive(Clone, Copy, Debug)]
+struct Place {
+    offset: u64,
+    len: u32,
+}
+
+/// A live entry: its frame in the file, and the entry itself while it is among the newest.
+struct Stored {
+    log_id: LogIdOf<ShardRaft>,
+    place: Place,
+    entry: Option<EntryOf<ShardRaft>>,
+}
+
+impl Stored {
+    fn in_memory(&self) -> u64 {
+        if self.entry.is_some() {
+            u64::from(self.place.len)
+        } else {
+            0
+        }
+    }
+}
+
+/// An entry as a read finds it: in memory, or to be read back from its frame.
+enum Found {
+    Held(EntryOf<ShardRaft>),
+    Filed(Place),
+}
+
+/// Reads the entry whose frame is at `place` in `file`.
+fn read_entry(file: &File, place: Place) -> io::Result<EntryOf<ShardRaft>> {
+    let mut frame = vec![0; place.len as usize];
+    file.read_exact_at(&mut frame, place.offset)?;
+    let mut entry = None;
+    let end = scan_frames(
+        &frame,
+        |payload| postcard::from_bytes::<Saved>(payload).ok(),
+        |saved, _| {
+            entry = Some(saved);
+            Ok::<(), ()>(())
+        },
+    )
+    .unwrap_or(ScanEnd::Clean);
+    match (end, entry) {
+        (ScanEnd::Clean, Some(Saved::Entry(entry))) => Ok(entry),
+        _ => Err(invalid(format!(
+            "the Raft log's frame at byte offset {} is not the entry it held",
+            place.offset
+        ))),
+    }
+}
+
+/// The entries `found`, every one of them in memory.
+fn read_found_in_memory(found: Vec<Found>) -> io::Result<Vec<EntryOf<ShardRaft>>> {
+    found
+        .into_iter()
+        .map(|found| match found {
+            Found::Held(entry) => Ok(entry),
+            Found::Filed(place) => Err(invalid(format!("{place:?} is not in memory"))),
+        })
+        .collect()
+}
+
+/// The entries `found`, those not in memory read back from `file`.
+fn read_found(file: &File, found: Vec<Found>) -> io::Result<Vec<EntryOf<ShardRaft>>> {
+    found
+        .into_iter()
+        .map(|found| match found {
+            Found::Held(entry) => Ok(entry),
+            Found::Filed(place) => read_entry(file, place),
+        })
+        .collect()
 }
 
 struct Inner {
     directory: PathBuf,
     file: File,
+    /// The same file, opened for reading entries back.
+    reader: File,
     fsync: FsyncPolicy,
     frames: usize,
     /// The file's length.
@@ -95,7 +178,13 @@ struct Inner {
     vote: Option<VoteOf<ShardRaft>>,
     committed: Option<LogIdOf<ShardRaft>>,
     last_purged: Option<LogIdOf<ShardRaft>>,
-    entries: BTreeMap<u64, EntryOf<ShardRaft>>,
+    entries: BTreeMap<u64, Stored>,
+    /// Entries below this index are not kept in memory.
+    evicted_below: u64,
+    /// The frame bytes of the entries kept in memory.
+    in_memory: u64,
+    /// How many of those bytes the log keeps ([`KEPT_IN_MEMORY`]).
+    kept_in_memory: u64,
     /// While the file is rewritten: what was written since the rewrite copied the live log.
     rewrite_tail: Option<Vec<Saved>>,
     /// The buffer the last write encoded its frames in, kept for the next (up to
@@ -142,14 +231,16 @@ impl ShardLog {
         let end = scan_frames(
             &bytes,
             |payload| postcard::from_bytes::<Saved>(payload).ok(),
-            |saved, _| {
-                state.apply(saved);
+            |saved, offset| {
+                state.apply(saved, offset);
                 Ok::<(), ()>(())
             },
         )
         .unwrap_or(ScanEnd::Clean);
+        drop(bytes);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        let mut file_bytes = bytes.len() as u64;
+        let reader = File::open(&path)?;
+        let mut file_bytes = std::fs::metadata(&path)?.len();
         match end {
             ScanEnd::Clean => {}
             ScanEnd::Torn { offset, reason } => {
@@ -165,14 +256,17 @@ impl ShardLog {
                 )));
             }
         }
+        let entries = state.placed(file_bytes);
+        let evicted_below = entries.keys().next_back().map_or(0, |last| last + 1);
         let held = memory.counter();
-        held.add(total_held(state.entries.values()));
+        held.add(total_held(entries.values()));
         Ok(Self {
             held: Arc::new(held),
             rewrite: Arc::default(),
             inner: Arc::new(Mutex::new(Inner {
                 directory: directory.to_owned(),
                 file,
+                reader,
                 fsync,
                 frames: state.frames,
                 file_bytes,
@@ -180,11 +274,22 @@ impl ShardLog {
                 vote: state.vote,
                 committed: state.committed,
                 last_purged: state.last_purged,
-                entries: state.entries,
+                entries,
+                evicted_below,
+                in_memory: 0,
+                kept_in_memory: KEPT_IN_MEMORY,
                 rewrite_tail: None,
                 encoded: Vec::new(),
             })),
         })
+    }
+
+    /// Keeps at most `bytes` of the newest entries in memory, reading the others back from the
+    /// file (tests read every entry back with 0).
+    pub async fn keep_in_memory(&self, bytes: u64) {
+        let mut inner = self.inner.lock().await;
+        inner.kept_in_memory = bytes;
+        inner.evict();
     }
 }
 
@@ -195,15 +300,19 @@ struct Replayed {
     vote: Option<VoteOf<ShardRaft>>,
     committed: Option<LogIdOf<ShardRaft>>,
     last_purged: Option<LogIdOf<ShardRaft>>,
-    entries: BTreeMap<u64, EntryOf<ShardRaft>>,
+    /// The live entries' log ids and the offsets of their frames.
+    entries: BTreeMap<u64, (LogIdOf<ShardRaft>, u64)>,
+    /// Every frame's offset, in order: a frame ends where the next begins.
+    offsets: Vec<u64>,
 }
 
 impl Replayed {
-    fn apply(&mut self, saved: Saved) {
+    fn apply(&mut self, saved: Saved, offset: u64) {
         self.frames += 1;
+        self.offsets.push(offset);
         match saved {
             Saved::Entry(entry) => {
-                self.entries.insert(entry.index(), entry);
+                self.entries.insert(entry.index(), (entry.log_id, offset));
             }
             Saved::TruncateAfter(last) => {
                 let from = last.map_or(0, |last| last.index() + 1);
@@ -217,6 +326,25 @@ impl Replayed {
             Saved::Committed(committed) => self.committed = committed,
         }
     }
+
+    /// The live entries, none in memory, their frames' places found from where the next
+    /// frame (or the file's `end`) begins.
+    fn placed(&self, end: u64) -> BTreeMap<u64, Stored> {
+        self.entries
+            .iter()
+            .map(|(&index, &(log_id, offset))| {
+                let next = self.offsets.partition_point(|&at| at <= offset);
+                let until = self.offsets.get(next).copied().unwrap_or(end);
+                let len = u32::try_from(until - offset).expect("a frame's length fits 32 bits");
+                let stored = Stored {
+                    log_id,
+                    place: Place { offset, len },
+                    entry: None,
+                };
+                (index, stored)
+            })
+            .collect()
+    }
 }
 
 impl Inner {
@@ -224,12 +352,10 @@ impl Inner {
     /// write before it) runs on a blocking thread, so that a slow disk never holds an async
     /// worker; the caller holds the log's lock meanwhile, which keeps the file's operations in
     /// order.
-    async fn write(&mut self, operations: &[Saved], sync: bool) -> io::Result<()> {
+    async fn write(&mut self, operations: &[Saved], sync: bool) -> io::Result<Vec<Place>> {
         let mut buffer = std::mem::take(&mut self.encoded);
         buffer.clear();
-        for saved in operations {
-            encode_saved(&mut buffer, saved)?;
-        }
+        let places = encode_all(&mut buffer, operations, self.file_bytes)?;
         let written = buffer.len() as u64;
         if sync {
             let mut file = self.file.try_clone()?;
@@ -251,48 +377,140 @@ impl Inner {
         if let Some(tail) = &mut self.rewrite_tail {
             tail.extend_from_slice(operations);
         }
-        Ok(())
+        Ok(places)
     }
 
-    /// What the file would be rewritten as, if purged entries make up most of it (by frames
-    /// or by bytes; `live_bytes` is what the live entries take, the log's `held`) and no
-    /// rewrite is running. The entries' clones share their payloads.
-    fn due_rewrite(&self, live_bytes: u64) -> Option<Vec<Saved>> {
+    /// Adds `entries`, written at `places`, as the newest, and lets go of the oldest kept in
+    /// memory past [`Inner::kept_in_memory`]; what the live entries hold changes by the
+    /// returned (added, removed).
+    fn insert(&mut self, entries: Vec<EntryOf<ShardRaft>>, places: &[Place]) -> (u64, u64) {
+        let (mut added, mut removed) = (0, 0);
+        for (entry, &place) in entries.into_iter().zip(places) {
+            let index = entry.index();
+            let stored = Stored {
+                log_id: entry.log_id,
+                place,
+                entry: Some(entry),
+            };
+            added += held_bytes(&stored);
+            self.in_memory += stored.in_memory();
+            if let Some(old) = self.entries.insert(index, stored) {
+                removed += held_bytes(&old);
+                self.in_memory -= old.in_memory();
+            }
+        }
+        self.evict();
+        (added, removed)
+    }
+
+    /// Lets go of the oldest entries kept in memory until the rest fit `kept_in_memory`.
+    fn evict(&mut self) {
+        let mut evicted_below = self.evicted_below;
+        for (&index, stored) in self.entries.range_mut(self.evicted_below..) {
+            if self.in_memory <= self.kept_in_memory {
+                break;
+            }
+            self.in_memory -= stored.in_memory();
+            stored.entry = None;
+            evicted_below = index + 1;
+        }
+        self.evicted_below = evicted_below;
+    }
+
+    /// Removes the entries from index `from` on; what they held.
+    fn remove_from(&mut self, from: u64) -> u64 {
+        let removed = self.entries.split_off(&from);
+        self.in_memory -= removed.values().map(Stored::in_memory).sum::<u64>();
+        self.evicted_below = self.evicted_below.min(from);
+        total_held(removed.values())
+    }
+
+    /// Removes the entries up to index `through`; what they held.
+    fn remove_through(&mut self, through: u64) -> u64 {
+        let kept = self.entries.split_off(&(through + 1));
+        let removed = std::mem::replace(&mut self.entries, kept);
+        self.in_memory -= removed.values().map(Stored::in_memory).sum::<u64>();
+        total_held(removed.values())
+    }
+
+    /// The entries in `range`: those in memory, and the places of the others.
+    fn find(&self, range: impl RangeBounds<u64>) -> Vec<Found> {
+        self.entries
+            .range(range)
+            .map(|(_, stored)| match &stored.entry {
+                Some(entry) => Found::Held(entry.clone()),
+                None => Found::Filed(stored.place),
+            })
+            .collect()
+    }
+
+    /// What the file would be rewritten from, if purged entries make up most of it (by
+    /// frames or by bytes; `live_bytes` is what the live entries take, the log's `held`) and
+    /// no rewrite is running.
+    fn due_rewrite(&self, live_bytes: u64) -> io::Result<Option<Live>> {
         let live = self.entries.len() + 3;
         let many_frames = self.frames >= REWRITE_AT && self.frames >= 2 * live;
         let many_bytes = self.file_bytes >= REWRITE_BYTES && self.file_bytes >= 2 * live_bytes;
         if self.rewrite_tail.is_some() || (!many_frames && !many_bytes) {
-            return None;
+            return Ok(None);
         }
-        let mut operations = Vec::with_capacity(live);
-        operations.extend(self.vote.map(Saved::Vote));
-        operations.push(Saved::Committed(self.committed));
-        operations.extend(self.last_purged.map(Saved::Purge));
-        operations.extend(self.entries.values().cloned().map(Saved::Entry));
-        Some(operations)
+        let mut head = Vec::with_capacity(3);
+        head.extend(self.vote.map(Saved::Vote));
+        head.push(Saved::Committed(self.committed));
+        head.extend(self.last_purged.map(Saved::Purge));
+        let entries = self
+            .entries
+            .iter()
+            .map(|(&index, stored)| (index, stored.log_id, stored.place))
+            .collect();
+        Ok(Some(Live {
+            head,
+            entries,
+            reader: self.reader.try_clone()?,
+        }))
     }
 }
 
+/// The live log when a rewrite starts: the vote, committed index and purge, and where each
+/// live entry's frame is in `reader`, the file being replaced.
+struct Live {
+    head: Vec<Saved>,
+    entries: Vec<(u64, LogIdOf<ShardRaft>, Place)>,
+    reader: File,
+}
+
+/// Where each entry's frame is, by index, with the log id it holds.
+type Moved = BTreeMap<u64, (LogIdOf<ShardRaft>, Place)>;
+
 /// Rewrites the log's file as `live` (its operations when the rewrite started) followed by
-/// what was written since. The live log, possibly hundreds of megabytes, is encoded, written
-/// and synced on a blocking thread without the log's lock, so that appends (and the shard's
-/// Raft core waiting on them) go on; only the tail and the rename happen under it. On failure
-/// the old file stays, complete.
-async fn rewrite_in_background(log: Arc<Mutex<Inner>>, directory: PathBuf, live: Vec<Saved>) {
+/// what was written since. The live log, possibly hundreds of megabytes, is copied frame by
+/// frame from the old file (no entry is decoded), written and synced on a blocking thread
+/// without the log's lock, so that appends (and the shard's Raft core waiting on them) go on;
+/// only the tail and the rename happen under it. On failure the old file stays, complete.
+async fn rewrite_in_background(log: Arc<Mutex<Inner>>, directory: PathBuf, live: Live) {
     let temporary = directory.join(format!("{FILE}.tmp"));
-    let frames = live.len();
+    let frames = live.head.len() + live.entries.len();
     let written = {
         let temporary = temporary.clone();
         blocking(move || {
             let mut buffer = Vec::new();
-            for saved in &live {
-                encode_saved(&mut buffer, saved)?;
+            encode_all(&mut buffer, &live.head, 0)?;
+            let mut moved = Moved::new();
+            for (index, log_id, place) in live.entries {
+                let offset = buffer.len();
+                buffer.resize(offset + place.len as usize, 0);
+                live.reader
+                    .read_exact_at(&mut buffer[offset..], place.offset)?;
+                let place = Place {
+                    offset: offset as u64,
+                    len: place.len,
+                };
+                moved.insert(index, (log_id, place));
             }
-            drop(live);
             let mut file = File::create(&temporary)?;
             file.write_all(&buffer)?;
             file.sync_all()?;
-            Ok((file, buffer.len() as u64))
+            Ok((file, buffer.len() as u64, moved))
         })
         .await
     };
@@ -300,18 +518,42 @@ async fn rewrite_in_background(log: Arc<Mutex<Inner>>, directory: PathBuf, live:
     let tail = inner.rewrite_tail.take().unwrap_or_default();
     let tail_frames = tail.len();
     let swapped = match written {
-        Ok((file, bytes)) => {
-            blocking(move || finish_rewrite(file, bytes, &tail, &directory, &temporary)).await
+        Ok((file, bytes, mut moved)) => {
+            let mut tail_bytes = Vec::new();
+            match encode_all(&mut tail_bytes, &tail, bytes) {
+                Ok(places) => {
+                    for (saved, place) in tail.iter().zip(places) {
+                        if let Saved::Entry(entry) = saved {
+                            moved.insert(entry.index(), (entry.log_id, place));
+                        }
+                    }
+                    match new_places(&inner.entries, &moved) {
+                        Ok(places) => {
+                            blocking(move || {
+                                finish_rewrite(file, bytes, &tail_bytes, &directory, &temporary)
+                                    .map(|finished| (finished, places))
+                            })
+                            .await
+                        }
+                        Err(error) => Err(error),
+                    }
+                }
+                Err(error) => Err(error),
+            }
         }
         Err(error) => Err(error),
     };
     match swapped {
-        Ok((file, bytes)) => {
+        Ok(((file, reader, bytes), places)) => {
             inner.file = file;
+            inner.reader = reader;
             inner.frames = frames + tail_frames;
             inner.file_bytes = bytes;
             // Everything in the new file was synced before the rename.
             inner.unsynced = false;
+            for (stored, place) in inner.entries.values_mut().zip(places) {
+                stored.place = place;
+            }
         }
         Err(error) => {
             tracing::warn!(%error, "rewriting a shard's Raft log failed; it keeps its file as it is");
@@ -319,34 +561,60 @@ async fn rewrite_in_background(log: Arc<Mutex<Inner>>, directory: PathBuf, live:
     }
 }
 
-/// Writes `tail` after the `bytes` of the live log in `file` (the temporary file), syncs it and
-/// renames it into place; the new file's handle for appending, and its length. The handle is
-/// opened before the rename: once renamed, the log's file is this one, and appending to the
-/// old one would lose what is appended.
+/// The places in the rewritten file of the live `entries`, in order: each must be in `moved`
+/// with its log id, or the new file lacks it and must not replace the old.
+fn new_places(entries: &BTreeMap<u64, Stored>, moved: &Moved) -> io::Result<Vec<Place>> {
+    entries
+        .iter()
+        .map(|(index, stored)| match moved.get(index) {
+            Some(&(log_id, place)) if log_id == stored.log_id => Ok(place),
+            _ => Err(invalid(format!(
+                "the rewritten log lacks entry {index}; keeping the old file"
+            ))),
+        })
+        .collect()
+}
+
+/// Writes `tail` (frames) after the `bytes` of the live log in `file` (the temporary file),
+/// syncs it and renames it into place; the new file's handles for appending and for reading,
+/// and its length. The handles are opened before the rename: once renamed, the log's file is
+/// this one, and appending to the old one would lose what is appended.
 fn finish_rewrite(
     mut file: File,
     bytes: u64,
-    tail: &[Saved],
+    tail: &[u8],
     directory: &Path,
     temporary: &Path,
-) -> io::Result<(File, u64)> {
-    let mut buffer = Vec::new();
-    for saved in tail {
-        encode_saved(&mut buffer, saved)?;
-    }
-    file.write_all(&buffer)?;
+) -> io::Result<(File, File, u64)> {
+    file.write_all(tail)?;
     file.sync_all()?;
     let appender = OpenOptions::new().append(true).open(temporary)?;
+    let reader = File::open(temporary)?;
     std::fs::rename(temporary, directory.join(FILE))?;
     if let Err(error) = File::open(directory).and_then(|directory| directory.sync_all()) {
         tracing::warn!(%error, directory = %directory.display(), "could not sync the directory after rewriting a shard's Raft log");
     }
-    Ok((appender, bytes + buffer.len() as u64))
+    Ok((appender, reader, bytes + tail.len() as u64))
 }
 
 /// Appends `saved` to `out` as one frame, serialized in place.
 fn encode_saved(out: &mut Vec<u8>, saved: &Saved) -> io::Result<()> {
     try_encode_frame(out, |out| postcard::to_io(saved, out).map(drop)).map_err(invalid)
+}
+
+/// Appends `operations` to `out` as frames; where each will be in a file that holds `at`
+/// bytes before `out`.
+fn encode_all(out: &mut Vec<u8>, operations: &[Saved], at: u64) -> io::Result<Vec<Place>> {
+    let mut places = Vec::with_capacity(operations.len());
+    for saved in operations {
+        let start = out.len();
+        encode_saved(out, saved)?;
+        places.push(Place {
+            offset: at + start as u64,
+            len: u32::try_from(out.len() - start).map_err(invalid)?,
+        });
+    }
+    Ok(places)
 }
 
 /// Runs file work that may wait on the disk on a blocking thread.
@@ -398,16 +666,15 @@ impl ShardLog {
 
     /// The entries at `indexes` that the log holds, for a caller on a blocking thread (it
     /// waits for the log's lock without yielding).
+    ///
+    /// # Errors
+    /// If an entry not in memory cannot be read back.
     pub fn entries_blocking(
         &self,
         indexes: std::ops::RangeInclusive<u64>,
-    ) -> Vec<EntryOf<ShardRaft>> {
-        self.inner
-            .blocking_lock()
-            .entries
-            .range(indexes)
-            .map(|(_, entry)| entry.clone())
-            .collect()
+    ) -> io::Result<Vec<EntryOf<ShardRaft>>> {
+        let inner = self.inner.blocking_lock();
+        read_found(&inner.reader, inner.find(indexes))
     }
 }
 
@@ -416,12 +683,20 @@ impl RaftLogReader<ShardRaft> for ShardLog {
         &mut self,
         range: RB,
     ) -> Result<Vec<EntryOf<ShardRaft>>, io::Error> {
-        let inner = self.inner.lock().await;
-        Ok(inner
-            .entries
-            .range(range)
-            .map(|(_, entry)| entry.clone())
-            .collect())
+        let (found, reader) = {
+            let inner = self.inner.lock().await;
+            let found = inner.find(range);
+            let filed = found.iter().any(|found| matches!(found, Found::Filed(_)));
+            // A handle of its own: a rewrite may replace the file meanwhile, and this one
+            // still reads the frames found in the file it had.
+            (found, filed.then(|| inner.reader.try_clone()).transpose()?)
+        };
+        match reader {
+            None => read_found_in_memory(found),
+            // Frames no longer in memory may no longer be in the page cache either: read on a
+            // blocking thread.
+            Some(reader) => blocking(move || read_found(&reader, found)).await,
+        }
     }
 
     async fn read_vote(&mut self) -> Result<Option<VoteOf<ShardRaft>>, io::Error> {
@@ -439,7 +714,7 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
             .entries
             .values()
             .next_back()
-            .map(RaftEntry::log_id)
+            .map(|stored| stored.log_id)
             .or(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
@@ -491,27 +766,21 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
         let operations: Vec<Saved> = entries.iter().cloned().map(Saved::Entry).collect();
         let sync = inner.fsync == FsyncPolicy::Always;
         let written = inner.write(&operations, sync).await;
-        if written.is_ok() {
-            let (mut added, mut replaced) = (0, 0);
-            for entry in entries {
-                added += held_bytes(&entry);
-                if let Some(old) = inner.entries.insert(entry.index(), entry) {
-                    replaced += held_bytes(&old);
-                }
-            }
-            if added >= replaced {
-                self.held.add(added - replaced);
+        if let Ok(places) = &written {
+            let (added, removed) = inner.insert(entries, places);
+            if added >= removed {
+                self.held.add(added - removed);
             } else {
-                self.held.sub(replaced - added);
+                self.held.sub(removed - added);
             }
         }
         // Both the callback and the caller are told of a failure; `io::Error` does not clone.
         let reported = match &written {
-            Ok(()) => Ok(()),
+            Ok(_) => Ok(()),
             Err(error) => Err(io::Error::new(error.kind(), error.to_string())),
         };
         callback.io_completed(reported);
-        written
+        written.map(drop)
     }
 
     async fn truncate_after(
@@ -523,19 +792,18 @@ impl RaftLogStorage<ShardRaft> for ShardLog {
             .write(&[Saved::TruncateAfter(last_log_id)], false)
             .await?;
         let from = last_log_id.map_or(0, |last| last.index() + 1);
-        let removed = inner.entries.split_off(&from);
-        self.held.sub(total_held(removed.values()));
+        let removed = inner.remove_from(from);
+        self.held.sub(removed);
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogIdOf<ShardRaft>) -> Result<(), io::Error> {
         let mut inner = self.inner.lock().await;
         inner.write(&[Saved::Purge(log_id)], false).await?;
-        let kept = inner.entries.split_off(&(log_id.index() + 1));
-        let purged = std::mem::replace(&mut inner.entries, kept);
-        self.held.sub(total_held(purged.values()));
+        let purged = inner.remove_through(log_id.index());
+        self.held.sub(purged);
         inner.last_purged = Some(log_id);
-        if let Some(live) = inner.due_rewrite(self.held_bytes()) {
+        if let Some(live) = inner.due_rewrite(self.held_bytes())? {
             inner.rewrite_tail = Some(Vec::new());
             let directory = inner.directory.clone();
             let rewrite = tokio::spawn(rewrite_in_background(

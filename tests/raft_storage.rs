@@ -384,6 +384,10 @@ async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_fr
         .await
         .unwrap();
     assert!(directory.path().join("snapshot.kv").exists());
+    // Kept in its file, not in memory: the snapshot sent to a replica is read back from it.
+    let current = machine.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, built.meta);
+    assert_eq!(current.snapshot, built.snapshot);
 
     let mut reopened =
         ShardStateMachine::open(directory.path(), CoreConfig::default(), budget(), log)
@@ -398,7 +402,11 @@ async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_fr
         registry.lookup(b"s").unwrap().get(b"k").unwrap().as_deref(),
         Some(&b"v"[..])
     );
-    assert!(reopened.get_current_snapshot().await.unwrap().is_some());
+    let current = reopened.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(
+        (current.meta, current.snapshot),
+        (built.meta, built.snapshot)
+    );
 }
 
 /// A snapshot is built while the shard's changes go on (its buckets are copied a page at a

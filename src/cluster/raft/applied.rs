@@ -9,11 +9,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use openraft::EntryPayload;
 use parking_lot::Mutex;
 
 use super::log_store::ShardLog;
+use super::state_machine::{SnapshotRecords, read_snapshot_file};
 use crate::bucket::BucketName;
 use crate::change::Change;
 use crate::registry::{DurableState, Entries, ReadBackError};
@@ -29,7 +29,7 @@ pub struct Applied {
 #[derive(Default)]
 struct Progress {
     /// The index of the last entry the latest snapshot holds, and its records.
-    snapshot: Option<(u64, Bytes)>,
+    snapshot: Option<(u64, SnapshotRecords)>,
     /// The index of the last entry applied (its change made).
     through: Option<u64>,
 }
@@ -44,7 +44,7 @@ impl Applied {
     }
 
     /// A snapshot holding every entry through `index` now stands for them.
-    pub fn snapshot_taken(&self, index: Option<u64>, records: Bytes) {
+    pub fn snapshot_taken(&self, index: Option<u64>, records: SnapshotRecords) {
         let mut progress = self.inner.lock();
         progress.snapshot = index.map(|index| (index, records));
         progress.through = progress.through.max(index);
@@ -60,6 +60,16 @@ impl Applied {
         let (snapshot, through) = {
             let progress = self.inner.lock();
             (progress.snapshot.clone(), progress.through)
+        };
+        let snapshot = match snapshot {
+            None => None,
+            Some((index, SnapshotRecords::Memory(records))) => Some((index, records)),
+            // The file holds this snapshot or a newer one: the entries after its own index
+            // follow it.
+            Some((_, SnapshotRecords::File(path))) => match read_snapshot_file(&path)? {
+                Some((meta, records)) => meta.last_log_id.map(|id| (id.index, records)),
+                None => return Err("the shard's snapshot file is gone".into()),
+            },
         };
         let mut buckets = HashMap::new();
         let mut replay = |change: Change<'_>| {

@@ -102,7 +102,10 @@ struct Inner {
     registry: Registry,
     last_applied: Option<LogIdOf<ShardRaft>>,
     membership: StoredMembershipOf<ShardRaft>,
-    snapshot: Option<(SnapshotMetaOf<ShardRaft>, SnapshotBytes)>,
+    /// The latest snapshot, and its size in bytes.
+    snapshot: Option<(SnapshotMetaOf<ShardRaft>, SnapshotRecords, u64)>,
+    /// The snapshot file's path; `None` in memory only.
+    snapshot_path: Option<PathBuf>,
     /// The latest snapshot and how far this replica has applied, which a crashed bucket is
     /// restarted from; `None` in memory only (a crashed bucket is then lost).
     applied: Option<Applied>,
@@ -136,6 +139,7 @@ impl ShardStateMachine {
                 last_applied: None,
                 membership: StoredMembershipOf::<ShardRaft>::default(),
                 snapshot: None,
+                snapshot_path: None,
                 applied: None,
                 snapshot_records: 0,
                 builds: 0,
@@ -163,21 +167,17 @@ impl ShardStateMachine {
             let mut snapshot_file = machine.snapshot_file.lock().await;
             snapshot_file.directory = Some(directory.to_owned());
             let applied = Applied::new(log);
-            match std::fs::read(directory.join(SNAPSHOT_FILE)) {
-                Ok(file) => {
-                    let file = SnapshotBytes::from(file);
-                    let (meta, data) = split_snapshot(&file)?;
-                    let data = file.slice_ref(data);
-                    inner.install(&data).await?;
-                    applied.snapshot_taken(meta.last_log_id.map(|id| id.index), data.clone());
-                    inner.last_applied = meta.last_log_id;
-                    snapshot_file.written = meta.last_log_id;
-                    inner.membership = meta.last_membership.clone();
-                    inner.snapshot = Some((meta, data));
-                }
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                Err(error) => return Err(error),
+            let path = directory.join(SNAPSHOT_FILE);
+            if let Some((meta, data)) = read_snapshot_file(&path)? {
+                inner.install(&data).await?;
+                let records = SnapshotRecords::File(path.clone());
+                applied.snapshot_taken(meta.last_log_id.map(|id| id.index), records.clone());
+                inner.last_applied = meta.last_log_id;
+                snapshot_file.written = meta.last_log_id;
+                inner.membership = meta.last_membership.clone();
+                inner.snapshot = Some((meta, records, data.len() as u64));
             }
+            inner.snapshot_path = Some(path);
             inner.registry.set_durable_state(Arc::new(applied.clone()));
             inner.applied = Some(applied);
         }
@@ -188,11 +188,39 @@ impl ShardStateMachine {
     /// the next one costs, and its size in bytes (0 before the first).
     pub async fn snapshot_size(&self) -> (u64, u64) {
         let inner = self.inner.lock().await;
-        let bytes = inner
-            .snapshot
-            .as_ref()
-            .map_or(0, |(_, bytes)| bytes.len() as u64);
+        let bytes = inner.snapshot.as_ref().map_or(0, |&(_, _, bytes)| bytes);
         (inner.snapshot_records, bytes)
+    }
+
+    /// The latest snapshot, read back from its file if it is kept there.
+    async fn current_snapshot(&self) -> io::Result<Option<SnapshotOf<ShardRaft, SnapshotBytes>>> {
+        let current = self.inner.lock().await.snapshot.clone();
+        let Some((meta, records, _)) = current else {
+            return Ok(None);
+        };
+        let (meta, snapshot) = match records {
+            SnapshotRecords::Memory(snapshot) => (meta, snapshot),
+            // The file holds this snapshot or a newer one (a file is never replaced by an
+            // older snapshot), with the metadata that goes with it.
+            SnapshotRecords::File(path) => {
+                tokio::task::spawn_blocking(move || read_snapshot_file(&path))
+                    .await
+                    .map_err(io::Error::other)??
+                    .ok_or_else(|| io::Error::other("the shard's snapshot file is gone"))?
+            }
+        };
+        Ok(Some(SnapshotOf::<ShardRaft, SnapshotBytes> {
+            meta,
+            snapshot,
+        }))
+    }
+
+    /// How `records` are kept as the latest snapshot's: in the file, if there is one.
+    fn kept(inner: &Inner, records: SnapshotBytes) -> SnapshotRecords {
+        match &inner.snapshot_path {
+            Some(path) => SnapshotRecords::File(path.clone()),
+            None => SnapshotRecords::Memory(records),
+        }
     }
 
     /// The registry of the shard's buckets, for reads.
@@ -204,6 +232,35 @@ impl ShardStateMachine {
 
 /// The snapshot file's name in a shard's directory.
 const SNAPSHOT_FILE: &str = "snapshot.kv";
+
+/// Where a shard's latest snapshot's records are: in memory for a machine without a directory,
+/// else in its file, read back when wanted (by a replica catching up, or to restart a crashed
+/// bucket). Kept in memory beside the buckets, they doubled what a node held.
+#[derive(Clone)]
+pub(super) enum SnapshotRecords {
+    /// The records themselves.
+    Memory(SnapshotBytes),
+    /// The snapshot file holding them (or a newer snapshot's: a file is never replaced by an
+    /// older one).
+    File(PathBuf),
+}
+
+/// The snapshot in the file at `path`, its metadata and its records; `None` if there is none.
+///
+/// # Errors
+/// If the file cannot be read or holds no metadata.
+pub(super) fn read_snapshot_file(
+    path: &Path,
+) -> io::Result<Option<(SnapshotMetaOf<ShardRaft>, SnapshotBytes)>> {
+    let file = match std::fs::read(path) {
+        Ok(file) => SnapshotBytes::from(file),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let (meta, data) = split_snapshot(&file)?;
+    let data = file.slice_ref(data);
+    Ok(Some((meta, data)))
+}
 
 /// A snapshot file's metadata and its records.
 fn split_snapshot(bytes: &[u8]) -> io::Result<(SnapshotMetaOf<ShardRaft>, &[u8])> {
@@ -668,13 +725,10 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
             let Some(kept) = kept else {
                 // A snapshot was installed while the buckets were copied: the copy is of no
                 // state this replica was in, and the installed snapshot, newer, stands.
-                return inner
-                    .snapshot
-                    .clone()
-                    .map(|(meta, snapshot)| SnapshotOf::<ShardRaft, SnapshotBytes> {
-                        meta,
-                        snapshot,
-                    })
+                drop(inner);
+                return self
+                    .current_snapshot()
+                    .await?
                     .ok_or_else(|| io::Error::other("a snapshot build ended without one"));
             };
             let meta = SnapshotMetaOf::<ShardRaft> {
@@ -697,13 +751,14 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
         let newer = inner
             .snapshot
             .as_ref()
-            .is_some_and(|(current, _)| current.last_log_id > meta.last_log_id);
+            .is_some_and(|(current, _, _)| current.last_log_id > meta.last_log_id);
         if !newer {
             inner.snapshot_records = records;
+            let kept = Self::kept(&inner, bytes.clone());
             if let Some(applied) = &inner.applied {
-                applied.snapshot_taken(meta.last_log_id.map(|id| id.index), bytes.clone());
+                applied.snapshot_taken(meta.last_log_id.map(|id| id.index), kept.clone());
             }
-            inner.snapshot = Some((meta.clone(), bytes.clone()));
+            inner.snapshot = Some((meta.clone(), kept, bytes.len() as u64));
         }
         Ok(SnapshotOf::<ShardRaft, SnapshotBytes> {
             meta,
@@ -788,23 +843,21 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
             .write(meta, &snapshot)
             .await?;
         inner.install(&snapshot).await?;
+        let size = snapshot.len() as u64;
+        let kept = Self::kept(&inner, snapshot);
         if let Some(applied) = &inner.applied {
-            applied.snapshot_taken(meta.last_log_id.map(|id| id.index), snapshot.clone());
+            applied.snapshot_taken(meta.last_log_id.map(|id| id.index), kept.clone());
         }
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
-        inner.snapshot = Some((meta.clone(), snapshot));
+        inner.snapshot = Some((meta.clone(), kept, size));
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<SnapshotOf<ShardRaft, SnapshotBytes>>, io::Error> {
-        let inner = self.inner.lock().await;
-        Ok(inner
-            .snapshot
-            .clone()
-            .map(|(meta, snapshot)| SnapshotOf::<ShardRaft, SnapshotBytes> { meta, snapshot }))
+        self.current_snapshot().await
     }
 }
 

@@ -113,10 +113,33 @@ impl Stored {
     }
 }
 
-/// An entry as a read finds it: in memory, or to be read back from its frame.
-enum Found {
-    Held(EntryOf<ShardRaft>),
-    Filed(Place),
+/// Entries as a read finds them under the log's lock: each in memory (`Ok`) or at its frame's
+/// place (`Err`), with a handle of the file for those, to be read without the lock. The handle
+/// is its own: a rewrite may replace the log's file meanwhile, and this one still reads the
+/// frames found in the file it had.
+struct Found {
+    entries: Vec<Result<EntryOf<ShardRaft>, Place>>,
+    file: Option<File>,
+}
+
+impl Found {
+    /// Whether reading them waits on nothing but memory.
+    fn in_memory(&self) -> bool {
+        self.file.is_none()
+    }
+
+    /// The entries, those not in memory read back from the file.
+    fn read(self) -> io::Result<Vec<EntryOf<ShardRaft>>> {
+        let file = self.file;
+        self.entries
+            .into_iter()
+            .map(|found| match (found, &file) {
+                (Ok(entry), _) => Ok(entry),
+                (Err(place), Some(file)) => read_entry(file, place),
+                (Err(place), None) => Err(invalid(format!("no file to read {place:?} from"))),
+            })
+            .collect()
+    }
 }
 
 /// Reads the entry whose frame is at `place` in `file`.
@@ -140,28 +163,6 @@ fn read_entry(file: &File, place: Place) -> io::Result<EntryOf<ShardRaft>> {
             place.offset
         ))),
     }
-}
-
-/// The entries `found`, every one of them in memory.
-fn read_found_in_memory(found: Vec<Found>) -> io::Result<Vec<EntryOf<ShardRaft>>> {
-    found
-        .into_iter()
-        .map(|found| match found {
-            Found::Held(entry) => Ok(entry),
-            Found::Filed(place) => Err(invalid(format!("{place:?} is not in memory"))),
-        })
-        .collect()
-}
-
-/// The entries `found`, those not in memory read back from `file`.
-fn read_found(file: &File, found: Vec<Found>) -> io::Result<Vec<EntryOf<ShardRaft>>> {
-    found
-        .into_iter()
-        .map(|found| match found {
-            Found::Held(entry) => Ok(entry),
-            Found::Filed(place) => read_entry(file, place),
-        })
-        .collect()
 }
 
 struct Inner {
@@ -434,14 +435,15 @@ impl Inner {
     }
 
     /// The entries in `range`: those in memory, and the places of the others.
-    fn find(&self, range: impl RangeBounds<u64>) -> Vec<Found> {
-        self.entries
+    fn find(&self, range: impl RangeBounds<u64>) -> io::Result<Found> {
+        let entries: Vec<_> = self
+            .entries
             .range(range)
-            .map(|(_, stored)| match &stored.entry {
-                Some(entry) => Found::Held(entry.clone()),
-                None => Found::Filed(stored.place),
-            })
-            .collect()
+            .map(|(_, stored)| stored.entry.clone().ok_or(stored.place))
+            .collect();
+        let filed = entries.iter().any(Result::is_err);
+        let file = filed.then(|| self.reader.try_clone()).transpose()?;
+        Ok(Found { entries, file })
     }
 
     /// What the file would be rewritten from, if purged entries make up most of it (by
@@ -673,8 +675,8 @@ impl ShardLog {
         &self,
         indexes: std::ops::RangeInclusive<u64>,
     ) -> io::Result<Vec<EntryOf<ShardRaft>>> {
-        let inner = self.inner.blocking_lock();
-        read_found(&inner.reader, inner.find(indexes))
+        let found = self.inner.blocking_lock().find(indexes)?;
+        found.read()
     }
 }
 
@@ -683,19 +685,13 @@ impl RaftLogReader<ShardRaft> for ShardLog {
         &mut self,
         range: RB,
     ) -> Result<Vec<EntryOf<ShardRaft>>, io::Error> {
-        let (found, reader) = {
-            let inner = self.inner.lock().await;
-            let found = inner.find(range);
-            let filed = found.iter().any(|found| matches!(found, Found::Filed(_)));
-            // A handle of its own: a rewrite may replace the file meanwhile, and this one
-            // still reads the frames found in the file it had.
-            (found, filed.then(|| inner.reader.try_clone()).transpose()?)
-        };
-        match reader {
-            None => read_found_in_memory(found),
+        let found = self.inner.lock().await.find(range)?;
+        if found.in_memory() {
+            found.read()
+        } else {
             // Frames no longer in memory may no longer be in the page cache either: read on a
             // blocking thread.
-            Some(reader) => blocking(move || read_found(&reader, found)).await,
+            blocking(move || found.read()).await
         }
     }
 

@@ -104,8 +104,6 @@ struct Inner {
     membership: StoredMembershipOf<ShardRaft>,
     /// The latest snapshot, and its size in bytes.
     snapshot: Option<(SnapshotMetaOf<ShardRaft>, SnapshotRecords, u64)>,
-    /// The snapshot file's path; `None` in memory only.
-    snapshot_path: Option<PathBuf>,
     /// The latest snapshot and how far this replica has applied, which a crashed bucket is
     /// restarted from; `None` in memory only (a crashed bucket is then lost).
     applied: Option<Applied>,
@@ -139,7 +137,6 @@ impl ShardStateMachine {
                 last_applied: None,
                 membership: StoredMembershipOf::<ShardRaft>::default(),
                 snapshot: None,
-                snapshot_path: None,
                 applied: None,
                 snapshot_records: 0,
                 builds: 0,
@@ -177,7 +174,6 @@ impl ShardStateMachine {
                 inner.membership = meta.last_membership.clone();
                 inner.snapshot = Some((meta, records, data.len() as u64));
             }
-            inner.snapshot_path = Some(path);
             inner.registry.set_durable_state(Arc::new(applied.clone()));
             inner.applied = Some(applied);
         }
@@ -213,14 +209,6 @@ impl ShardStateMachine {
             meta,
             snapshot,
         }))
-    }
-
-    /// How `records` are kept as the latest snapshot's: in the file, if there is one.
-    fn kept(inner: &Inner, records: SnapshotBytes) -> SnapshotRecords {
-        match &inner.snapshot_path {
-            Some(path) => SnapshotRecords::File(path.clone()),
-            None => SnapshotRecords::Memory(records),
-        }
     }
 
     /// The registry of the shard's buckets, for reads.
@@ -409,19 +397,21 @@ fn write_snapshot(directory: &Path, encoded_meta: &[u8], data: &[u8]) -> io::Res
 
 impl SnapshotFile {
     /// Writes the snapshot to the directory, if there is one and no newer snapshot is there,
-    /// before it counts. The writing and syncing run on a blocking thread: a large shard's
-    /// snapshot takes seconds to reach the disk, and the runtime's threads serve the node's
-    /// clients and heartbeats meanwhile.
+    /// before it counts; where its records are kept from then on (the file, which holds it or
+    /// a newer one, or `data` itself without a directory). The writing and syncing run on a
+    /// blocking thread: a large shard's snapshot takes seconds to reach the disk, and the
+    /// runtime's threads serve the node's clients and heartbeats meanwhile.
     async fn write(
         &mut self,
         meta: &SnapshotMetaOf<ShardRaft>,
         data: &SnapshotBytes,
-    ) -> io::Result<()> {
+    ) -> io::Result<SnapshotRecords> {
         let Some(directory) = self.directory.clone() else {
-            return Ok(());
+            return Ok(SnapshotRecords::Memory(data.clone()));
         };
+        let kept = SnapshotRecords::File(directory.join(SNAPSHOT_FILE));
         if self.written > meta.last_log_id {
-            return Ok(());
+            return Ok(kept);
         }
         let encoded = postcard::to_stdvec(meta)
             .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
@@ -430,7 +420,7 @@ impl SnapshotFile {
             .await
             .map_err(io::Error::other)??;
         self.written = meta.last_log_id;
-        Ok(())
+        Ok(kept)
     }
 }
 
@@ -745,7 +735,7 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
         .await
         .map_err(io::Error::other)?;
         // Written without the state machine's lock: applying goes on while it reaches the disk.
-        self.snapshot_file.lock().await.write(&meta, &bytes).await?;
+        let kept = self.snapshot_file.lock().await.write(&meta, &bytes).await?;
         let mut inner = self.inner.lock().await;
         // A newer snapshot installed meanwhile stays the current one.
         let newer = inner
@@ -754,7 +744,6 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
             .is_some_and(|(current, _, _)| current.last_log_id > meta.last_log_id);
         if !newer {
             inner.snapshot_records = records;
-            let kept = Self::kept(&inner, bytes.clone());
             if let Some(applied) = &inner.applied {
                 applied.snapshot_taken(meta.last_log_id.map(|id| id.index), kept.clone());
             }
@@ -837,14 +826,14 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
         // A build copying the buckets now would copy them as the install leaves them, and
         // they are no state the changes it keeps apply to.
         *self.copying.lock() = None;
-        self.snapshot_file
+        let kept = self
+            .snapshot_file
             .lock()
             .await
             .write(meta, &snapshot)
             .await?;
         inner.install(&snapshot).await?;
         let size = snapshot.len() as u64;
-        let kept = Self::kept(&inner, snapshot);
         if let Some(applied) = &inner.applied {
             applied.snapshot_taken(meta.last_log_id.map(|id| id.index), kept.clone());
         }

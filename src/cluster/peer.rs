@@ -440,14 +440,7 @@ pub async fn ask_to_join(
 type PeerFramed = Framed<TcpStream, PeerCodec>;
 
 fn framed(stream: TcpStream) -> PeerFramed {
-    Framed::new(
-        stream,
-        PeerCodec {
-            frames: LengthDelimitedCodec::builder()
-                .max_frame_length(MAX_FRAME)
-                .new_codec(),
-        },
-    )
+    Framed::new(stream, PeerCodec::new())
 }
 
 /// The peer wire: a frame is a 4-byte big-endian length and that many bytes of postcard, a
@@ -458,6 +451,16 @@ fn framed(stream: TcpStream) -> PeerFramed {
 /// then copied into that buffer.
 struct PeerCodec {
     frames: LengthDelimitedCodec,
+}
+
+impl PeerCodec {
+    fn new() -> Self {
+        Self {
+            frames: LengthDelimitedCodec::builder()
+                .max_frame_length(MAX_FRAME)
+                .new_codec(),
+        }
+    }
 }
 
 /// A message the codec could not make a frame of; the frames before it are unharmed.
@@ -899,15 +902,9 @@ mod tests {
         }
     }
 
-    fn codec() -> PeerCodec {
-        PeerCodec {
-            frames: tokio_util::codec::LengthDelimitedCodec::new(),
-        }
-    }
-
     #[test]
     fn a_message_is_framed_as_its_length_and_its_postcard_and_one_that_fails_leaves_the_rest() {
-        let mut codec = codec();
+        let mut codec = PeerCodec::new();
         let mut buffer = BytesMut::new();
         codec.encode((7u64, "first"), &mut buffer).unwrap();
         let error = codec

@@ -384,7 +384,7 @@ async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_fr
         .await
         .unwrap();
     assert!(directory.path().join("snapshot.kv").exists());
-    // Kept in its file, not in memory: the snapshot sent to a replica is read back from it.
+    // The snapshot sent to a replica is read back from its file, and is the one built.
     let current = machine.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta, built.meta);
     assert_eq!(current.snapshot, built.snapshot);
@@ -407,6 +407,9 @@ async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_fr
         (current.meta, current.snapshot),
         (built.meta, built.snapshot)
     );
+    // Its records are in the file only: without it, there is no snapshot to send.
+    std::fs::remove_file(directory.path().join("snapshot.kv")).unwrap();
+    assert!(machine.get_current_snapshot().await.is_err());
 }
 
 /// A snapshot is built while the shard's changes go on (its buckets are copied a page at a

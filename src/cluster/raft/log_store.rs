@@ -197,6 +197,10 @@ struct Inner {
 /// The largest encoding buffer a log keeps between writes.
 const KEPT_BUFFER: usize = 1 << 20;
 
+/// The bytes a rewrite gathers before writing them to the new file: the live log is copied
+/// through it, not gathered whole (hundreds of megabytes for a large shard).
+const REWRITE_BUFFER: usize = 1 << 20;
+
 fn invalid(error: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error.to_string())
 }
@@ -486,7 +490,8 @@ type Moved = BTreeMap<u64, (LogIdOf<ShardRaft>, Place)>;
 
 /// Rewrites the log's file as `live` (its operations when the rewrite started) followed by
 /// what was written since. The live log, possibly hundreds of megabytes, is copied frame by
-/// frame from the old file (no entry is decoded), written and synced on a blocking thread
+/// frame from the old file (no entry is decoded) through a buffer of [`REWRITE_BUFFER`]
+/// bytes, written and synced on a blocking thread
 /// without the log's lock, so that appends (and the shard's Raft core waiting on them) go on;
 /// only the tail and the rename happen under it. On failure the old file stays, complete.
 async fn rewrite_in_background(log: Arc<Mutex<Inner>>, directory: PathBuf, live: Live) {
@@ -495,24 +500,26 @@ async fn rewrite_in_background(log: Arc<Mutex<Inner>>, directory: PathBuf, live:
     let written = {
         let temporary = temporary.clone();
         blocking(move || {
-            let mut buffer = Vec::new();
-            encode_all(&mut buffer, &live.head, 0)?;
+            let mut out = io::BufWriter::with_capacity(REWRITE_BUFFER, File::create(&temporary)?);
+            let mut frame = Vec::new();
+            encode_all(&mut frame, &live.head, 0)?;
+            out.write_all(&frame)?;
+            let mut written = frame.len() as u64;
             let mut moved = Moved::new();
             for (index, log_id, place) in live.entries {
-                let offset = buffer.len();
-                buffer.resize(offset + place.len as usize, 0);
-                live.reader
-                    .read_exact_at(&mut buffer[offset..], place.offset)?;
+                frame.resize(place.len as usize, 0);
+                live.reader.read_exact_at(&mut frame, place.offset)?;
+                out.write_all(&frame)?;
                 let place = Place {
-                    offset: offset as u64,
+                    offset: written,
                     len: place.len,
                 };
+                written += u64::from(place.len);
                 moved.insert(index, (log_id, place));
             }
-            let mut file = File::create(&temporary)?;
-            file.write_all(&buffer)?;
+            let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
             file.sync_all()?;
-            Ok((file, buffer.len() as u64, moved))
+            Ok((file, written, moved))
         })
         .await
     };

@@ -418,13 +418,35 @@ async fn a_snapshot_is_on_disk_before_it_counts_and_a_reopened_machine_starts_fr
 /// moves them in the table), deleted or added, and a bucket dropped and created again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_built_while_changes_apply_is_the_state_after_its_last_entry() {
+    build_while_changes_apply(ShardStateMachine::new(CoreConfig::default())).await;
+}
+
+/// The same with a directory, where a build writes its records to a file as it copies them
+/// (a megabyte at a time: the bucket's records here take more) and hands them over mapped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_built_into_a_file_while_changes_apply_is_the_state_after_its_last_entry() {
+    let directory = tempfile::tempdir().unwrap();
+    let log = ShardLog::open(directory.path(), FsyncPolicy::No).unwrap();
+    let machine = ShardStateMachine::open(directory.path(), CoreConfig::default(), budget(), log)
+        .await
+        .unwrap();
+    build_while_changes_apply(machine).await;
+    // The records' file had no name, and is gone with the build.
+    let mut names: Vec<String> = std::fs::read_dir(directory.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["raft-log.kv", "snapshot.kv"]);
+}
+
+async fn build_while_changes_apply(mut machine: ShardStateMachine) {
     use kv::change::Change;
     use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 
     const KEYS: usize = 50_000;
     let key = |i: usize| format!("key{i}").into_bytes();
     let mut history = Vec::new();
-    let mut machine = ShardStateMachine::new(CoreConfig::default());
     let mut fill = vec![
         Change::Create { bucket: b"s" },
         Change::Create { bucket: b"t" },

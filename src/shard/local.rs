@@ -322,7 +322,7 @@ fn write_snapshot(
         buffer.clear();
         wal::record::encode(&Change::Create { bucket: name }, &mut buffer);
         match registry.lookup(name) {
-            Some(bucket) if export(&bucket, &mut buffer).is_ok() => {
+            Some(bucket) if export(&bucket, &mut buffer, |_| Ok::<_, BucketError>(())).is_ok() => {
                 *keys += bucket.len().unwrap_or(0);
                 out.write_all(&buffer)?;
             }
@@ -359,11 +359,16 @@ fn write_snapshot(
 /// the bucket's writers wait for one page at most, not for the whole bucket.
 const EXPORT_PAGE_BYTES: usize = 64 << 10;
 
-/// Appends a `Put` record of every entry of `bucket` to `out`, a page at a time; how many.
+/// Appends a `Put` record of every entry of `bucket` to `out`, a page at a time, handing `out`
+/// to `page_done` after each page (which may write it out and empty it); how many records.
 /// An entry changed meanwhile may be copied as it was or as it is (or not at all): a snapshot
 /// copied this way is made whole by the changes made during the copy, replayed after it (the
 /// new log here, see `LocalShard::compact`; the entries applied meanwhile in a cluster's shard).
-pub(crate) fn export(bucket: &BucketHandle, out: &mut Vec<u8>) -> Result<u64, BucketError> {
+pub(crate) fn export<E: From<BucketError>>(
+    bucket: &BucketHandle,
+    out: &mut Vec<u8>,
+    mut page_done: impl FnMut(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<u64, E> {
     let name = bucket.name().as_bytes();
     let mut records = 0;
     let mut cursor = 0;
@@ -377,6 +382,7 @@ pub(crate) fn export(bucket: &BucketHandle, out: &mut Vec<u8>) -> Result<u64, Bu
             wal::record::encode(&put, out);
             records += 1;
         })?;
+        page_done(out)?;
         if cursor == 0 {
             return Ok(records);
         }

@@ -6,6 +6,7 @@
 mod applied;
 mod log_memory;
 mod log_store;
+mod snapshot_records;
 mod state_machine;
 
 use std::fmt;

@@ -27,6 +27,7 @@ use tokio::sync::Mutex;
 
 use super::applied::Applied;
 use super::log_store::ShardLog;
+use super::snapshot_records::{self, Records};
 use super::{Outcome, ShardCommand, ShardRaft};
 use crate::bucket::{BucketError, BucketHandle, BucketName, MemoryBudget};
 use crate::change::Change;
@@ -36,7 +37,8 @@ use crate::shard::wal::record::{self, ScanEnd, scan};
 
 /// What a snapshot's bytes are: records of the single-node log. `Bytes`, so that handing a
 /// snapshot to openraft, to a peer or to the crash-restart path shares it rather than copying
-/// a shard's worth of memory.
+/// a shard's worth of memory; mapped from its file where there is one (see
+/// `snapshot_records.rs`).
 pub type SnapshotBytes = bytes::Bytes;
 
 /// A shard's state machine. Cheap to clone: clones share one state (the snapshot builder is a
@@ -240,8 +242,8 @@ pub(super) enum SnapshotRecords {
 pub(super) fn read_snapshot_file(
     path: &Path,
 ) -> io::Result<Option<(SnapshotMetaOf<ShardRaft>, SnapshotBytes)>> {
-    let file = match std::fs::read(path) {
-        Ok(file) => SnapshotBytes::from(file),
+    let file = match std::fs::File::open(path) {
+        Ok(file) => snapshot_records::map(&file)?,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(error),
     };
@@ -284,21 +286,20 @@ const RECORD_OVERHEAD: usize = 16;
 ///
 /// # Errors
 /// If a bucket failed for good: a snapshot without it would lose it.
-async fn copy_buckets(registry: &Registry, names: Vec<BucketName>) -> io::Result<(Vec<u8>, u64)> {
-    let mut copied = Vec::new();
+async fn copy_buckets(
+    registry: &Registry,
+    names: Vec<BucketName>,
+    mut copied: Records,
+) -> io::Result<(Records, u64)> {
     let mut records = 0;
     let mut pending = names;
     loop {
         let shard = registry.clone();
-        let (bytes, more, restarting) = tokio::task::spawn_blocking(move || {
-            if copied.is_empty() {
-                copied.reserve(expected_size(&shard));
-            }
-            copy_live(&shard, pending, copied)
-        })
-        .await
-        .map_err(io::Error::other)?;
-        copied = bytes;
+        let (records_now, more, restarting) =
+            tokio::task::spawn_blocking(move || copy_live(&shard, pending, copied))
+                .await
+                .map_err(io::Error::other)??;
+        copied = records_now;
         records += more;
         if restarting.is_empty() {
             return Ok((copied, records));
@@ -312,7 +313,7 @@ async fn copy_buckets(registry: &Registry, names: Vec<BucketName>) -> io::Result
 
 /// About the bytes a snapshot of `registry`'s live buckets takes (each record repeats its
 /// bucket's name and a frame's header): a buffer of hundreds of megabytes grown by doubling
-/// would be copied again and again.
+/// would be copied again and again. For records gathered in memory.
 fn expected_size(registry: &Registry) -> usize {
     registry
         .view()
@@ -325,13 +326,17 @@ fn expected_size(registry: &Registry) -> usize {
         .sum()
 }
 
-/// Copies the live buckets of `names` after `copied`; returns the bytes, the records added,
-/// and the buckets to copy once they are back (restarting, or crashed while being copied).
+/// Copies the live buckets of `names` after `copied`; returns the records, how many were
+/// added, and the buckets to copy once they are back (restarting, or crashed while being
+/// copied).
+///
+/// # Errors
+/// If the records cannot be written to their file.
 fn copy_live(
     registry: &Registry,
     names: Vec<BucketName>,
-    mut copied: Vec<u8>,
-) -> (Vec<u8>, u64, Vec<BucketName>) {
+    mut copied: Records,
+) -> io::Result<(Records, u64, Vec<BucketName>)> {
     let mut records = 0;
     let mut restarting = Vec::new();
     for name in names {
@@ -347,49 +352,87 @@ fn copy_live(
         let start = copied.len();
         match copy_bucket(&bucket, &mut copied) {
             Ok(added) => records += added,
-            Err(_) => {
+            Err(CopyError::Ended) => {
                 // It ended while being copied: crashed (then copied again once restarted) or
                 // dropped (then gone by then).
-                copied.truncate(start);
+                copied.rewind(start);
                 restarting.push(name);
             }
+            Err(CopyError::Io(error)) => return Err(error),
         }
     }
-    (copied, records, restarting)
+    Ok((copied, records, restarting))
+}
+
+/// Why a bucket's copy stopped.
+enum CopyError {
+    /// The bucket ended while it was copied.
+    Ended,
+    /// The records could not be written.
+    Io(io::Error),
+}
+
+impl From<BucketError> for CopyError {
+    fn from(_: BucketError) -> Self {
+        Self::Ended
+    }
 }
 
 /// Appends `bucket`'s `Create` and `Put` records to `out`, a page at a time; how many.
-fn copy_bucket(bucket: &BucketHandle, out: &mut Vec<u8>) -> Result<u64, BucketError> {
+fn copy_bucket(bucket: &BucketHandle, out: &mut Records) -> Result<u64, CopyError> {
     record::encode(
         &Change::Create {
             bucket: bucket.name().as_bytes(),
         },
-        out,
+        &mut out.buffer,
     );
-    Ok(1 + crate::shard::export(bucket, out)?)
+    let Records { buffer, file } = out;
+    let puts = crate::shard::export(bucket, buffer, |buffer| {
+        snapshot_records::page_done(file, buffer).map_err(CopyError::Io)
+    })?;
+    Ok(1 + puts)
 }
 
 /// Appends the changes of `entries` to a snapshot's copied records, as records; how many.
-fn append_changes(out: &mut Vec<u8>, entries: &[ShardCommand]) -> u64 {
+///
+/// # Errors
+/// If the records cannot be written to their file.
+fn append_changes(out: &mut Records, entries: &[ShardCommand]) -> io::Result<u64> {
     let mut records = 0;
     for command in entries {
         for change in command.changes().flatten() {
-            record::encode(&change, out);
+            record::encode(&change, &mut out.buffer);
             records += 1;
         }
+        out.page_done()?;
     }
-    records
+    Ok(records)
 }
 
-/// Writes a snapshot file into `directory`: a frame of its `encoded_meta`, then `data`;
-/// through a temporary file, synced and renamed, so that a crash leaves the old one or the new.
-fn write_snapshot(directory: &Path, encoded_meta: &[u8], data: &[u8]) -> io::Result<()> {
+/// Writes a snapshot file into `directory`: a frame of its `encoded_meta`, then its records,
+/// `data`, copied from `records_file` if they are in one (by the system, page by page: not
+/// through this process's memory); through a temporary file, synced and renamed, so that a
+/// crash leaves the old one or the new.
+fn write_snapshot(
+    directory: &Path,
+    encoded_meta: &[u8],
+    data: &[u8],
+    records_file: Option<std::fs::File>,
+) -> io::Result<()> {
     let mut header = Vec::with_capacity(encoded_meta.len() + 16);
     record::encode_frame(&mut header, |out| out.extend_from_slice(encoded_meta));
     let temporary = directory.join(format!("{SNAPSHOT_FILE}.tmp"));
     let mut file = std::fs::File::create(&temporary)?;
     file.write_all(&header)?;
-    file.write_all(data)?;
+    match records_file {
+        Some(records) => {
+            let copied = io::copy(&mut io::Read::take(records, data.len() as u64), &mut file)?;
+            if copied != data.len() as u64 {
+                return Err(io::Error::other("a snapshot's records file ended early"));
+            }
+        }
+        None => file.write_all(data)?,
+    }
     file.sync_all()?;
     std::fs::rename(&temporary, directory.join(SNAPSHOT_FILE))?;
     std::fs::File::open(directory)?.sync_all()
@@ -400,11 +443,13 @@ impl SnapshotFile {
     /// before it counts; where its records are kept from then on (the file, which holds it or
     /// a newer one, or `data` itself without a directory). The writing and syncing run on a
     /// blocking thread: a large shard's snapshot takes seconds to reach the disk, and the
-    /// runtime's threads serve the node's clients and heartbeats meanwhile.
+    /// runtime's threads serve the node's clients and heartbeats meanwhile. `records_file`, if
+    /// any, holds `data` from its start (a build's records), and is copied from.
     async fn write(
         &mut self,
         meta: &SnapshotMetaOf<ShardRaft>,
         data: &SnapshotBytes,
+        records_file: Option<std::fs::File>,
     ) -> io::Result<SnapshotRecords> {
         let Some(directory) = self.directory.clone() else {
             return Ok(SnapshotRecords::Memory(data.clone()));
@@ -416,9 +461,11 @@ impl SnapshotFile {
         let encoded = postcard::to_stdvec(meta)
             .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
         let data = data.clone();
-        tokio::task::spawn_blocking(move || write_snapshot(&directory, &encoded, &data))
-            .await
-            .map_err(io::Error::other)??;
+        tokio::task::spawn_blocking(move || {
+            write_snapshot(&directory, &encoded, &data, records_file)
+        })
+        .await
+        .map_err(io::Error::other)??;
         self.written = meta.last_log_id;
         Ok(kept)
     }
@@ -708,7 +755,15 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
             copying: Arc::clone(&self.copying),
             build,
         };
-        let copied = copy_buckets(&self.registry, names).await;
+        let directory = self.snapshot_file.lock().await.directory.clone();
+        let copied = match &directory {
+            Some(directory) => Records::in_file(directory),
+            None => Ok(Records::in_memory(expected_size(&self.registry))),
+        };
+        let copied = match copied {
+            Ok(records) => copy_buckets(&self.registry, names, records).await,
+            Err(error) => Err(error),
+        };
         let (meta, since) = {
             let inner = self.inner.lock().await;
             let kept = self.copying.lock().take_if(|kept| kept.build == build);
@@ -728,14 +783,20 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
             (meta, kept.since)
         };
         let (mut copied, copied_records) = copied?;
-        let (bytes, records) = tokio::task::spawn_blocking(move || {
-            let made_again = append_changes(&mut copied, &since);
-            (SnapshotBytes::from(copied), copied_records + made_again)
+        let (bytes, file, records) = tokio::task::spawn_blocking(move || {
+            let made_again = append_changes(&mut copied, &since)?;
+            let (bytes, file) = copied.finish()?;
+            io::Result::Ok((bytes, file, copied_records + made_again))
         })
         .await
-        .map_err(io::Error::other)?;
+        .map_err(io::Error::other)??;
         // Written without the state machine's lock: applying goes on while it reaches the disk.
-        let kept = self.snapshot_file.lock().await.write(&meta, &bytes).await?;
+        let kept = self
+            .snapshot_file
+            .lock()
+            .await
+            .write(&meta, &bytes, file)
+            .await?;
         let mut inner = self.inner.lock().await;
         // A newer snapshot installed meanwhile stays the current one.
         let newer = inner
@@ -830,7 +891,7 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
             .snapshot_file
             .lock()
             .await
-            .write(meta, &snapshot)
+            .write(meta, &snapshot, None)
             .await?;
         inner.install(&snapshot).await?;
         let size = snapshot.len() as u64;
@@ -936,10 +997,12 @@ mod tests {
             let (meta, data) = split_snapshot(&bytes).unwrap();
             (meta.last_log_id.unwrap().index, data.to_vec())
         };
-        file.write(&meta(5), &records(b"five")).await.unwrap();
+        file.write(&meta(5), &records(b"five"), None).await.unwrap();
         assert_eq!(on_disk(), (5, records(b"five").to_vec()));
-        file.write(&meta(10), &records(b"ten")).await.unwrap();
-        file.write(&meta(7), &records(b"seven")).await.unwrap();
+        file.write(&meta(10), &records(b"ten"), None).await.unwrap();
+        file.write(&meta(7), &records(b"seven"), None)
+            .await
+            .unwrap();
         assert_eq!(on_disk(), (10, records(b"ten").to_vec()));
     }
 }

@@ -1,0 +1,138 @@
+//! Where a snapshot build puts the records it copies: in memory on a machine without a
+//! directory, else in a file as they are made, so that building a shard's snapshot does not
+//! hold a second copy of the shard in memory (it doubled what a node held at its peak).
+//!
+//! A snapshot's records, once made or read from a file, are `Bytes` mapped from the file
+//! rather than read into memory: a snapshot may be gigabytes, and what reads it (a replica
+//! sent it a piece at a time, a crashed bucket restarted from it) needs a page at a time,
+//! which the page cache holds and gives back under memory pressure.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt as _;
+use std::path::Path;
+
+use super::state_machine::SnapshotBytes;
+
+/// The records a build gathers before writing them out to its file.
+const WRITE_AT: usize = 1 << 20;
+
+/// A snapshot's records as a build copies them.
+pub(super) struct Records {
+    /// What was copied and is not yet in `file` (everything, without one). Copying appends
+    /// here, then calls [`Records::page_done`].
+    pub(super) buffer: Vec<u8>,
+    pub(super) file: Option<RecordsFile>,
+}
+
+/// The file a build's records are written to.
+pub(super) struct RecordsFile {
+    file: File,
+    /// The bytes of records in `file`; past them, what a rewind left, written over next.
+    written: u64,
+}
+
+impl Records {
+    /// Records gathered in memory, starting with room for `expected` bytes.
+    pub(super) fn in_memory(expected: usize) -> Self {
+        Self {
+            buffer: Vec::with_capacity(expected),
+            file: None,
+        }
+    }
+
+    /// Records written to a file in `directory` that has no name there (`O_TMPFILE`, or
+    /// removed at once where the system lacks it), so that a crash or a failed build leaves
+    /// nothing behind.
+    ///
+    /// # Errors
+    /// If the file cannot be made.
+    pub(super) fn in_file(directory: &Path) -> io::Result<Self> {
+        Ok(Self {
+            buffer: Vec::with_capacity(WRITE_AT + (64 << 10)),
+            file: Some(RecordsFile {
+                file: tempfile::tempfile_in(directory)?,
+                written: 0,
+            }),
+        })
+    }
+
+    /// Where the records end so far, to [`rewind`](Self::rewind) to.
+    pub(super) fn len(&self) -> u64 {
+        self.file.as_ref().map_or(0, |file| file.written) + self.buffer.len() as u64
+    }
+
+    /// Drops the records after `mark` (a [`len`](Self::len) taken earlier).
+    pub(super) fn rewind(&mut self, mark: u64) {
+        match &mut self.file {
+            Some(file) if mark < file.written => {
+                file.written = mark;
+                self.buffer.clear();
+            }
+            file => {
+                let in_file = file.as_ref().map_or(0, |file| file.written);
+                self.buffer.truncate((mark - in_file) as usize);
+            }
+        }
+    }
+
+    /// Writes out what the buffer holds, once it is large enough, if there is a file.
+    ///
+    /// # Errors
+    /// If writing fails.
+    pub(super) fn page_done(&mut self) -> io::Result<()> {
+        page_done(&mut self.file, &mut self.buffer)
+    }
+
+    /// The records, whole: in memory, or mapped from the file once everything is written.
+    ///
+    /// # Errors
+    /// If writing or mapping fails.
+    pub(super) fn finish(self) -> io::Result<(SnapshotBytes, Option<File>)> {
+        let Some(mut file) = self.file else {
+            return Ok((SnapshotBytes::from(self.buffer), None));
+        };
+        file.write(&self.buffer)?;
+        file.file.set_len(file.written)?;
+        Ok((map(&file.file)?, Some(file.file)))
+    }
+}
+
+/// [`Records::page_done`] on the fields apart, for copying that holds the buffer already.
+pub(super) fn page_done(file: &mut Option<RecordsFile>, buffer: &mut Vec<u8>) -> io::Result<()> {
+    match file {
+        Some(file) if buffer.len() >= WRITE_AT => {
+            file.write(buffer)?;
+            buffer.clear();
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+impl RecordsFile {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(bytes, self.written)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// The whole of `file`, mapped.
+///
+/// # Errors
+/// If its length cannot be had or the mapping fails.
+pub(super) fn map(file: &File) -> io::Result<SnapshotBytes> {
+    if file.metadata()?.len() == 0 {
+        // An empty mapping is refused by the system.
+        return Ok(SnapshotBytes::new());
+    }
+    // SAFETY: a mapped file must not change while it is mapped. Snapshot files are written
+    // whole and then only read: a build's records file is mapped once its last byte is
+    // written, and `snapshot.kv` is written under a temporary name and renamed into place, so
+    // a newer snapshot replaces the name, never the bytes of a file someone maps (a mapping
+    // keeps the file it was made of). Nothing else writes to a shard's directory.
+    #[allow(unsafe_code)]
+    let mapped = unsafe { memmap2::Mmap::map(file)? };
+    Ok(SnapshotBytes::from_owner(mapped))
+}

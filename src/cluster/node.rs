@@ -496,6 +496,7 @@ impl Node {
                     .unwrap_or(u64::MAX)
                     .saturating_mul(2)
                     .max(64 << 20),
+                Some(config.data_dir.clone()),
             ),
             // openraft elects once a follower has heard nothing for its leader lease (the
             // longest election timeout) and then an election timeout.

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -29,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::identity::Handshake;
 use super::layout::Settings;
 use super::placement::NodeId;
-use super::raft::{ShardRaft, ShardStateMachine, SnapshotBytes};
+use super::raft::{ShardRaft, ShardStateMachine, SnapshotBytes, map_snapshot_file};
 use super::router::Replies;
 use crate::protocol::Dialect;
 
@@ -711,16 +712,19 @@ async fn answer<H: PeerHandler>(
     let _ = writer.await;
 }
 
-/// The snapshots being received, a shard's pieces gathered until the last arrives. The pieces
-/// are kept apart and joined once, off the runtime's thread: one buffer grown as they came
-/// would be copied whole at every doubling (half a gigabyte at once for a snapshot of one).
+/// The snapshots being received, a shard's pieces gathered until the last arrives: written to
+/// a file at their offsets, as they come, where the node has a directory (a snapshot may be
+/// gigabytes); else kept in memory apart and joined once, off the runtime's thread (one buffer
+/// grown as they came would be copied whole at every doubling).
 pub struct SnapshotInbox {
     /// The largest snapshot this node takes: a peer cannot make it hold more.
     limit: u64,
+    /// Where received snapshots are written, in files without a name; `None`: in memory.
+    directory: Option<PathBuf>,
     transfers: parking_lot::Mutex<HashMap<u16, Transfer>>,
 }
 
-/// The smallest snapshot piece kept apart from the one before it.
+/// The smallest snapshot piece kept apart from the one before it in memory.
 const KEPT_APART_FROM: usize = 1 << 20;
 
 /// A snapshot being received.
@@ -728,21 +732,77 @@ struct Transfer {
     id: u64,
     /// Bytes received so far.
     received: u64,
-    pieces: Vec<Vec<u8>>,
+    pieces: Received,
+}
+
+/// A snapshot's pieces as they are received.
+enum Received {
+    /// In memory, in order.
+    Memory(Vec<Vec<u8>>),
+    /// Written to this file, each at its offset.
+    File(Arc<std::fs::File>),
 }
 
 impl SnapshotInbox {
-    /// An inbox that takes snapshots of up to `limit` bytes.
+    /// An inbox that takes snapshots of up to `limit` bytes, into files in `directory` if
+    /// there is one.
     #[must_use]
-    pub fn new(limit: u64) -> Self {
+    pub fn new(limit: u64, directory: Option<PathBuf>) -> Self {
         Self {
             limit,
+            directory,
             transfers: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 
     /// Takes a piece of transfer `transfer` of `shard`'s snapshot.
-    fn receive(&self, shard: u16, transfer: u64, offset: u64, bytes: &[u8]) -> Result<(), String> {
+    async fn receive(
+        &self,
+        shard: u16,
+        transfer: u64,
+        offset: u64,
+        bytes: Bytes,
+    ) -> Result<(), String> {
+        let new_file = match &self.directory {
+            Some(directory) if offset == 0 => Some(Arc::new(
+                tempfile::tempfile_in(directory)
+                    .map_err(|error| format!("no file for a snapshot: {error}"))?,
+            )),
+            _ => None,
+        };
+        let Some(file) = self.accept(shard, transfer, offset, &bytes, new_file)? else {
+            return Ok(());
+        };
+        // Written off the runtime's thread; the next piece comes once this one is answered.
+        let written = tokio::task::spawn_blocking(move || {
+            std::os::unix::fs::FileExt::write_all_at(&*file, &bytes, offset)
+        })
+        .await
+        .map_err(|error| error.to_string())
+        .and_then(|written| written.map_err(|error| format!("writing a snapshot: {error}")));
+        if written.is_err() {
+            let mut transfers = self.transfers.lock();
+            if transfers
+                .get(&shard)
+                .is_some_and(|under_way| under_way.id == transfer)
+            {
+                transfers.remove(&shard);
+            }
+        }
+        written
+    }
+
+    /// Checks a piece against its transfer and counts it in; keeps it if the transfer is in
+    /// memory, else answers the file to write it to. `file`: the file a transfer starting
+    /// with this piece is written to.
+    fn accept(
+        &self,
+        shard: u16,
+        transfer: u64,
+        offset: u64,
+        bytes: &[u8],
+        file: Option<Arc<std::fs::File>>,
+    ) -> Result<Option<Arc<std::fs::File>>, String> {
         let mut transfers = self.transfers.lock();
         if offset == 0 {
             // A new transfer replaces any that was left unfinished.
@@ -751,7 +811,7 @@ impl SnapshotInbox {
                 Transfer {
                     id: transfer,
                     received: 0,
-                    pieces: Vec::new(),
+                    pieces: file.map_or_else(|| Received::Memory(Vec::new()), Received::File),
                 },
             );
         }
@@ -778,35 +838,48 @@ impl SnapshotInbox {
             ));
         }
         under_way.received += bytes.len() as u64;
-        // Small pieces join the last one: a piece kept apart costs a vector's header and an
-        // allocation, so a peer sending many tiny pieces could hold many times the limit.
-        match under_way.pieces.last_mut() {
-            Some(last) if bytes.len() < KEPT_APART_FROM => last.extend_from_slice(bytes),
-            _ => under_way.pieces.push(bytes.to_vec()),
-        }
-        Ok(())
-    }
-
-    /// The pieces of transfer `transfer` of `shard`'s snapshot, once its last is in.
-    fn complete(&self, shard: u16, transfer: u64) -> Option<Vec<Vec<u8>>> {
-        let mut transfers = self.transfers.lock();
-        match transfers.get(&shard) {
-            Some(under_way) if under_way.id == transfer => {
-                transfers.remove(&shard).map(|under_way| under_way.pieces)
+        match &mut under_way.pieces {
+            Received::File(file) => Ok(Some(Arc::clone(file))),
+            // Small pieces join the last one: a piece kept apart costs a vector's header and
+            // an allocation, so a peer sending many tiny pieces could hold many times the
+            // limit.
+            Received::Memory(pieces) => {
+                match pieces.last_mut() {
+                    Some(last) if bytes.len() < KEPT_APART_FROM => last.extend_from_slice(bytes),
+                    _ => pieces.push(bytes.to_vec()),
+                }
+                Ok(None)
             }
-            _ => None,
         }
     }
-}
 
-/// A snapshot's pieces in one buffer, joined on a blocking thread.
-async fn joined(mut pieces: Vec<Vec<u8>>) -> Result<Vec<u8>, String> {
-    if pieces.len() <= 1 {
-        return Ok(pieces.pop().unwrap_or_default());
-    }
-    tokio::task::spawn_blocking(move || pieces.concat())
+    /// The snapshot of transfer `transfer` of `shard`, once its last piece is in; `None` if
+    /// another transfer replaced it.
+    async fn complete(&self, shard: u16, transfer: u64) -> Result<Option<SnapshotBytes>, String> {
+        let pieces = {
+            let mut transfers = self.transfers.lock();
+            match transfers.get(&shard) {
+                Some(under_way) if under_way.id == transfer => {
+                    transfers.remove(&shard).map(|under_way| under_way.pieces)
+                }
+                _ => None,
+            }
+        };
+        let Some(pieces) = pieces else {
+            return Ok(None);
+        };
+        tokio::task::spawn_blocking(move || match pieces {
+            Received::Memory(mut pieces) if pieces.len() <= 1 => {
+                Ok(SnapshotBytes::from(pieces.pop().unwrap_or_default()))
+            }
+            Received::Memory(pieces) => Ok(SnapshotBytes::from(pieces.concat())),
+            Received::File(file) => map_snapshot_file(&file)
+                .map_err(|error| format!("reading a received snapshot: {error}")),
+        })
         .await
-        .map_err(|error| error.to_string())
+        .map_err(|error| error.to_string())?
+        .map(Some)
+    }
 }
 
 /// Answers a Raft RPC from the group `group_of` gives for its shard (snapshots gathered in
@@ -833,7 +906,7 @@ pub async fn handle_raft(
             last,
         } => match group_of(shard) {
             Some(group) => PeerResponse::Snapshot(
-                install_piece(&group, inbox, shard, transfer, offset, &bytes, last).await,
+                install_piece(&group, inbox, shard, transfer, offset, bytes, last).await,
             ),
             None => PeerResponse::NoSuchShard,
         },
@@ -866,17 +939,17 @@ async fn install_piece(
     shard: u16,
     transfer: u64,
     offset: u64,
-    bytes: &[u8],
+    bytes: Bytes,
     last: Option<(VoteOf<ShardRaft>, SnapshotMetaOf<ShardRaft>)>,
 ) -> Result<Option<SnapshotResponse<ShardRaft>>, String> {
-    inbox.receive(shard, transfer, offset, bytes)?;
+    inbox.receive(shard, transfer, offset, bytes).await?;
     let Some((vote, meta)) = last else {
         return Ok(None);
     };
-    let pieces = inbox
+    let snapshot = inbox
         .complete(shard, transfer)
+        .await?
         .ok_or_else(|| "the snapshot transfer was replaced meanwhile".to_owned())?;
-    let snapshot = SnapshotBytes::from(joined(pieces).await?);
     let snapshot =
         openraft::type_config::alias::SnapshotOf::<ShardRaft, SnapshotBytes> { meta, snapshot };
     group
@@ -888,10 +961,10 @@ async fn install_piece(
 
 #[cfg(test)]
 mod tests {
-    use bytes::BytesMut;
+    use bytes::{Bytes, BytesMut};
     use tokio_util::codec::{Decoder, Encoder};
 
-    use super::{PeerCodec, SnapshotInbox, Unsendable};
+    use super::{PeerCodec, Received, SnapshotInbox, Transfer, Unsendable};
 
     /// A message whose serialisation fails.
     struct Unserialisable;
@@ -929,51 +1002,85 @@ mod tests {
         assert!(codec.decode(&mut buffer).unwrap().is_none());
     }
 
-    #[test]
-    fn a_snapshot_is_taken_in_order_within_its_limit() {
-        let inbox = SnapshotInbox::new(10);
-        inbox.receive(0, 7, 0, b"abc").unwrap();
-        inbox.receive(0, 7, 3, b"def").unwrap();
-        assert_eq!(
+    /// Every piece of an inbox's transfer, `bytes` at `offset` each.
+    async fn take(inbox: &SnapshotInbox, shard: u16, transfer: u64, pieces: &[(u64, &[u8])]) {
+        for &(offset, bytes) in pieces {
             inbox
-                .complete(0, 7)
-                .map(|pieces| pieces.concat())
-                .as_deref(),
+                .receive(shard, transfer, offset, Bytes::copy_from_slice(bytes))
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn received(inbox: &SnapshotInbox, shard: u16, transfer: u64) -> Option<Vec<u8>> {
+        inbox
+            .complete(shard, transfer)
+            .await
+            .unwrap()
+            .map(|bytes| bytes.to_vec())
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_taken_in_order_within_its_limit_in_memory() {
+        snapshot_taken_in_order_within_its_limit(|limit| SnapshotInbox::new(limit, None)).await;
+    }
+
+    /// The same where pieces are written to a file as they come.
+    #[tokio::test]
+    async fn a_snapshot_is_taken_in_order_within_its_limit_into_a_file() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().to_owned();
+        snapshot_taken_in_order_within_its_limit(|limit| {
+            SnapshotInbox::new(limit, Some(path.clone()))
+        })
+        .await;
+        // Files without a name: nothing is left in the directory.
+        assert_eq!(std::fs::read_dir(directory.path()).unwrap().count(), 0);
+    }
+
+    async fn snapshot_taken_in_order_within_its_limit(inbox_of: impl Fn(u64) -> SnapshotInbox) {
+        let inbox = inbox_of(10);
+        take(&inbox, 0, 7, &[(0, b"abc"), (3, b"def")]).await;
+        assert_eq!(
+            received(&inbox, 0, 7).await.as_deref(),
             Some(&b"abcdef"[..])
         );
-        assert_eq!(inbox.complete(0, 7), None, "taken once");
+        assert_eq!(received(&inbox, 0, 7).await, None, "taken once");
 
-        inbox.receive(0, 8, 0, b"abc").unwrap();
-        assert!(inbox.receive(0, 8, 5, b"x").is_err(), "a gap");
+        take(&inbox, 0, 8, &[(0, b"abc")]).await;
+        let piece = |bytes: &'static [u8]| Bytes::from_static(bytes);
+        assert!(inbox.receive(0, 8, 5, piece(b"x")).await.is_err(), "a gap");
         assert!(
-            inbox.receive(0, 8, 3, b"d").is_err(),
+            inbox.receive(0, 8, 3, piece(b"d")).await.is_err(),
             "the transfer was dropped"
         );
 
-        inbox.receive(0, 9, 0, b"abcdefgh").unwrap();
-        assert!(inbox.receive(0, 9, 8, b"ijk").is_err(), "past the limit");
-        assert_eq!(inbox.complete(0, 9), None);
-
-        inbox.receive(1, 1, 0, b"old").unwrap();
-        inbox.receive(1, 2, 0, b"new").unwrap();
+        take(&inbox, 0, 9, &[(0, b"abcdefgh")]).await;
         assert!(
-            inbox.receive(1, 1, 3, b"!").is_err(),
+            inbox.receive(0, 9, 8, piece(b"ijk")).await.is_err(),
+            "past the limit"
+        );
+        assert_eq!(received(&inbox, 0, 9).await, None);
+
+        take(&inbox, 1, 1, &[(0, b"old")]).await;
+        take(&inbox, 1, 2, &[(0, b"new")]).await;
+        assert!(
+            inbox.receive(1, 1, 3, piece(b"!")).await.is_err(),
             "replaced by a newer transfer"
         );
-        inbox.receive(1, 2, 3, b"er").unwrap();
-        let tiny = SnapshotInbox::new(1 << 20);
+        take(&inbox, 1, 2, &[(3, b"er")]).await;
+        let tiny = inbox_of(1 << 20);
         for offset in 0..1000 {
-            tiny.receive(2, 1, offset, b"x").unwrap();
+            take(&tiny, 2, 1, &[(offset, b"x")]).await;
         }
-        let pieces = tiny.complete(2, 1).unwrap();
-        assert_eq!(pieces.len(), 1, "tiny pieces are joined as they come");
-        assert_eq!(pieces.concat(), vec![b'x'; 1000]);
-        assert_eq!(
-            inbox
-                .complete(1, 2)
-                .map(|pieces| pieces.concat())
-                .as_deref(),
-            Some(&b"newer"[..])
-        );
+        if let Some(Transfer {
+            pieces: Received::Memory(pieces),
+            ..
+        }) = tiny.transfers.lock().get(&2)
+        {
+            assert_eq!(pieces.len(), 1, "tiny pieces are joined as they come");
+        }
+        assert_eq!(received(&tiny, 2, 1).await, Some(vec![b'x'; 1000]));
+        assert_eq!(received(&inbox, 1, 2).await.as_deref(), Some(&b"newer"[..]));
     }
 }

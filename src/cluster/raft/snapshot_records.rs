@@ -122,7 +122,7 @@ impl RecordsFile {
 ///
 /// # Errors
 /// If its length cannot be had or the mapping fails.
-pub(super) fn map(file: &File) -> io::Result<SnapshotBytes> {
+pub fn map(file: &File) -> io::Result<SnapshotBytes> {
     if file.metadata()?.len() == 0 {
         // An empty mapping is refused by the system.
         return Ok(SnapshotBytes::new());

@@ -739,8 +739,10 @@ struct Transfer {
 enum Received {
     /// In memory, in order.
     Memory(Vec<Vec<u8>>),
-    /// Written to this file, each at its offset.
-    File(Arc<std::fs::File>),
+    /// Written to this file, each at its offset. A piece is taken only while no other is
+    /// being written (a sender waits for each piece's answer before the next), and the file
+    /// is mapped only once no piece is: a mapped file must not change.
+    File(Arc<tokio::sync::Mutex<std::fs::File>>),
 }
 
 impl SnapshotInbox {
@@ -764,18 +766,18 @@ impl SnapshotInbox {
         bytes: Bytes,
     ) -> Result<(), String> {
         let new_file = match &self.directory {
-            Some(directory) if offset == 0 => Some(Arc::new(
+            Some(directory) if offset == 0 => Some(Arc::new(tokio::sync::Mutex::new(
                 tempfile::tempfile_in(directory)
                     .map_err(|error| format!("no file for a snapshot: {error}"))?,
-            )),
+            ))),
             _ => None,
         };
-        let Some(file) = self.accept(shard, transfer, offset, &bytes, new_file)? else {
+        let Some(writing) = self.accept(shard, transfer, offset, &bytes, new_file)? else {
             return Ok(());
         };
-        // Written off the runtime's thread; the next piece comes once this one is answered.
+        // Written off the runtime's thread, the file held until it is.
         let written = tokio::task::spawn_blocking(move || {
-            std::os::unix::fs::FileExt::write_all_at(&*file, &bytes, offset)
+            std::os::unix::fs::FileExt::write_all_at(&*writing, &bytes, offset)
         })
         .await
         .map_err(|error| error.to_string())
@@ -793,16 +795,16 @@ impl SnapshotInbox {
     }
 
     /// Checks a piece against its transfer and counts it in; keeps it if the transfer is in
-    /// memory, else answers the file to write it to. `file`: the file a transfer starting
-    /// with this piece is written to.
+    /// memory, else answers the file to write it to, held until it is written. `file`: the
+    /// file a transfer starting with this piece is written to.
     fn accept(
         &self,
         shard: u16,
         transfer: u64,
         offset: u64,
         bytes: &[u8],
-        file: Option<Arc<std::fs::File>>,
-    ) -> Result<Option<Arc<std::fs::File>>, String> {
+        file: Option<Arc<tokio::sync::Mutex<std::fs::File>>>,
+    ) -> Result<Option<tokio::sync::OwnedMutexGuard<std::fs::File>>, String> {
         let mut transfers = self.transfers.lock();
         if offset == 0 {
             // A new transfer replaces any that was left unfinished.
@@ -837,9 +839,19 @@ impl SnapshotInbox {
                 self.limit
             ));
         }
+        let writing = match &under_way.pieces {
+            Received::File(file) => match Arc::clone(file).try_lock_owned() {
+                Ok(writing) => Some(writing),
+                Err(_) => {
+                    transfers.remove(&shard);
+                    return Err("a snapshot piece while the one before is written".to_owned());
+                }
+            },
+            Received::Memory(_) => None,
+        };
         under_way.received += bytes.len() as u64;
         match &mut under_way.pieces {
-            Received::File(file) => Ok(Some(Arc::clone(file))),
+            Received::File(_) => Ok(writing),
             // Small pieces join the last one: a piece kept apart costs a vector's header and
             // an allocation, so a peer sending many tiny pieces could hold many times the
             // limit.
@@ -873,7 +885,7 @@ impl SnapshotInbox {
                 Ok(SnapshotBytes::from(pieces.pop().unwrap_or_default()))
             }
             Received::Memory(pieces) => Ok(SnapshotBytes::from(pieces.concat())),
-            Received::File(file) => map_snapshot_file(&file)
+            Received::File(file) => map_snapshot_file(&file.blocking_lock())
                 .map_err(|error| format!("reading a received snapshot: {error}")),
         })
         .await
@@ -1036,6 +1048,22 @@ mod tests {
         .await;
         // Files without a name: nothing is left in the directory.
         assert_eq!(std::fs::read_dir(directory.path()).unwrap().count(), 0);
+    }
+
+    /// A piece that comes while the one before is still being written is refused, and ends
+    /// the transfer: only a sender that does not wait for answers sends it, and the file must
+    /// not change once mapped.
+    #[tokio::test]
+    async fn a_snapshot_piece_is_refused_while_the_one_before_is_written() {
+        let directory = tempfile::tempdir().unwrap();
+        let inbox = SnapshotInbox::new(100, Some(directory.path().to_owned()));
+        let file = tempfile::tempfile_in(directory.path()).unwrap();
+        let file = std::sync::Arc::new(tokio::sync::Mutex::new(file));
+        let writing = inbox.accept(0, 1, 0, b"abc", Some(file)).unwrap();
+        assert!(writing.is_some(), "the first piece is to be written");
+        assert!(inbox.accept(0, 1, 3, b"def", None).is_err());
+        drop(writing);
+        assert_eq!(received(&inbox, 0, 1).await, None, "the transfer ended");
     }
 
     async fn snapshot_taken_in_order_within_its_limit(inbox_of: impl Fn(u64) -> SnapshotInbox) {

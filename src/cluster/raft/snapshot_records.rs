@@ -129,9 +129,11 @@ pub fn map(file: &File) -> io::Result<SnapshotBytes> {
     }
     // SAFETY: a mapped file must not change while it is mapped. Snapshot files are written
     // whole and then only read: a build's records file is mapped once its last byte is
-    // written, and `snapshot.kv` is written under a temporary name and renamed into place, so
-    // a newer snapshot replaces the name, never the bytes of a file someone maps (a mapping
-    // keeps the file it was made of). Nothing else writes to a shard's directory.
+    // written; a received snapshot's file once its last piece is written, with no write of
+    // it under way and none to come (`SnapshotInbox::complete`); and `snapshot.kv` is written
+    // under a temporary name and renamed into place, so a newer snapshot replaces the name,
+    // never the bytes of a file someone maps (a mapping keeps the file it was made of).
+    // Nothing else writes to a node's data directory.
     #[allow(unsafe_code)]
     let mapped = unsafe { memmap2::Mmap::map(file)? };
     Ok(SnapshotBytes::from_owner(mapped))

@@ -20,7 +20,7 @@ use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotOf, VoteOf};
 use super::identity::Handshake;
 use super::peer::{PeerClient, PeerError, PeerRequest, PeerResponse};
 use super::placement::NodeId;
-use super::raft::{ShardRaft, SnapshotBytes};
+use super::raft::{ShardRaft, SnapshotBytes, release};
 
 /// Every peer of this node, by id: the members of the layout as this node last read it.
 pub type Peers = Arc<PeerBook>;
@@ -222,7 +222,8 @@ impl RaftNetworkV2<ShardRaft> for ShardPeer {
         option: RPCOption,
     ) -> Result<SnapshotResponse<ShardRaft>, StreamingError<ShardRaft>> {
         let transfer = fastrand::u64(..);
-        let bytes = snapshot.snapshot;
+        let sending = Sending(snapshot.snapshot);
+        let bytes = &sending.0;
         // The last piece is answered once the snapshot is installed, which takes time by its
         // size (a gigabyte: seconds); an answer too late for the wait means sending it all
         // again.
@@ -261,6 +262,16 @@ impl RaftNetworkV2<ShardRaft> for ShardPeer {
                 Err(error) => return Err(StreamingError::Network(NetworkError::new(&error))),
             }
         }
+    }
+}
+
+/// A snapshot's records being sent, let go of on a blocking thread however sending ends: they
+/// may be the last hold on a snapshot file replaced since (see `release`).
+struct Sending(SnapshotBytes);
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        release(std::mem::take(&mut self.0));
     }
 }
 

@@ -40,6 +40,7 @@ use tokio::sync::Mutex;
 
 use super::ShardRaft;
 use super::log_memory::{LogHeld, LogMemory};
+use super::snapshot_records::release;
 use crate::config::FsyncPolicy;
 use crate::shard::wal::record::{ScanEnd, scan_frames, try_encode_frame};
 
@@ -554,8 +555,12 @@ async fn rewrite_in_background(log: Arc<Mutex<Inner>>, directory: PathBuf, live:
     };
     match swapped {
         Ok(((file, reader, bytes), places)) => {
-            inner.file = file;
-            inner.reader = reader;
+            let replaced = (
+                std::mem::replace(&mut inner.file, file),
+                std::mem::replace(&mut inner.reader, reader),
+            );
+            // The last holds on the old file, which the rename left without a name.
+            release(replaced);
             inner.frames = frames + tail_frames;
             inner.file_bytes = bytes;
             // Everything in the new file was synced before the rename.

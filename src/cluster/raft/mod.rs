@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub use log_memory::LogMemory;
 pub use log_store::ShardLog;
-pub use snapshot_records::map as map_snapshot_file;
+pub use snapshot_records::{map as map_snapshot_file, release};
 pub use state_machine::{ShardStateMachine, SnapshotBytes};
 
 use crate::change::Change;

@@ -2,7 +2,7 @@
 //! directory, else in a file as they are made, so that building a shard's snapshot does not
 //! hold a second copy of the shard in memory (it doubled what a node held at its peak).
 //!
-//! A snapshot's records, once made or read from a file, are `Bytes` mapped from the file
+//! A snapshot's records, once received or read from its file, are `Bytes` mapped from the file
 //! rather than read into memory: a snapshot may be gigabytes, and what reads it (a replica
 //! sent it a piece at a time, a crashed bucket restarted from it) needs a page at a time,
 //! which the page cache holds and gives back under memory pressure.
@@ -84,17 +84,37 @@ impl Records {
         page_done(&mut self.file, &mut self.buffer)
     }
 
-    /// The records, whole: in memory, or mapped from the file once everything is written.
+    /// The records, whole: in memory, or in the file once everything is written.
     ///
     /// # Errors
-    /// If writing or mapping fails.
-    pub(super) fn finish(self) -> io::Result<(SnapshotBytes, Option<File>)> {
+    /// If writing fails.
+    pub(super) fn finish(self) -> io::Result<Made> {
         let Some(mut file) = self.file else {
-            return Ok((SnapshotBytes::from(self.buffer), None));
+            return Ok(Made::Bytes(SnapshotBytes::from(self.buffer)));
         };
         file.write(&self.buffer)?;
         file.file.set_len(file.written)?;
-        Ok((map(&file.file)?, Some(file.file)))
+        Ok(Made::File(file.file, file.written))
+    }
+}
+
+/// A snapshot's records as they are made: built or received.
+pub(super) enum Made {
+    /// In memory, or mapped from a file.
+    Bytes(SnapshotBytes),
+    /// In a build's records file (which has no name), this many bytes from its start. Never
+    /// mapped: the last hold on a file without a name frees its blocks when it goes, which
+    /// must happen on a blocking thread (see [`release`]).
+    File(File, u64),
+}
+
+impl Made {
+    /// How many bytes the records take.
+    pub(super) fn len(&self) -> u64 {
+        match self {
+            Self::Bytes(bytes) => bytes.len() as u64,
+            Self::File(_, len) => *len,
+        }
     }
 }
 
@@ -118,6 +138,18 @@ impl RecordsFile {
     }
 }
 
+/// Lets go of `held` on a blocking thread when there is a runtime. It may be the last hold on
+/// a file that has no name any more (a build's records, a received snapshot, a snapshot file
+/// replaced since it was mapped), and letting go then frees the file's blocks: for a large
+/// file, tens to hundreds of milliseconds in the system (more with online discard), during
+/// which a runtime worker would serve no client and send no heartbeat.
+pub fn release<T: Send + 'static>(held: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(held))),
+        Err(_) => drop(held),
+    }
+}
+
 /// The whole of `file`, mapped.
 ///
 /// # Errors
@@ -128,13 +160,44 @@ pub fn map(file: &File) -> io::Result<SnapshotBytes> {
         return Ok(SnapshotBytes::new());
     }
     // SAFETY: a mapped file must not change while it is mapped. Snapshot files are written
-    // whole and then only read: a build's records file is mapped once its last byte is
-    // written; a received snapshot's file once its last piece is written, with no write of
-    // it under way and none to come (`SnapshotInbox::complete`); and `snapshot.kv` is written
-    // under a temporary name and renamed into place, so a newer snapshot replaces the name,
-    // never the bytes of a file someone maps (a mapping keeps the file it was made of).
-    // Nothing else writes to a node's data directory.
+    // whole and then only read: a received snapshot's file is mapped once its last piece is
+    // written, with no write of it under way and none to come (`SnapshotInbox::complete`);
+    // `snapshot.kv` is written under a temporary name and renamed into place, so a newer
+    // snapshot replaces the name, never the bytes of a file someone maps (a mapping keeps the
+    // file it was made of). A build's records file is never mapped. Nothing else writes to a
+    // node's data directory.
     #[allow(unsafe_code)]
     let mapped = unsafe { memmap2::Mmap::map(file)? };
     Ok(SnapshotBytes::from_owner(mapped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::release;
+
+    /// Noted where it is let go of.
+    struct Noted(std::sync::mpsc::Sender<std::thread::ThreadId>);
+
+    impl Drop for Noted {
+        fn drop(&mut self) {
+            let _ = self.0.send(std::thread::current().id());
+        }
+    }
+
+    #[tokio::test]
+    async fn what_is_released_on_a_runtime_is_let_go_of_on_another_thread() {
+        let (noted, dropped_on) = std::sync::mpsc::channel();
+        release(Noted(noted));
+        let dropped_on = tokio::task::spawn_blocking(move || dropped_on.recv().unwrap())
+            .await
+            .unwrap();
+        assert_ne!(dropped_on, std::thread::current().id());
+    }
+
+    #[test]
+    fn what_is_released_without_a_runtime_is_let_go_of_at_once() {
+        let (noted, dropped_on) = std::sync::mpsc::channel();
+        release(Noted(noted));
+        assert_eq!(dropped_on.try_recv(), Ok(std::thread::current().id()));
+    }
 }

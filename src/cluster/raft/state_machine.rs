@@ -27,7 +27,7 @@ use tokio::sync::Mutex;
 
 use super::applied::Applied;
 use super::log_store::ShardLog;
-use super::snapshot_records::{self, Records};
+use super::snapshot_records::{self, Made, Records, release};
 use super::{Outcome, ShardCommand, ShardRaft};
 use crate::bucket::{BucketError, BucketHandle, BucketName, MemoryBudget};
 use crate::change::Change;
@@ -409,29 +409,23 @@ fn append_changes(out: &mut Records, entries: &[ShardCommand]) -> io::Result<u64
     Ok(records)
 }
 
-/// Writes a snapshot file into `directory`: a frame of its `encoded_meta`, then its records,
-/// `data`, copied from `records_file` if they are in one (by the system, page by page: not
-/// through this process's memory); through a temporary file, synced and renamed, so that a
-/// crash leaves the old one or the new.
-fn write_snapshot(
-    directory: &Path,
-    encoded_meta: &[u8],
-    data: &[u8],
-    records_file: Option<std::fs::File>,
-) -> io::Result<()> {
+/// Writes a snapshot file into `directory`: a frame of its `encoded_meta`, then its records
+/// (copied by the system from a build's file, page by page: not through this process's
+/// memory); through a temporary file, synced and renamed, so that a crash leaves the old one
+/// or the new.
+fn write_snapshot(directory: &Path, encoded_meta: &[u8], records: Made) -> io::Result<()> {
     let mut header = Vec::with_capacity(encoded_meta.len() + 16);
     record::encode_frame(&mut header, |out| out.extend_from_slice(encoded_meta));
     let temporary = directory.join(format!("{SNAPSHOT_FILE}.tmp"));
     let mut file = std::fs::File::create(&temporary)?;
     file.write_all(&header)?;
-    match records_file {
-        Some(records) => {
-            let copied = io::copy(&mut io::Read::take(records, data.len() as u64), &mut file)?;
-            if copied != data.len() as u64 {
+    match records {
+        Made::File(records, len) => {
+            if io::copy(&mut io::Read::take(records, len), &mut file)? != len {
                 return Err(io::Error::other("a snapshot's records file ended early"));
             }
         }
-        None => file.write_all(data)?,
+        Made::Bytes(data) => file.write_all(&data)?,
     }
     file.sync_all()?;
     std::fs::rename(&temporary, directory.join(SNAPSHOT_FILE))?;
@@ -443,29 +437,34 @@ impl SnapshotFile {
     /// before it counts; where its records are kept from then on (the file, which holds it or
     /// a newer one, or `data` itself without a directory). The writing and syncing run on a
     /// blocking thread: a large shard's snapshot takes seconds to reach the disk, and the
-    /// runtime's threads serve the node's clients and heartbeats meanwhile. `records_file`, if
-    /// any, holds `data` from its start (a build's records), and is copied from.
+    /// runtime's threads serve the node's clients and heartbeats meanwhile, and the records
+    /// are let go of there.
     async fn write(
         &mut self,
         meta: &SnapshotMetaOf<ShardRaft>,
-        data: &SnapshotBytes,
-        records_file: Option<std::fs::File>,
+        records: Made,
     ) -> io::Result<SnapshotRecords> {
         let Some(directory) = self.directory.clone() else {
-            return Ok(SnapshotRecords::Memory(data.clone()));
+            return match records {
+                Made::Bytes(data) => Ok(SnapshotRecords::Memory(data)),
+                Made::File(file, _) => {
+                    let data = tokio::task::spawn_blocking(move || snapshot_records::map(&file))
+                        .await
+                        .map_err(io::Error::other)??;
+                    Ok(SnapshotRecords::Memory(data))
+                }
+            };
         };
         let kept = SnapshotRecords::File(directory.join(SNAPSHOT_FILE));
         if self.written > meta.last_log_id {
+            release(records);
             return Ok(kept);
         }
         let encoded = postcard::to_stdvec(meta)
             .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
-        let data = data.clone();
-        tokio::task::spawn_blocking(move || {
-            write_snapshot(&directory, &encoded, &data, records_file)
-        })
-        .await
-        .map_err(io::Error::other)??;
+        tokio::task::spawn_blocking(move || write_snapshot(&directory, &encoded, records))
+            .await
+            .map_err(io::Error::other)??;
         self.written = meta.last_log_id;
         Ok(kept)
     }
@@ -783,20 +782,28 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
             (meta, kept.since)
         };
         let (mut copied, copied_records) = copied?;
-        let (bytes, file, records) = tokio::task::spawn_blocking(move || {
+        let (made, records) = tokio::task::spawn_blocking(move || {
             let made_again = append_changes(&mut copied, &since)?;
-            let (bytes, file) = copied.finish()?;
-            io::Result::Ok((bytes, file, copied_records + made_again))
+            io::Result::Ok((copied.finish()?, copied_records + made_again))
         })
         .await
         .map_err(io::Error::other)??;
+        let size = made.len();
         // Written without the state machine's lock: applying goes on while it reaches the disk.
-        let kept = self
-            .snapshot_file
-            .lock()
-            .await
-            .write(&meta, &bytes, file)
-            .await?;
+        let kept = self.snapshot_file.lock().await.write(&meta, made).await?;
+        // What openraft is handed: the records from where they are kept now (never the build's
+        // file, which has no name: openraft lets go of it on the runtime's thread). The file
+        // holds this snapshot or a newer one, with its own metadata.
+        let built = match &kept {
+            SnapshotRecords::Memory(bytes) => (meta.clone(), bytes.clone()),
+            SnapshotRecords::File(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || read_snapshot_file(&path))
+                    .await
+                    .map_err(io::Error::other)??
+                    .ok_or_else(|| io::Error::other("the shard's snapshot file is gone"))?
+            }
+        };
         let mut inner = self.inner.lock().await;
         // A newer snapshot installed meanwhile stays the current one.
         let newer = inner
@@ -808,12 +815,10 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
             if let Some(applied) = &inner.applied {
                 applied.snapshot_taken(meta.last_log_id.map(|id| id.index), kept.clone());
             }
-            inner.snapshot = Some((meta.clone(), kept, bytes.len() as u64));
+            inner.snapshot = Some((meta, kept, size));
         }
-        Ok(SnapshotOf::<ShardRaft, SnapshotBytes> {
-            meta,
-            snapshot: bytes,
-        })
+        let (meta, snapshot) = built;
+        Ok(SnapshotOf::<ShardRaft, SnapshotBytes> { meta, snapshot })
     }
 }
 
@@ -891,10 +896,12 @@ impl RaftStateMachine<ShardRaft> for ShardStateMachine {
             .snapshot_file
             .lock()
             .await
-            .write(meta, &snapshot, None)
+            .write(meta, Made::Bytes(snapshot.clone()))
             .await?;
         inner.install(&snapshot).await?;
         let size = snapshot.len() as u64;
+        // A received snapshot is mapped from a file without a name.
+        release(snapshot);
         if let Some(applied) = &inner.applied {
             applied.snapshot_taken(meta.last_log_id.map(|id| id.index), kept.clone());
         }
@@ -997,10 +1004,14 @@ mod tests {
             let (meta, data) = split_snapshot(&bytes).unwrap();
             (meta.last_log_id.unwrap().index, data.to_vec())
         };
-        file.write(&meta(5), &records(b"five"), None).await.unwrap();
+        file.write(&meta(5), Made::Bytes(records(b"five")))
+            .await
+            .unwrap();
         assert_eq!(on_disk(), (5, records(b"five").to_vec()));
-        file.write(&meta(10), &records(b"ten"), None).await.unwrap();
-        file.write(&meta(7), &records(b"seven"), None)
+        file.write(&meta(10), Made::Bytes(records(b"ten")))
+            .await
+            .unwrap();
+        file.write(&meta(7), Made::Bytes(records(b"seven")))
             .await
             .unwrap();
         assert_eq!(on_disk(), (10, records(b"ten").to_vec()));

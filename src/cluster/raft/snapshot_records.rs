@@ -12,21 +12,24 @@ use std::io;
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
+use super::ShardCommand;
 use super::state_machine::SnapshotBytes;
+use crate::bucket::{BucketError, BucketHandle};
+use crate::change::Change;
+use crate::shard::wal::record;
 
 /// The records a build gathers before writing them out to its file.
 const WRITE_AT: usize = 1 << 20;
 
 /// A snapshot's records as a build copies them.
 pub(super) struct Records {
-    /// What was copied and is not yet in `file` (everything, without one). Copying appends
-    /// here, then calls [`Records::page_done`].
-    pub(super) buffer: Vec<u8>,
-    pub(super) file: Option<RecordsFile>,
+    /// What was copied and is not yet in `file` (everything, without one).
+    buffer: Vec<u8>,
+    file: Option<RecordsFile>,
 }
 
 /// The file a build's records are written to.
-pub(super) struct RecordsFile {
+struct RecordsFile {
     file: File,
     /// The bytes of records in `file`; past them, what a rewind left, written over next.
     written: u64,
@@ -76,12 +79,39 @@ impl Records {
         }
     }
 
-    /// Writes out what the buffer holds, once it is large enough, if there is a file.
+    /// Appends `bucket`'s `Create` and `Put` records, a page at a time; how many.
     ///
     /// # Errors
-    /// If writing fails.
-    pub(super) fn page_done(&mut self) -> io::Result<()> {
-        page_done(&mut self.file, &mut self.buffer)
+    /// [`CopyError::Ended`] if the bucket ended while it was copied (what it added stays, to
+    /// be rewound); [`CopyError::Io`] if the records could not be written.
+    pub(super) fn append_bucket(&mut self, bucket: &BucketHandle) -> Result<u64, CopyError> {
+        record::encode(
+            &Change::Create {
+                bucket: bucket.name().as_bytes(),
+            },
+            &mut self.buffer,
+        );
+        let file = &mut self.file;
+        let puts = crate::shard::export(bucket, &mut self.buffer, |buffer| {
+            write_out_if_full(file, buffer).map_err(CopyError::Io)
+        })?;
+        Ok(1 + puts)
+    }
+
+    /// Appends the changes of `entries` as records; how many.
+    ///
+    /// # Errors
+    /// If the records cannot be written to their file.
+    pub(super) fn append_changes(&mut self, entries: &[ShardCommand]) -> io::Result<u64> {
+        let mut records = 0;
+        for command in entries {
+            for change in command.changes().flatten() {
+                record::encode(&change, &mut self.buffer);
+                records += 1;
+            }
+            write_out_if_full(&mut self.file, &mut self.buffer)?;
+        }
+        Ok(records)
     }
 
     /// The records, whole: in memory, or in the file once everything is written.
@@ -118,8 +148,22 @@ impl Made {
     }
 }
 
-/// [`Records::page_done`] on the fields apart, for copying that holds the buffer already.
-pub(super) fn page_done(file: &mut Option<RecordsFile>, buffer: &mut Vec<u8>) -> io::Result<()> {
+/// Why copying a bucket stopped.
+pub(super) enum CopyError {
+    /// The bucket ended while it was copied.
+    Ended,
+    /// The records could not be written.
+    Io(io::Error),
+}
+
+impl From<BucketError> for CopyError {
+    fn from(_: BucketError) -> Self {
+        Self::Ended
+    }
+}
+
+/// Writes out what `buffer` holds to `file`, if there is one, once it is large enough.
+fn write_out_if_full(file: &mut Option<RecordsFile>, buffer: &mut Vec<u8>) -> io::Result<()> {
     match file {
         Some(file) if buffer.len() >= WRITE_AT => {
             file.write(buffer)?;

@@ -27,7 +27,7 @@ use tokio::sync::Mutex;
 
 use super::applied::Applied;
 use super::log_store::ShardLog;
-use super::snapshot_records::{self, Made, Records, release};
+use super::snapshot_records::{self, CopyError, Made, Records, release};
 use super::{Outcome, ShardCommand, ShardRaft};
 use crate::bucket::{BucketError, BucketHandle, BucketName, MemoryBudget};
 use crate::change::Change;
@@ -350,7 +350,7 @@ fn copy_live(
             continue;
         };
         let start = copied.len();
-        match copy_bucket(&bucket, &mut copied) {
+        match copied.append_bucket(&bucket) {
             Ok(added) => records += added,
             Err(CopyError::Ended) => {
                 // It ended while being copied: crashed (then copied again once restarted) or
@@ -362,51 +362,6 @@ fn copy_live(
         }
     }
     Ok((copied, records, restarting))
-}
-
-/// Why a bucket's copy stopped.
-enum CopyError {
-    /// The bucket ended while it was copied.
-    Ended,
-    /// The records could not be written.
-    Io(io::Error),
-}
-
-impl From<BucketError> for CopyError {
-    fn from(_: BucketError) -> Self {
-        Self::Ended
-    }
-}
-
-/// Appends `bucket`'s `Create` and `Put` records to `out`, a page at a time; how many.
-fn copy_bucket(bucket: &BucketHandle, out: &mut Records) -> Result<u64, CopyError> {
-    record::encode(
-        &Change::Create {
-            bucket: bucket.name().as_bytes(),
-        },
-        &mut out.buffer,
-    );
-    let Records { buffer, file } = out;
-    let puts = crate::shard::export(bucket, buffer, |buffer| {
-        snapshot_records::page_done(file, buffer).map_err(CopyError::Io)
-    })?;
-    Ok(1 + puts)
-}
-
-/// Appends the changes of `entries` to a snapshot's copied records, as records; how many.
-///
-/// # Errors
-/// If the records cannot be written to their file.
-fn append_changes(out: &mut Records, entries: &[ShardCommand]) -> io::Result<u64> {
-    let mut records = 0;
-    for command in entries {
-        for change in command.changes().flatten() {
-            record::encode(&change, &mut out.buffer);
-            records += 1;
-        }
-        out.page_done()?;
-    }
-    Ok(records)
 }
 
 /// Writes a snapshot file into `directory`: a frame of its `encoded_meta`, then its records
@@ -445,14 +400,12 @@ impl SnapshotFile {
         records: Made,
     ) -> io::Result<SnapshotRecords> {
         let Some(directory) = self.directory.clone() else {
+            // A build puts its records in a file only where there is a directory.
             return match records {
                 Made::Bytes(data) => Ok(SnapshotRecords::Memory(data)),
-                Made::File(file, _) => {
-                    let data = tokio::task::spawn_blocking(move || snapshot_records::map(&file))
-                        .await
-                        .map_err(io::Error::other)??;
-                    Ok(SnapshotRecords::Memory(data))
-                }
+                Made::File(..) => Err(io::Error::other(
+                    "a snapshot's records in a file, without a directory to keep it in",
+                )),
             };
         };
         let kept = SnapshotRecords::File(directory.join(SNAPSHOT_FILE));
@@ -783,7 +736,7 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
         };
         let (mut copied, copied_records) = copied?;
         let (made, records) = tokio::task::spawn_blocking(move || {
-            let made_again = append_changes(&mut copied, &since)?;
+            let made_again = copied.append_changes(&since)?;
             io::Result::Ok((copied.finish()?, copied_records + made_again))
         })
         .await

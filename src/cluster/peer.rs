@@ -1101,14 +1101,24 @@ mod tests {
         for offset in 0..1000 {
             take(&tiny, 2, 1, &[(offset, b"x")]).await;
         }
-        if let Some(Transfer {
-            pieces: Received::Memory(pieces),
-            ..
-        }) = tiny.transfers.lock().get(&2)
-        {
-            assert_eq!(pieces.len(), 1, "tiny pieces are joined as they come");
-        }
         assert_eq!(received(&tiny, 2, 1).await, Some(vec![b'x'; 1000]));
         assert_eq!(received(&inbox, 1, 2).await.as_deref(), Some(&b"newer"[..]));
+    }
+
+    /// In memory, tiny pieces join the one before as they come.
+    #[tokio::test]
+    async fn tiny_snapshot_pieces_in_memory_are_joined_as_they_come() {
+        let tiny = SnapshotInbox::new(1 << 20, None);
+        for offset in 0..1000 {
+            take(&tiny, 2, 1, &[(offset, b"x")]).await;
+        }
+        match tiny.transfers.lock().get(&2) {
+            Some(Transfer {
+                pieces: Received::Memory(pieces),
+                ..
+            }) => assert_eq!(pieces.len(), 1, "tiny pieces are joined as they come"),
+            _ => panic!("no transfer in memory under way"),
+        }
+        assert_eq!(received(&tiny, 2, 1).await, Some(vec![b'x'; 1000]));
     }
 }

@@ -196,21 +196,7 @@ impl ShardStateMachine {
         let Some((meta, records, _)) = current else {
             return Ok(None);
         };
-        let (meta, snapshot) = match records {
-            SnapshotRecords::Memory(snapshot) => (meta, snapshot),
-            // The file holds this snapshot or a newer one (a file is never replaced by an
-            // older snapshot), with the metadata that goes with it.
-            SnapshotRecords::File(path) => {
-                tokio::task::spawn_blocking(move || read_snapshot_file(&path))
-                    .await
-                    .map_err(io::Error::other)??
-                    .ok_or_else(|| io::Error::other("the shard's snapshot file is gone"))?
-            }
-        };
-        Ok(Some(SnapshotOf::<ShardRaft, SnapshotBytes> {
-            meta,
-            snapshot,
-        }))
+        records.read(meta).await.map(Some)
     }
 
     /// The registry of the shard's buckets, for reads.
@@ -233,6 +219,25 @@ pub(super) enum SnapshotRecords {
     /// The snapshot file holding them (or a newer snapshot's: a file is never replaced by an
     /// older one).
     File(PathBuf),
+}
+
+impl SnapshotRecords {
+    /// The snapshot of `meta` whose records these are: in memory, or read (mapped) from the
+    /// file, which holds this snapshot or a newer one (a file is never replaced by an older
+    /// snapshot), with the metadata that goes with it.
+    async fn read(
+        self,
+        meta: SnapshotMetaOf<ShardRaft>,
+    ) -> io::Result<SnapshotOf<ShardRaft, SnapshotBytes>> {
+        let (meta, snapshot) = match self {
+            Self::Memory(snapshot) => (meta, snapshot),
+            Self::File(path) => tokio::task::spawn_blocking(move || read_snapshot_file(&path))
+                .await
+                .map_err(io::Error::other)??
+                .ok_or_else(|| io::Error::other("the shard's snapshot file is gone"))?,
+        };
+        Ok(SnapshotOf::<ShardRaft, SnapshotBytes> { meta, snapshot })
+    }
 }
 
 /// The snapshot in the file at `path`, its metadata and its records; `None` if there is none.
@@ -745,18 +750,8 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
         // Written without the state machine's lock: applying goes on while it reaches the disk.
         let kept = self.snapshot_file.lock().await.write(&meta, made).await?;
         // What openraft is handed: the records from where they are kept now (never the build's
-        // file, which has no name: openraft lets go of it on the runtime's thread). The file
-        // holds this snapshot or a newer one, with its own metadata.
-        let built = match &kept {
-            SnapshotRecords::Memory(bytes) => (meta.clone(), bytes.clone()),
-            SnapshotRecords::File(path) => {
-                let path = path.clone();
-                tokio::task::spawn_blocking(move || read_snapshot_file(&path))
-                    .await
-                    .map_err(io::Error::other)??
-                    .ok_or_else(|| io::Error::other("the shard's snapshot file is gone"))?
-            }
-        };
+        // file, which has no name: openraft lets go of it on the runtime's thread).
+        let built = kept.clone().read(meta.clone()).await?;
         let mut inner = self.inner.lock().await;
         // A newer snapshot installed meanwhile stays the current one.
         let newer = inner
@@ -770,8 +765,7 @@ impl RaftSnapshotBuilder<ShardRaft> for ShardStateMachine {
             }
             inner.snapshot = Some((meta, kept, size));
         }
-        let (meta, snapshot) = built;
-        Ok(SnapshotOf::<ShardRaft, SnapshotBytes> { meta, snapshot })
+        Ok(built)
     }
 }
 

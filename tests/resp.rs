@@ -120,6 +120,22 @@ async fn resp_errors_name_the_command_and_the_line_protocol_keeps_the_guides() {
         .await;
 }
 
+/// `redis-cli --pipe` ends what it sends with an empty line and an ECHO of a random word, and
+/// reads replies until its word comes back: the empty line must get no reply of its own.
+#[tokio::test]
+async fn echo_answers_and_a_resp_connection_skips_empty_lines_as_redis_does() {
+    let server = TestServer::default().await;
+    let mut client = server.connect().await;
+    client
+        .send(b"*2\r\n$6\r\nCREATE\r\n$4\r\npipe\r\n\r\n\n*2\r\n$4\r\nECHO\r\n$4\r\nw\x00rd\r\n")
+        .await;
+    client.expect(b"+OK\r\n$4\r\nw\x00rd\r\n").await;
+    // A line protocol connection answers an empty line as the guide does, and ECHO as PING.
+    let mut line = server.connect().await;
+    line.send(b"\nECHO word\n").await;
+    line.expect(b"UNKNOWN COMMAND\r\nword\r\nOK\r\n").await;
+}
+
 #[tokio::test]
 async fn malformed_resp_gets_an_error_and_closes_only_that_connection() {
     let server = TestServer::default().await;

@@ -322,6 +322,7 @@ impl Dispatcher {
                 Err(error) => Reply::Error(registry_error(&error)),
             },
             Request::Ping { message } => Reply::Pong(message),
+            Request::Echo { message } => Reply::Pong(Some(message)),
             Request::ClusterKeySlot { name } => Reply::Integer(i64::from(slot_of(name))),
             Request::Cluster(query) => match &self.router {
                 Some(router) => {

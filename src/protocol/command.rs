@@ -132,6 +132,12 @@ pub enum Request<'a> {
         /// Echoed back if given.
         message: Option<&'a [u8]>,
     },
+    /// `ECHO message`: the message back, as Redis answers it (`redis-cli --pipe` ends its
+    /// stream with one to know when every reply is in).
+    Echo {
+        /// What is sent back.
+        message: &'a [u8],
+    },
     /// `QUIT`
     Quit,
     /// `INFO [section…]`: the sections asked for (up to seven), or every one.
@@ -239,6 +245,7 @@ impl<'a> Request<'a> {
             },
             Self::Drop { .. } => slot::DROP,
             Self::Ping { .. } => slot::PING,
+            Self::Echo { .. } => slot::ECHO,
             Self::Quit => slot::QUIT,
             Self::Info { .. } => slot::INFO,
             Self::DbSize => slot::DBSIZE,
@@ -316,6 +323,7 @@ impl<'a> Request<'a> {
             [message] if is("PING") => Self::Ping {
                 message: Some(message),
             },
+            [message] if is("ECHO") => Self::Echo { message },
             [] if is("QUIT") => Self::Quit,
             names if is("INFO") => {
                 let mut sections = [None; MAX_WORDS - 1];

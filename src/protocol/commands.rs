@@ -11,6 +11,8 @@ use super::ReplyValue;
 pub struct CommandSpec {
     /// Lower-case, as Redis names commands.
     pub name: &'static str,
+    /// The commands it is listed with (`COMMAND DOCS`; redis-cli's `help @group`).
+    pub group: &'static str,
     /// Words including the command's name; negative: at least that many.
     pub arity: i64,
     /// Redis's command flags that apply.
@@ -25,65 +27,86 @@ pub struct CommandSpec {
 
 /// Every command kv answers. The bucket is the key: it alone decides a request's slot.
 pub const COMMANDS: &[CommandSpec] = &[
-    spec("create", 2, &["write", "denyoom"], (1, 1, 1))
+    spec("create", "bucket", 2, &["write", "denyoom"], (1, 1, 1))
         .about("bucket", "Creates a bucket (OK if it exists)."),
-    spec("drop", 2, &["write"], (1, 1, 1)).about("bucket", "Drops a bucket and all its keys."),
-    spec("put", 4, &["write", "denyoom"], (1, 1, 1))
+    spec("drop", "bucket", 2, &["write"], (1, 1, 1))
+        .about("bucket", "Drops a bucket and all its keys."),
+    spec("put", "bucket", 4, &["write", "denyoom"], (1, 1, 1))
         .about("bucket key value", "Sets a key of a bucket."),
-    spec("get", 3, &["readonly", "fast"], (1, 1, 1))
+    spec("get", "bucket", 3, &["readonly", "fast"], (1, 1, 1))
         .about("bucket key", "A key's value (nil if the key is missing)."),
-    spec("delete", 3, &["write", "fast"], (1, 1, 1))
+    spec("delete", "bucket", 3, &["write", "fast"], (1, 1, 1))
         .about("bucket key", "Deletes a key of a bucket."),
-    spec("keys", -2, &["readonly"], (1, 1, 1)).about(
+    spec("keys", "bucket", -2, &["readonly"], (1, 1, 1)).about(
         "bucket [cursor]",
         "A page of a bucket's keys and the cursor of the next page (0: the last).",
     ),
-    spec("buckets", -1, &["readonly"], (0, 0, 0)).about(
+    spec("buckets", "bucket", -1, &["readonly"], (0, 0, 0)).about(
         "[after]",
         "A page of bucket names after `after`, in byte order.",
     ),
-    spec("scan", -2, &["readonly"], (0, 0, 0)).about(
+    spec("scan", "bucket", -2, &["readonly"], (0, 0, 0)).about(
         "cursor [MATCH pattern] [COUNT count]",
         "A page of bucket names and the cursor of the next page (0: the last).",
     ),
-    spec("ping", -1, &["fast", "stale"], (0, 0, 0)).about("[message]", "PONG, or the message."),
-    spec("quit", 1, &["fast", "stale"], (0, 0, 0)).about("", "Closes the connection."),
-    spec("info", -1, &["stale"], (0, 0, 0))
+    spec("ping", "connection", -1, &["fast", "stale"], (0, 0, 0))
+        .about("[message]", "PONG, or the message."),
+    spec("echo", "connection", 2, &["fast", "stale"], (0, 0, 0)).about("message", "The message."),
+    spec("quit", "connection", 1, &["fast", "stale"], (0, 0, 0))
+        .about("", "Closes the connection."),
+    spec("info", "server", -1, &["stale"], (0, 0, 0))
         .about("[section]", "The server's counters and settings."),
-    spec("dbsize", 1, &["readonly", "fast"], (0, 0, 0)).about("", "How many keys this node holds."),
-    spec("hello", -1, &["fast", "stale", "noauth"], (0, 0, 0)).about(
+    spec("dbsize", "server", 1, &["readonly", "fast"], (0, 0, 0))
+        .about("", "How many keys this node holds."),
+    spec(
+        "hello",
+        "connection",
+        -1,
+        &["fast", "stale", "noauth"],
+        (0, 0, 0),
+    )
+    .about(
         "[2|3 [AUTH username password] [SETNAME name]]",
         "Chooses RESP2 or RESP3 and says what the server is.",
     ),
-    spec("auth", -2, &["fast", "stale", "noauth"], (0, 0, 0)).about(
+    spec(
+        "auth",
+        "connection",
+        -2,
+        &["fast", "stale", "noauth"],
+        (0, 0, 0),
+    )
+    .about(
         "[username] password",
         "Authenticates the connection (--requirepass).",
     ),
-    spec("multi", 1, &["fast"], (0, 0, 0)).about("", "Queues the next commands until EXEC."),
-    spec("exec", 1, &[], (0, 0, 0)).about(
+    spec("multi", "transactions", 1, &["fast"], (0, 0, 0))
+        .about("", "Queues the next commands until EXEC."),
+    spec("exec", "transactions", 1, &[], (0, 0, 0)).about(
         "",
         "Runs the queued commands in order; their replies as an array.",
     ),
-    spec("discard", 1, &["fast"], (0, 0, 0)).about("", "Forgets the queued commands."),
-    spec("monitor", 1, &["admin"], (0, 0, 0))
+    spec("discard", "transactions", 1, &["fast"], (0, 0, 0))
+        .about("", "Forgets the queued commands."),
+    spec("monitor", "server", 1, &["admin"], (0, 0, 0))
         .about("", "Streams every command the server receives."),
-    spec("config", -2, &["admin", "stale"], (0, 0, 0))
+    spec("config", "server", -2, &["admin", "stale"], (0, 0, 0))
         .about("GET pattern", "The settings whose names match the pattern."),
-    spec("cluster", -2, &["stale"], (0, 0, 0)).about(
+    spec("cluster", "cluster", -2, &["stale"], (0, 0, 0)).about(
         "INFO|MYID|SLOTS|NODES|SHARDS|KEYSLOT name",
         "The cluster as Redis Cluster clients read it.",
     ),
-    spec("command", -1, &["stale"], (0, 0, 0)).about(
+    spec("command", "server", -1, &["stale"], (0, 0, 0)).about(
         "[COUNT|INFO name...|DOCS]",
         "kv's commands, as Redis describes its own.",
     ),
-    spec("client", -2, &["stale"], (0, 0, 0)).about(
+    spec("client", "connection", -2, &["stale"], (0, 0, 0)).about(
         "SETNAME name|GETNAME|SETINFO attr value|ID|INFO|LIST|KILL ...",
         "About connections: this one, or all.",
     ),
-    spec("select", 2, &["fast", "stale"], (0, 0, 0))
+    spec("select", "connection", 2, &["fast", "stale"], (0, 0, 0))
         .about("index", "Chooses the database: kv has one, 0."),
-    spec("debug", -2, &["admin", "noscript"], (0, 0, 0)).about(
+    spec("debug", "server", -2, &["admin", "noscript"], (0, 0, 0)).about(
         "CRASH bucket|STOP bucket|PANIC",
         "Fault injection, with --enable-debug-commands.",
     ),
@@ -91,12 +114,14 @@ pub const COMMANDS: &[CommandSpec] = &[
 
 const fn spec(
     name: &'static str,
+    group: &'static str,
     arity: i64,
     flags: &'static [&'static str],
     keys: (i64, i64, i64),
 ) -> CommandSpec {
     CommandSpec {
         name,
+        group,
         arity,
         flags,
         keys,
@@ -149,6 +174,8 @@ pub mod slot {
     pub const SCAN: usize = place("scan");
     #[allow(missing_docs)]
     pub const PING: usize = place("ping");
+    #[allow(missing_docs)]
+    pub const ECHO: usize = place("echo");
     #[allow(missing_docs)]
     pub const QUIT: usize = place("quit");
     #[allow(missing_docs)]
@@ -235,16 +262,61 @@ pub fn describe_commands(query: &CommandQuery<'_>) -> ReplyValue {
                 .map(|spec| {
                     let docs = ReplyValue::Map(vec![
                         (ReplyValue::bulk("summary"), ReplyValue::bulk(spec.summary)),
-                        (
-                            ReplyValue::bulk("arguments"),
-                            ReplyValue::bulk(spec.arguments),
-                        ),
+                        (ReplyValue::bulk("group"), ReplyValue::bulk(spec.group)),
+                        (ReplyValue::bulk("arguments"), document_arguments(spec)),
                     ]);
                     (ReplyValue::bulk(spec.name), docs)
                 })
                 .collect(),
         ),
     }
+}
+
+/// A command's arguments as `COMMAND DOCS` gives Redis's: an array of maps, here one per word
+/// of its usage line at the outer level (`bucket`, `[cursor]`, `[MATCH pattern]`), with a
+/// `name`, a `type` (`key` for the bucket, else `string`) and, bracketed, the flag `optional`.
+/// redis-cli builds its help and hints from these, joined by spaces, and stops on an assertion
+/// if `arguments` is anything but an array (as it once was here, a line of text).
+fn document_arguments(spec: &CommandSpec) -> ReplyValue {
+    let mut arguments = Vec::new();
+    let mut depth = 0usize;
+    let mut start = 0;
+    let usage = spec.arguments;
+    for (at, byte) in usage.bytes().enumerate().chain([(usage.len(), b' ')]) {
+        match byte {
+            b'[' => depth += 1,
+            b']' => depth = depth.saturating_sub(1),
+            b' ' if depth == 0 => {
+                let word = &usage[start..at];
+                start = at + 1;
+                if word.is_empty() {
+                    continue;
+                }
+                let (name, optional) =
+                    match word.strip_prefix('[').and_then(|w| w.strip_suffix(']')) {
+                        Some(inner) => (inner, true),
+                        None => (word, false),
+                    };
+                let is_key = arguments.is_empty() && spec.keys.0 == 1;
+                let mut fields = vec![
+                    (ReplyValue::bulk("name"), ReplyValue::bulk(name)),
+                    (
+                        ReplyValue::bulk("type"),
+                        ReplyValue::bulk(if is_key { "key" } else { "string" }),
+                    ),
+                ];
+                if optional {
+                    fields.push((
+                        ReplyValue::bulk("flags"),
+                        ReplyValue::Array(Some(vec![ReplyValue::Simple("optional".to_owned())])),
+                    ));
+                }
+                arguments.push(ReplyValue::Map(fields));
+            }
+            _ => {}
+        }
+    }
+    ReplyValue::Array(Some(arguments))
 }
 
 /// One command as Redis 2.8–6 describe it: name, arity, flags, first key, last key, step.
@@ -286,5 +358,55 @@ mod tests {
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0], describe(&COMMANDS[2]));
         assert_eq!(entries[1], ReplyValue::Array(None));
+    }
+
+    /// redis-cli asserts that `arguments` is an array and reads each argument's `name` and
+    /// `type` and its `optional` flag; `help @group` compares `group` as a string.
+    #[test]
+    fn docs_give_each_argument_as_redis_cli_reads_it() {
+        let keys = COMMANDS.iter().find(|spec| spec.name == "keys").unwrap();
+        let optional = ReplyValue::Array(Some(vec![ReplyValue::Simple("optional".into())]));
+        assert_eq!(
+            document_arguments(keys),
+            ReplyValue::Array(Some(vec![
+                ReplyValue::Map(vec![
+                    (ReplyValue::bulk("name"), ReplyValue::bulk("bucket")),
+                    (ReplyValue::bulk("type"), ReplyValue::bulk("key")),
+                ]),
+                ReplyValue::Map(vec![
+                    (ReplyValue::bulk("name"), ReplyValue::bulk("cursor")),
+                    (ReplyValue::bulk("type"), ReplyValue::bulk("string")),
+                    (ReplyValue::bulk("flags"), optional.clone()),
+                ]),
+            ]))
+        );
+        let hello = COMMANDS.iter().find(|spec| spec.name == "hello").unwrap();
+        let ReplyValue::Array(Some(arguments)) = document_arguments(hello) else {
+            panic!("an array");
+        };
+        assert_eq!(
+            arguments,
+            vec![ReplyValue::Map(vec![
+                (
+                    ReplyValue::bulk("name"),
+                    ReplyValue::bulk("2|3 [AUTH username password] [SETNAME name]")
+                ),
+                (ReplyValue::bulk("type"), ReplyValue::bulk("string")),
+                (ReplyValue::bulk("flags"), optional),
+            ])],
+            "a bracket's inner brackets stay in its one argument"
+        );
+        for spec in COMMANDS {
+            let ReplyValue::Array(Some(arguments)) = document_arguments(spec) else {
+                panic!("{}: an array", spec.name);
+            };
+            assert_eq!(
+                arguments.is_empty(),
+                spec.arguments.is_empty(),
+                "{}",
+                spec.name
+            );
+            assert!(!spec.group.is_empty(), "{}", spec.name);
+        }
     }
 }

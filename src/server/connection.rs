@@ -454,6 +454,21 @@ impl Connection {
                 self.input.advance(end + 1);
                 self.discarding = false;
             }
+            // A connection speaking RESP skips empty lines without a reply, as Redis skips an
+            // empty inline request: `redis-cli --pipe` sends one before its closing ECHO and
+            // could not read the line protocol's `UNKNOWN COMMAND`. The guide's clients never
+            // speak RESP, so the line protocol still answers an empty line as the guide does.
+            if self.dialect.is_resp() {
+                let blank = match self.input.as_ref() {
+                    [b'\r', b'\n', ..] => 2,
+                    [b'\n', ..] => 1,
+                    _ => 0,
+                };
+                if blank > 0 {
+                    self.input.advance(blank);
+                    continue;
+                }
+            }
             if answered >= MAX_ANSWERS_PER_PASS {
                 break Progress::Yield;
             }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # redis-cli and redis-benchmark, with their defaults, against a kv server: `--stat`, `monitor`,
-# `-3` (RESP3), `--scan`, `info server`, `dbsize`, `client list`, and `redis-benchmark -t
-# ping,set,get` (PING answered, a bucket-less SET or GET refused with a reason).
+# `-3` (RESP3), `--scan`, `info server`, `dbsize`, `client list`, `help`, the interactive
+# prompt, `--pipe`, and `redis-benchmark -t ping,set,get` (PING answered, a bucket-less SET or
+# GET refused with a reason); then against a three-node cluster: `redis-cli -c` and
+# `redis-benchmark --cluster` on buckets of every slot.
 #
 #   bash tests/clients/tools.sh
 #
@@ -23,7 +25,8 @@ out=target/client-tools
 mkdir -p "$out"
 "$KV" serve --port "$port" >"$out/kv.log" 2>&1 &
 server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
+nodes=()
+trap 'kill $server "${nodes[@]}" 2>/dev/null || true' EXIT
 for _ in $(seq 100); do redis-cli -p "$port" PING >/dev/null 2>&1 && break; sleep 0.1; done
 fail() { echo "FAILED: $*" >&2; exit 1; }
 cli() { redis-cli -p "$port" "$@"; }
@@ -67,4 +70,87 @@ echo "$set_out" | grep -q "kv keeps keys in buckets: 'set' needs one, as in PUT 
 get_out=$(redis-benchmark -p "$port" -t get -n 100 -q 2>&1 | tr '\r' '\n' || true)
 echo "$get_out" | grep -q "kv keeps keys in buckets: 'get' needs one, as in GET bucket key" \
   || fail "GET: $get_out"
-echo "redis-cli and redis-benchmark: ok"
+
+# help: redis-cli builds it from COMMAND DOCS, and stops on an assertion if the reply is not
+# shaped as Redis's (as the interactive prompt does on start).
+cli help put | grep -q 'bucket key value' || fail "help put: $(cli help put)"
+cli help @bucket | grep -q 'SCAN' || fail "help @bucket: $(cli help @bucket)"
+# The interactive prompt, in a terminal (TERM=dumb: no cursor queries to answer).
+prompt=$(TERM=dumb timeout 20 python3 - "$port" <<'PYTHON'
+import os, pty, select, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp("redis-cli", ["redis-cli", "-p", sys.argv[1]])
+seen = b""
+def read_until(text):
+    global seen
+    while text not in seen:
+        ready, _, _ = select.select([fd], [], [], 10)
+        if not ready:
+            sys.exit(f"no {text!r} in {seen!r}")
+        seen += os.read(fd, 4096)
+for line in [b"help get", b"PUT shop bread 2", b"GET shop bread"]:
+    read_until(b"> ")
+    seen = b""
+    os.write(fd, line + b"\r")
+read_until(b'"2"')
+os.write(fd, b"quit\r")
+_, status = os.waitpid(pid, 0)
+print("exited", os.waitstatus_to_exitcode(status))
+PYTHON
+) || fail "interactive redis-cli: $prompt"
+[ "$prompt" = "exited 0" ] || fail "interactive redis-cli: $prompt"
+# --pipe: RESP in, every reply read (it ends with an empty line and an ECHO).
+piped=$(printf '*2\r\n$6\r\nCREATE\r\n$4\r\npipe\r\n*4\r\n$3\r\nPUT\r\n$4\r\npipe\r\n$1\r\na\r\n$1\r\n1\r\n' \
+  | cli --pipe 2>&1) || fail "--pipe: $piped"
+echo "$piped" | grep -q 'errors: 0, replies: 2' || fail "--pipe: $piped"
+[ "$(cli ECHO hello)" = hello ] || fail "ECHO"
+
+# A three-node cluster.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+ports=() peers=""
+for id in 1 2 3; do
+  ports+=("$(free_port)")
+  peers+="${peers:+,}$id=127.0.0.1:$(free_port)"
+done
+rm -rf "$out/cluster"
+for id in 1 2 3; do
+  bind=$(echo "$peers" | tr , '\n' | sed -n "s/^$id=//p")
+  "$KV" serve --port "${ports[id-1]}" --node-id "$id" --cluster-bind "$bind" --peers "$peers" \
+    --data-dir "$out/cluster/$id" --heartbeat-ms 50 --election-timeout-ms 300 \
+    >"$out/node$id.log" 2>&1 &
+  nodes+=($!)
+done
+for port in "${ports[@]}"; do
+  for _ in $(seq 300); do
+    redis-cli -p "$port" CLUSTER INFO 2>/dev/null | grep -q 'cluster_state:ok' && break
+    sleep 0.1
+  done
+  redis-cli -p "$port" CLUSTER INFO | grep -q 'cluster_state:ok' || fail "cluster on $port: $(tail "$out"/node*.log)"
+done
+node() { redis-cli -c -p "${ports[$1]}" "${@:2}"; }
+# -c follows redirections if any: every node answers for every bucket.
+[ "$(node 0 CREATE cart)" = OK ] || fail "cluster CREATE"
+[ "$(node 1 PUT cart milk 1)" = OK ] || fail "cluster PUT"
+[ "$(node 2 GET cart milk)" = 1 ] || fail "cluster GET"
+# redis-benchmark --cluster puts each slot's hash tag in place of {tag}: one bucket a slot.
+python3 -c '
+import sys; sys.path.insert(0, "bench")
+from cluster import slot_tags
+for tag in slot_tags():
+    name = "b" + tag
+    sys.stdout.write(f"*2\r\n$6\r\nCREATE\r\n${len(name)}\r\n{name}\r\n")
+' >"$out/create.resp"
+created=$(node 0 --pipe <"$out/create.resp" 2>&1) || fail "cluster --pipe: $created"
+echo "$created" | grep -q 'errors: 0, replies: 16384' || fail "cluster --pipe: $created"
+cluster_rates=""
+for command in PUT GET; do
+  args=(key:__rand_int__) && [ $command = PUT ] && args+=(v)
+  csv=$(timeout 120 redis-benchmark --cluster -p "${ports[0]}" -n 20000 -c 6 -P 4 -r 1000 --csv \
+    $command 'b{tag}' "${args[@]}" 2>&1) || fail "redis-benchmark --cluster $command: $csv"
+  echo "$csv" | grep -qE "^\"$command b\{tag\}[^\"]*\",\"[0-9.]+\"" \
+    || fail "redis-benchmark --cluster $command: $csv"
+  echo "$csv" | grep -qi 'error' && fail "redis-benchmark --cluster $command: $csv"
+  cluster_rates+="$(echo "$csv" | grep "^\"$command" | cut -d, -f1-2)"$'\n'
+done
+echo "redis-cli and redis-benchmark: ok (cluster: $(echo "$cluster_rates" | tr "\n" " "))"

@@ -125,6 +125,87 @@ async fn faults_and_check() {
     }
 }
 
+/// Faults drawn at random, one after another, while clients write and read through every
+/// live node: kill -9 of a node and its restart (later, or at once), a node paused for up to
+/// three seconds, two nodes killed at once (a majority of every shard) and restarted, and the
+/// whole cluster crashed and restarted. After each, the clients must get on (100 more
+/// operations acknowledged within the common patience); at the end every key's history must be
+/// linearizable. `KV_FAULTS` sets how many faults (default 8), `KV_FAULTS_SEED` the draw (else
+/// one from the clock, printed, so that a failing run can be run again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn histories_through_random_faults_are_linearizable() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let faults: u32 = std::env::var("KV_FAULTS").map_or(8, |n| n.parse().unwrap());
+    let seed: u64 = std::env::var("KV_FAULTS_SEED").map_or_else(
+        |_| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        },
+        |seed| seed.parse().unwrap(),
+    );
+    println!("KV_FAULTS={faults} KV_FAULTS_SEED={seed}");
+    // Each fault takes a few seconds: a node's restart and the clients' progress after it.
+    let bound = Duration::from_secs(60 + 15 * u64::from(faults));
+    tokio::time::timeout(bound, random_faults_and_check(faults, seed))
+        .await
+        .expect("the test ends within its bound");
+}
+
+async fn random_faults_and_check(faults: u32, seed: u64) {
+    let mut random = fastrand::Rng::with_seed(seed);
+    let mut cluster = Cluster::start();
+    cluster.create_buckets().await;
+    let clients = Clients::start(&cluster, 4);
+    clients.progress(100).await;
+    for _ in 0..faults {
+        let node = random.usize(..3);
+        match random.u8(..6) {
+            0 | 1 => {
+                cluster.signal(node, "KILL").await;
+                clients.progress(50).await;
+                cluster.start_node(node);
+            }
+            2 => {
+                cluster.signal(node, "KILL").await;
+                cluster.start_node(node);
+            }
+            3 => {
+                cluster.signal(node, "STOP").await;
+                tokio::time::sleep(Duration::from_millis(random.u64(100..3000))).await;
+                cluster.signal(node, "CONT").await;
+            }
+            4 => {
+                let other = (node + 1 + random.usize(..2)) % 3;
+                cluster.signal(node, "KILL").await;
+                cluster.signal(other, "KILL").await;
+                tokio::time::sleep(Duration::from_millis(random.u64(100..1500))).await;
+                cluster.start_node(node);
+                cluster.start_node(other);
+            }
+            _ => {
+                for index in 0..3 {
+                    cluster.signal(index, "KILL").await;
+                }
+                for index in 0..3 {
+                    cluster.start_node(index);
+                }
+            }
+        }
+        clients.progress(100).await;
+    }
+    let checked = clients.check().await;
+    assert!(
+        checked >= 100 * faults as usize,
+        "{checked} operations checked"
+    );
+    for node in cluster.nodes.into_iter().flatten() {
+        node.signal("TERM");
+        assert!(node.wait().await.success());
+    }
+}
+
 /// With a majority of a shard's replicas gone, nothing is acknowledged and nothing is read:
 /// requests wait out their bound and are answered "try again". Once the nodes return, the
 /// cluster serves again, and the write that was refused is there or not, never half.

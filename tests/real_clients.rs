@@ -1,4 +1,5 @@
-//! Clients nobody here wrote, with their defaults: redis-py 8 (`tests/clients/redis_py.py`).
+//! Clients nobody here wrote, with their defaults: redis-py 8 (`tests/clients/redis_py.py`), and
+//! its `RedisCluster` against three nodes (`tests/clients/redis_py_cluster.py`).
 //! redis-cli and redis-benchmark are driven by `tests/clients/tools.sh`, which installs them.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
@@ -61,4 +62,55 @@ fn redis_py_works_with_its_defaults() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    print!("{}", String::from_utf8_lossy(&output.stdout));
+}
+
+/// redis-py's `RedisCluster` with its defaults against three kv nodes, one of them killed
+/// halfway (`tests/clients/redis_py_cluster.py` says what it checks).
+#[test]
+fn redis_py_cluster_client_works_with_its_defaults_and_a_node_killed() {
+    let python = python_with_redis_py();
+    let directory = tempfile::tempdir().unwrap();
+    let (binds, peers) = common::cluster_peers(3);
+    let nodes: Vec<Binary> = (0..3)
+        .map(|index| Binary::cluster_node(index + 1, &peers, binds[index], directory.path(), &[]))
+        .collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        for node in &nodes {
+            let mut client = kv::client::Client::connect(node.address).await.unwrap();
+            common::cluster_ok(&mut client).await;
+        }
+        // Leadership spreads from the node that formed the groups: each node comes to lead a
+        // shard, so that the client is shown three masters.
+        let mut client = kv::client::Client::connect(nodes[0].address).await.unwrap();
+        common::cluster_text_until(&mut client, b"NODES", |nodes| {
+            nodes
+                .lines()
+                .filter(|line| line.split_whitespace().count() > 8)
+                .count()
+                == 3
+        })
+        .await;
+    });
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/redis_py_cluster.py"
+    );
+    // Bounded: a client that hangs fails the test rather than holding CI.
+    let output = Command::new("timeout")
+        .arg("120")
+        .arg(python)
+        .arg(script)
+        .arg(nodes[0].address.port().to_string())
+        .arg(nodes[2].id().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    print!("{}", String::from_utf8_lossy(&output.stdout));
 }

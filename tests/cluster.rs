@@ -361,6 +361,11 @@ async fn kv_bench_and_kv_cli_take_several_nodes() {
         .iter()
         .map(|server| server.address.to_string())
         .collect();
+    // Every reply must be right: no leadership moving meanwhile.
+    let mut client = kv::client::Client::connect(servers[0].address)
+        .await
+        .unwrap();
+    common::masters_until(&mut client, 3).await;
     let report = within(kv::bench::run(kv::bench::BenchConfig {
         addresses: addresses.clone(),
         connections: 6,

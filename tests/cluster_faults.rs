@@ -109,20 +109,12 @@ async fn faults_and_check() {
     clients.progress(200).await;
 
     // Every node crashes at once and comes back on its directory.
-    for index in 0..3 {
-        cluster.signal(index, "KILL").await;
-    }
-    for index in 0..3 {
-        cluster.start_node(index);
-    }
+    cluster.crash_all().await;
     clients.progress(200).await;
 
     let checked = clients.check().await;
     assert!(checked >= 1000, "{checked} operations checked");
-    for node in cluster.nodes.into_iter().flatten() {
-        node.signal("TERM");
-        assert!(node.wait().await.success());
-    }
+    cluster.stop_all().await;
 }
 
 /// Faults drawn at random, one after another, while clients write and read through every
@@ -184,14 +176,7 @@ async fn random_faults_and_check(faults: u32, seed: u64) {
                 cluster.start_node(node);
                 cluster.start_node(other);
             }
-            _ => {
-                for index in 0..3 {
-                    cluster.signal(index, "KILL").await;
-                }
-                for index in 0..3 {
-                    cluster.start_node(index);
-                }
-            }
+            _ => cluster.crash_all().await,
         }
         clients.progress(100).await;
     }
@@ -200,10 +185,7 @@ async fn random_faults_and_check(faults: u32, seed: u64) {
         checked >= 100 * faults as usize,
         "{checked} operations checked"
     );
-    for node in cluster.nodes.into_iter().flatten() {
-        node.signal("TERM");
-        assert!(node.wait().await.success());
-    }
+    cluster.stop_all().await;
 }
 
 /// With a majority of a shard's replicas gone, nothing is acknowledged and nothing is read:

@@ -49,20 +49,11 @@ fn python_with_redis_py() -> PathBuf {
 fn redis_py_works_with_its_defaults() {
     let python = python_with_redis_py();
     let server = Binary::start(&["--requirepass", "sesame"]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/redis_py.py");
-    let output = Command::new(python)
-        .arg(script)
-        .arg(server.address.port().to_string())
-        .arg("sesame")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    run_script(
+        &python,
+        "redis_py.py",
+        &[&server.address.port().to_string(), "sesame"],
     );
-    print!("{}", String::from_utf8_lossy(&output.stdout));
 }
 
 /// redis-py's `RedisCluster` with its defaults against three kv nodes, one of them killed
@@ -81,29 +72,31 @@ fn redis_py_cluster_client_works_with_its_defaults_and_a_node_killed() {
             let mut client = kv::client::Client::connect(node.address).await.unwrap();
             common::cluster_ok(&mut client).await;
         }
-        // Leadership spreads from the node that formed the groups: each node comes to lead a
-        // shard, so that the client is shown three masters.
+        // Each node comes to lead a shard, so that the client is shown three masters.
         let mut client = kv::client::Client::connect(nodes[0].address).await.unwrap();
-        common::cluster_text_until(&mut client, b"NODES", |nodes| {
-            nodes
-                .lines()
-                .filter(|line| line.split_whitespace().count() > 8)
-                .count()
-                == 3
-        })
-        .await;
+        common::masters_until(&mut client, 3).await;
     });
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/clients/redis_py_cluster.py"
+    run_script(
+        &python,
+        "redis_py_cluster.py",
+        &[
+            &nodes[0].address.port().to_string(),
+            &nodes[2].id().to_string(),
+        ],
     );
-    // Bounded: a client that hangs fails the test rather than holding CI.
+}
+
+/// Runs `tests/clients/<script>` with `arguments`, bounded in time (a client that hangs fails
+/// the test rather than holding CI), and fails with its output unless it succeeds.
+fn run_script(python: &std::path::Path, script: &str, arguments: &[&str]) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(script);
     let output = Command::new("timeout")
         .arg("120")
         .arg(python)
         .arg(script)
-        .arg(nodes[0].address.port().to_string())
-        .arg(nodes[2].id().to_string())
+        .args(arguments)
         .output()
         .unwrap();
     assert!(

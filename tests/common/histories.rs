@@ -108,6 +108,24 @@ impl Cluster {
         }
     }
 
+    /// Kills every node at once (`SIGKILL`) and starts each again on its directory.
+    pub async fn crash_all(&mut self) {
+        for index in 0..self.nodes.len() {
+            self.signal(index, "KILL").await;
+        }
+        for index in 0..self.nodes.len() {
+            self.start_node(index);
+        }
+    }
+
+    /// Stops every running node with `SIGTERM` and checks that each shut down cleanly.
+    pub async fn stop_all(self) {
+        for node in self.nodes.into_iter().flatten() {
+            node.signal("TERM");
+            assert!(node.wait().await.success());
+        }
+    }
+
     /// A client of node `index`.
     pub async fn client(&self, index: usize) -> Client {
         let address = self.addresses.lock().unwrap()[index].unwrap();

@@ -326,6 +326,21 @@ pub async fn cluster_ok(client: &mut kv::client::Client) -> String {
     cluster_text_until(client, b"INFO", |info| info.contains("cluster_state:ok")).await
 }
 
+/// Waits until leadership has spread from the node that formed the shards to `masters` nodes,
+/// as `CLUSTER NODES` on `client`'s node shows it (a master's line lists its slots after the
+/// eight fields every line has). Until then a leadership transfer may leave a write's fate
+/// unknown, and the write is answered "try again".
+pub async fn masters_until(client: &mut kv::client::Client, masters: usize) -> String {
+    cluster_text_until(client, b"NODES", |nodes| {
+        nodes
+            .lines()
+            .filter(|line| line.split_whitespace().count() > 8)
+            .count()
+            == masters
+    })
+    .await
+}
+
 /// The text `CLUSTER <subcommand>` gives on `client`'s node, once `wanted` holds of it;
 /// within [`PATIENCE`].
 pub async fn cluster_text_until(

@@ -459,15 +459,7 @@ impl Connection {
             // could not read the line protocol's `UNKNOWN COMMAND`. The guide's clients never
             // speak RESP, so the line protocol still answers an empty line as the guide does.
             if self.dialect.is_resp() {
-                let blank = match self.input.as_ref() {
-                    [b'\r', b'\n', ..] => 2,
-                    [b'\n', ..] => 1,
-                    _ => 0,
-                };
-                if blank > 0 {
-                    self.input.advance(blank);
-                    continue;
-                }
+                self.input.advance(blank_lines(&self.input));
             }
             if answered >= MAX_ANSWERS_PER_PASS {
                 break Progress::Yield;
@@ -720,6 +712,19 @@ impl Connection {
     }
 }
 
+/// How many bytes at the front of `input` are whole empty lines (`\n`, or `\r`s then `\n`):
+/// all of them are skipped at once, however many a client sends.
+fn blank_lines(input: &[u8]) -> usize {
+    let run = input
+        .iter()
+        .take_while(|&&byte| byte == b'\r' || byte == b'\n')
+        .count();
+    input[..run]
+        .iter()
+        .rposition(|&byte| byte == b'\n')
+        .map_or(0, |last| last + 1)
+}
+
 /// Runs one request of a connection that must authenticate first or that has a transaction
 /// open: refuses it without the password, queues it in the transaction, or ends the
 /// transaction.
@@ -894,5 +899,18 @@ async fn read_within(
     match tokio::time::timeout_at(deadline, stream.read_buf(input)).await {
         Ok(read) => read.map(Arrival::Bytes),
         Err(_) => Ok(late),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::blank_lines;
+
+    #[test]
+    fn blank_lines_are_whole_lines_only() {
+        assert_eq!(blank_lines(b"\r\n\n\r\r\n*1\r\n"), 6);
+        assert_eq!(blank_lines(b"\r\n\r"), 2, "a lone \\r waits for its \\n");
+        assert_eq!(blank_lines(b"*1\r\n"), 0);
+        assert_eq!(blank_lines(b""), 0);
     }
 }

@@ -278,44 +278,44 @@ pub fn describe_commands(query: &CommandQuery<'_>) -> ReplyValue {
 /// redis-cli builds its help and hints from these, joined by spaces, and stops on an assertion
 /// if `arguments` is anything but an array (as it once was here, a line of text).
 fn document_arguments(spec: &CommandSpec) -> ReplyValue {
-    let mut arguments = Vec::new();
     let mut depth = 0usize;
-    let mut start = 0;
-    let usage = spec.arguments;
-    for (at, byte) in usage.bytes().enumerate().chain([(usage.len(), b' ')]) {
-        match byte {
-            b'[' => depth += 1,
-            b']' => depth = depth.saturating_sub(1),
-            b' ' if depth == 0 => {
-                let word = &usage[start..at];
-                start = at + 1;
-                if word.is_empty() {
-                    continue;
-                }
-                let (name, optional) =
-                    match word.strip_prefix('[').and_then(|w| w.strip_suffix(']')) {
-                        Some(inner) => (inner, true),
-                        None => (word, false),
-                    };
-                let is_key = arguments.is_empty() && spec.keys.0 == 1;
-                let mut fields = vec![
-                    (ReplyValue::bulk("name"), ReplyValue::bulk(name)),
-                    (
-                        ReplyValue::bulk("type"),
-                        ReplyValue::bulk(if is_key { "key" } else { "string" }),
-                    ),
-                ];
-                if optional {
-                    fields.push((
-                        ReplyValue::bulk("flags"),
-                        ReplyValue::Array(Some(vec![ReplyValue::Simple("optional".to_owned())])),
-                    ));
-                }
-                arguments.push(ReplyValue::Map(fields));
-            }
+    let outer_blank = move |c: char| {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
             _ => {}
         }
-    }
+        c == ' ' && depth == 0
+    };
+    let arguments = spec
+        .arguments
+        .split(outer_blank)
+        .filter(|word| !word.is_empty())
+        .enumerate()
+        .map(|(index, word)| {
+            let bracketed = word.strip_prefix('[').and_then(|w| w.strip_suffix(']'));
+            let kind = if index == 0 && spec.keys.0 == 1 {
+                "key"
+            } else {
+                "string"
+            };
+            let mut fields = vec![
+                (
+                    ReplyValue::bulk("name"),
+                    ReplyValue::bulk(bracketed.unwrap_or(word)),
+                ),
+                (ReplyValue::bulk("type"), ReplyValue::bulk(kind)),
+            ];
+            if bracketed.is_some() {
+                let optional = ReplyValue::Simple("optional".to_owned());
+                fields.push((
+                    ReplyValue::bulk("flags"),
+                    ReplyValue::Array(Some(vec![optional])),
+                ));
+            }
+            ReplyValue::Map(fields)
+        })
+        .collect();
     ReplyValue::Array(Some(arguments))
 }
 

@@ -20,7 +20,8 @@ if [ -z "${KV:-}" ]; then
   cargo build --release --quiet
   KV=target/release/kv
 fi
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port=$(free_port)
 out=target/client-tools
 mkdir -p "$out"
 "$KV" serve --port "$port" >"$out/kv.log" 2>&1 &
@@ -107,26 +108,26 @@ echo "$piped" | grep -q 'errors: 0, replies: 2' || fail "--pipe: $piped"
 [ "$(cli ECHO hello)" = hello ] || fail "ECHO"
 
 # A three-node cluster.
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-ports=() peers=""
+ports=() binds=()
 for id in 1 2 3; do
   ports+=("$(free_port)")
-  peers+="${peers:+,}$id=127.0.0.1:$(free_port)"
+  binds+=("127.0.0.1:$(free_port)")
 done
+peers="1=${binds[0]},2=${binds[1]},3=${binds[2]}"
 rm -rf "$out/cluster"
 for id in 1 2 3; do
-  bind=$(echo "$peers" | tr , '\n' | sed -n "s/^$id=//p")
-  "$KV" serve --port "${ports[id-1]}" --node-id "$id" --cluster-bind "$bind" --peers "$peers" \
-    --data-dir "$out/cluster/$id" --heartbeat-ms 50 --election-timeout-ms 300 \
+  "$KV" serve --port "${ports[id-1]}" --node-id "$id" --cluster-bind "${binds[id-1]}" \
+    --peers "$peers" --data-dir "$out/cluster/$id" --heartbeat-ms 50 --election-timeout-ms 300 \
     >"$out/node$id.log" 2>&1 &
   nodes+=($!)
 done
-for port in "${ports[@]}"; do
+for node_port in "${ports[@]}"; do
   for _ in $(seq 300); do
-    redis-cli -p "$port" CLUSTER INFO 2>/dev/null | grep -q 'cluster_state:ok' && break
+    redis-cli -p "$node_port" CLUSTER INFO 2>/dev/null | grep -q 'cluster_state:ok' && break
     sleep 0.1
   done
-  redis-cli -p "$port" CLUSTER INFO | grep -q 'cluster_state:ok' || fail "cluster on $port: $(tail "$out"/node*.log)"
+  redis-cli -p "$node_port" CLUSTER INFO | grep -q 'cluster_state:ok' \
+    || fail "cluster on $node_port: $(tail "$out"/node*.log)"
 done
 node() { redis-cli -c -p "${ports[$1]}" "${@:2}"; }
 # -c follows redirections if any: every node answers for every bucket.
@@ -143,14 +144,15 @@ for tag in slot_tags():
 ' >"$out/create.resp"
 created=$(node 0 --pipe <"$out/create.resp" 2>&1) || fail "cluster --pipe: $created"
 echo "$created" | grep -q 'errors: 0, replies: 16384' || fail "cluster --pipe: $created"
-cluster_rates=""
-for command in PUT GET; do
-  args=(key:__rand_int__) && [ $command = PUT ] && args+=(v)
+# One redis-benchmark --cluster run: its CSV line (command, rate), and no error.
+cluster_bench() {
+  local csv
   csv=$(timeout 120 redis-benchmark --cluster -p "${ports[0]}" -n 20000 -c 6 -P 4 -r 1000 --csv \
-    $command 'b{tag}' "${args[@]}" 2>&1) || fail "redis-benchmark --cluster $command: $csv"
-  echo "$csv" | grep -qE "^\"$command b\{tag\}[^\"]*\",\"[0-9.]+\"" \
-    || fail "redis-benchmark --cluster $command: $csv"
-  echo "$csv" | grep -qi 'error' && fail "redis-benchmark --cluster $command: $csv"
-  cluster_rates+="$(echo "$csv" | grep "^\"$command" | cut -d, -f1-2)"$'\n'
-done
-echo "redis-cli and redis-benchmark: ok (cluster: $(echo "$cluster_rates" | tr "\n" " "))"
+    "$@" 2>&1) || fail "redis-benchmark --cluster $*: $csv"
+  echo "$csv" | grep -qi 'error' && fail "redis-benchmark --cluster $*: $csv"
+  echo "$csv" | grep -E "^\"$1 b\{tag\}[^\"]*\",\"[0-9.]+\"" | cut -d, -f1-2 \
+    || fail "redis-benchmark --cluster $*: $csv"
+}
+put_rate=$(cluster_bench PUT 'b{tag}' key:__rand_int__ v)
+get_rate=$(cluster_bench GET 'b{tag}' key:__rand_int__)
+echo "redis-cli and redis-benchmark: ok (cluster: $put_rate $get_rate)"

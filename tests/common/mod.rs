@@ -328,8 +328,8 @@ pub async fn cluster_ok(client: &mut kv::client::Client) -> String {
 
 /// Waits until leadership has spread from the node that formed the shards to `masters` nodes,
 /// as `CLUSTER NODES` on `client`'s node shows it (a master's line lists its slots after the
-/// eight fields every line has). Until then a leadership transfer may leave a write's fate
-/// unknown, and the write is answered "try again".
+/// eight fields every line has). Until then leadership is still moving, and a request caught
+/// in a move may be answered "try again".
 pub async fn masters_until(client: &mut kv::client::Client, masters: usize) -> String {
     cluster_text_until(client, b"NODES", |nodes| {
         nodes

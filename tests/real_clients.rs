@@ -8,12 +8,18 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 
 use common::Binary;
 
 /// A Python that has redis-py 8: the system's if it has it, else a virtual environment made
-/// for the tests (with pip, from PyPI).
+/// for the tests (with pip, from PyPI), once for all the tests that want it.
 fn python_with_redis_py() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(find_or_make_python).clone()
+}
+
+fn find_or_make_python() -> PathBuf {
     let has_redis_py = |python: &PathBuf| {
         Command::new(python)
             .args([
@@ -27,20 +33,37 @@ fn python_with_redis_py() -> PathBuf {
     if has_redis_py(&system) {
         return system;
     }
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("redis-py");
+    let target_tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let venv = target_tmp.join("redis-py");
     let python = venv.join("bin/python");
-    if !has_redis_py(&python) {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .unwrap();
-        assert!(made.success(), "python3 -m venv failed");
-        let installed = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "redis>=8,<9"])
-            .status()
-            .unwrap();
-        assert!(installed.success(), "pip install redis failed");
+    if has_redis_py(&python) {
+        return python;
+    }
+    // Made under a name of this process's own and renamed into place, so that test processes
+    // running at once (nextest) never build into the same directory; a venv's python finds its
+    // packages relative to itself, so the rename keeps it whole.
+    let building = target_tmp.join(format!("redis-py.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&building);
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&building)
+        .status()
+        .unwrap();
+    assert!(made.success(), "python3 -m venv failed");
+    let installed = Command::new(building.join("bin/python"))
+        .args(["-m", "pip", "install", "--quiet", "redis>=8,<9"])
+        .status()
+        .unwrap();
+    assert!(installed.success(), "pip install redis failed");
+    if std::fs::rename(&building, &venv).is_err() {
+        if has_redis_py(&python) {
+            // Another process finished first.
+            std::fs::remove_dir_all(&building).unwrap();
+            return python;
+        }
+        // A broken leftover of an interrupted run.
+        std::fs::remove_dir_all(&venv).unwrap();
+        std::fs::rename(&building, &venv).unwrap();
     }
     python
 }

@@ -132,6 +132,9 @@ pub struct BenchReport {
     pub requests: u64,
     /// Replies that were not what they should have been.
     pub errors: u64,
+    /// Requests answered `TRYAGAIN` (their shard had no leader in time, as during a failover):
+    /// not errors, and not sent again; a write so answered may or may not have been made.
+    pub unavailable: u64,
     /// Wall-clock time of the measured part.
     pub seconds: f64,
     /// Requests answered per second.
@@ -301,6 +304,8 @@ enum Outcome {
     Ok,
     Value(Vec<u8>),
     Missing,
+    /// `TRYAGAIN`: the request may be sent again.
+    Unavailable,
     Failure(String),
 }
 
@@ -310,8 +315,14 @@ fn outcome(reply: ReplyValue) -> Outcome {
         ReplyValue::Simple(text) if text == "OK" => Outcome::Ok,
         ReplyValue::Bulk(Some(value)) => Outcome::Value(value.to_vec()),
         ReplyValue::Bulk(None) => Outcome::Missing,
+        reply if is_unavailable(&reply) => Outcome::Unavailable,
         other => Outcome::Failure(format!("{other:?}")),
     }
+}
+
+/// Whether `reply` is `TRYAGAIN` (in the line protocol, the message the client reads as it).
+fn is_unavailable(reply: &ReplyValue) -> bool {
+    matches!(reply, ReplyValue::Error(error) if error.starts_with("TRYAGAIN "))
 }
 
 struct Shared {
@@ -321,6 +332,7 @@ struct Shared {
     claimed: AtomicU64,
     completed: AtomicU64,
     errors: AtomicU64,
+    unavailable: AtomicU64,
     stop: AtomicBool,
     first_error: parking_lot::Mutex<Option<String>>,
 }
@@ -348,6 +360,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
         claimed: AtomicU64::new(0),
         completed: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        unavailable: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         first_error: parking_lot::Mutex::new(None),
     });
@@ -404,6 +417,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
     Ok(BenchReport {
         requests,
         errors: shared.errors.load(Ordering::Relaxed),
+        unavailable: shared.unavailable.load(Ordering::Relaxed),
         seconds,
         ops_per_second: requests as f64 / seconds,
         latency: Latency::of(&all),
@@ -419,23 +433,15 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
 
 /// Drops the buckets the run used.
 async fn clean_up(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchError> {
-    let mut client = Client::connect_with(config.address(0), config.dialect).await?;
-    for batch in (0..keyspace.buckets)
-        .collect::<Vec<_>>()
-        .chunks(Setup::BATCH)
-    {
-        for &bucket in batch {
-            client.queue(&[b"DROP", &keyspace.bucket(bucket)]);
-        }
-        for reply in client.flush().await? {
-            if let ReplyValue::Error(error) = reply
-                && !error.starts_with("NOTFOUND")
-            {
-                return Err(BenchError::Setup(format!("dropping the buckets: {error}")));
-            }
-        }
+    let mut drops = Batches::connect(config, |reply| {
+        matches!(reply, ReplyValue::Simple(ok) if ok == "OK")
+            || matches!(reply, ReplyValue::Error(error) if error.starts_with("NOTFOUND"))
+    })
+    .await?;
+    for bucket in 0..keyspace.buckets {
+        drops.request(&[b"DROP", &keyspace.bucket(bucket)]).await?;
     }
-    Ok(())
+    drops.flush().await
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -451,22 +457,26 @@ async fn report_progress(shared: Arc<Shared>) {
         interval.tick().await;
         let done = shared.completed.load(Ordering::Relaxed);
         eprintln!(
-            "{:>6.1}s  {done:>12} requests  {:>12.0} req/s  {} errors",
+            "{:>6.1}s  {done:>12} requests  {:>12.0} req/s  {} errors  {} TRYAGAIN",
             started.elapsed().as_secs_f64(),
             done as f64 / started.elapsed().as_secs_f64(),
-            shared.errors.load(Ordering::Relaxed)
+            shared.errors.load(Ordering::Relaxed),
+            shared.unavailable.load(Ordering::Relaxed)
         );
     }
 }
 
 /// Creates the buckets and, if asked, puts every key, pipelined on one connection.
 async fn setup(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchError> {
-    let mut setup = Setup::connect(config).await?;
+    let is_ok = |reply: &ReplyValue| matches!(reply, ReplyValue::Simple(ok) if ok == "OK");
+    let mut setup = Batches::connect(config, is_ok).await?;
     for bucket in 0..keyspace.buckets {
         setup
             .request(&[b"CREATE", &keyspace.bucket(bucket)])
             .await?;
     }
+    // Every bucket is there before a key is put in it, whatever was sent again.
+    setup.flush().await?;
     if config.preload {
         let mut value = Vec::with_capacity(keyspace.value_size);
         for index in 0..keyspace.keys {
@@ -480,40 +490,75 @@ async fn setup(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchErr
     setup.flush().await
 }
 
-/// Setup requests sent in batches on one connection; every one must answer `OK`.
-struct Setup {
+/// Setup and clean-up requests, sent in batches on one connection. Each is one that may be
+/// made twice (`CREATE`, a `PUT` of the key's one value, `DROP`), so those answered `TRYAGAIN`
+/// (their shard had no leader in time, as in a cluster's first seconds) are sent again, after
+/// a pause, for up to [`Batches::RETRY_FOR`]; any other answer than an expected one fails the
+/// run.
+struct Batches {
     client: Client,
-    unanswered: usize,
+    /// The words of the requests queued and not yet answered.
+    queued: Vec<Vec<Vec<u8>>>,
+    expected: fn(&ReplyValue) -> bool,
 }
 
-impl Setup {
+impl Batches {
     /// Requests per batch.
     const BATCH: usize = 512;
+    /// How long requests answered `TRYAGAIN` are sent again before the run gives up.
+    const RETRY_FOR: Duration = Duration::from_secs(30);
 
-    async fn connect(config: &BenchConfig) -> Result<Self, BenchError> {
+    async fn connect(
+        config: &BenchConfig,
+        expected: fn(&ReplyValue) -> bool,
+    ) -> Result<Self, BenchError> {
         Ok(Self {
             client: Client::connect_with(config.address(0), config.dialect).await?,
-            unanswered: 0,
+            queued: Vec::new(),
+            expected,
         })
     }
 
     async fn request(&mut self, words: &[&[u8]]) -> Result<(), BenchError> {
-        self.client.queue(words);
-        self.unanswered += 1;
-        if self.unanswered == Self::BATCH {
+        self.queued
+            .push(words.iter().map(|word| word.to_vec()).collect());
+        if self.queued.len() == Self::BATCH {
             self.flush().await?;
         }
         Ok(())
     }
 
-    /// Sends what is queued and checks an `OK` for each.
+    /// Sends what is queued, and again what is answered `TRYAGAIN`, until every request has
+    /// an expected answer.
     async fn flush(&mut self) -> Result<(), BenchError> {
-        self.unanswered = 0;
-        for reply in self.client.flush().await? {
-            match outcome(reply) {
-                Outcome::Ok => {}
-                other => return Err(BenchError::Setup(format!("{other:?}"))),
+        let give_up = Instant::now() + Self::RETRY_FOR;
+        let mut pause = Duration::from_millis(20);
+        while !self.queued.is_empty() {
+            for words in &self.queued {
+                let words: Vec<&[u8]> = words.iter().map(Vec::as_slice).collect();
+                self.client.queue(&words);
             }
+            let replies = self.client.flush().await?;
+            let mut again = Vec::new();
+            for (words, reply) in self.queued.drain(..).zip(replies) {
+                if is_unavailable(&reply) {
+                    again.push(words);
+                } else if !(self.expected)(&reply) {
+                    return Err(BenchError::Setup(format!("{reply:?}")));
+                }
+            }
+            if !again.is_empty() {
+                if Instant::now() >= give_up {
+                    return Err(BenchError::Setup(format!(
+                        "{} requests still answered TRYAGAIN after {:?}",
+                        again.len(),
+                        Self::RETRY_FOR
+                    )));
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            self.queued = again;
         }
         Ok(())
     }
@@ -597,6 +642,9 @@ fn check(
 ) {
     match (operation, outcome) {
         (Operation::Put | Operation::Delete, Outcome::Ok) => {}
+        (_, Outcome::Unavailable) => {
+            shared.unavailable.fetch_add(1, Ordering::Relaxed);
+        }
         (Operation::Get, Outcome::Missing) if may_be_missing => {}
         (Operation::Get, Outcome::Value(got)) => {
             shared.keyspace.value(index, scratch);
@@ -631,6 +679,106 @@ mod tests {
         let mut value = Vec::new();
         keyspace.value(12, &mut value);
         assert_eq!(value, b"12121");
+    }
+
+    /// A server on loopback that answers each request with `answer(first_try, index)` (index
+    /// in the order requests came, retries included) and, once the client hangs up, gives the
+    /// words of every request it got.
+    async fn fake_server(
+        answer: fn(bool, usize) -> &'static [u8],
+    ) -> (String, tokio::task::JoinHandle<Vec<Vec<Vec<u8>>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        use crate::protocol::{ParseLimits, Parsed, parse, request_words};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let limits = ParseLimits::default();
+            let (mut seen, mut input, mut chunk) = (Vec::new(), Vec::new(), [0; 4096]);
+            loop {
+                let read = socket.read(&mut chunk).await.unwrap();
+                if read == 0 {
+                    return seen;
+                }
+                input.extend_from_slice(&chunk[..read]);
+                let mut out = Vec::new();
+                while let Parsed::Request { consumed, .. } = parse(&input, &limits) {
+                    let (words, _) = request_words(&input[..consumed], &limits).unwrap();
+                    let words: Vec<Vec<u8>> = words.iter().map(|word| word.to_vec()).collect();
+                    out.extend_from_slice(answer(!seen.contains(&words), seen.len()));
+                    seen.push(words);
+                    input.drain(..consumed);
+                }
+                socket.write_all(&out).await.unwrap();
+            }
+        });
+        (address, server)
+    }
+
+    fn setup_config(address: String) -> BenchConfig {
+        BenchConfig {
+            addresses: vec![address],
+            connections: 1,
+            pipeline: 1,
+            requests: 0,
+            duration: None,
+            keys: 10,
+            value_size: 4,
+            buckets: 3,
+            mix: "get=1".parse().unwrap(),
+            dialect: Dialect::Resp,
+            preload: true,
+            progress: false,
+            keep: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn setup_sends_again_what_is_answered_tryagain_and_creates_before_it_puts() {
+        // Every other request is answered TRYAGAIN the first time it comes.
+        let (address, server) = fake_server(|first_try, index| {
+            if first_try && index % 2 == 0 {
+                b"-TRYAGAIN cluster unavailable, try again\r\n"
+            } else {
+                b"+OK\r\n"
+            }
+        })
+        .await;
+        let config = setup_config(address);
+        let keyspace = Keyspace::new(config.keys, config.value_size, config.buckets);
+        setup(&config, &keyspace).await.unwrap();
+        let seen = server.await.unwrap();
+        let mut made = seen.clone();
+        made.sort();
+        made.dedup();
+        assert_eq!(made.len(), 3 + 10, "every CREATE and PUT: {made:?}");
+        // Refused once each: the first and third CREATE (requests 0 and 2), then five PUTs
+        // (requests 6, 8, … 14, after the two CREATEs sent again).
+        assert_eq!(seen.len(), 13 + 7, "{seen:?}");
+        let last_create = seen
+            .iter()
+            .rposition(|words| words[0] == b"CREATE")
+            .unwrap();
+        let first_put = seen.iter().position(|words| words[0] == b"PUT").unwrap();
+        assert!(last_create < first_put, "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn setup_fails_on_an_answer_other_than_ok_or_tryagain() {
+        let (address, server) = fake_server(|_, index| {
+            if index == 1 {
+                b"-ERR bucket limit of 1 reached\r\n"
+            } else {
+                b"+OK\r\n"
+            }
+        })
+        .await;
+        let config = setup_config(address);
+        let keyspace = Keyspace::new(config.keys, config.value_size, config.buckets);
+        let error = setup(&config, &keyspace).await.unwrap_err();
+        assert!(error.to_string().contains("bucket limit"), "{error}");
+        assert_eq!(server.await.unwrap().len(), 3, "one batch of three CREATEs");
     }
 
     #[test]

@@ -787,8 +787,13 @@ async fn bench(arguments: BenchArgs) -> anyhow::Result<()> {
         }
     } else {
         println!(
-            "{} requests in {:.2} s, {} connections, pipeline {}, {} errors",
-            report.requests, report.seconds, config.connections, config.pipeline, report.errors
+            "{} requests in {:.2} s, {} connections, pipeline {}, {} errors, {} answered TRYAGAIN",
+            report.requests,
+            report.seconds,
+            config.connections,
+            config.pipeline,
+            report.errors,
+            report.unavailable
         );
         println!(
             "{:<9} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8}   latency in µs",

@@ -228,11 +228,7 @@ impl Dispatcher {
             Some(router) => match router.bucket_names(after.as_deref(), limit).await {
                 Some(names) => names,
                 None => {
-                    encode(
-                        &Reply::Error(crate::cluster::router::unavailable()),
-                        dialect,
-                        out,
-                    );
+                    encode(&Reply::Error(ErrorReply::unavailable()), dialect, out);
                     return;
                 }
             },

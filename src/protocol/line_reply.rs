@@ -4,6 +4,7 @@
 //! handles both dialects alike.
 
 use super::ProtocolError;
+use super::reply::UNAVAILABLE;
 use super::resp_reply::ReplyValue;
 
 /// What a line-protocol request is answered with.
@@ -93,9 +94,14 @@ fn status(line: &[u8]) -> Option<ReplyValue> {
         b"OK" | b"PONG" => Some(ReplyValue::Simple(text())),
         b"NOT FOUND" => Some(ReplyValue::Error("NOTFOUND bucket does not exist".into())),
         b"UNKNOWN COMMAND" => Some(ReplyValue::Error("ERR unknown command".into())),
-        _ => line
-            .strip_prefix(b"ERROR ")
-            .map(|message| ReplyValue::Error(format!("ERR {}", String::from_utf8_lossy(message)))),
+        _ => line.strip_prefix(b"ERROR ").map(|message| {
+            let code = if message == UNAVAILABLE.as_bytes() {
+                "TRYAGAIN"
+            } else {
+                "ERR"
+            };
+            ReplyValue::Error(format!("{code} {}", String::from_utf8_lossy(message)))
+        }),
     }
 }
 
@@ -148,9 +154,12 @@ mod tests {
     #[test]
     fn line_replies_read_as_their_resp_twins() {
         use LineReplyShape::{Lines, Status, Value};
-        let input = b"OK\r\n1\r\nOK\r\n\r\nOK\r\nNOT FOUND\r\nERROR bucket limit of 2 reached\r\n0\r\nk1\r\nOK\r\nUNKNOWN COMMAND\r\n";
+        let input = b"OK\r\n1\r\nOK\r\n\r\nOK\r\nNOT FOUND\r\nERROR bucket limit of 2 reached\r\n0\r\nk1\r\nOK\r\nUNKNOWN COMMAND\r\nERROR cluster unavailable, try again\r\n";
         assert_eq!(
-            all(input, &[Status, Value, Value, Value, Status, Lines, Status]),
+            all(
+                input,
+                &[Status, Value, Value, Value, Status, Lines, Status, Value]
+            ),
             [
                 ReplyValue::Simple("OK".into()),
                 ReplyValue::Bulk(Some(Bytes::from("1"))),
@@ -162,6 +171,7 @@ mod tests {
                     ReplyValue::Bulk(Some(Bytes::from("k1"))),
                 ])),
                 ReplyValue::Error("ERR unknown command".into()),
+                ReplyValue::Error("TRYAGAIN cluster unavailable, try again".into()),
             ]
         );
     }

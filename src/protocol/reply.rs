@@ -22,7 +22,20 @@ impl ErrorReply {
             message: message.to_string(),
         }
     }
+
+    /// What a request gets when its shard has no reachable leader in time: `-TRYAGAIN` in
+    /// RESP, so that Redis clients send it again.
+    #[must_use]
+    pub fn unavailable() -> Self {
+        Self {
+            code: "TRYAGAIN",
+            message: UNAVAILABLE.into(),
+        }
+    }
 }
+
+/// The message of [`ErrorReply::unavailable`]: all a line-protocol client sees of it.
+pub const UNAVAILABLE: &str = "cluster unavailable, try again";
 
 impl From<&ProtocolError> for ErrorReply {
     fn from(error: &ProtocolError) -> Self {

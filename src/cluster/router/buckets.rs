@@ -7,16 +7,16 @@ use openraft::ReadPolicy;
 use openraft::error::LinearizableReadError;
 use tokio::time::{Instant, timeout_at};
 
-use super::{Led, NotLed, Router, Seeking, UNAVAILABLE_AFTER, replies};
+use super::{Led, NotLed, Router, Seeking, UNAVAILABLE_AFTER};
 use crate::cluster::peer::{PeerRequest, PeerResponse};
-use crate::protocol::{Dialect, Reply, encode};
+use crate::protocol::{Dialect, ErrorReply, Reply, encode};
 
 impl Router {
     /// Appends one page of `BUCKETS`: up to a page of names after `after`, in byte order, from
     /// every shard; or unavailable if some shard has no reachable leader in time.
     pub async fn buckets(&self, after: Option<&[u8]>, dialect: Dialect, out: &mut BytesMut) {
         let Some(names) = self.bucket_names(after, self.page_size).await else {
-            encode(&Reply::Error(replies::unavailable()), dialect, out);
+            encode(&Reply::Error(ErrorReply::unavailable()), dialect, out);
             return;
         };
         let names: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();

@@ -48,7 +48,7 @@ use crate::protocol::{
     Dialect, KeyAction, KeyRequest, ParseLimits, Parsed, Request, encode_request, parse,
 };
 
-pub use replies::{Replies, unavailable};
+pub use replies::Replies;
 pub use views::{FollowerState, ShardState};
 
 /// Most bucket names one shard lists for one page (`BUCKETS`, or a `SCAN` with a large

@@ -130,7 +130,7 @@ impl Replies {
     /// tell whether it did (a write among them may have been made: it is never made twice).
     pub fn push_unavailable(&mut self, count: usize, dialect: Dialect) {
         for _ in 0..count {
-            self.push(&Reply::Error(unavailable()), dialect);
+            self.push(&Reply::Error(ErrorReply::unavailable()), dialect);
         }
     }
 
@@ -166,15 +166,6 @@ impl Replies {
         self.errors += more.errors;
         self.not_led = more.not_led;
         Some(())
-    }
-}
-
-/// The error a request gets when its shard has no reachable leader in time.
-#[must_use]
-pub fn unavailable() -> ErrorReply {
-    ErrorReply {
-        code: "TRYAGAIN",
-        message: "cluster unavailable, try again".into(),
     }
 }
 

@@ -49,13 +49,14 @@ impl ShardCommand {
     /// The command that makes `change`.
     #[must_use]
     pub fn new(change: &Change<'_>) -> Self {
-        Self::batch([change])
+        Self::batch(std::slice::from_ref(change))
     }
 
     /// The command that makes `changes`, in order.
     #[must_use]
-    pub fn batch<'a, 'c: 'a>(changes: impl IntoIterator<Item = &'a Change<'c>>) -> Self {
-        let mut bytes = Vec::new();
+    pub fn batch(changes: &[Change<'_>]) -> Self {
+        // Sized once: grown by doubling, a batch of sixteen writes reallocated about six times.
+        let mut bytes = Vec::with_capacity(changes.iter().map(record::encoded_bound).sum());
         for change in changes {
             record::encode_change(change, &mut bytes);
         }

@@ -49,12 +49,13 @@ impl Router {
         let first = replies.len();
         let unanswered = |replies: &Replies| requests.len() - (replies.len() - first);
         let mut writes_committed = false;
+        let mut changes = Vec::with_capacity(requests.len());
         while replies.len() - first < requests.len() {
             let rest = &requests[replies.len() - first..];
             // Consecutive writes within the limits, as one entry of at most MAX_BATCH_BYTES
             // (a single larger change alone). A write past a limit is refused here, as a
             // single node refuses it, and never proposed: replicas apply whatever is committed.
-            let mut changes = Vec::new();
+            changes.clear();
             let mut bytes = 0;
             let mut refused = None;
             for change in rest.iter().map_while(change_of) {

@@ -34,6 +34,13 @@ pub fn size(change: &Change<'_>) -> usize {
     }
 }
 
+/// At most the bytes [`encode_change`] appends for `change`: its fields, the operation byte
+/// and a length of at most five bytes per field (a field the log holds is under 2^30 bytes).
+#[must_use]
+pub fn encoded_bound(change: &Change<'_>) -> usize {
+    size(change) + 1 + 3 * 5
+}
+
 /// Appends the frame of `change` to `out`. A change over [`MAX_CHANGE_LEN`] must have been
 /// refused before it was made.
 pub fn encode(change: &Change<'_>, out: &mut Vec<u8>) {
@@ -372,6 +379,22 @@ mod tests {
         })
         .unwrap();
         (records, end)
+    }
+
+    #[test]
+    fn a_change_takes_no_more_than_its_bound() {
+        let long = vec![1; 3 << 20]; // a length of four bytes
+        let mut changes = sample();
+        changes.push(Change::Put {
+            bucket: &long,
+            key: &long,
+            value: &long,
+        });
+        for change in &changes {
+            let mut out = Vec::new();
+            encode_change(change, &mut out);
+            assert!(out.len() <= encoded_bound(change), "{}", out.len());
+        }
     }
 
     #[test]

@@ -433,7 +433,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
 
 /// Drops the buckets the run used.
 async fn clean_up(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchError> {
-    let mut drops = Batches::connect(config, |reply| {
+    let mut drops = Batches::connect(config, "dropping the buckets", |reply| {
         matches!(reply, ReplyValue::Simple(ok) if ok == "OK")
             || matches!(reply, ReplyValue::Error(error) if error.starts_with("NOTFOUND"))
     })
@@ -469,7 +469,7 @@ async fn report_progress(shared: Arc<Shared>) {
 /// Creates the buckets and, if asked, puts every key, pipelined on one connection.
 async fn setup(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchError> {
     let is_ok = |reply: &ReplyValue| matches!(reply, ReplyValue::Simple(ok) if ok == "OK");
-    let mut setup = Batches::connect(config, is_ok).await?;
+    let mut setup = Batches::connect(config, "creating the buckets", is_ok).await?;
     for bucket in 0..keyspace.buckets {
         setup
             .request(&[b"CREATE", &keyspace.bucket(bucket)])
@@ -477,6 +477,7 @@ async fn setup(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchErr
     }
     // Every bucket is there before a key is put in it, whatever was sent again.
     setup.flush().await?;
+    setup.what = "putting the keys";
     if config.preload {
         let mut value = Vec::with_capacity(keyspace.value_size);
         for index in 0..keyspace.keys {
@@ -500,6 +501,8 @@ struct Batches {
     /// The words of the requests queued and not yet answered.
     queued: Vec<Vec<Vec<u8>>>,
     expected: fn(&ReplyValue) -> bool,
+    /// What the requests are for, to say what failed.
+    what: &'static str,
 }
 
 impl Batches {
@@ -510,12 +513,14 @@ impl Batches {
 
     async fn connect(
         config: &BenchConfig,
+        what: &'static str,
         expected: fn(&ReplyValue) -> bool,
     ) -> Result<Self, BenchError> {
         Ok(Self {
             client: Client::connect_with(config.address(0), config.dialect).await?,
             queued: Vec::new(),
             expected,
+            what,
         })
     }
 
@@ -544,13 +549,14 @@ impl Batches {
                 if is_unavailable(&reply) {
                     again.push(words);
                 } else if !(self.expected)(&reply) {
-                    return Err(BenchError::Setup(format!("{reply:?}")));
+                    return Err(BenchError::Setup(format!("{}: {reply:?}", self.what)));
                 }
             }
             if !again.is_empty() {
                 if Instant::now() >= give_up {
                     return Err(BenchError::Setup(format!(
-                        "{} requests still answered TRYAGAIN after {:?}",
+                        "{}: {} requests still answered TRYAGAIN after {:?}",
+                        self.what,
                         again.len(),
                         Self::RETRY_FOR
                     )));
@@ -777,7 +783,11 @@ mod tests {
         let config = setup_config(address);
         let keyspace = Keyspace::new(config.keys, config.value_size, config.buckets);
         let error = setup(&config, &keyspace).await.unwrap_err();
-        assert!(error.to_string().contains("bucket limit"), "{error}");
+        let error = error.to_string();
+        assert!(
+            error.contains("creating the buckets") && error.contains("bucket limit"),
+            "{error}"
+        );
         assert_eq!(server.await.unwrap().len(), 3, "one batch of three CREATEs");
     }
 

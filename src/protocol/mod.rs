@@ -21,7 +21,7 @@ pub use command::{
 };
 pub use commands::{COMMANDS, CommandQuery, CommandSpec, NOT_A_COMMAND, describe_commands};
 pub use line_reply::{LineReplyShape, parse_line_reply};
-pub use reply::{ErrorReply, Reply, SlotRange, UNAVAILABLE, encode, encode_page, encode_value};
+pub use reply::{ErrorReply, Reply, SlotRange, encode, encode_page, encode_value};
 pub use resp_reply::{ReplyValue, encode_request, parse_reply};
 
 /// Which protocol a request came in, and so which one its reply goes out in.

@@ -350,6 +350,33 @@ async fn three_servers_with(
     servers
 }
 
+/// Each shard is formed by its preferred leader (with every node holding every shard, shard
+/// `i` by the `i`th node), the only node able to stand in its first election: no shard is led
+/// by another node, even in the cluster's first moments. Before, node 1 formed every shard and
+/// led them all until it handed them over a second or so later, and writes in flight during a
+/// hand-over could be answered TRYAGAIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_shard_is_led_by_its_preferred_leader_from_the_start() {
+    use kv::protocol::ReplyValue;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let directory = tempfile::tempdir().unwrap();
+    let servers = three_servers(directory.path()).await;
+    let mut client = servers[0].client().await;
+    common::cluster_ok(&mut client).await;
+    let ReplyValue::Bulk(Some(info)) = client.call(&[b"INFO", b"cluster"]).await.unwrap() else {
+        panic!("INFO is a bulk string");
+    };
+    let info = String::from_utf8_lossy(&info);
+    for shard in 0..3 {
+        let line = info
+            .lines()
+            .find(|line| line.starts_with(&format!("shard_{shard}:")))
+            .unwrap_or_else(|| panic!("shard {shard} in {info}"));
+        assert!(line.contains(&format!(",leader={},", shard + 1)), "{line}");
+    }
+    stop(servers).await;
+}
+
 /// `kv bench` spreads its connections over several nodes, every reply checked; `kv cli` uses
 /// the first node that answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

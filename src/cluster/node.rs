@@ -452,10 +452,14 @@ impl Node {
                 .filter(|&shard| initial_layout.replicas(shard).contains(&config.id))
                 .collect(),
         };
+        // Each shard is initialized by its preferred leader, which stands for election at
+        // once and so leads from the start: no hand-over of every shard a second after
+        // formation, during which writes in flight could be answered TRYAGAIN.
+        let initializers = initial_layout.preferred_leaders();
         for shard in std::iter::once(META_SHARD).chain(shards) {
             let replica = opener.open(shard, &peers, &budget).await?;
             let voters = initial_layout.replicas(shard);
-            if formed.is_none() && !joining && voters.first() == Some(&config.id) {
+            if formed.is_none() && !joining && initializers.get(&shard) == Some(&config.id) {
                 let members: BTreeMap<NodeId, BasicNode> = voters
                     .iter()
                     .map(|id| (*id, BasicNode::new(config.members[id].to_string())))

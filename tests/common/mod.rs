@@ -326,10 +326,10 @@ pub async fn cluster_ok(client: &mut kv::client::Client) -> String {
     cluster_text_until(client, b"INFO", |info| info.contains("cluster_state:ok")).await
 }
 
-/// Waits until leadership has spread from the node that formed the shards to `masters` nodes,
-/// as `CLUSTER NODES` on `client`'s node shows it (a master's line lists its slots after the
-/// eight fields every line has). Until then leadership is still moving, and a request caught
-/// in a move may be answered "try again".
+/// Waits until `masters` nodes lead shards, as `CLUSTER NODES` on `client`'s node shows it (a
+/// master's line lists its slots after the eight fields every line has). Until then a shard
+/// may be without a leader, or about to change it, and a request caught then may be answered
+/// "try again".
 pub async fn masters_until(client: &mut kv::client::Client, masters: usize) -> String {
     cluster_text_until(client, b"NODES", |nodes| {
         nodes

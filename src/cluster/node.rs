@@ -18,7 +18,7 @@ use super::identity::{Handshake, IdentityError};
 use super::layout::{Layout, META_SHARD, Settings};
 use super::membership::join;
 use super::network::{PeerBook, Peers, ShardNetwork};
-use super::peer::{self, PeerHandler, PeerRequest, PeerResponse, ShardGroup};
+use super::peer::{self, PeerGate, PeerHandler, PeerRequest, PeerResponse, ShardGroup};
 use super::placement::NodeId;
 use super::raft::{LogMemory, ShardLog, ShardRaft, ShardStateMachine};
 use crate::bucket::MemoryBudget;
@@ -340,13 +340,16 @@ impl Node {
         })
     }
 
-    /// [`open`](Self::open)s the node and answers its peers' Raft traffic on `listener`.
+    /// [`open`](Self::open)s the node, answers its peers' Raft traffic on `listener`, and
+    /// starts its [maintenance](Self::start_maintenance).
     ///
     /// # Errors
     /// As [`open`](Self::open).
     pub async fn start(config: NodeConfig, listener: TcpListener) -> Result<Arc<Self>, NodeError> {
-        let node = Arc::new(Self::open(config).await?);
-        node.serve(listener, Arc::clone(&node));
+        let gate = PeerGate::new();
+        let node = Arc::new(Self::open(config, listener, Arc::clone(&gate)).await?);
+        gate.open(Arc::clone(&node));
+        node.start_maintenance();
         Ok(node)
     }
 
@@ -359,11 +362,16 @@ impl Node {
     ///   the metadata group; its shards come as the layout places them on it.
     /// - A node that has formed or joined before reopens the replicas in its data directory.
     ///
-    /// Peers are answered once [`serve`](Self::serve) is called.
+    /// Peers are greeted on `listener` from the start (see [`PeerGate`]); their requests are
+    /// answered once the caller opens `gate`.
     ///
     /// # Errors
     /// If a log cannot be opened, openraft refuses to start, or the cluster refuses the node.
-    pub async fn open(config: NodeConfig) -> Result<Self, NodeError> {
+    pub async fn open<H: PeerHandler>(
+        config: NodeConfig,
+        listener: TcpListener,
+        gate: Arc<PeerGate<H>>,
+    ) -> Result<Self, NodeError> {
         let joining = config.members.is_empty();
         if joining && config.join.is_empty() {
             return Err(NodeError::NotAMember(config.id));
@@ -376,6 +384,15 @@ impl Node {
             config.id,
             config.members.keys().copied(),
         )?);
+        let shutdown = CancellationToken::new();
+        // A node that does not open stops greeting its peers.
+        let stop_greeting = shutdown.clone().drop_guard();
+        tokio::spawn(peer::serve(
+            listener,
+            gate,
+            Arc::clone(&handshake),
+            shutdown.clone(),
+        ));
         let peers: Peers = Arc::new(PeerBook::new(config.id, Arc::clone(&handshake)));
         peers.set(config.members.iter().map(|(&id, &address)| (id, address)));
         let formed = read_formed(&config.data_dir)?;
@@ -505,21 +522,16 @@ impl Node {
             // openraft elects once a follower has heard nothing for its leader lease (the
             // longest election timeout) and then an election timeout.
             silence_before_election: config.election_timeout.1 * 2,
-            shutdown: CancellationToken::new(),
+            shutdown,
         };
+        stop_greeting.disarm();
         node.refresh_layout();
         Ok(node)
     }
 
-    /// Answers peers on `listener` with `handler`, and keeps the node's replicas in step
-    /// with the layout, until the node stops.
-    pub fn serve<H: PeerHandler>(self: &Arc<Self>, listener: TcpListener, handler: Arc<H>) {
-        tokio::spawn(peer::serve(
-            listener,
-            handler,
-            Arc::clone(&self.handshake),
-            self.shutdown.clone(),
-        ));
+    /// Keeps the node's replicas in step with the layout, and its logs' memory within its
+    /// bound, until the node stops.
+    pub fn start_maintenance(self: &Arc<Self>) {
         tokio::spawn(Arc::clone(self).maintain());
         tokio::spawn(Arc::clone(self).relieve_log_memory_when_exceeded());
     }
@@ -827,14 +839,14 @@ fn shards_on_disk(data_dir: &Path, shards: u16) -> Vec<u16> {
     found
 }
 
-/// On a new data directory: says hello to every peer that answers within
-/// [`ASK_PEERS_WITHIN`]. One that knew this node under another data directory refuses it, and
-/// the node stops with its reason instead of rejoining empty. Peers that do not answer (a
-/// cluster starting for the first time) are not waited for; they check again when they
-/// connect.
+/// On a new data directory: says hello to every peer, waiting up to [`ASK_PEERS_WITHIN`]
+/// for each. One that knew this node under another data directory refuses it, and the node
+/// stops with its reason instead of rejoining empty. A peer greets from the moment it starts
+/// ([`PeerGate`]), so nodes forming a cluster together hear each other at once; one not
+/// started yet is not waited for, and checks when it connects.
 async fn ask_peers_whether_they_knew_this_node(peers: &Peers) -> Result<(), NodeError> {
     let answers = futures::future::join_all(peers.clients().into_iter().map(|client| async move {
-        tokio::time::timeout(ASK_PEERS_WITHIN, client.call(PeerRequest::Describe)).await
+        tokio::time::timeout(ASK_PEERS_WITHIN, client.connect()).await
     }))
     .await;
     for answer in answers {

@@ -209,6 +209,38 @@ pub trait PeerHandler: Send + Sync + 'static {
     fn handle(&self, request: PeerRequest) -> impl Future<Output = PeerResponse> + Send;
 }
 
+/// What answers a node's peers, named once the node is open.
+///
+/// A node greets its peers from the moment it starts, before its replicas are open: nodes
+/// forming a cluster together each ask the others whether they knew it (`node.rs`), and would
+/// otherwise each wait out the others' start. Requests that come before the node is open wait
+/// for it, as they would for a slow node.
+pub struct PeerGate<H> {
+    handler: tokio::sync::SetOnce<Arc<H>>,
+}
+
+impl<H> PeerGate<H> {
+    /// A gate that holds requests until [`Self::open`].
+    #[must_use]
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            handler: tokio::sync::SetOnce::new(),
+        })
+    }
+
+    /// Answers requests with `handler` from now on; a gate opens once, and later calls change
+    /// nothing.
+    pub fn open(&self, handler: Arc<H>) {
+        let _ = self.handler.set(handler);
+    }
+}
+
+impl<H: PeerHandler> PeerHandler for PeerGate<H> {
+    async fn handle(&self, request: PeerRequest) -> PeerResponse {
+        self.handler.wait().await.handle(request).await
+    }
+}
+
 /// Why a request to a peer got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -299,6 +331,14 @@ impl PeerClient {
     #[must_use]
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Connects to the peer, saying hello, unless connected already.
+    ///
+    /// # Errors
+    /// If the peer cannot be reached, or refuses this node ([`PeerError::Refused`]).
+    pub async fn connect(&self) -> Result<(), PeerError> {
+        self.connected().await.map(drop)
     }
 
     /// Sends `request` and waits for its answer.
@@ -976,7 +1016,55 @@ mod tests {
     use bytes::{Bytes, BytesMut};
     use tokio_util::codec::{Decoder, Encoder};
 
-    use super::{PeerCodec, Received, SnapshotInbox, Transfer, Unsendable};
+    use std::sync::Arc;
+
+    use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{
+        PeerClient, PeerCodec, PeerGate, PeerHandler, PeerRequest, PeerResponse, Received,
+        SnapshotInbox, Transfer, Unsendable, serve,
+    };
+    use crate::cluster::identity::Handshake;
+
+    /// Answers every request that it has no such shard.
+    struct NoShards;
+
+    impl PeerHandler for NoShards {
+        async fn handle(&self, _: PeerRequest) -> PeerResponse {
+            PeerResponse::NoSuchShard
+        }
+    }
+
+    /// A node greets its peers while it opens (nodes forming a cluster together each wait for
+    /// the others' hello before they open), and answers their requests once its gate opens.
+    #[tokio::test]
+    async fn a_node_greets_its_peers_before_its_gate_opens_and_answers_them_after() {
+        let directories = [(); 2].map(|()| tempfile::tempdir().unwrap());
+        let handshake = |node, directory: &tempfile::TempDir| {
+            Arc::new(Handshake::open(directory.path(), node, [1, 2]).unwrap())
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let gate = PeerGate::<NoShards>::new();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            Arc::clone(&gate),
+            handshake(1, &directories[0]),
+            shutdown.clone(),
+        ));
+        let client = PeerClient::new(1, address, handshake(2, &directories[1]));
+        client
+            .connect()
+            .await
+            .expect("greeted before the gate opens");
+        let call = tokio::spawn(async move { client.call(PeerRequest::Describe).await });
+        gate.open(Arc::new(NoShards));
+        let answer = call.await.unwrap().expect("answered once the gate opens");
+        assert!(matches!(answer, PeerResponse::NoSuchShard));
+        shutdown.cancel();
+    }
 
     /// A message whose serialisation fails.
     struct Unserialisable;

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use super::busy_poll::BusyPoll;
 use super::connection::{self, Stop};
 use crate::cluster::node::{Node, NodeConfig, NodeError};
+use crate::cluster::peer::PeerGate;
 use crate::cluster::router::Router;
 use crate::config::{ClusterConfig, DurabilityConfig, ServerConfig};
 use crate::dispatch::{Dispatcher, Sessions};
@@ -314,23 +315,28 @@ async fn join_cluster(
             address: cluster.bind,
             source,
         })?;
+    let gate = PeerGate::new();
     let node = Arc::new(
-        Node::open(NodeConfig {
-            id: cluster.node_id,
-            members: cluster.peers.clone(),
-            join: cluster.join.clone(),
-            address: cluster.bind,
-            shards: cluster.shards,
-            replicas: cluster.replicas,
-            data_dir: durability.data_dir.clone(),
-            fsync: durability.fsync,
-            heartbeat: cluster.heartbeat,
-            election_timeout: cluster.election_timeout,
-            core: config.core.clone(),
-            snapshot_every: cluster.snapshot_every,
-            log_memory: cluster.log_memory,
-            snapshot_piece: cluster.snapshot_piece,
-        })
+        Node::open(
+            NodeConfig {
+                id: cluster.node_id,
+                members: cluster.peers.clone(),
+                join: cluster.join.clone(),
+                address: cluster.bind,
+                shards: cluster.shards,
+                replicas: cluster.replicas,
+                data_dir: durability.data_dir.clone(),
+                fsync: durability.fsync,
+                heartbeat: cluster.heartbeat,
+                election_timeout: cluster.election_timeout,
+                core: config.core.clone(),
+                snapshot_every: cluster.snapshot_every,
+                log_memory: cluster.log_memory,
+                snapshot_piece: cluster.snapshot_piece,
+            },
+            listener,
+            Arc::clone(&gate),
+        )
         .await?,
     );
     let router = Arc::new(Router::new(
@@ -338,7 +344,8 @@ async fn join_cluster(
         client_address,
         config.page_size,
     ));
-    node.serve(listener, Arc::clone(&router));
+    gate.open(Arc::clone(&router));
+    node.start_maintenance();
     tracing::info!(
         node = cluster.node_id,
         cluster_bind = %cluster.bind,

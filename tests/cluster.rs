@@ -319,13 +319,23 @@ async fn three_servers_with(
     core: CoreConfig,
     tune: impl Fn(&mut kv::config::ClusterConfig),
 ) -> Vec<common::TestServer> {
+    servers_of_three(directory, core, tune, &[1, 2, 3]).await
+}
+
+/// The servers `started` of a cluster of three, in this process.
+async fn servers_of_three(
+    directory: &Path,
+    core: CoreConfig,
+    tune: impl Fn(&mut kv::config::ClusterConfig),
+    started: &[u64],
+) -> Vec<common::TestServer> {
     use kv::config::{ClusterConfig, DurabilityConfig, ServerConfig};
     // DEBUG CRASH is allowed, for the supervision test.
     let (bound, members) = listeners(3).await;
     // The ports are free again for the servers to bind.
     drop(bound);
     let mut servers = Vec::new();
-    for (&id, &address) in &members {
+    for (&id, &address) in members.iter().filter(|(id, _)| started.contains(id)) {
         let mut cluster = ClusterConfig {
             heartbeat: Duration::from_millis(50),
             election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
@@ -373,6 +383,38 @@ async fn each_shard_is_led_by_its_preferred_leader_from_the_start() {
             .find(|line| line.starts_with(&format!("shard_{shard}:")))
             .unwrap_or_else(|| panic!("shard {shard} in {info}"));
         assert!(line.contains(&format!(",leader={},", shard + 1)), "{line}");
+    }
+    stop(servers).await;
+}
+
+/// A cluster forms with a majority of its initial nodes started: the groups the missing node
+/// was to form (shard 2, led by node 3 by preference) are formed by their other replicas once
+/// they have waited for it. Before, such a group had no leader until that node started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_forms_with_two_of_its_three_nodes() {
+    use kv::cluster::slot::{shard_of, slot_of};
+    use kv::protocol::ReplyValue;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let directory = tempfile::tempdir().unwrap();
+    let servers = servers_of_three(directory.path(), CoreConfig::default(), |_| {}, &[1, 2]).await;
+    let mut client = servers[0].client().await;
+    common::cluster_ok(&mut client).await;
+    for shard in 0..3 {
+        let bucket = (0..)
+            .map(|n| format!("b{n}"))
+            .find(|name| shard_of(slot_of(name.as_bytes()), 3) == shard)
+            .unwrap();
+        let bucket = bucket.as_bytes();
+        let ok = ReplyValue::Simple("OK".into());
+        assert_eq!(client.call(&[b"CREATE", bucket]).await.unwrap(), ok);
+        assert_eq!(
+            client.call(&[b"PUT", bucket, b"k", b"v"]).await.unwrap(),
+            ok
+        );
+        assert_eq!(
+            client.call(&[b"GET", bucket, b"k"]).await.unwrap(),
+            ReplyValue::Bulk(Some("v".into()))
+        );
     }
     stop(servers).await;
 }

@@ -471,27 +471,41 @@ impl Node {
         };
         // Each shard is initialized by its preferred leader, which stands for election at
         // once and so leads from the start: no hand-over of every shard a second after
-        // formation, during which writes in flight could be answered TRYAGAIN.
+        // formation, during which writes in flight could be answered TRYAGAIN. Its other
+        // replicas initialize it too, with the same members, if it is still pristine a while
+        // later (see `form_without_preferred_leaders`).
         let initializers = initial_layout.preferred_leaders();
+        let mut unformed = Vec::new();
         for shard in std::iter::once(META_SHARD).chain(shards) {
-            let replica = opener.open(shard, &peers, &budget).await?;
-            let voters = initial_layout.replicas(shard);
-            if formed.is_none() && !joining && initializers.get(&shard) == Some(&config.id) {
-                let members: BTreeMap<NodeId, BasicNode> = voters
+            let replica = Arc::new(opener.open(shard, &peers, &budget).await?);
+            if formed.is_none() && !joining {
+                let members: BTreeMap<NodeId, BasicNode> = initial_layout
+                    .replicas(shard)
                     .iter()
                     .map(|id| (*id, BasicNode::new(config.members[id].to_string())))
                     .collect();
-                match replica.group.initialize(members).await {
-                    Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-                    Err(error) => {
-                        return Err(NodeError::Raft {
-                            shard,
-                            message: error.to_string(),
-                        });
+                if initializers.get(&shard) == Some(&config.id) {
+                    match replica.group.initialize(members).await {
+                        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                        Err(error) => {
+                            return Err(NodeError::Raft {
+                                shard,
+                                message: error.to_string(),
+                            });
+                        }
                     }
+                } else {
+                    unformed.push((shard, Arc::clone(&replica), members));
                 }
             }
-            replicas.insert(shard, Arc::new(replica));
+            replicas.insert(shard, replica);
+        }
+        if !unformed.is_empty() {
+            tokio::spawn(form_without_preferred_leaders(
+                unformed,
+                config.election_timeout.1 * 2,
+                shutdown.clone(),
+            ));
         }
         if formed.is_none() {
             write_formed(&config.data_dir, settings)?;
@@ -837,6 +851,36 @@ fn shards_on_disk(data_dir: &Path, shards: u16) -> Vec<u16> {
         .collect();
     found.sort_unstable();
     found
+}
+
+/// Initializes each of `groups` (this node's replicas of groups another node was to form,
+/// with the initial members) that is still pristine `after` the node opened: no entry and no
+/// vote, so its preferred leader has not formed it (it would have replicated its first entry
+/// here, or asked for this replica's vote, within an election or two). A cluster then forms
+/// with any majority of its initial nodes started, as a Raft cluster does. openraft allows a
+/// group to be initialized by several of its members with the same members: its election
+/// picks one leader, and the others' first entries are replaced by the leader's. A group
+/// formed or voted on meanwhile refuses (`NotAllowed`), and so does a replica given up since
+/// (its group has stopped).
+async fn form_without_preferred_leaders(
+    groups: Vec<(u16, Arc<Replica>, BTreeMap<NodeId, BasicNode>)>,
+    after: Duration,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        () = shutdown.cancelled() => return,
+        () = tokio::time::sleep(after) => {}
+    }
+    for (shard, replica, members) in groups {
+        match replica.group.initialize(members).await {
+            Ok(()) => tracing::warn!(
+                shard,
+                "formed a group its preferred leader has not: that node has not started yet"
+            ),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(error) => tracing::warn!(shard, %error, "could not form a group"),
+        }
+    }
 }
 
 /// On a new data directory: says hello to every peer, waiting up to [`ASK_PEERS_WITHIN`]

@@ -312,12 +312,16 @@ enum Outcome {
 /// What the checks need of a reply.
 fn outcome(reply: ReplyValue) -> Outcome {
     match reply {
-        ReplyValue::Simple(text) if text == "OK" => Outcome::Ok,
+        reply if is_ok(&reply) => Outcome::Ok,
         ReplyValue::Bulk(Some(value)) => Outcome::Value(value.to_vec()),
         ReplyValue::Bulk(None) => Outcome::Missing,
         reply if is_unavailable(&reply) => Outcome::Unavailable,
         other => Outcome::Failure(format!("{other:?}")),
     }
+}
+
+fn is_ok(reply: &ReplyValue) -> bool {
+    matches!(reply, ReplyValue::Simple(text) if text == "OK")
 }
 
 /// Whether `reply` is `TRYAGAIN` (in the line protocol, the message the client reads as it).
@@ -434,8 +438,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
 /// Drops the buckets the run used.
 async fn clean_up(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchError> {
     let mut drops = Batches::connect(config, "dropping the buckets", |reply| {
-        matches!(reply, ReplyValue::Simple(ok) if ok == "OK")
-            || matches!(reply, ReplyValue::Error(error) if error.starts_with("NOTFOUND"))
+        is_ok(reply) || matches!(reply, ReplyValue::Error(error) if error.starts_with("NOTFOUND"))
     })
     .await?;
     for bucket in 0..keyspace.buckets {
@@ -468,7 +471,6 @@ async fn report_progress(shared: Arc<Shared>) {
 
 /// Creates the buckets and, if asked, puts every key, pipelined on one connection.
 async fn setup(config: &BenchConfig, keyspace: &Keyspace) -> Result<(), BenchError> {
-    let is_ok = |reply: &ReplyValue| matches!(reply, ReplyValue::Simple(ok) if ok == "OK");
     let mut setup = Batches::connect(config, "creating the buckets", is_ok).await?;
     for bucket in 0..keyspace.buckets {
         setup

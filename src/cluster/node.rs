@@ -356,8 +356,9 @@ impl Node {
     /// Opens the node's replicas and starts their Raft groups.
     ///
     /// - A node forming a cluster (`--peers`, first start) opens the shards the initial
-    ///   layout places on it and the metadata group, and initialises those it is the first
-    ///   replica of (a start cut short and run again finds them initialised and goes on).
+    ///   layout places on it and the metadata group, and initialises those it is the
+    ///   preferred leader of, and the others if still pristine a while later (a start cut
+    ///   short and run again finds them initialised and goes on).
     /// - A node joining (`--join`, first start) asks the cluster to admit it and opens only
     ///   the metadata group; its shards come as the layout places them on it.
     /// - A node that has formed or joined before reopens the replicas in its data directory.

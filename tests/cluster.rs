@@ -329,35 +329,51 @@ async fn servers_of_three(
     tune: impl Fn(&mut kv::config::ClusterConfig),
     started: &[u64],
 ) -> Vec<common::TestServer> {
-    use kv::config::{ClusterConfig, DurabilityConfig, ServerConfig};
-    // DEBUG CRASH is allowed, for the supervision test.
+    let members = members_of_three().await;
+    let mut servers = Vec::new();
+    for &id in members.keys().filter(|id| started.contains(id)) {
+        servers.push(start_member(directory, &members, id, core.clone(), &tune).await);
+    }
+    servers
+}
+
+/// Free cluster addresses for nodes 1, 2 and 3.
+async fn members_of_three() -> BTreeMap<u64, std::net::SocketAddr> {
     let (bound, members) = listeners(3).await;
     // The ports are free again for the servers to bind.
     drop(bound);
-    let mut servers = Vec::new();
-    for (&id, &address) in members.iter().filter(|(id, _)| started.contains(id)) {
-        let mut cluster = ClusterConfig {
-            heartbeat: Duration::from_millis(50),
-            election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
-            ..ClusterConfig::new(id, address, members.clone())
-        };
-        tune(&mut cluster);
-        let durability = DurabilityConfig {
-            fsync: FsyncPolicy::No,
-            ..DurabilityConfig::new(directory.join(id.to_string()))
-        };
-        servers.push(
-            common::TestServer::start(ServerConfig {
-                durability: Some(durability),
-                cluster: Some(cluster),
-                enable_debug_commands: true,
-                core: core.clone(),
-                ..ServerConfig::default()
-            })
-            .await,
-        );
-    }
-    servers
+    members
+}
+
+/// Starts node `id` of the cluster `members`, in this process, with its data under
+/// `directory`.
+async fn start_member(
+    directory: &Path,
+    members: &BTreeMap<u64, std::net::SocketAddr>,
+    id: u64,
+    core: CoreConfig,
+    tune: impl Fn(&mut kv::config::ClusterConfig),
+) -> common::TestServer {
+    use kv::config::{ClusterConfig, DurabilityConfig, ServerConfig};
+    let mut cluster = ClusterConfig {
+        heartbeat: Duration::from_millis(50),
+        election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
+        ..ClusterConfig::new(id, members[&id], members.clone())
+    };
+    tune(&mut cluster);
+    let durability = DurabilityConfig {
+        fsync: FsyncPolicy::No,
+        ..DurabilityConfig::new(directory.join(id.to_string()))
+    };
+    common::TestServer::start(ServerConfig {
+        durability: Some(durability),
+        cluster: Some(cluster),
+        // DEBUG CRASH is allowed, for the supervision test.
+        enable_debug_commands: true,
+        core,
+        ..ServerConfig::default()
+    })
+    .await
 }
 
 /// Each shard is formed by its preferred leader (with every node holding every shard, shard
@@ -417,6 +433,82 @@ async fn a_cluster_forms_with_two_of_its_three_nodes() {
         );
     }
     stop(servers).await;
+}
+
+/// A node started after its groups formed without it leaves them alone: its replica of the
+/// group it is the preferred leader of (shard 2 for node 3) hears from the group's leader,
+/// catches up and is handed leadership, one term later. Before, it formed the group again and
+/// stood for an election the others refused: the group lost its leader for most of a second
+/// and ended two terms later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_after_its_group_formed_follows_its_leader() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let directory = tempfile::tempdir().unwrap();
+    let members = members_of_three().await;
+    let mut servers = Vec::new();
+    for id in [1, 2] {
+        servers.push(
+            start_member(
+                directory.path(),
+                &members,
+                id,
+                CoreConfig::default(),
+                |_| {},
+            )
+            .await,
+        );
+    }
+    let mut client = servers[0].client().await;
+    common::cluster_ok(&mut client).await;
+    let (leader, term) = leader_and_term(&mut client, 2).await;
+    assert!(
+        leader == 1 || leader == 2,
+        "shard 2 is led by node {leader}"
+    );
+    servers.push(start_member(directory.path(), &members, 3, CoreConfig::default(), |_| {}).await);
+    let handed_over = within(async {
+        loop {
+            let (leader, term) = leader_and_term(&mut client, 2).await;
+            if leader == 3 {
+                return term;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        handed_over,
+        term + 1,
+        "shard 2's term when node 3 took it over"
+    );
+    stop(servers).await;
+}
+
+/// The leader (0 for none) and term of `shard`, as `INFO cluster` on `client`'s node shows.
+async fn leader_and_term(client: &mut kv::client::Client, shard: u16) -> (u64, u64) {
+    let kv::protocol::ReplyValue::Bulk(Some(info)) =
+        client.call(&[b"INFO", b"cluster"]).await.unwrap()
+    else {
+        panic!("INFO is a bulk string");
+    };
+    let info = String::from_utf8_lossy(&info);
+    let line = info
+        .lines()
+        .find(|line| line.starts_with(&format!("shard_{shard}:")))
+        .unwrap_or_else(|| panic!("shard {shard} in {info}"));
+    let field = |name: &str| -> u64 {
+        line.split(',')
+            .find_map(|field| {
+                field
+                    .split(':')
+                    .next_back()?
+                    .strip_prefix(&format!("{name}="))
+            })
+            .unwrap_or_else(|| panic!("{name} in {line}"))
+            .parse()
+            .unwrap()
+    };
+    (field("leader"), field("term"))
 }
 
 /// `kv bench` spreads its connections over several nodes, every reply checked; `kv cli` uses

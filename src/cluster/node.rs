@@ -39,6 +39,8 @@ const META_PACE: u32 = 5;
 
 /// How long a node on a new data directory waits for its peers to say whether they knew it.
 const ASK_PEERS_WITHIN: Duration = Duration::from_secs(2);
+/// How long a node forming a group waits for a peer to say whether it formed it already.
+const ASK_FORMED_WITHIN: Duration = Duration::from_secs(1);
 
 /// How a node joins the cluster and what it holds.
 #[derive(Debug, Clone)]
@@ -356,9 +358,12 @@ impl Node {
     /// Opens the node's replicas and starts their Raft groups.
     ///
     /// - A node forming a cluster (`--peers`, first start) opens the shards the initial
-    ///   layout places on it and the metadata group, and initialises those it is the
-    ///   preferred leader of, and the others if still pristine a while later (a start cut
-    ///   short and run again finds them initialised and goes on).
+    ///   layout places on it and the metadata group, and, in the background, initialises
+    ///   those it is the preferred leader of, and the others if still pristine a while later,
+    ///   each unless another replica has formed it (see `form`). A start cut short before the
+    ///   node wrote its data directory's `cluster` file runs again from the beginning (a
+    ///   group initialised already refuses, and formation goes on); after, it leaves its
+    ///   groups to their other replicas.
     /// - A node joining (`--join`, first start) asks the cluster to admit it and opens only
     ///   the metadata group; its shards come as the layout places them on it.
     /// - A node that has formed or joined before reopens the replicas in its data directory.
@@ -474,9 +479,10 @@ impl Node {
         // once and so leads from the start: no hand-over of every shard a second after
         // formation, during which writes in flight could be answered TRYAGAIN. Its other
         // replicas initialize it too, with the same members, if it is still pristine a while
-        // later (see `form_without_preferred_leaders`).
+        // later. Either only if no other replica has formed it meanwhile (see `form`).
         let initializers = initial_layout.preferred_leaders();
-        let mut unformed = Vec::new();
+        let mut preferred = Vec::new();
+        let mut others = Vec::new();
         for shard in std::iter::once(META_SHARD).chain(shards) {
             let replica = Arc::new(opener.open(shard, &peers, &budget).await?);
             if formed.is_none() && !joining {
@@ -485,27 +491,29 @@ impl Node {
                     .iter()
                     .map(|id| (*id, BasicNode::new(config.members[id].to_string())))
                     .collect();
+                let unformed = Unformed {
+                    shard,
+                    replica: Arc::clone(&replica),
+                    members,
+                };
                 if initializers.get(&shard) == Some(&config.id) {
-                    match replica.group.initialize(members).await {
-                        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-                        Err(error) => {
-                            return Err(NodeError::Raft {
-                                shard,
-                                message: error.to_string(),
-                            });
-                        }
-                    }
+                    preferred.push(unformed);
                 } else {
-                    unformed.push((shard, Arc::clone(&replica), members));
+                    others.push(unformed);
                 }
             }
             replicas.insert(shard, replica);
         }
-        if !unformed.is_empty() {
-            tokio::spawn(form_without_preferred_leaders(
-                unformed,
+        if !preferred.is_empty() || !others.is_empty() {
+            tokio::spawn(form(
+                Forming {
+                    id: config.id,
+                    peers: Arc::clone(&peers),
+                    shutdown: shutdown.clone(),
+                },
+                preferred,
+                others,
                 config.election_timeout.1 * 2,
-                shutdown.clone(),
             ));
         }
         if formed.is_none() {
@@ -854,34 +862,109 @@ fn shards_on_disk(data_dir: &Path, shards: u16) -> Vec<u16> {
     found
 }
 
-/// Initializes each of `groups` (this node's replicas of groups another node was to form,
-/// with the initial members) that is still pristine `after` the node opened: no entry and no
-/// vote, so its preferred leader has not formed it (it would have replicated its first entry
-/// here, or asked for this replica's vote, within an election or two). A cluster then forms
-/// with any majority of its initial nodes started, as a Raft cluster does. openraft allows a
-/// group to be initialized by several of its members with the same members: its election
-/// picks one leader, and the others' first entries are replaced by the leader's. A group
-/// formed or voted on meanwhile refuses (`NotAllowed`), and so does a replica given up since
-/// (its group has stopped).
-async fn form_without_preferred_leaders(
-    groups: Vec<(u16, Arc<Replica>, BTreeMap<NodeId, BasicNode>)>,
-    after: Duration,
+/// One of this node's replicas of a group of the initial layout, on the cluster's first start.
+struct Unformed {
+    shard: u16,
+    replica: Arc<Replica>,
+    /// The group's initial members.
+    members: BTreeMap<NodeId, BasicNode>,
+}
+
+/// What forming the groups needs of the node.
+struct Forming {
+    id: NodeId,
+    peers: Peers,
     shutdown: CancellationToken,
-) {
+}
+
+/// Forms the groups of a cluster's first start, once the node answers its peers:
+/// - `preferred`, the groups this node is the preferred leader of, at once;
+/// - `others`, this node's replicas of groups another node was to form, if still pristine
+///   `after` (no entry and no vote: that node has not formed them, or it would have
+///   replicated its first entry here, or asked for this replica's vote, within an election or
+///   two). A cluster then forms with any majority of its initial nodes started, as a Raft
+///   cluster does.
+///
+/// A group another replica has formed is left alone: its replica here hears from the group's
+/// leader instead (which then hands leadership to its preferred leader), rather than standing
+/// for an election the others refuse, which cost the group a second election when a node
+/// started after its group formed without it. openraft allows a group to be initialized by
+/// several of its members with the same members, so a replica that initializes while another
+/// does, or that misses a peer's answer, costs an election at worst: its election picks one
+/// leader, and the others' first entries are replaced by the leader's. A group formed or voted
+/// on here meanwhile refuses (`NotAllowed`), and so does a replica given up since (its group
+/// has stopped).
+async fn form(forming: Forming, preferred: Vec<Unformed>, others: Vec<Unformed>, after: Duration) {
+    let forming = &forming;
+    let form_all = |groups: Vec<Unformed>, preferred: bool| {
+        futures::future::join_all(
+            groups
+                .into_iter()
+                .map(move |group| form_unless_formed(forming, group, preferred)),
+        )
+    };
     tokio::select! {
-        () = shutdown.cancelled() => return,
+        () = forming.shutdown.cancelled() => return,
+        _ = form_all(preferred, true) => {}
+    }
+    tokio::select! {
+        () = forming.shutdown.cancelled() => return,
         () = tokio::time::sleep(after) => {}
     }
-    for (shard, replica, members) in groups {
-        match replica.group.initialize(members).await {
-            Ok(()) => tracing::warn!(
-                shard,
-                "formed a group its preferred leader has not: that node has not started yet"
-            ),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-            Err(error) => tracing::warn!(shard, %error, "could not form a group"),
-        }
+    tokio::select! {
+        () = forming.shutdown.cancelled() => {}
+        _ = form_all(others, false) => {}
     }
+}
+
+/// Initializes `group` here unless another of its replicas has formed it; `preferred` if
+/// this node is its preferred leader.
+async fn form_unless_formed(forming: &Forming, group: Unformed, preferred: bool) {
+    let Unformed {
+        shard,
+        replica,
+        members,
+    } = group;
+    if formed_elsewhere(forming, shard, &members).await {
+        tracing::info!(
+            shard,
+            "another replica formed the group: following its leader"
+        );
+        return;
+    }
+    match replica.group.initialize(members).await {
+        Ok(()) if preferred => tracing::debug!(shard, "formed the group"),
+        Ok(()) => tracing::warn!(
+            shard,
+            "formed a group its preferred leader has not: that node has not started yet"
+        ),
+        Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+        Err(error) => tracing::error!(shard, %error, "could not form a group"),
+    }
+}
+
+/// Whether another of `members` holds an entry or a vote of `shard`'s group. A peer that does
+/// not answer within [`ASK_FORMED_WITHIN`] (not started, or paused) counts as not.
+async fn formed_elsewhere(
+    forming: &Forming,
+    shard: u16,
+    members: &BTreeMap<NodeId, BasicNode>,
+) -> bool {
+    let asks = members
+        .keys()
+        .filter(|&&id| id != forming.id)
+        .filter_map(|&id| forming.peers.get(id))
+        .map(|client| async move {
+            matches!(
+                tokio::time::timeout(ASK_FORMED_WITHIN, client.call(PeerRequest::Formed(shard)))
+                    .await,
+                Ok(Ok(PeerResponse::Formed(true)))
+            )
+        });
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .any(|formed| formed)
 }
 
 /// On a new data directory: says hello to every peer, waiting up to [`ASK_PEERS_WITHIN`]

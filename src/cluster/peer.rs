@@ -127,6 +127,9 @@ pub enum PeerRequest {
         /// The client's dialect.
         dialect: Dialect,
     },
+    /// Whether the receiver's replica of a shard holds an entry or a vote: a node about to
+    /// form the group on the cluster's first start asks, and leaves a formed group alone.
+    Formed(u16),
 }
 
 /// The answer to a [`PeerRequest`].
@@ -167,6 +170,8 @@ pub enum PeerResponse {
     ShardMembers(Option<Vec<NodeId>>),
     /// This node holds no replica of the shard.
     NoSuchShard,
+    /// To [`PeerRequest::Formed`].
+    Formed(bool),
 }
 
 /// How a member comes or leaves, by an operator's command.
@@ -971,6 +976,10 @@ pub async fn handle_raft(
             ),
             None => PeerResponse::NoSuchShard,
         },
+        PeerRequest::Formed(shard) => PeerResponse::Formed(match group_of(shard) {
+            Some(group) => group.is_initialized().await.unwrap_or(false),
+            None => false,
+        }),
         PeerRequest::Forward { .. }
         | PeerRequest::ListBuckets { .. }
         | PeerRequest::Describe

@@ -400,7 +400,6 @@ async fn each_shard_is_led_by_its_preferred_leader_from_the_start() {
 /// they have waited for it. Before, such a group had no leader until that node started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_forms_with_two_of_its_three_nodes() {
-    use kv::cluster::slot::{shard_of, slot_of};
     use kv::protocol::ReplyValue;
     let _alone = ONE_AT_A_TIME.lock().await;
     let directory = tempfile::tempdir().unwrap();
@@ -408,11 +407,7 @@ async fn a_cluster_forms_with_two_of_its_three_nodes() {
     let mut client = servers[0].client().await;
     common::cluster_ok(&mut client).await;
     for shard in 0..3 {
-        let bucket = (0..)
-            .map(|n| format!("b{n}"))
-            .find(|name| shard_of(slot_of(name.as_bytes()), 3) == shard)
-            .unwrap();
-        let bucket = bucket.as_bytes();
+        let bucket = &common::bucket_in(shard, 3)[..];
         let ok = ReplyValue::Simple("OK".into());
         assert_eq!(client.call(&[b"CREATE", bucket]).await.unwrap(), ok);
         assert_eq!(

@@ -1070,7 +1070,11 @@ mod tests {
             .expect("greeted before the gate opens");
         let call = tokio::spawn(async move { client.call(PeerRequest::Describe).await });
         gate.open(Arc::new(NoShards));
-        let answer = call.await.unwrap().expect("answered once the gate opens");
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), call)
+            .await
+            .expect("answered within 10 s of the gate opening")
+            .unwrap()
+            .expect("answered once the gate opens");
         assert!(matches!(answer, PeerResponse::NoSuchShard));
         shutdown.cancel();
     }

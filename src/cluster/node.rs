@@ -925,6 +925,11 @@ async fn form_unless_formed(forming: &Forming, group: Unformed, preferred: bool)
         replica,
         members,
     } = group;
+    // Formed here already (this replica has heard from the group, or the group stopped):
+    // nothing to ask.
+    if replica.group.is_initialized().await.unwrap_or(true) {
+        return;
+    }
     if formed_elsewhere(forming, shard, &members).await {
         tracing::info!(
             shard,

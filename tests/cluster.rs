@@ -471,6 +471,64 @@ async fn a_node_started_after_its_group_formed_follows_its_leader() {
     stop(servers).await;
 }
 
+/// Nodes stopped before their groups formed form them when started again. Nodes 1 and 2
+/// start without node 3 and stop before shard 2, node 3's to form, is formed (they form it
+/// themselves only after twice the longest election timeout, here 12 s). Before, their
+/// `cluster` file said formed, and restarted they left shard 2 to node 3 for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_stopped_while_forming_form_the_cluster_when_restarted() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let directory = tempfile::tempdir().unwrap();
+    let members = members_of_three().await;
+    let slow_elections = |cluster: &mut kv::config::ClusterConfig| {
+        cluster.election_timeout = (Duration::from_secs(3), Duration::from_secs(6));
+    };
+    let mut servers = Vec::new();
+    for id in [1, 2] {
+        servers.push(
+            start_member(
+                directory.path(),
+                &members,
+                id,
+                CoreConfig::default(),
+                slow_elections,
+            )
+            .await,
+        );
+    }
+    let mut client = servers[0].client().await;
+    assert_eq!(
+        leader_and_term(&mut client, 2).await,
+        (0, 0),
+        "shard 2 is not formed yet"
+    );
+    drop(client);
+    stop(servers).await;
+    let mut servers = Vec::new();
+    for id in [1, 2] {
+        servers.push(
+            start_member(
+                directory.path(),
+                &members,
+                id,
+                CoreConfig::default(),
+                |_| {},
+            )
+            .await,
+        );
+    }
+    let mut client = servers[1].client().await;
+    common::cluster_ok(&mut client).await;
+    let bucket = &common::bucket_in(2, 3)[..];
+    let ok = kv::protocol::ReplyValue::Simple("OK".into());
+    assert_eq!(client.call(&[b"CREATE", bucket]).await.unwrap(), ok);
+    assert_eq!(
+        client.call(&[b"PUT", bucket, b"k", b"v"]).await.unwrap(),
+        ok
+    );
+    stop(servers).await;
+}
+
 /// The leader (0 for none) and term of `shard`, as `INFO cluster` on `client`'s node shows.
 async fn leader_and_term(client: &mut kv::client::Client, shard: u16) -> (u64, u64) {
     let kv::protocol::ReplyValue::Bulk(Some(info)) =

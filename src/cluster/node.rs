@@ -115,6 +115,19 @@ pub enum NodeError {
     /// cluster would not admit it.
     #[error("refused by the cluster: {0}")]
     Refused(String),
+    /// A start after one cut short while forming the cluster names other members than the
+    /// cluster began forming with: its groups must form with the same members everywhere.
+    #[error(
+        "this node began forming a cluster of nodes {began:?} and stopped before it finished; \
+         --peers now names nodes {named:?}: start it with the same members, or with an empty \
+         data directory"
+    )]
+    FormingWithOtherMembers {
+        /// The members formation began with.
+        began: Vec<NodeId>,
+        /// The members `--peers` names now.
+        named: Vec<NodeId>,
+    },
     /// No member named by `--join` answered.
     #[error("no member to join answered: {0}")]
     NoOneToJoin(String),
@@ -291,40 +304,68 @@ fn count_leader_changes(group: &ShardGroup) -> Arc<std::sync::atomic::AtomicU64>
 }
 
 /// The file that says a data directory's node has formed or joined a cluster, and how that
-/// cluster cuts and replicates its slots. A node with it never initialises a Raft group again
-/// (a replica it gave up, re-created and initialised, would split its shard), and takes the
-/// cluster's settings from it rather than from its flags.
+/// cluster cuts and replicates its slots. A node with it takes the cluster's settings from it
+/// rather than from its flags, and never initialises a Raft group again once its formation
+/// has finished (a replica it gave up, re-created and initialised, would split its shard).
 const FORMED_FILE: &str = "cluster";
 
-fn read_formed(data_dir: &Path) -> Result<Option<Settings>, NodeError> {
+/// What a data directory's [`FORMED_FILE`] says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Formed {
+    settings: Settings,
+    /// While this node has not finished forming its groups of the cluster's first start: the
+    /// ids of the initial members they are formed with. A start cut short then forms them
+    /// again, with the same members.
+    forming: Option<Vec<NodeId>>,
+}
+
+fn read_formed(data_dir: &Path) -> Result<Option<Formed>, NodeError> {
     let path = data_dir.join(FORMED_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(NodeError::Formed { path, source }),
     };
+    parse_formed(&text)
+        .map(Some)
+        .ok_or_else(|| NodeError::Formed {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a file kv wrote"),
+        })
+}
+
+fn parse_formed(text: &str) -> Option<Formed> {
     let field = |name: &str| {
         text.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
             .map(str::trim)
     };
-    let shards = field("shards").and_then(|value| value.parse().ok());
-    let replicas = field("replicas").and_then(|value| value.parse().ok());
-    match (shards, replicas) {
-        (Some(shards), Some(replicas)) => Ok(Some(Settings { shards, replicas })),
-        _ => Err(NodeError::Formed {
-            path,
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a file kv wrote"),
-        }),
-    }
+    let settings = Settings {
+        shards: field("shards")?.parse().ok()?,
+        replicas: field("replicas")?.parse().ok()?,
+    };
+    let forming = match field("forming") {
+        None => None,
+        Some(ids) => Some(
+            ids.split(',')
+                .map(|id| id.parse().ok())
+                .collect::<Option<Vec<NodeId>>>()?,
+        ),
+    };
+    Some(Formed { settings, forming })
 }
 
-fn write_formed(data_dir: &Path, settings: Settings) -> Result<(), NodeError> {
+fn write_formed(data_dir: &Path, formed: &Formed) -> Result<(), NodeError> {
     let path = data_dir.join(FORMED_FILE);
-    let text = format!(
+    let Formed { settings, forming } = formed;
+    let mut text = format!(
         "shards={}\nreplicas={}\n",
         settings.shards, settings.replicas
     );
+    if let Some(ids) = forming {
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        text.push_str(&format!("forming={}\n", ids.join(",")));
+    }
     super::identity::write_durably(&path, &text).map_err(|error| match error {
         IdentityError::Io { path, source } => NodeError::Formed { path, source },
         other => NodeError::Identity(other),
@@ -360,10 +401,9 @@ impl Node {
     /// - A node forming a cluster (`--peers`, first start) opens the shards the initial
     ///   layout places on it and the metadata group, and, in the background, initialises
     ///   those it is the preferred leader of, and the others if still pristine a while later,
-    ///   each unless another replica has formed it (see `form`). A start cut short before the
-    ///   node wrote its data directory's `cluster` file runs again from the beginning (a
-    ///   group initialised already refuses, and formation goes on); after, it leaves its
-    ///   groups to their other replicas.
+    ///   each unless another replica has formed it (see `form`). A start cut short before
+    ///   formation finished here forms again, with the members it began with (see
+    ///   [`Formed`]; a group initialised already refuses, and formation goes on).
     /// - A node joining (`--join`, first start) asks the cluster to admit it and opens only
     ///   the metadata group; its shards come as the layout places them on it.
     /// - A node that has formed or joined before reopens the replicas in its data directory.
@@ -406,16 +446,16 @@ impl Node {
             shards: config.shards,
             replicas: config.replicas,
         };
-        let settings = match formed {
-            Some(settings) => {
-                if settings != flags && !joining {
+        let settings = match &formed {
+            Some(Formed { settings, .. }) => {
+                if *settings != flags && !joining {
                     tracing::warn!(
                         shards = settings.shards,
                         replicas = settings.replicas,
                         "the cluster formed with other --shards or --replicas; keeping the cluster's"
                     );
                 }
-                settings
+                *settings
             }
             None if joining => {
                 let admitted = join(&config, &handshake).await?;
@@ -430,6 +470,36 @@ impl Node {
                 flags
             }
         };
+        // Whether this start forms the groups of the cluster's first start: a node's first
+        // start with `--peers`, and any start after one cut short before it finished.
+        let forming = match &formed {
+            None => !joining,
+            Some(Formed {
+                forming: Some(began),
+                ..
+            }) => {
+                let named: Vec<NodeId> = config.members.keys().copied().collect();
+                if *began != named {
+                    return Err(NodeError::FormingWithOtherMembers {
+                        began: began.clone(),
+                        named,
+                    });
+                }
+                true
+            }
+            Some(_) => false,
+        };
+        if formed.is_none() {
+            // Before any replica exists, so that a start cut short from here on forms again
+            // with these members.
+            write_formed(
+                &config.data_dir,
+                &Formed {
+                    settings,
+                    forming: forming.then(|| config.members.keys().copied().collect()),
+                },
+            )?;
+        }
         let raft_config = |pace: u32| {
             openraft::Config {
                 cluster_name: "kv".into(),
@@ -468,13 +538,18 @@ impl Node {
         let budget = Arc::new(MemoryBudget::new(config.core.max_memory));
         let initial_layout = Layout::initial(settings, &config.members);
         let mut replicas = HashMap::new();
-        let shards: Vec<u16> = match formed {
+        let mut shards = match formed {
             Some(_) => shards_on_disk(&config.data_dir, settings.shards),
-            None if joining => Vec::new(),
-            None => (0..settings.shards)
-                .filter(|&shard| initial_layout.replicas(shard).contains(&config.id))
-                .collect(),
+            None => Vec::new(),
         };
+        if forming {
+            shards.extend(
+                (0..settings.shards)
+                    .filter(|&shard| initial_layout.replicas(shard).contains(&config.id)),
+            );
+            shards.sort_unstable();
+            shards.dedup();
+        }
         // Each shard is initialized by its preferred leader, which stands for election at
         // once and so leads from the start: no hand-over of every shard a second after
         // formation, during which writes in flight could be answered TRYAGAIN. Its other
@@ -485,7 +560,9 @@ impl Node {
         let mut others = Vec::new();
         for shard in std::iter::once(META_SHARD).chain(shards) {
             let replica = Arc::new(opener.open(shard, &peers, &budget).await?);
-            if formed.is_none() && !joining {
+            if forming
+                && (shard == META_SHARD || initial_layout.replicas(shard).contains(&config.id))
+            {
                 let members: BTreeMap<NodeId, BasicNode> = initial_layout
                     .replicas(shard)
                     .iter()
@@ -504,20 +581,19 @@ impl Node {
             }
             replicas.insert(shard, replica);
         }
-        if !preferred.is_empty() || !others.is_empty() {
+        if forming {
             tokio::spawn(form(
                 Forming {
                     id: config.id,
                     peers: Arc::clone(&peers),
                     shutdown: shutdown.clone(),
+                    data_dir: config.data_dir.clone(),
+                    settings,
                 },
                 preferred,
                 others,
                 config.election_timeout.1 * 2,
             ));
-        }
-        if formed.is_none() {
-            write_formed(&config.data_dir, settings)?;
         }
         let node = Self {
             id: config.id,
@@ -875,6 +951,9 @@ struct Forming {
     id: NodeId,
     peers: Peers,
     shutdown: CancellationToken,
+    /// Where to record that formation finished, and the settings the record keeps.
+    data_dir: PathBuf,
+    settings: Settings,
 }
 
 /// Forms the groups of a cluster's first start, once the node answers its peers:
@@ -912,8 +991,22 @@ async fn form(forming: Forming, preferred: Vec<Unformed>, others: Vec<Unformed>,
         () = tokio::time::sleep(after) => {}
     }
     tokio::select! {
-        () = forming.shutdown.cancelled() => {}
+        () = forming.shutdown.cancelled() => return,
         _ = form_all(others, false) => {}
+    }
+    let finished = Formed {
+        settings: forming.settings,
+        forming: None,
+    };
+    let data_dir = forming.data_dir.clone();
+    match tokio::task::spawn_blocking(move || write_formed(&data_dir, &finished)).await {
+        Ok(Ok(())) => tracing::debug!("formation finished"),
+        Ok(Err(error)) => tracing::error!(
+            %error,
+            "could not record that formation finished: a restart forms the groups still \
+             pristine here again"
+        ),
+        Err(error) => tracing::error!(%error, "could not record that formation finished"),
     }
 }
 
@@ -1004,5 +1097,42 @@ impl PeerHandler for Node {
                 .await
                 .unwrap_or(PeerResponse::NoSuchShard),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_file_reads_back_what_was_written() {
+        let directory = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            shards: 3,
+            replicas: 3,
+        };
+        for forming in [Some(vec![1, 2, 3]), None] {
+            let formed = Formed { settings, forming };
+            write_formed(directory.path(), &formed).unwrap();
+            assert_eq!(read_formed(directory.path()).unwrap(), Some(formed));
+        }
+    }
+
+    #[test]
+    fn a_cluster_file_without_forming_is_formed_and_one_kv_did_not_write_is_refused() {
+        let settings = Settings {
+            shards: 3,
+            replicas: 2,
+        };
+        // As nodes wrote it before formation was recorded.
+        assert_eq!(
+            parse_formed("shards=3\nreplicas=2\n"),
+            Some(Formed {
+                settings,
+                forming: None
+            })
+        );
+        assert_eq!(parse_formed("shards=3\n"), None);
+        assert_eq!(parse_formed("shards=3\nreplicas=2\nforming=1,x\n"), None);
     }
 }

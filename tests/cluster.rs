@@ -329,10 +329,20 @@ async fn servers_of_three(
     tune: impl Fn(&mut kv::config::ClusterConfig),
     started: &[u64],
 ) -> Vec<common::TestServer> {
-    let members = members_of_three().await;
+    start_members(directory, &members_of_three().await, started, core, tune).await
+}
+
+/// Starts the nodes `ids` of the cluster `members`, in this process.
+async fn start_members(
+    directory: &Path,
+    members: &BTreeMap<u64, std::net::SocketAddr>,
+    ids: &[u64],
+    core: CoreConfig,
+    tune: impl Fn(&mut kv::config::ClusterConfig),
+) -> Vec<common::TestServer> {
     let mut servers = Vec::new();
-    for &id in members.keys().filter(|id| started.contains(id)) {
-        servers.push(start_member(directory, &members, id, core.clone(), &tune).await);
+    for &id in ids {
+        servers.push(start_member(directory, members, id, core.clone(), &tune).await);
     }
     servers
 }
@@ -432,19 +442,14 @@ async fn a_node_started_after_its_group_formed_follows_its_leader() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let directory = tempfile::tempdir().unwrap();
     let members = members_of_three().await;
-    let mut servers = Vec::new();
-    for id in [1, 2] {
-        servers.push(
-            start_member(
-                directory.path(),
-                &members,
-                id,
-                CoreConfig::default(),
-                |_| {},
-            )
-            .await,
-        );
-    }
+    let mut servers = start_members(
+        directory.path(),
+        &members,
+        &[1, 2],
+        CoreConfig::default(),
+        |_| {},
+    )
+    .await;
     let mut client = servers[0].client().await;
     common::cluster_ok(&mut client).await;
     let (leader, term) = leader_and_term(&mut client, 2).await;
@@ -483,19 +488,14 @@ async fn nodes_stopped_while_forming_form_the_cluster_when_restarted() {
     let slow_elections = |cluster: &mut kv::config::ClusterConfig| {
         cluster.election_timeout = (Duration::from_secs(3), Duration::from_secs(6));
     };
-    let mut servers = Vec::new();
-    for id in [1, 2] {
-        servers.push(
-            start_member(
-                directory.path(),
-                &members,
-                id,
-                CoreConfig::default(),
-                slow_elections,
-            )
-            .await,
-        );
-    }
+    let servers = start_members(
+        directory.path(),
+        &members,
+        &[1, 2],
+        CoreConfig::default(),
+        slow_elections,
+    )
+    .await;
     let mut client = servers[0].client().await;
     assert_eq!(
         leader_and_term(&mut client, 2).await,
@@ -504,19 +504,14 @@ async fn nodes_stopped_while_forming_form_the_cluster_when_restarted() {
     );
     drop(client);
     stop(servers).await;
-    let mut servers = Vec::new();
-    for id in [1, 2] {
-        servers.push(
-            start_member(
-                directory.path(),
-                &members,
-                id,
-                CoreConfig::default(),
-                |_| {},
-            )
-            .await,
-        );
-    }
+    let servers = start_members(
+        directory.path(),
+        &members,
+        &[1, 2],
+        CoreConfig::default(),
+        |_| {},
+    )
+    .await;
     let mut client = servers[1].client().await;
     common::cluster_ok(&mut client).await;
     let bucket = &common::bucket_in(2, 3)[..];

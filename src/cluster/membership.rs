@@ -619,6 +619,14 @@ impl Node {
     /// Drops this node's replica of `shard`, which the layout no longer places here, once
     /// the shard's leader says its committed membership no longer has this node.
     async fn drop_if_moved_away(&self, shard: u16, layout: &Layout) {
+        // A replica given up while this node may still form its groups again would be
+        // re-created pristine by a restart, and could be initialised: kept until then.
+        if !self
+            .formation_finished
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return;
+        }
         let Some(members) = self.ask_settled_members(shard, layout).await else {
             return;
         };

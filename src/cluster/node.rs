@@ -156,6 +156,9 @@ pub struct Node {
     pub(super) layout_writes: tokio::sync::Mutex<()>,
     /// Whether the node has said it was drained and may be stopped.
     pub(super) told_drained: std::sync::atomic::AtomicBool,
+    /// Whether this node's formation has finished (its `cluster` file no longer says
+    /// forming). Until then it gives up no replica: a restart would form it again.
+    pub(super) formation_finished: Arc<std::sync::atomic::AtomicBool>,
     /// The fewest entries between two snapshots of a shard.
     snapshot_every: u64,
     /// The memory the node's shards share.
@@ -581,6 +584,7 @@ impl Node {
             }
             replicas.insert(shard, replica);
         }
+        let formation_finished = Arc::new(std::sync::atomic::AtomicBool::new(!forming));
         if forming {
             tokio::spawn(form(
                 Forming {
@@ -589,6 +593,7 @@ impl Node {
                     shutdown: shutdown.clone(),
                     data_dir: config.data_dir.clone(),
                     settings,
+                    finished: Arc::clone(&formation_finished),
                 },
                 preferred,
                 others,
@@ -607,6 +612,7 @@ impl Node {
             layout: parking_lot::RwLock::default(),
             layout_writes: tokio::sync::Mutex::new(()),
             told_drained: std::sync::atomic::AtomicBool::new(false),
+            formation_finished,
             snapshot_every: config.snapshot_every,
             budget,
             // A snapshot holds about the data of a shard; a node's shards together hold no more
@@ -954,6 +960,8 @@ struct Forming {
     /// Where to record that formation finished, and the settings the record keeps.
     data_dir: PathBuf,
     settings: Settings,
+    /// Set once that is recorded.
+    finished: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Forms the groups of a cluster's first start, once the node answers its peers:
@@ -1000,7 +1008,12 @@ async fn form(forming: Forming, preferred: Vec<Unformed>, others: Vec<Unformed>,
     };
     let data_dir = forming.data_dir.clone();
     match tokio::task::spawn_blocking(move || write_formed(&data_dir, &finished)).await {
-        Ok(Ok(())) => tracing::debug!("formation finished"),
+        Ok(Ok(())) => {
+            forming
+                .finished
+                .store(true, std::sync::atomic::Ordering::Release);
+            tracing::debug!("formation finished");
+        }
         Ok(Err(error)) => tracing::error!(
             %error,
             "could not record that formation finished: a restart forms the groups still \

@@ -540,16 +540,15 @@ impl Node {
         // Memory is the node's: its shards' buckets draw on one budget.
         let budget = Arc::new(MemoryBudget::new(config.core.max_memory));
         let initial_layout = Layout::initial(settings, &config.members);
+        let placed_initially =
+            |shard: u16| shard == META_SHARD || initial_layout.replicas(shard).contains(&config.id);
         let mut replicas = HashMap::new();
         let mut shards = match formed {
             Some(_) => shards_on_disk(&config.data_dir, settings.shards),
             None => Vec::new(),
         };
         if forming {
-            shards.extend(
-                (0..settings.shards)
-                    .filter(|&shard| initial_layout.replicas(shard).contains(&config.id)),
-            );
+            shards.extend((0..settings.shards).filter(|&shard| placed_initially(shard)));
             shards.sort_unstable();
             shards.dedup();
         }
@@ -563,9 +562,7 @@ impl Node {
         let mut others = Vec::new();
         for shard in std::iter::once(META_SHARD).chain(shards) {
             let replica = Arc::new(opener.open(shard, &peers, &budget).await?);
-            if forming
-                && (shard == META_SHARD || initial_layout.replicas(shard).contains(&config.id))
-            {
+            if forming && placed_initially(shard) {
                 let members: BTreeMap<NodeId, BasicNode> = initial_layout
                     .replicas(shard)
                     .iter()
@@ -990,17 +987,14 @@ async fn form(forming: Forming, preferred: Vec<Unformed>, others: Vec<Unformed>,
                 .map(move |group| form_unless_formed(forming, group, preferred)),
         )
     };
+    let formation = async {
+        form_all(preferred, true).await;
+        tokio::time::sleep(after).await;
+        form_all(others, false).await;
+    };
     tokio::select! {
         () = forming.shutdown.cancelled() => return,
-        _ = form_all(preferred, true) => {}
-    }
-    tokio::select! {
-        () = forming.shutdown.cancelled() => return,
-        () = tokio::time::sleep(after) => {}
-    }
-    tokio::select! {
-        () = forming.shutdown.cancelled() => return,
-        _ = form_all(others, false) => {}
+        () = formation => {}
     }
     let finished = Formed {
         settings: forming.settings,
